@@ -1,0 +1,244 @@
+"""The HTTP face of Pagoda: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`.
+
+Routes validate the request, hand a `TokenizeRequest` to the `EngineClient` and answer the
+outputs as one JSON body or as SSE chunks in OpenAI's exact format. A client that goes away
+aborts its request: the engine stops generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import TypeVar
+
+import msgspec
+import pydantic
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from frontend.engine_client import EngineClient, EngineError
+from frontend.errors import APIError, error_body, error_response, install_error_handlers
+from frontend.openai_protocol import (
+    ChatCompletionRequest,
+    ChatFormatter,
+    CompletionFormatter,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    ResponseFormatter,
+    Usage,
+)
+from protocol import EngineConfig
+from protocol.messages import TextOutput, TokenizeRequest
+
+T = TypeVar("T")
+RequestModel = TypeVar("RequestModel", bound=pydantic.BaseModel)
+
+_encoder = msgspec.json.Encoder()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def run_frontend(config: EngineConfig) -> None:
+    """Serve the API on `config.host:config.port` until the process is told to stop."""
+    client = EngineClient(config)
+    app = build_app(config, client)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="uvloop",
+        log_level=config.log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
+    """The FastAPI app; its lifespan starts and closes `client`."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="Pagoda", lifespan=lifespan)
+    install_error_handlers(app)
+    started = int(time.time())
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if client.ready:
+            return JSONResponse({"status": "ready", "tokenizers": client.num_tokenizers_live})
+        return error_response(503, "The engine is not ready yet.")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(config.api_key))])
+
+    @v1.get("/models")
+    async def models() -> Response:
+        return _json(ModelList(data=[ModelCard(id=config.model_name, created=started)]))
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = await _parse(request, CompletionRequest)
+        _check_model(req.model, config)
+        prompt_text, prompt_ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
+        treq = TokenizeRequest(
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            sampling=req.sampling_params(req.max_tokens),
+            prompt=prompt_text,
+            prompt_token_ids=prompt_ids,
+            arrival_time=time.time(),
+        )
+        fmt = CompletionFormatter(treq.request_id, config.model_name, req.include_usage)
+        return await _serve(request, client, treq, fmt, bool(req.stream))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await _parse(request, ChatCompletionRequest)
+        _check_model(req.model, config)
+        treq = TokenizeRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            sampling=req.sampling_params(req.requested_max_tokens),
+            messages=[m.to_protocol() for m in req.messages],
+            add_generation_prompt=req.add_generation_prompt,
+            arrival_time=time.time(),
+        )
+        fmt = ChatFormatter(treq.request_id, config.model_name, req.include_usage)
+        return await _serve(request, client, treq, fmt, bool(req.stream))
+
+    app.include_router(v1)
+    return app
+
+
+# ---- request handling ------------------------------------------------------------------
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    expected = api_key.encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(
+                401,
+                "You didn't provide an API key. Send it in an Authorization header: "
+                "'Authorization: Bearer YOUR_KEY'.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(
+                401,
+                "Incorrect API key provided.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+async def _parse(request: Request, model: type[RequestModel]) -> RequestModel:
+    """Validate the body whatever its Content-Type, so `curl -d` without a header works too."""
+    try:
+        return model.model_validate_json(await request.body())
+    except pydantic.ValidationError as e:
+        raise APIError.from_validation(e.errors()) from None
+
+
+def _check_model(name: str | None, config: EngineConfig) -> None:
+    if name is not None and name != config.model_name:
+        raise APIError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+
+
+def _json(obj: msgspec.Struct) -> Response:
+    return Response(_encoder.encode(obj), media_type="application/json")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work` until it is done or the client hangs up; then cancel it (aborting the request).
+
+    Starlette notices a disconnect only while it streams, so a request that is still waiting
+    for its first token, or whose whole answer is being collected, is watched here.
+    """
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        client_gone = not task.done()
+        if client_gone:
+            task.cancel()
+    if client_gone:
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()
+
+
+async def _serve(
+    request: Request, client: EngineClient, treq: TokenizeRequest, fmt: ResponseFormatter, streaming: bool
+) -> Response:
+    outputs = client.generate(treq)
+    if not streaming:
+        collected = await _unless_disconnected(request, _collect(outputs))
+        if collected is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return _json(fmt.whole(*collected))
+    # Wait for the first output before answering, so that a rejected request (prompt too
+    # long, engine down) gets its own status instead of a 200 with an error inside the stream.
+    first = await _unless_disconnected(request, anext(outputs))
+    if first is None:
+        return Response(status_code=499)
+    return StreamingResponse(_sse(fmt, first, outputs), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _collect(outputs: AsyncIterator[TextOutput]) -> tuple[str, TextOutput]:
+    """The whole text and the last output (which carries the finish reason and usage)."""
+    parts = []
+    last: TextOutput | None = None
+    async with aclosing(outputs):
+        async for last in outputs:
+            parts.append(last.text)
+    assert last is not None, "EngineClient.generate() ends with a finished output or raises"
+    return "".join(parts), last
+
+
+async def _sse(
+    fmt: ResponseFormatter, first: TextOutput, outputs: AsyncIterator[TextOutput]
+) -> AsyncIterator[bytes]:
+    async with aclosing(outputs):
+        try:
+            for chunk in fmt.opening():
+                yield _event(chunk)
+            last = first
+            if chunk := fmt.chunk(first):
+                yield _event(chunk)
+            async for last in outputs:
+                if chunk := fmt.chunk(last):
+                    yield _event(chunk)
+            if fmt.include_usage:
+                yield _event(fmt.usage_chunk(Usage.of(last)))
+        except EngineError as e:
+            yield b"data: " + _encoder.encode(error_body(e.message, e.error_type, e.param)) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def _event(chunk: msgspec.Struct) -> bytes:
+    return b"data: " + _encoder.encode(chunk) + b"\n\n"

@@ -1,0 +1,174 @@
+"""The offline API, shaped like vLLM's: `LLM(...).generate(prompts, SamplingParams(...))`.
+
+It runs the very same processes as `pagoda serve` (tokenizers, scheduler, workers) and talks
+to them through the frontend's `EngineClient`, on an event loop in a background thread; only
+the HTTP server is left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from frontend.engine_client import EngineClient
+from frontend.supervisor import ProcessGroup
+from protocol import ChatMessage, EngineConfig, SamplingParams, TokenizeRequest
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    outputs: list[CompletionOutput]
+    num_prompt_tokens: int = 0
+    finished: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        engine_args.setdefault("num_tokenizers", 1)
+        self.config = EngineConfig(model=model, **engine_args).with_addresses()
+        self._group = ProcessGroup(self.config, with_frontend=False)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pagoda-llm", daemon=True)
+        self._thread.start()
+        self._client = EngineClient(self.config)
+        self._closed = False
+        try:
+            self._call(self._client.start())
+            self._group.start()
+            self._group.wait_until(lambda: self._client.ready, timeout_s=900)
+        except BaseException:
+            self.shutdown()
+            raise
+        atexit.register(self.shutdown)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _run_one(self, req: TokenizeRequest, prompt: str | None, bar: tqdm | None) -> RequestOutput:
+        start = time.perf_counter()
+        first: float | None = None
+        text: list[str] = []
+        token_ids: list[int] = []
+        finish_reason = None
+        num_prompt_tokens = 0
+        async for out in self._client.generate(req):
+            if first is None and out.token_ids:
+                first = time.perf_counter()
+            text.append(out.text)
+            token_ids.extend(out.token_ids)
+            finish_reason = out.finish_reason
+            num_prompt_tokens = out.prompt_tokens
+        end = time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+        metrics = {"e2e_s": end - start}
+        if first is not None:
+            metrics["time_to_first_token_s"] = first - start
+            if len(token_ids) > 1:
+                metrics["decode_tokens_per_s"] = (len(token_ids) - 1) / max(end - first, 1e-9)
+        return RequestOutput(
+            req.request_id,
+            prompt,
+            [CompletionOutput(0, "".join(text), token_ids, finish_reason)],
+            num_prompt_tokens,
+            metrics=metrics,
+        )
+
+    def _run(self, reqs: list[tuple[TokenizeRequest, str | None]], use_tqdm: bool) -> list[RequestOutput]:
+        async def run_all() -> list[RequestOutput]:
+            bar = tqdm(total=len(reqs), desc="Processed prompts", disable=not use_tqdm)
+            try:
+                return list(await asyncio.gather(*(self._run_one(r, p, bar) for r, p in reqs)))
+            finally:
+                bar.close()
+
+        return self._call(run_all())
+
+    @staticmethod
+    def _params_for(sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts")
+        return list(sampling_params)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (text, or a list of token ids); outputs in the prompts' order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = self._params_for(sampling_params, len(prompts))
+        reqs = []
+        for prompt, sp in zip(prompts, params):
+            rid = f"offline-{uuid.uuid4().hex}"
+            if isinstance(prompt, str):
+                reqs.append((TokenizeRequest(rid, sp, prompt=prompt), prompt))
+            else:
+                reqs.append((TokenizeRequest(rid, sp, prompt_token_ids=list(prompt)), None))
+        return self._run(reqs, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | Sequence[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        params = self._params_for(sampling_params, len(conversations))
+        reqs = []
+        for conv, sp in zip(conversations, params):
+            msgs = [ChatMessage(m["role"], m.get("content")) for m in conv]  # type: ignore[index]
+            rid = f"offline-chat-{uuid.uuid4().hex}"
+            reqs.append(
+                (TokenizeRequest(rid, sp, messages=msgs, add_generation_prompt=add_generation_prompt), None)
+            )
+        return self._run(reqs, use_tqdm)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._loop.is_running():
+                self._call(self._client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._group.stop()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,114 @@
+"""Paged attention: attention over keys and values stored in fixed-size cache blocks.
+
+One varlen function serves a prefill chunk over a cached prefix and a decode step alike: a
+sequence's queries are its last `q_len` positions of `seq_len`, and query i attends to keys
+0 .. seq_len - q_len + i (causal, aligned to the end).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context.
+
+    q: [T, num_heads, head_dim], the queries of B sequences laid end to end.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], already holding this
+        step's keys and values.
+    block_tables: [B, max_blocks] int32; entries past a sequence's last block may hold any
+        valid block id.
+    seq_lens: [B], each sequence's context length including this step's tokens.
+    query_start_loc: [B + 1], sequence b's queries are q[query_start_loc[b]:query_start_loc[b+1]].
+    Returns [T, num_heads, head_dim].
+    """
+    out = torch.empty_like(q)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    # Decodes (one query each) are batched into one padded attention call; prefill chunks,
+    # few and long, are done one sequence at a time.
+    decode = torch.nonzero(q_lens == 1).flatten()
+    if decode.numel() > 0:
+        rows = query_start_loc[decode]
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decode], seq_lens[decode], scale)
+    for b in torch.nonzero(q_lens > 1).flatten().tolist():
+        start, end = query_start_loc[b].item(), query_start_loc[b + 1].item()
+        out[start:end] = _prefill_attention(q[start:end], k_cache, v_cache, block_tables[b], int(seq_lens[b]), scale)
+    return out
+
+
+def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The first `num_tokens` cached rows of each table: [B, num_kv_heads, num_tokens, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-num_tokens // block_size)
+    blocks = cache[block_tables[:, :num_blocks].long()]  # [B, n, block_size, kv_heads, d]
+    tokens = blocks.flatten(1, 2)[:, :num_tokens]
+    return tokens.transpose(1, 2)
+
+
+def _group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, q_len, heads, d] -> [B, kv_heads, group * q_len, d].
+
+    Query head h reads kv head h // group, so folding a kv head's group of query heads into
+    the query rows lets GQA run without copying keys and values once per query head.
+    """
+    b, q_len, num_heads, d = q.shape
+    group = num_heads // num_kv_heads
+    return q.view(b, q_len, num_kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(b, num_kv_heads, group * q_len, d)
+
+
+def _ungroup_queries(o: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Inverse of `_group_queries`: [B, kv_heads, group * q_len, d] -> [B, q_len, heads, d]."""
+    b, num_kv_heads, rows, d = o.shape
+    group = rows // q_len
+    return o.view(b, num_kv_heads, group, q_len, d).permute(0, 3, 1, 2, 4).reshape(b, q_len, num_kv_heads * group, d)
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence: [B, heads, d] -> [B, heads, d], padded to the longest context."""
+    max_len = int(seq_lens.max())
+    num_kv_heads = k_cache.shape[2]
+    k = _gather_kv(k_cache, block_tables, max_len)
+    v = _gather_kv(v_cache, block_tables, max_len)
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
+    o = F.scaled_dot_product_attention(
+        _group_queries(q[:, None], num_kv_heads), k, v, attn_mask=valid[:, None, None, :], scale=scale
+    )
+    return _ungroup_queries(o, 1)[:, 0]
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """The last q_len positions of one sequence: [q_len, heads, d] -> [q_len, heads, d]."""
+    q_len = q.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    k = _gather_kv(k_cache, block_table[None], seq_len)
+    v = _gather_kv(v_cache, block_table[None], seq_len)
+    query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+    causal = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+    o = F.scaled_dot_product_attention(
+        _group_queries(q[None], num_kv_heads), k, v, attn_mask=causal.repeat(group, 1), scale=scale
+    )
+    return _ungroup_queries(o, q_len)[0]

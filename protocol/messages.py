@@ -1,0 +1,202 @@
+"""Every message that crosses a process boundary.
+
+Each socket has its own tagged union (at the bottom), so a receiver decodes exactly the
+types it accepts and drops anything else. Messages are batched per step: one `StepPlan`,
+one `StepResult`, one `TokenBatch` per tokenizer and one `TextBatch` per frontend.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """How to sample one request; the same object is the offline API's `SamplingParams`."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: dict[int, float] = {}
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str | None = None
+
+
+# ---- pool membership -------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=True):
+    """A pool member introducing itself to a hub (again after every restart)."""
+
+    role: str  # "tokenizer" | "worker"
+    member_id: str
+    pid: int
+    rank: int = 0
+    capacity: int = 0
+    # Filled by a worker once its model is loaded: what the scheduler must size itself on.
+    num_blocks: int = 0
+    max_model_len: int = 0
+    eos_token_ids: list[int] = []
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    member_id: str
+    load: int = 0
+    ready: bool = False
+
+
+class EngineReady(msgspec.Struct, tag=True):
+    """Scheduler -> tokenizers: a worker is attached; these are the limits to check against."""
+
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    eos_token_ids: list[int] = []
+
+
+# ---- requests --------------------------------------------------------------------------
+
+
+class TokenizeRequest(msgspec.Struct, tag=True, omit_defaults=True):
+    """Frontend -> tokenizer: one request, text or token ids, completion or chat."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    arrival_time: float = 0.0
+
+
+class EngineRequest(msgspec.Struct, tag=True):
+    """Tokenizer -> scheduler: a tokenized request; `reply_to` is the tokenizer's id."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    reply_to: str
+    arrival_time: float = 0.0
+
+
+class Abort(msgspec.Struct, tag=True):
+    """Stop requests (client gone, stop string hit); travels frontend -> tokenizer -> scheduler."""
+
+    request_ids: list[str]
+    reason: str = "abort"
+
+
+class ErrorReply(msgspec.Struct, tag=True):
+    """A request that cannot be served, answered to the frontend as OpenAI's error JSON."""
+
+    request_id: str
+    status: int
+    message: str
+    error_type: str = "invalid_request_error"
+    param: str | None = None
+
+
+# ---- scheduler <-> worker --------------------------------------------------------------
+
+
+class NewRequestData(msgspec.Struct, array_like=True):
+    """A request the worker has not seen: all it needs to prefill it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+class CachedRequestData(msgspec.Struct, array_like=True):
+    """A running request: only what changed since the last step."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class StepPlan(msgspec.Struct, tag=True):
+    """Scheduler -> worker, once per step. Never whole histories, only differences."""
+
+    step_id: int
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    finished_request_ids: list[str]
+
+
+class StepResult(msgspec.Struct, tag=True):
+    """Worker -> scheduler: the token sampled for each request that completed a position.
+
+    A request in the middle of a chunked prefill samples nothing and is not listed.
+    """
+
+    step_id: int
+    request_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    reason: str = ""
+
+
+# ---- scheduler -> tokenizer -> frontend ------------------------------------------------
+
+
+class TokenOutput(msgspec.Struct, array_like=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+
+
+class TokenBatch(msgspec.Struct, tag=True):
+    """Scheduler -> one tokenizer, once per step: every new token of the requests it owns."""
+
+    outputs: list[TokenOutput]
+
+
+class TextOutput(msgspec.Struct, array_like=True):
+    request_id: str
+    text: str  # the new text since the previous output of this request
+    token_ids: list[int]  # the new token ids
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextBatch(msgspec.Struct, tag=True):
+    """Tokenizer -> frontend, once per step."""
+
+    outputs: list[TextOutput]
+
+
+# ---- the union each socket accepts -----------------------------------------------------
+
+FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply
+TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown
+TokenizerFromScheduler = TokenBatch | EngineReady | ErrorReply | Shutdown
+SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult
+WorkerInbound = StepPlan | Shutdown

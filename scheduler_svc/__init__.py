@@ -1,0 +1,1 @@
+"""The scheduler process: request state, continuous batching, the KV block pool."""

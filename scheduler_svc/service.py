@@ -1,0 +1,220 @@
+"""The scheduler process: one loop over a ROUTER socket that tokenizers and workers connect to.
+
+receive -> schedule -> send `StepPlan` to every worker rank -> receive rank 0's `StepResult`
+-> update -> send each tokenizer one `TokenBatch` for the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+
+import msgspec
+import zmq
+
+from protocol import (
+    Abort,
+    Codec,
+    EngineConfig,
+    EngineReady,
+    EngineRequest,
+    ErrorReply,
+    Heartbeat,
+    Hello,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    TokenBatch,
+    TokenOutput,
+    bind_router,
+)
+from protocol.messages import SchedulerInbound
+from scheduler_svc.request import Request
+from scheduler_svc.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger("pagoda.scheduler")
+
+
+class SchedulerService:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.ctx = zmq.Context()
+        self.sock = bind_router(self.ctx, config.scheduler_addr)
+        self.codec = Codec(SchedulerInbound)
+        self.scheduler: Scheduler | None = None
+        self.engine_ready: EngineReady | None = None
+        self.workers: dict[int, str] = {}  # rank -> member id
+        self.tokenizers: dict[str, float] = {}  # member id -> last heard
+        self.step_in_flight: StepPlan | None = None
+        self.step_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
+        self._last_stats = 0.0
+
+    # ---- sending -----------------------------------------------------------------------
+
+    def _send(self, member_id: str, msg: msgspec.Struct) -> bool:
+        try:
+            self.sock.send_multipart([member_id.encode(), self.codec.encode(msg)])
+            return True
+        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the member is gone
+            logger.warning("cannot reach %s: %s", member_id, e)
+            return False
+
+    # ---- receiving ---------------------------------------------------------------------
+
+    def _handle(self, sender: str, msg: object) -> None:
+        if isinstance(msg, Hello):
+            self._on_hello(sender, msg)
+        elif isinstance(msg, Heartbeat):
+            if msg.member_id in self.tokenizers:
+                self.tokenizers[msg.member_id] = time.monotonic()
+        elif isinstance(msg, EngineRequest):
+            self._on_request(sender, msg)
+        elif isinstance(msg, Abort):
+            if self.scheduler is not None:
+                self.scheduler.abort(msg.request_ids)
+        elif isinstance(msg, StepResult):
+            self._on_result(msg)
+
+    def _on_hello(self, sender: str, msg: Hello) -> None:
+        if msg.role == "tokenizer":
+            self.tokenizers[sender] = time.monotonic()
+            logger.info("tokenizer %s (pid %d) joined", sender, msg.pid)
+            if self.engine_ready is not None:
+                self._send(sender, self.engine_ready)
+            return
+        if msg.role != "worker":
+            logger.warning("hello from unknown role %r dropped", msg.role)
+            return
+        self.workers[msg.rank] = sender
+        logger.info(
+            "worker %s (rank %d, pid %d) joined: %d KV blocks of %d tokens, max_model_len %d",
+            sender, msg.rank, msg.pid, msg.num_blocks, self.config.block_size, msg.max_model_len,
+        )
+        if msg.rank != 0:
+            return
+        max_model_len = msg.max_model_len
+        if msg.num_blocks * self.config.block_size < max_model_len:
+            max_model_len = msg.num_blocks * self.config.block_size
+            logger.warning("the KV pool holds only %d tokens: max_model_len lowered to that", max_model_len)
+        if self.scheduler is not None and self.scheduler.has_work:
+            # A restarted worker lost every request's KV; the scheduler still has the tokens.
+            for req in list(self.scheduler.running):
+                self.scheduler._preempt(req)
+            self.step_in_flight = None
+        if self.scheduler is None:
+            self.scheduler = Scheduler(
+                SchedulerConfig(
+                    num_blocks=msg.num_blocks,
+                    block_size=self.config.block_size,
+                    max_model_len=max_model_len,
+                    max_num_seqs=self.config.max_num_seqs,
+                    max_num_batched_tokens=self.config.max_num_batched_tokens,
+                    eos_token_ids=msg.eos_token_ids,
+                )
+            )
+        self.engine_ready = EngineReady(
+            max_model_len=max_model_len,
+            num_blocks=msg.num_blocks,
+            block_size=self.config.block_size,
+            eos_token_ids=msg.eos_token_ids,
+        )
+        for tok in self.tokenizers:
+            self._send(tok, self.engine_ready)
+
+    def _on_request(self, sender: str, msg: EngineRequest) -> None:
+        if self.scheduler is None:
+            self._send(sender, ErrorReply(msg.request_id, 503, "The engine is not ready yet.", "service_unavailable"))
+            return
+        max_tokens = msg.sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = self.scheduler.config.max_model_len - len(msg.prompt_token_ids)
+        req = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.reply_to, max_tokens, msg.arrival_time)
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:
+            self._send(sender, ErrorReply(msg.request_id, 400, str(e), param="request_id"))
+
+    def _on_result(self, result: StepResult) -> None:
+        assert self.scheduler is not None
+        if self.step_in_flight is None or result.step_id != self.step_in_flight.step_id:
+            logger.warning("dropping the result of step %d, which is not in flight", result.step_id)
+            return
+        self.step_in_flight = None
+        update = self.scheduler.update(result)
+        batches: dict[str, list[TokenOutput]] = defaultdict(list)
+        for reply_to, out in update.outputs:
+            batches[reply_to].append(out)
+        for reply_to, outs in batches.items():
+            if not self._send(reply_to, TokenBatch(outs)):
+                self.scheduler.abort([o.request_id for o in outs])
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def _maybe_schedule(self) -> None:
+        if self.scheduler is None or self.step_in_flight is not None or 0 not in self.workers:
+            return
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return
+        for rank in sorted(self.workers):
+            self._send(self.workers[rank], plan)
+        self.step_in_flight = plan
+        if self.step_log is not None:
+            self.step_log.write(
+                json.dumps(
+                    {
+                        "step": plan.step_id,
+                        "time": time.time(),
+                        "requests": plan.num_scheduled_tokens,
+                        "new": [r.request_id for r in plan.new_requests],
+                        "running": self.scheduler.num_running,
+                        "waiting": self.scheduler.num_waiting,
+                        "free_blocks": self.scheduler.block_pool.num_free,
+                    }
+                )
+                + "\n"
+            )
+
+    def _log_stats(self) -> None:
+        now = time.monotonic()
+        if self.scheduler is None or now - self._last_stats < 10.0 or not self.scheduler.has_work:
+            return
+        self._last_stats = now
+        logger.info(
+            "running %d, waiting %d, KV usage %.1f%%, preemptions %d",
+            self.scheduler.num_running, self.scheduler.num_waiting,
+            100 * self.scheduler.block_pool.usage, self.scheduler.num_preemptions,
+        )
+
+    def run(self) -> None:
+        logger.info("scheduler listening on %s", self.config.scheduler_addr)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while True:
+                # Only a message (a request, an abort, a result) can make a new step possible.
+                if poller.poll(1000):
+                    # Drain everything that arrived before planning, so a step sees all new requests.
+                    while True:
+                        try:
+                            sender, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        msg = self.codec.decode(frame)
+                        if msg is not None:
+                            self._handle(sender.decode(errors="replace"), msg)
+                self._maybe_schedule()
+                self._log_stats()
+        finally:
+            for member in list(self.workers.values()):
+                self._send(member, Shutdown("scheduler stopping"))
+            self.sock.close()
+            self.ctx.term()
+
+
+def run_scheduler(config: EngineConfig) -> None:
+    logger.info("scheduler pid %d", os.getpid())
+    SchedulerService(config).run()

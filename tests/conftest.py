@@ -1,0 +1,91 @@
+"""Fixtures that start the real server (`pagoda serve`) on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+# The converted GGUF tokenizer is cached here, so every server after the first starts fast.
+os.environ.setdefault("PAGODA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "pagoda-test-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    step_log: str
+    log_path: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def steps(self) -> list[dict]:
+        import json
+
+        with open(self.step_log) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+
+
+def start_server(tmp_dir: str, *args: str, timeout: float = 300) -> Server:
+    port = free_port()
+    step_log = os.path.join(tmp_dir, f"steps-{port}.jsonl")
+    log_path = os.path.join(tmp_dir, f"server-{port}.log")
+    cmd = [sys.executable, "-m", "frontend.cli", "serve", "--port", str(port),
+           "--step-log", step_log, "--log-level", "info", *args]
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, port, step_log, log_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pagoda serve exited with {proc.returncode}:\n{server.log()[-5000:]}")
+        try:
+            if httpx.get(server.base_url + "/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"server not ready after {timeout} s:\n{server.log()[-5000:]}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One server on the embedded model for the whole session, as a user would start it."""
+    srv = start_server(str(tmp_path_factory.mktemp("server")), "--max-model-len", "1024",
+                       "--num-tokenizers", "2")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)

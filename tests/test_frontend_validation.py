@@ -1,0 +1,563 @@
+"""The frontend on its own: request validation and OpenAI's error shape, the SSE format, and the
+`EngineClient` against real DEALER sockets driven by the test as fake tokenizers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import openai
+import pytest
+import zmq
+from fastapi.testclient import TestClient
+
+from frontend.api_server import build_app
+from frontend.engine_client import EngineClient, EngineError
+from protocol import Codec, EngineConfig, connect_dealer
+from protocol.messages import (
+    Abort,
+    ErrorReply,
+    Heartbeat,
+    Hello,
+    SamplingParams,
+    TextBatch,
+    TextOutput,
+    TokenizeRequest,
+    TokenizerFromFrontend,
+)
+
+Script = Callable[[TokenizeRequest], list[msgspec.Struct]]
+
+
+class FakeTokenizer:
+    """A real DEALER peer on the frontend's socket, speaking the tokenizer's side of the protocol.
+
+    It runs in its own thread (as a tokenizer runs in its own process); `script`, if given,
+    answers each `TokenizeRequest` with the messages to send back.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        member_id: str = "tokenizer-0",
+        ready: bool = True,
+        script: Script | None = None,
+    ) -> None:
+        self.config, self.member_id, self.ready, self.script = config, member_id, ready, script
+        self.received: list[Any] = []
+        self._outbox: queue.Queue[bytes] = queue.Queue()
+        self._codec = Codec(TokenizerFromFrontend)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> FakeTokenizer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def send(self, msg: msgspec.Struct) -> None:
+        self._outbox.put(self._codec.encode(msg))
+
+    def send_raw(self, frame: bytes) -> None:
+        self._outbox.put(frame)
+
+    def requests(self) -> list[TokenizeRequest]:
+        return [m for m in self.received if isinstance(m, TokenizeRequest)]
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = connect_dealer(ctx, self.config.frontend_addr, self.member_id)
+        sock.send(self._codec.encode(Hello(role="tokenizer", member_id=self.member_id, pid=os.getpid())))
+        next_beat = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() >= next_beat:
+                sock.send(self._codec.encode(Heartbeat(self.member_id, ready=self.ready)))
+                next_beat = time.monotonic() + self.config.heartbeat_interval_s
+            while not self._outbox.empty():
+                sock.send(self._outbox.get_nowait())
+            if sock.poll(10):
+                msg = self._codec.decode(sock.recv())
+                self.received.append(msg)
+                if self.script is not None and isinstance(msg, TokenizeRequest):
+                    for reply in self.script(msg):
+                        sock.send(self._codec.encode(reply))
+        sock.close(linger=0)
+        ctx.term()
+
+
+def out(rid: str, text: str, finish: str | None = None, n: int = 1) -> TextOutput:
+    return TextOutput(rid, text, [7] * len(text), finish, prompt_tokens=5, completion_tokens=n)
+
+
+def hello_world(req: TokenizeRequest) -> list[msgspec.Struct]:
+    rid = req.request_id
+    return [
+        TextBatch([out(rid, "Hello")]),
+        TextBatch([out(rid, "", n=2)]),
+        TextBatch([out(rid, " world", "stop", 3)]),
+    ]
+
+
+def too_long(req: TokenizeRequest) -> list[msgspec.Struct]:
+    msg = "This model's maximum context length is 1024 tokens; ask for fewer."
+    return [ErrorReply(req.request_id, 400, msg, param="max_tokens")]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+async def async_wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture()
+def config() -> Iterator[EngineConfig]:
+    # A short run dir: ipc:// paths are limited to about 100 bytes.
+    run_dir = tempfile.mkdtemp(prefix="pagoda-fe-")
+    yield EngineConfig(run_dir=run_dir, heartbeat_interval_s=0.1).with_addresses()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def api(config: EngineConfig) -> Iterator[TestClient]:
+    with TestClient(build_app(config, EngineClient(config))) as client:
+        yield client
+
+
+def chat_body(**kw: Any) -> dict[str, Any]:
+    return {"model": EngineConfig().model_name, "messages": [{"role": "user", "content": "Hi"}], **kw}
+
+
+def assert_openai_error(resp: Any, status: int, param: str | None = None, *words: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"], error["message"]
+    return error
+
+
+# ---- validation, with no tokenizer connected ----------------------------------------------
+
+
+def test_malformed_json_is_a_400_in_openai_shape(api: TestClient) -> None:
+    resp = api.post(
+        "/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}
+    )
+    error = assert_openai_error(resp, 400, None, "JSON")
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_a_404_naming_it(api: TestClient) -> None:
+    resp = api.post("/v1/chat/completions", json=chat_body(model="gpt-9"))
+    error = assert_openai_error(resp, 404, "model", "The model 'gpt-9' does not exist.")
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("max_tokens", -1, "at least 1"),
+        ("max_completion_tokens", 0, "at least 1"),
+        ("temperature", 5, "between 0 and 2"),
+        ("temperature", -1, "between 0 and 2"),
+        ("top_p", 2, "between 0 and 1"),
+        ("presence_penalty", 3, "between -2 and 2"),
+        ("n", 2, "only 1"),
+        ("seed", 2**70, "between"),
+        ("temperature", "hot", "valid number"),
+    ],
+)
+def test_out_of_range_field_is_a_400_naming_field_and_range(
+    api: TestClient, field: str, value: Any, expected: str
+):
+    resp = api.post("/v1/chat/completions", json=chat_body(**{field: value}))
+    assert_openai_error(resp, 400, field, field, expected)
+
+
+def test_completion_fields_are_checked_too(api: TestClient) -> None:
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "max_tokens": -1})
+    assert_openai_error(resp, 400, "max_tokens", "max_tokens", "at least 1")
+    resp = api.post("/v1/completions", json={"prompt": ["a", "b"]})
+    assert_openai_error(resp, 400, "prompt", "one per request")
+    resp = api.post("/v1/completions", json={})
+    assert_openai_error(resp, 400, "prompt", "Missing required parameter: 'prompt'")
+
+
+def test_missing_or_bad_messages_are_400s(api: TestClient) -> None:
+    assert_openai_error(api.post("/v1/chat/completions", json={"model": "x"}), 400, "messages", "messages")
+    assert_openai_error(api.post("/v1/chat/completions", json=chat_body(messages=[])), 400, "messages")
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    resp = api.post("/v1/chat/completions", json=chat_body(messages=image))
+    assert_openai_error(resp, 400, "messages[0].content", "text")
+    resp = api.post("/v1/chat/completions", json=chat_body(messages=[{"role": "robot", "content": "x"}]))
+    assert_openai_error(resp, 400, "messages[0].role")
+
+
+def test_no_422_ever_reaches_a_client(api: TestClient) -> None:
+    for body in (b"", b"[]", b'"text"', b"null", b'{"messages": "not a list"}'):
+        resp = api.post("/v1/chat/completions", content=body)
+        assert_openai_error(resp, 400, resp.json()["error"]["param"])
+
+
+def test_valid_request_with_no_live_tokenizer_is_a_503(api: TestClient) -> None:
+    error = assert_openai_error(api.post("/v1/chat/completions", json=chat_body()), 503, None, "tokenizer")
+    assert error["type"] == "server_error"
+    assert_openai_error(api.post("/v1/completions", json={"prompt": [1, 2, 3], "stream": True}), 503)
+
+
+def test_health_is_200_while_ready_is_503_without_a_tokenizer(api: TestClient) -> None:
+    assert api.get("/health").status_code == 200
+    assert_openai_error(api.get("/ready"), 503)
+
+
+def test_models_lists_the_served_name(config: EngineConfig) -> None:
+    named = msgspec.structs.replace(config, served_model_name="my-model")
+    with TestClient(build_app(named, EngineClient(named))) as api:
+        body = api.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"]) for m in body["data"]] == [("my-model", "model")]
+
+
+def test_api_key_is_required_on_v1_routes_only(config: EngineConfig) -> None:
+    keyed = msgspec.structs.replace(config, api_key="s3cret")
+    with TestClient(build_app(keyed, EngineClient(keyed))) as api:
+        assert_openai_error(api.get("/v1/models"), 401)
+        error = assert_openai_error(api.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+        assert error["code"] == "invalid_api_key"
+        assert api.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert api.get("/health").status_code == 200
+
+
+# ---- the API with a fake tokenizer ---------------------------------------------------------
+
+
+def test_ready_turns_200_once_a_tokenizer_reports_ready(config: EngineConfig, api: TestClient) -> None:
+    tok = FakeTokenizer(config, ready=False).start()
+    try:
+        time.sleep(3 * config.heartbeat_interval_s)
+        assert api.get("/ready").status_code == 503
+        tok.ready = True
+        wait_for(lambda: api.get("/ready").status_code == 200)
+    finally:
+        tok.stop()
+
+
+def test_completion_returns_the_whole_text_with_usage(config: EngineConfig, api: TestClient) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        resp = api.post(
+            "/v1/completions", json={"prompt": "Say hi", "max_tokens": 8, "stop": "\n", "seed": 3}
+        )
+    finally:
+        tok.stop()
+    body = resp.json()
+    assert resp.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"] == [{"text": "Hello world", "index": 0, "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    [req] = tok.requests()
+    assert req.request_id == body["id"] and req.prompt == "Say hi"
+    assert req.sampling == SamplingParams(max_tokens=8, stop=["\n"], seed=3)
+
+
+def test_chat_request_reaches_the_tokenizer_as_sent(config: EngineConfig, api: TestClient) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+    ]
+    sampling = {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "max_completion_tokens": 9, "stop": ["a", "b"]}
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        resp = api.post("/v1/chat/completions", json=chat_body(messages=messages, user="u1", **sampling))
+    finally:
+        tok.stop()
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello world"}
+    [req] = tok.requests()
+    assert [(m.role, m.content) for m in req.messages] == [("system", "Be brief."), ("user", "Hi\nthere")]
+    assert req.sampling == SamplingParams(temperature=0.5, top_p=0.9, top_k=40, max_tokens=9, stop=["a", "b"])
+
+
+def sse_events(text: str) -> list[str]:
+    assert text.endswith("data: [DONE]\n\n")
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") for e in events)
+    return [e.removeprefix("data: ") for e in events]
+
+
+def test_streamed_chat_is_role_then_deltas_then_finish_then_usage(
+    config: EngineConfig, api: TestClient
+) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        body = chat_body(stream=True, stream_options={"include_usage": True})
+        resp = api.post("/v1/chat/completions", json=body)
+    finally:
+        tok.stop()
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(resp.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    choices = [c["choices"][0] for c in chunks[:-1]]
+    assert [c["delta"] for c in choices] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hello"},
+        {"content": " world"},
+    ]
+    assert [c["finish_reason"] for c in choices] == [None, None, "stop"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 8
+
+
+def test_streamed_completion_without_usage_has_no_usage_key(config: EngineConfig, api: TestClient) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        resp = api.post("/v1/completions", json={"prompt": [1, 2], "stream": True})
+    finally:
+        tok.stop()
+    chunks = [json.loads(e) for e in sse_events(resp.text)[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == ["Hello", " world"]
+    assert all("usage" not in c and c["object"] == "text_completion" for c in chunks)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_error_reply_keeps_its_status(config: EngineConfig, api: TestClient, stream: bool) -> None:
+    tok = FakeTokenizer(config, script=too_long).start()
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        resp = api.post("/v1/chat/completions", json=chat_body(stream=stream, max_tokens=5000))
+    finally:
+        tok.stop()
+    assert_openai_error(resp, 400, "max_tokens", "maximum context length is 1024")
+
+
+def test_openai_sdk_reads_streams_and_errors(config: EngineConfig, api: TestClient) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=api, max_retries=0)
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        stream = sdk.chat.completions.create(
+            model=config.model_name, messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hello world"
+        with pytest.raises(openai.BadRequestError, match="between 0 and 2"):
+            sdk.completions.create(model=config.model_name, prompt="Hi", temperature=3)
+    finally:
+        tok.stop()
+
+
+# ---- EngineClient against fake tokenizers ----------------------------------------------------
+
+
+def run_with_client(config: EngineConfig, scenario: Callable[[EngineClient], Any]) -> None:
+    async def main() -> None:
+        client = EngineClient(config)
+        await client.start()
+        try:
+            await scenario(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def request(rid: str = "r1") -> TokenizeRequest:
+    return TokenizeRequest(request_id=rid, sampling=SamplingParams(max_tokens=4), prompt="Hi")
+
+
+async def collect(client: EngineClient, rid: str = "r1") -> list[TextOutput]:
+    return [o async for o in client.generate(request(rid))]
+
+
+def test_generate_streams_what_the_tokenizer_sends(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+
+    async def scenario(client: EngineClient) -> None:
+        assert await client.wait_ready(5)
+        outputs = await collect(client)
+        assert [(o.text, o.finish_reason) for o in outputs] == [
+            ("Hello", None),
+            ("", None),
+            (" world", "stop"),
+        ]
+        assert client.tokenizer_loads() == {"tokenizer-0": 0} and client.num_tokenizers_live == 1
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+    assert tok.requests() == [request()]
+
+
+def test_error_reply_raises_engine_error(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config, script=too_long).start()
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        with pytest.raises(EngineError) as caught:
+            await collect(client)
+        assert (caught.value.status, caught.value.param) == (400, "max_tokens")
+        assert "1024" in caught.value.message
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+
+
+def first_output_only(req: TokenizeRequest) -> list[msgspec.Struct]:
+    return [TextBatch([out(req.request_id, "Hel")])]
+
+
+def test_closing_the_generator_early_sends_abort(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config, script=first_output_only).start()
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        gen = client.generate(request("early"))
+        assert (await anext(gen)).text == "Hel"
+        await gen.aclose()
+        assert client.tokenizer_loads() == {"tokenizer-0": 0}
+        await async_wait_for(lambda: Abort(["early"]) in tok.received)
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+
+
+def test_cancelled_consumer_sends_abort(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config).start()  # never answers
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        task = asyncio.create_task(collect(client, "gone"))
+        await async_wait_for(lambda: len(tok.requests()) == 1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await async_wait_for(lambda: Abort(["gone"]) in tok.received)
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+
+
+def test_requests_go_to_the_least_loaded_tokenizer(config: EngineConfig) -> None:
+    toks = [FakeTokenizer(config, member_id=f"tokenizer-{i}").start() for i in range(2)]
+
+    async def scenario(client: EngineClient) -> None:
+        await async_wait_for(lambda: client.num_tokenizers_live == 2 and client.ready)
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(collect(client, f"r{i}")))
+            await async_wait_for(lambda i=i: sum(client.tokenizer_loads().values()) == i + 1)
+        assert client.tokenizer_loads() == {"tokenizer-0": 2, "tokenizer-1": 2}
+        await async_wait_for(lambda: sum(len(t.requests()) for t in toks) == 4)
+        for tok in toks:
+            tok.send(TextBatch([out(r.request_id, "x", "length") for r in tok.requests()]))
+        results = await asyncio.gather(*tasks)
+        assert [[o.text for o in r] for r in results] == [["x"]] * 4
+        assert client.tokenizer_loads() == {"tokenizer-0": 0, "tokenizer-1": 0}
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        for tok in toks:
+            tok.stop()
+    assert [len(t.requests()) for t in toks] == [2, 2]
+
+
+def test_malformed_frames_are_dropped_and_the_client_goes_on(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config, script=hello_world).start()
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        tok.send_raw(b"\xc1 not msgpack")
+        tok.send(request("not-for-the-frontend"))  # valid msgpack, but not a FrontendInbound type
+        tok.send(TextBatch([out("nobody-asked", "x", "stop")]))  # a reply for an unknown request
+        assert [o.text for o in await collect(client)] == ["Hello", "", " world"]
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+
+
+def test_dead_tokenizer_fails_its_requests_with_503(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config).start()  # never answers
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        task = asyncio.create_task(collect(client))
+        await async_wait_for(lambda: len(tok.requests()) == 1)
+        tok.stop()  # no more heartbeats
+        with pytest.raises(EngineError) as caught:
+            await task
+        assert caught.value.status == 503
+        assert not client.ready and client.num_tokenizers_live == 0
+        with pytest.raises(EngineError, match="No tokenizer"):
+            await collect(client, "r2")
+
+    run_with_client(config, scenario)
+
+
+def test_restarted_tokenizer_fails_the_requests_it_forgot(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config).start()
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        task = asyncio.create_task(collect(client))
+        await async_wait_for(lambda: len(tok.requests()) == 1)
+        tok.send(Hello(role="tokenizer", member_id=tok.member_id, pid=os.getpid() + 1))
+        with pytest.raises(EngineError) as caught:
+            await task
+        assert caught.value.status == 503 and client.num_tokenizers_live == 1
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+
+
+def test_tokenizer_that_is_not_ready_gets_no_requests(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config, ready=False).start()
+
+    async def scenario(client: EngineClient) -> None:
+        await async_wait_for(lambda: client.num_tokenizers_live == 1)
+        assert not client.ready
+        with pytest.raises(EngineError, match="starting up") as caught:
+            await collect(client)
+        assert caught.value.status == 503
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+    assert tok.requests() == []

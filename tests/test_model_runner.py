@@ -1,0 +1,293 @@
+"""The model runner on the CPU, driven by hand-built StepPlans, against `transformers`.
+
+One runner, one transformers model and one tokenizer are loaded per module (~30 s together);
+every test then runs a few dozen steps of SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gpu_worker.loader import embedded_gguf_path
+from gpu_worker.model_runner import ModelRunner
+from gpu_worker.sampler import sample
+from protocol.config import EngineConfig
+from protocol.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
+
+GREEDY = SamplingParams(temperature=0.0)
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence why the sky is blue.",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_dir_and_file() -> tuple[str, str]:
+    return os.path.split(embedded_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner(EngineConfig(num_gpu_blocks_override=256, max_model_len=1024))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gguf_dir_and_file: tuple[str, str]):
+    directory, file = gguf_dir_and_file
+    return AutoTokenizer.from_pretrained(directory, gguf_file=file)
+
+
+@pytest.fixture(scope="module")
+def hf_model(gguf_dir_and_file: tuple[str, str]):
+    directory, file = gguf_dir_and_file
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(tokenizer) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+        for q in QUESTIONS
+    ]
+
+
+@dataclass
+class ToyRequest:
+    tokens: list[int]  # prompt + outputs: what the scheduler knows
+    sampling: SamplingParams
+    max_tokens: int
+    chunk: int | None
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    sent: bool = False
+
+
+class ToyScheduler:
+    """Builds the StepPlans a real scheduler would send, with blocks from a shuffled pool.
+
+    Blocks are never freed, so a finished request's cache can be reused as a prefix.
+    """
+
+    def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
+        self.runner = runner
+        self.free_blocks = list(range(runner.num_blocks))
+        random.Random(seed).shuffle(self.free_blocks)
+        self.running: dict[str, ToyRequest] = {}
+        self.done: dict[str, ToyRequest] = {}
+        self.finished_ids: list[str] = []
+        self.step_id = 0
+
+    def add(
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams = GREEDY,
+        max_tokens: int = 32,
+        chunk: int | None = None,
+        cached_blocks: list[int] | None = None,
+    ) -> None:
+        """`cached_blocks`: full blocks that already hold this prompt's leading K/V."""
+        request = ToyRequest(list(prompt), sampling, max_tokens, chunk, blocks=list(cached_blocks or []))
+        request.num_computed = len(request.blocks) * self.runner.block_size
+        self.running[request_id] = request
+
+    def step(self) -> None:
+        new, cached, scheduled = [], [], {}
+        for request_id, r in self.running.items():
+            n = min(r.chunk or len(r.tokens), len(r.tokens) - r.num_computed)
+            needed = math.ceil((r.num_computed + n) / self.runner.block_size) - len(r.blocks)
+            new_blocks = [self.free_blocks.pop() for _ in range(needed)]
+            r.blocks += new_blocks
+            if r.sent:
+                cached.append(CachedRequestData(request_id, new_blocks, r.num_computed))
+            else:
+                new.append(NewRequestData(request_id, list(r.tokens), r.sampling, list(r.blocks), r.num_computed))
+                r.sent = True
+            scheduled[request_id] = n
+            r.num_computed += n
+        plan = StepPlan(self.step_id, new, cached, scheduled, self.finished_ids)
+        result = self.runner.execute(plan)
+        self.step_id += 1
+        self.finished_ids = []
+        assert set(result.request_ids) <= set(scheduled)
+        for request_id, token in zip(result.request_ids, result.token_ids, strict=True):
+            r = self.running[request_id]
+            r.tokens.append(token)
+            r.outputs.append(token)
+            if len(r.outputs) == r.max_tokens:
+                self.done[request_id] = self.running.pop(request_id)
+                self.finished_ids.append(request_id)
+
+    def run(self) -> dict[str, list[int]]:
+        while self.running:
+            self.step()
+        # Tell the runner about the last finished requests too, so its state is left clean.
+        self.runner.execute(StepPlan(self.step_id, [], [], {}, self.finished_ids))
+        return {request_id: r.outputs for request_id, r in self.done.items()}
+
+
+def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+    # eos_token_id=None: keep going past <|im_end|> as the runner does (stops are the scheduler's).
+    out = hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_three_prompts_batched_give_transformers_greedy_tokens(runner, hf_model, chat_prompts) -> None:
+    scheduler = ToyScheduler(runner, seed=1)
+    for i, prompt in enumerate(chat_prompts):
+        scheduler.add(f"batched-{i}", prompt)
+    scheduler.step()  # all three prompts in one prefill step
+    assert all(len(r.outputs) == 1 for r in scheduler.running.values())
+    outputs = scheduler.run()
+    for i, prompt in enumerate(chat_prompts):
+        assert outputs[f"batched-{i}"] == hf_greedy(hf_model, prompt, 32), QUESTIONS[i]
+
+
+def test_chat_answer_names_paris(runner, tokenizer, chat_prompts) -> None:
+    scheduler = ToyScheduler(runner)
+    scheduler.add("paris", chat_prompts[0], max_tokens=12)
+    assert "Paris" in tokenizer.decode(scheduler.run()["paris"])
+
+
+def test_chunked_prefill_beside_a_decode_gives_the_same_tokens(runner, chat_prompts) -> None:
+    whole = ToyScheduler(runner, seed=2)
+    whole.add("whole", chat_prompts[1], max_tokens=16)
+    expected = whole.run()["whole"]
+
+    scheduler = ToyScheduler(runner, seed=3)
+    scheduler.add("decoding", chat_prompts[2], max_tokens=24)
+    scheduler.step()
+    scheduler.add("chunked", chat_prompts[1], max_tokens=16, chunk=7)
+    for _ in range(3):
+        scheduler.step()  # three chunks of 7 tokens, sampling nothing, while "decoding" decodes
+        assert scheduler.running["chunked"].outputs == []
+    outputs = scheduler.run()
+    assert outputs["chunked"] == expected
+    alone = ToyScheduler(runner, seed=4)
+    alone.add("alone", chat_prompts[2], max_tokens=24)
+    assert outputs["decoding"] == alone.run()["alone"]
+
+
+def test_prefix_cache_hit_and_resumed_request_continue_the_same(runner, chat_prompts) -> None:
+    first = ToyScheduler(runner, seed=5)
+    first.add("first", chat_prompts[0], max_tokens=16)
+    expected = first.run()["first"]
+    # Full blocks only, and never the last prompt token: it must be computed to be sampled from.
+    prompt_blocks = first.done["first"].blocks[: (len(chat_prompts[0]) - 1) // runner.block_size]
+    assert prompt_blocks
+
+    # Same prompt, its full blocks already in the cache: only the tail is computed.
+    hit = ToyScheduler(runner, seed=6)
+    hit.free_blocks = [b for b in hit.free_blocks if b not in first.done["first"].blocks]
+    hit.add("hit", chat_prompts[0], max_tokens=16, cached_blocks=prompt_blocks)
+    assert hit.run()["hit"] == expected
+
+    # Preempted after 8 tokens and resumed: prompt + outputs so far, prefilled from scratch.
+    resumed = ToyScheduler(runner, seed=7)
+    resumed.add("resumed", chat_prompts[0] + expected[:8], max_tokens=8)
+    assert resumed.run()["resumed"] == expected[8:]
+
+
+def test_seeded_sampling_ignores_the_rest_of_the_batch(runner, chat_prompts) -> None:
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = ToyScheduler(runner)
+    alone.add("seeded-alone", chat_prompts[1], seeded, max_tokens=12)
+    expected = alone.run()["seeded-alone"]
+
+    crowd = ToyScheduler(runner, seed=8)
+    crowd.add("other-random", chat_prompts[0], SamplingParams(temperature=1.0), max_tokens=12)
+    crowd.add("seeded-crowd", chat_prompts[1], seeded, max_tokens=12)
+    crowd.add("other-greedy", chat_prompts[2], max_tokens=12)
+    assert crowd.run()["seeded-crowd"] == expected
+
+
+def test_runner_reports_its_limits(runner) -> None:
+    assert runner.num_blocks == 256
+    assert runner.block_size == 16
+    assert runner.max_model_len == 1024
+    assert runner.eos_token_ids == [2]
+    assert runner.requests == {}
+
+
+def test_sharded_hf_folder_with_llama3_rope_and_untied_head_matches_transformers(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # spread logits: no near-ties for float noise to flip
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        eos_token_id=[5, 7],
+    )
+    torch.manual_seed(0)
+    hf_tiny = LlamaForCausalLM(config)
+    hf_tiny.save_pretrained(tmp_path, max_shard_size="300KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+
+    tiny = ModelRunner(EngineConfig(model=str(tmp_path), num_gpu_blocks_override=64, max_model_len=256, block_size=8))
+    assert tiny.eos_token_ids == [5, 7]
+    scheduler = ToyScheduler(tiny)
+    prompts = [list(range(10, 50)), list(range(300, 313))]
+    for i, prompt in enumerate(prompts):
+        scheduler.add(f"tiny-{i}", prompt, max_tokens=24)
+    outputs = scheduler.run()
+    for i, prompt in enumerate(prompts):
+        assert outputs[f"tiny-{i}"] == hf_greedy(hf_tiny, prompt, 24)
+
+
+# ---- the sampler alone -------------------------------------------------------------------
+
+
+def test_greedy_rows_take_the_exact_argmax_beside_random_rows() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    params = [GREEDY, SamplingParams(temperature=1.0), SamplingParams(top_k=1), GREEDY]
+    out = sample(logits, params, [None] * 4)
+    argmax = logits.argmax(-1)
+    assert out.token_ids[[0, 2, 3]].tolist() == argmax[[0, 2, 3]].tolist()
+    assert out.logprobs is None
+
+
+def test_top_p_and_min_p_keep_only_the_likely_tokens() -> None:
+    logits = torch.full((3, 50), -5.0)
+    logits[:, 7] = 5.0  # ~0.996 of the mass
+    logits[:, 8] = 0.0
+    params = [
+        SamplingParams(top_p=0.5),
+        SamplingParams(min_p=0.1),
+        SamplingParams(top_k=2, temperature=100.0, top_p=1.0),
+    ]
+    for _ in range(20):
+        tokens = sample(logits, params, [None] * 3).token_ids.tolist()
+        assert tokens[0] == 7 and tokens[1] == 7 and tokens[2] in (7, 8)
+
+
+def test_logprob_is_that_of_the_chosen_token_under_the_model() -> None:
+    logits = torch.randn(2, 30)
+    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=2.0)]
+    out = sample(logits, params, [None, torch.Generator().manual_seed(3)])
+    expected = logits.log_softmax(-1).gather(1, out.token_ids[:, None])[:, 0]
+    torch.testing.assert_close(out.logprobs, expected)

@@ -1,0 +1,56 @@
+"""The offline `LLM` API on the same processes, and its greedy tokens against transformers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from frontend import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(num_tokenizers=1) as engine:
+        yield engine
+
+
+def test_generate_returns_vllm_shaped_outputs(llm):
+    outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert len(outs) == 2
+    for out in outs:
+        completion = out.outputs[0]
+        assert completion.text and len(completion.token_ids) <= 8
+        assert completion.finish_reason in ("stop", "length")
+        assert out.num_prompt_tokens > 0
+
+
+def test_chat_answers_paris(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_first_32_greedy_tokens_equal_transformers_on_the_same_gguf(llm):
+    from transformers import AutoModelForCausalLM
+
+    from gpu_worker.loader import embedded_gguf_path
+    from protocol import EngineConfig
+    from tokenizer_svc.tokenizer_loader import load_tokenizer
+
+    path = embedded_gguf_path()
+    tok = load_tokenizer(EngineConfig())
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    prompt_ids = [tok.encode(p) for p in PROMPTS]
+    outs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    for ids, out in zip(prompt_ids, outs):
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()

@@ -1,0 +1,1 @@
+"""One member of the tokenizer pool: chat templates, tokenization, incremental detokenization."""
