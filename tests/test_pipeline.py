@@ -18,9 +18,10 @@ MODEL = EMBEDDED_MODEL_NAME
 
 
 def chat(client: openai.OpenAI, content: str, **kw) -> openai.types.chat.ChatCompletion:
+    kw.setdefault("model", MODEL)
     kw.setdefault("max_tokens", 32)
     kw.setdefault("temperature", 0)
-    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+    return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
 
 
 def test_models_lists_the_served_model(client):
