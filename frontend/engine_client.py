@@ -25,6 +25,7 @@ from protocol.messages import (
     FrontendInbound,
     Heartbeat,
     Hello,
+    SchedulerStats,
     TextBatch,
     TextOutput,
     TokenizeRequest,
@@ -88,6 +89,8 @@ class EngineClient:
         self._ctx: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The latest scheduler figures any tokenizer passed on (for /metrics).
+        self.scheduler_stats = SchedulerStats()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -251,6 +254,8 @@ class EngineClient:
         member.last_seen = now
         if isinstance(msg, Heartbeat):
             member.ready = msg.ready
+            if msg.stats is not None:
+                self.scheduler_stats = msg.stats
         elif isinstance(msg, TextBatch):
             for out in msg.outputs:
                 self._deliver(identity, out.request_id, out)

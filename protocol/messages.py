@@ -58,10 +58,25 @@ class Hello(msgspec.Struct, tag=True):
     eos_token_ids: list[int] = []
 
 
+class SchedulerStats(msgspec.Struct, tag=True):
+    """The scheduler's figures for `/metrics`; counters are totals since the scheduler started."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached
+    num_preemptions: int = 0
+    num_steps: int = 0
+
+
 class Heartbeat(msgspec.Struct, tag=True):
     member_id: str
     load: int = 0
     ready: bool = False
+    # A tokenizer passes on the latest scheduler figures it has, so the frontend needs no
+    # socket to the scheduler.
+    stats: SchedulerStats | None = None
 
 
 class EngineReady(msgspec.Struct, tag=True):
@@ -170,6 +185,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     new_token_ids: list[int]
     finish_reason: str | None
     num_prompt_tokens: int
+    index: int = 0  # which of the request's `n` parallel samples
 
 
 class TokenBatch(msgspec.Struct, tag=True):
@@ -185,6 +201,7 @@ class TextOutput(msgspec.Struct, array_like=True):
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0  # which of the request's `n` parallel samples
 
 
 class TextBatch(msgspec.Struct, tag=True):
@@ -197,6 +214,6 @@ class TextBatch(msgspec.Struct, tag=True):
 
 FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply
 TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown
-TokenizerFromScheduler = TokenBatch | EngineReady | ErrorReply | Shutdown
+TokenizerFromScheduler = TokenBatch | EngineReady | ErrorReply | SchedulerStats | Shutdown
 SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult
 WorkerInbound = StepPlan | Shutdown

@@ -79,6 +79,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def num_steps(self) -> int:
+        return self._step_id
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 

@@ -24,6 +24,7 @@ from protocol import (
     ErrorReply,
     Heartbeat,
     Hello,
+    SchedulerStats,
     Shutdown,
     StepPlan,
     StepResult,
@@ -51,6 +52,8 @@ class SchedulerService:
         self.step_in_flight: StepPlan | None = None
         self.step_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
         self._last_stats = 0.0
+        self._sent_stats: SchedulerStats | None = None
+        self._sent_stats_at = 0.0
 
     # ---- sending -----------------------------------------------------------------------
 
@@ -178,6 +181,30 @@ class SchedulerService:
                 + "\n"
             )
 
+    def stats(self) -> SchedulerStats:
+        s = self.scheduler
+        if s is None:
+            return SchedulerStats()
+        return SchedulerStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.block_pool.usage,
+            num_preemptions=s.num_preemptions,
+            num_steps=s.num_steps,
+        )
+
+    def _send_stats(self) -> None:
+        """Tell every tokenizer the figures when they changed, at most every 0.2 s."""
+        now = time.monotonic()
+        if now - self._sent_stats_at < 0.2:
+            return
+        stats = self.stats()
+        if stats == self._sent_stats:
+            return
+        for tok in self.tokenizers:
+            self._send(tok, stats)
+        self._sent_stats, self._sent_stats_at = stats, now
+
     def _log_stats(self) -> None:
         now = time.monotonic()
         if self.scheduler is None or now - self._last_stats < 10.0 or not self.scheduler.has_work:
@@ -207,6 +234,7 @@ class SchedulerService:
                         if msg is not None:
                             self._handle(sender.decode(errors="replace"), msg)
                 self._maybe_schedule()
+                self._send_stats()
                 self._log_stats()
         finally:
             for member in list(self.workers.values()):

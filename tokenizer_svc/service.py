@@ -24,6 +24,7 @@ from protocol import (
     ErrorReply,
     Heartbeat,
     Hello,
+    SchedulerStats,
     Shutdown,
     TextBatch,
     TextOutput,
@@ -67,6 +68,7 @@ class TokenizerService:
         self.from_scheduler = Codec(TokenizerFromScheduler)
         self.engine: EngineReady | None = None
         self.requests: dict[str, _Tracked] = {}
+        self.stats: SchedulerStats | None = None
         self._stopping = False
 
     # ---- tokenization ------------------------------------------------------------------
@@ -183,8 +185,9 @@ class TokenizerService:
 
     def _heartbeat(self) -> None:
         hb = Heartbeat(self.member_id, load=len(self.requests), ready=self.engine is not None)
-        self._send_frontend(hb)
         self.scheduler.send(self.from_scheduler.encode(hb))
+        hb.stats = self.stats
+        self._send_frontend(hb)
 
     def run(self) -> None:
         hello = Hello(role="tokenizer", member_id=self.member_id, pid=os.getpid())
@@ -232,6 +235,10 @@ class TokenizerService:
             self._on_tokens(msg)
         elif isinstance(msg, EngineReady):
             self._on_engine_ready(msg)
+        elif isinstance(msg, SchedulerStats):
+            # The scheduler throttles these; pass each on at once so /metrics is current.
+            self.stats = msg
+            self._send_frontend(Heartbeat(self.member_id, len(self.requests), self.engine is not None, msg))
         elif isinstance(msg, ErrorReply):
             self.requests.pop(msg.request_id, None)
             self._send_frontend(msg)
