@@ -23,16 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontend.engine_client import EngineClient, EngineError
 from frontend.errors import APIError, error_body, error_response, install_error_handlers
-from frontend.openai_protocol import (
-    ChatCompletionRequest,
-    ChatFormatter,
-    CompletionFormatter,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    ResponseFormatter,
-    Usage,
-)
+from frontend.metrics import CONTENT_TYPE, Metrics
+from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
+from frontend.openai_responses import ChatFormatter, CompletionFormatter, ModelCard, ModelList, ResponseFormatter
 from protocol import EngineConfig
 from protocol.messages import TextOutput, TokenizeRequest
 
@@ -41,6 +34,8 @@ RequestModel = TypeVar("RequestModel", bound=pydantic.BaseModel)
 
 _encoder = msgspec.json.Encoder()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# What a client told the queue is full should wait before it tries again.
+RETRY_AFTER_S = 1
 
 
 def run_frontend(config: EngineConfig) -> None:
@@ -71,6 +66,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
     app = FastAPI(title="Pagoda", lifespan=lifespan)
     install_error_handlers(app)
     started = int(time.time())
+    metrics = Metrics(client, config.model_name)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -82,6 +78,10 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
             return JSONResponse({"status": "ready", "tokenizers": client.num_tokenizers_live})
         return error_response(503, "The engine is not ready yet.")
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(config.api_key))])
 
     @v1.get("/models")
@@ -92,30 +92,40 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         _check_model(req.model, config)
+        req.check()
+        _check_queue(client, config)
         prompt_text, prompt_ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
         treq = TokenizeRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
-            sampling=req.sampling_params(req.max_tokens),
+            sampling=req.to_sampling_params(),
             prompt=prompt_text,
             prompt_token_ids=prompt_ids,
             arrival_time=time.time(),
+            echo=bool(req.echo),
         )
-        fmt = CompletionFormatter(treq.request_id, config.model_name, req.include_usage)
-        return await _serve(request, client, treq, fmt, bool(req.stream))
+        fmt = CompletionFormatter(
+            treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
+        )
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         _check_model(req.model, config)
+        req.check()
+        _check_queue(client, config)
         treq = TokenizeRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
-            sampling=req.sampling_params(req.requested_max_tokens),
+            sampling=req.to_sampling_params(),
             messages=[m.to_protocol() for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
             arrival_time=time.time(),
         )
-        fmt = ChatFormatter(treq.request_id, config.model_name, req.include_usage)
-        return await _serve(request, client, treq, fmt, bool(req.stream))
+        fmt = ChatFormatter(
+            treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
+        )
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream))
 
     app.include_router(v1)
     return app
@@ -162,6 +172,15 @@ def _check_model(name: str | None, config: EngineConfig) -> None:
         raise APIError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
 
 
+def _check_queue(client: EngineClient, config: EngineConfig) -> None:
+    if client.num_waiting_estimate >= config.max_queue_len:
+        raise APIError(
+            503,
+            f"The server is overloaded: {config.max_queue_len} requests are already waiting. Retry shortly.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
 def _json(obj: msgspec.Struct) -> Response:
     return Response(_encoder.encode(obj), media_type="application/json")
 
@@ -193,14 +212,19 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
 
 
 async def _serve(
-    request: Request, client: EngineClient, treq: TokenizeRequest, fmt: ResponseFormatter, streaming: bool
+    request: Request,
+    client: EngineClient,
+    metrics: Metrics,
+    treq: TokenizeRequest,
+    fmt: ResponseFormatter,
+    streaming: bool,
 ) -> Response:
-    outputs = client.generate(treq)
+    outputs = metrics.track(client.generate(treq), treq.arrival_time, treq.sampling.n)
     if not streaming:
-        collected = await _unless_disconnected(request, _collect(outputs))
-        if collected is None:
+        done = await _unless_disconnected(request, _collect(outputs, fmt))
+        if done is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        return _json(fmt.whole(*collected))
+        return _json(fmt.whole())
     # Wait for the first output before answering, so that a rejected request (prompt too
     # long, engine down) gets its own status instead of a 200 with an error inside the stream.
     first = await _unless_disconnected(request, anext(outputs))
@@ -209,15 +233,12 @@ async def _serve(
     return StreamingResponse(_sse(fmt, first, outputs), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _collect(outputs: AsyncIterator[TextOutput]) -> tuple[str, TextOutput]:
-    """The whole text and the last output (which carries the finish reason and usage)."""
-    parts = []
-    last: TextOutput | None = None
+async def _collect(outputs: AsyncIterator[TextOutput], fmt: ResponseFormatter) -> bool:
+    """Feed every output to `fmt`, for its `whole()` answer."""
     async with aclosing(outputs):
-        async for last in outputs:
-            parts.append(last.text)
-    assert last is not None, "EngineClient.generate() ends with a finished output or raises"
-    return "".join(parts), last
+        async for out in outputs:
+            fmt.add(out)
+    return True
 
 
 async def _sse(
@@ -227,14 +248,13 @@ async def _sse(
         try:
             for chunk in fmt.opening():
                 yield _event(chunk)
-            last = first
             if chunk := fmt.chunk(first):
                 yield _event(chunk)
-            async for last in outputs:
-                if chunk := fmt.chunk(last):
+            async for out in outputs:
+                if chunk := fmt.chunk(out):
                     yield _event(chunk)
             if fmt.include_usage:
-                yield _event(fmt.usage_chunk(Usage.of(last)))
+                yield _event(fmt.usage_chunk())
         except EngineError as e:
             yield b"data: " + _encoder.encode(error_body(e.message, e.error_type, e.param)) + b"\n\n"
     yield b"data: [DONE]\n\n"

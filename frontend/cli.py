@@ -115,7 +115,14 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--member-id", default=None, help="this pool member's id (default tokenizer-0)")
         if role == "worker":
             p.add_argument("--rank", type=int, default=0)
+    from bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from bench.cli import run_bench
+
+        sys.exit(run_bench(args))
     config = config_from_args(args)
 
     if args.command == "serve":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -91,6 +92,8 @@ class EngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         # The latest scheduler figures any tokenizer passed on (for /metrics).
         self.scheduler_stats = SchedulerStats()
+        # Requests sent to each tokenizer since start, by member id (for /metrics).
+        self.requests_routed: Counter[str] = Counter()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -133,6 +136,20 @@ class EngineClient:
     def num_tokenizers_live(self) -> int:
         return len(self._members)
 
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._requests)
+
+    @property
+    def num_waiting_estimate(self) -> int:
+        """Requests not running yet: the scheduler's last count, or more if requests came since.
+
+        The scheduler's figures arrive at most every 0.2 s, so a burst is counted here by what
+        is in flight and not running; the scheduler's count covers requests whose client left.
+        """
+        stats = self.scheduler_stats
+        return max(stats.num_waiting, len(self._requests) - stats.num_running)
+
     def tokenizer_loads(self) -> dict[str, int]:
         """In-flight requests per live tokenizer, by member id."""
         return {_name(ident): len(m.in_flight) for ident, m in list(self._members.items())}
@@ -150,7 +167,7 @@ class EngineClient:
     # ---- requests ------------------------------------------------------------------------
 
     async def generate(self, req: TokenizeRequest) -> AsyncIterator[TextOutput]:
-        """Yield the request's outputs until the one with a finish reason.
+        """Yield the request's outputs until each of its `n` samples has finished.
 
         Raises `EngineError` when the engine rejects the request or its tokenizer dies. A
         consumer that stops early (client gone: `GeneratorExit` or `CancelledError`) aborts
@@ -165,7 +182,9 @@ class EngineClient:
         pending = _Pending(owner=member.identity)
         self._requests[rid] = pending
         member.in_flight.add(rid)
+        self.requests_routed[_name(member.identity)] += 1
         finished = False
+        unfinished = set(range(req.sampling.n))
         try:
             self._send(member.identity, req)
             while True:
@@ -174,7 +193,8 @@ class EngineClient:
                     finished = True
                     raise item
                 if item.finish_reason is not None:
-                    finished = True
+                    unfinished.discard(item.index)
+                    finished = not unfinished
                 yield item
                 if finished:
                     return

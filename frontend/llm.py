@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from frontend.engine_client import EngineClient
 from frontend.supervisor import ProcessGroup
-from protocol import ChatMessage, EngineConfig, SamplingParams, TokenizeRequest
+from protocol import ChatMessage, EngineConfig, SamplingParams, SchedulerStats, TokenizeRequest
 
 
 @dataclass
@@ -154,6 +154,11 @@ class LLM:
                 (TokenizeRequest(rid, sp, messages=msgs, add_generation_prompt=add_generation_prompt), None)
             )
         return self._run(reqs, use_tqdm)
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        """The scheduler's latest figures (running, waiting, KV usage, prefix cache, preemptions)."""
+        return self._client.scheduler_stats
 
     def shutdown(self) -> None:
         if self._closed:

@@ -1,23 +1,29 @@
-"""OpenAI's wire format: pydantic models that validate requests, msgspec Structs for responses.
+"""OpenAI's requests: pydantic models that validate every field, with vLLM's extra parameters.
 
-Requests are validated with pydantic so that every bad field gets a message naming it and its
-allowed range; responses are msgspec Structs because they are built per token while streaming
-and must carry OpenAI's explicit nulls (`"logprobs": null`, `"finish_reason": null`).
+Every bad field gets a message naming it and its allowed range; checks that involve two fields
+live in `check()`, which raises `APIError` with the field to blame. The responses are in
+`openai_responses.py`.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
-import msgspec
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
 from pydantic_core import PydanticCustomError
 
-from protocol.messages import ChatMessage, SamplingParams, TextOutput
+from frontend.errors import APIError
+from protocol.messages import ChatMessage, SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOKEN_ID_MAX = 2**31 - 1
+# Limits that keep one request from costing the server out of proportion (see ARCHITECTURE.md).
+MAX_N = 128  # OpenAI's own maximum
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI's top_logprobs maximum
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # each is held back from the stream that many characters
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024
 
 # ---- validation helpers ----------------------------------------------------------------
 
@@ -84,6 +90,24 @@ def _only_one(value: int | None) -> int | None:
     return value
 
 
+def _stop_strings(value: str | list[str] | None) -> list[str]:
+    stop = [value] if isinstance(value, str) else value or []
+    if len(stop) > MAX_STOP_STRINGS:
+        raise PydanticCustomError("too_long", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+        raise PydanticCustomError("too_long", f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters")
+    return [s for s in stop if s]  # an empty stop string would stop at once; OpenAI ignores it
+
+
+def _at_most(limit: int, what: str) -> Any:
+    def check(value: list[Any] | dict[Any, Any] | None) -> Any:
+        if value is not None and len(value) > limit:
+            raise PydanticCustomError("too_long", f"at most {limit} {what}, got {len(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
 def _unsupported(detail: str = "") -> PydanticCustomError:
     return PydanticCustomError(
         "unsupported", f"{detail} is not supported yet" if detail else "not supported yet"
@@ -110,13 +134,21 @@ class _SamplingRequest(BaseModel):
     presence_penalty: Annotated[float | None, _bounded(-2, 2)] = None
     frequency_penalty: Annotated[float | None, _bounded(-2, 2)] = None
     repetition_penalty: Annotated[float | None, _bounded(0, lo_exclusive=True)] = None
-    n: Annotated[int | None, AfterValidator(_only_one)] = 1
+    n: Annotated[int | None, _bounded(1, MAX_N)] = 1
     seed: Annotated[int | None, _bounded(INT64_MIN, INT64_MAX)] = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, _bounded(0, TOKEN_ID_MAX)]] | None = None
+    stop: Annotated[str | list[str] | None, AfterValidator(_stop_strings)] = None
+    stop_token_ids: Annotated[
+        list[Annotated[int, _bounded(0, TOKEN_ID_MAX)]] | None, _at_most(MAX_STOP_TOKEN_IDS, "token ids")
+    ] = None
+    include_stop_str_in_output: bool | None = None
     min_tokens: Annotated[int | None, _bounded(0)] = None
     ignore_eos: bool | None = None
-    logit_bias: dict[str, Annotated[float, _bounded(-100, 100)]] | None = None
+    skip_special_tokens: bool | None = None
+    logit_bias: Annotated[
+        dict[str, Annotated[float, _bounded(-100, 100)]] | None, _at_most(MAX_LOGIT_BIAS, "entries")
+    ] = None
+    # vLLM's: logprobs name tokens as "token_id:<id>", so a client can use the ids.
+    return_tokens_as_token_ids: bool | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -133,9 +165,14 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    @property
+    def n_samples(self) -> int:
+        return self.n or 1
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The protocol's `SamplingParams`; fields the client left out keep the engine defaults."""
         given = {
+            "n": self.n,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": -1 if self.top_k == 0 else self.top_k,
@@ -147,11 +184,13 @@ class _SamplingRequest(BaseModel):
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
             "stop_token_ids": self.stop_token_ids,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
         }
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
             max_tokens=max_tokens,
-            stop=[s for s in stop if s],
+            stop=self.stop or [],  # type: ignore[arg-type]  # a list once validated
+            logprobs=logprobs,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             **{k: v for k, v in given.items() if v is not None},
         )
@@ -161,16 +200,24 @@ class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[int], BeforeValidator(_single_prompt)]
     max_tokens: Annotated[int | None, _bounded(1)] = 16  # OpenAI's default for completions
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Annotated[int | None, _bounded(0, MAX_LOGPROBS)] = None
     suffix: str | None = None
     best_of: Annotated[int | None, AfterValidator(_only_one)] = None
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _not_supported(cls, value: Any) -> Any:
-        if value not in (None, False):
+        if value not in (None, ""):
             raise _unsupported()
         return value
+
+    def check(self) -> None:
+        if self.echo and self.logprobs is not None:
+            # It would need the prompt's logprobs, which the worker does not compute yet.
+            raise APIError(400, "Invalid 'echo': echo together with logprobs is not supported yet.", param="echo")
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs)
 
 
 class ChatMessageIn(BaseModel):
@@ -189,7 +236,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Annotated[int | None, _bounded(1)] = None  # deprecated by OpenAI, still sent
     max_completion_tokens: Annotated[int | None, _bounded(1)] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     logprobs: bool | None = False
+    top_logprobs: Annotated[int | None, _bounded(0, MAX_LOGPROBS)] = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -200,7 +249,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise PydanticCustomError("empty", "must contain at least one message")
         return value
 
-    @field_validator("logprobs", "tools")
+    @field_validator("tools")
     @classmethod
     def _not_supported(cls, value: Any) -> Any:
         if value:
@@ -214,174 +263,29 @@ class ChatCompletionRequest(_SamplingRequest):
             raise _unsupported(f"type {value.get('type')!r}")
         return value
 
-    @property
-    def requested_max_tokens(self) -> int | None:
-        """None lets the tokenizer fill in what the context has left."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(
+                400, "Invalid 'top_logprobs': logprobs must be set to true to use top_logprobs.", param="top_logprobs"
+            )
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError(
+                    400,
+                    "Invalid 'continue_final_message': it cannot be true together with add_generation_prompt; "
+                    "set add_generation_prompt to false.",
+                    param="continue_final_message",
+                )
+            if self.messages[-1].role != "assistant":
+                raise APIError(
+                    400,
+                    "Invalid 'continue_final_message': the last message must be the assistant's.",
+                    param="continue_final_message",
+                )
+
+    def to_sampling_params(self) -> SamplingParams:
+        # None lets the tokenizer fill in what the context has left.
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
-# ---- responses -------------------------------------------------------------------------
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, out: TextOutput) -> Usage:
-        return cls(out.prompt_tokens, out.completion_tokens, out.prompt_tokens + out.completion_tokens)
-
-
-class CompletionChoice(msgspec.Struct, kw_only=True):
-    text: str
-    index: int = 0
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class Completion(msgspec.Struct, kw_only=True):
-    """A whole completion, or one streamed chunk of one (same object type, as OpenAI has it)."""
-
-    id: str
-    object: str = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    # Left out of chunks unless the client asked for usage; then null until the last chunk.
-    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
-
-
-class AssistantMessage(msgspec.Struct, kw_only=True):
-    role: str = "assistant"
-    content: str
-
-
-class ChatChoice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletion(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class Delta(msgspec.Struct):
-    """Only the fields that changed: UNSET fields are left out of the JSON."""
-
-    role: str | msgspec.UnsetType = msgspec.UNSET
-    content: str | msgspec.UnsetType = msgspec.UNSET
-
-
-class ChatChunkChoice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    delta: Delta
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
-
-
-class ModelCard(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "model"
-    created: int
-    owned_by: str = "pagoda"
-
-
-class ModelList(msgspec.Struct, kw_only=True):
-    object: str = "list"
-    data: list[ModelCard]
-
-
-# ---- response builders -------------------------------------------------------------------
-
-
-class ResponseFormatter:
-    """Turns one request's `TextOutput`s into OpenAI objects: whole, or as stream chunks."""
-
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.created = int(time.time())
-        self.include_usage = include_usage
-        # OpenAI sends "usage": null in every chunk when usage was asked for, else no key.
-        self.chunk_usage: Any = None if include_usage else msgspec.UNSET
-
-    def opening(self) -> list[msgspec.Struct]:
-        return []
-
-    def chunk(self, out: TextOutput) -> msgspec.Struct | None:
-        raise NotImplementedError
-
-    def usage_chunk(self, usage: Usage) -> msgspec.Struct:
-        raise NotImplementedError
-
-    def whole(self, text: str, last: TextOutput) -> msgspec.Struct:
-        raise NotImplementedError
-
-
-class CompletionFormatter(ResponseFormatter):
-    def chunk(self, out: TextOutput) -> Completion | None:
-        if not out.text and out.finish_reason is None:
-            return None  # the detokenizer is holding back part of a character
-        choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
-        return self._completion([choice], self.chunk_usage)
-
-    def usage_chunk(self, usage: Usage) -> Completion:
-        return self._completion([], usage)
-
-    def whole(self, text: str, last: TextOutput) -> Completion:
-        return self._completion(
-            [CompletionChoice(text=text, finish_reason=last.finish_reason)], Usage.of(last)
-        )
-
-    def _completion(self, choices: list[CompletionChoice], usage: Any) -> Completion:
-        return Completion(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-
-
-class ChatFormatter(ResponseFormatter):
-    def opening(self) -> list[msgspec.Struct]:
-        return [self._chunk(Delta(role="assistant", content=""), None)]
-
-    def chunk(self, out: TextOutput) -> ChatCompletionChunk | None:
-        if not out.text and out.finish_reason is None:
-            return None
-        return self._chunk(Delta(content=out.text) if out.text else Delta(), out.finish_reason)
-
-    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.request_id, created=self.created, model=self.model, choices=[], usage=usage
-        )
-
-    def whole(self, text: str, last: TextOutput) -> ChatCompletion:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
-        return ChatCompletion(
-            id=self.request_id, created=self.created, model=self.model, choices=[choice], usage=Usage.of(last)
-        )
-
-    def _chunk(self, delta: Delta, finish_reason: str | None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-        return ChatCompletionChunk(
-            id=self.request_id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=self.chunk_usage,
-        )

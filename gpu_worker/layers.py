@@ -1,26 +1,88 @@
-"""The small layers every decoder shares: RMSNorm, rotary embedding, SiLU-and-mul."""
+"""The small layers the model families share: norms, rotary embedding, activations, linears.
+
+Each computation is a plain function (`rms_norm`, `apply_rotary`, `silu_and_mul`, ...) that
+its module calls, so a Triton kernel from `kernels/` replaces the PyTorch version in one line.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# ---- functions -----------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, in fp32 so bf16/fp16 activations keep precision."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by its token's angles (cos, sin [T, head_dim]), neox style."""
+    cos = cos[:, None].to(x.dtype)
+    sin = sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU gate: silu(gate) * up, with gate and up concatenated on the last dim."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's "gelu_new": the tanh approximation of GELU."""
+    return F.gelu(x, approximate="tanh")
+
+
+# Hugging Face `activation_function` names -> the function.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+# ---- modules -------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 so bf16/fp16 activations keep their precision."""
-
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)
+
+
+class MergedLinear(nn.Linear):
+    """One matmul for several projections of the same input (q/k/v, gate/up), stacked by rows.
+
+    `output_sizes` are the row counts of the stacked projections, in order; the loader uses
+    them to place each checkpoint tensor in its rows.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = output_sizes
 
 
 class RotaryEmbedding(nn.Module):
@@ -30,29 +92,35 @@ class RotaryEmbedding(nn.Module):
     meta device and only gets real storage once weights are loaded).
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        max_position: int,
-        theta: float,
-        rope_scaling: dict | None = None,
-    ) -> None:
+    SCALINGS = ("default", "llama3", "linear", "freq_factors")
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, rope_scaling: dict | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.max_position = max_position
         self.theta = theta
-        self.rope_scaling = rope_scaling
+        self.rope_scaling = rope_scaling or {}
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def scaling_type(cls, rope_scaling: dict | None) -> str:
+        """The scaling's type; ValueError for one not implemented, so loading fails, not serving."""
+        scaling = rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
+        if rope_type not in cls.SCALINGS:
+            raise ValueError(f"rope scaling {rope_type!r} is not supported (supported: {', '.join(cls.SCALINGS)})")
+        return rope_type
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
         inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))
-        scaling = self.rope_scaling or {}
-        rope_type = scaling.get("rope_type", scaling.get("type"))
+        rope_type = self.scaling_type(self.rope_scaling)
         if rope_type == "llama3":
-            inv_freq = llama3_scaled_inv_freq(inv_freq, scaling)
-        elif rope_type not in (None, "default"):
-            raise NotImplementedError(f"rope scaling {rope_type!r} is not supported yet")
+            inv_freq = llama3_scaled_inv_freq(inv_freq, self.rope_scaling)
+        elif rope_type == "linear":
+            inv_freq = inv_freq / self.rope_scaling["factor"]
+        elif rope_type == "freq_factors":  # llama.cpp's rope_freqs tensor: a divisor per frequency
+            inv_freq = inv_freq / torch.tensor(self.rope_scaling["factors"], dtype=torch.float32, device=device)
         return inv_freq
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,15 +132,6 @@ class RotaryEmbedding(nn.Module):
             self._cos_sin = (emb.cos(), emb.sin())
         cos, sin = self._cos_sin
         return cos[positions], sin[positions]
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] by the angles of its token's position."""
-        cos = cos[:, None].to(x.dtype)
-        sin = sin[:, None].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated_half = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated_half * sin
 
 
 def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -89,11 +148,3 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tenso
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, blended, scaled)
-
-
-class SiluAndMul(nn.Module):
-    """The SwiGLU gate: silu(gate) * up, with gate and up concatenated on the last dim."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return nn.functional.silu(gate) * up

@@ -22,19 +22,13 @@ from protocol.messages import NewRequestData, SamplingParams, StepPlan, StepResu
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 
 
 @dataclass
 class RequestState:
     token_ids: list[int]  # prompt + every token sampled so far
+    num_prompt_tokens: int  # the rest of token_ids are outputs (penalties, min_tokens, seeds count them)
     num_computed_tokens: int  # leading tokens whose K/V are in the cache
     sampling: SamplingParams
     generator: torch.Generator | None  # only for seeded requests
@@ -58,9 +52,9 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         self.device = resolve_device(config.device, rank)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, self.device, self.dtype)
+        loaded = load_model(config, self.device)
+        self.dtype = loaded.dtype
         self.model = loaded.model
         self.eos_token_ids = loaded.eos_token_ids
         self.block_size = config.block_size
@@ -161,6 +155,7 @@ class ModelRunner:
             generator = torch.Generator(device=self.device).manual_seed(new.sampling.seed)
         state = RequestState(
             token_ids=list(new.prompt_token_ids),
+            num_prompt_tokens=len(new.prompt_token_ids) - new.num_output_tokens,
             num_computed_tokens=new.num_computed_tokens,
             sampling=new.sampling,
             generator=generator,
@@ -200,6 +195,8 @@ class ModelRunner:
             state = self.requests[cached.request_id]
             self._append_blocks(state, cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+        if plan.block_copies:
+            self._copy_blocks(plan.block_copies)
         if not plan.num_scheduled_tokens:
             return StepResult(step_id=plan.step_id, request_ids=[], token_ids=[])
 
@@ -210,7 +207,14 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
             sampling_states = [states[i] for i in batch.sampling_rows]
-            out = sample(logits, [s.sampling for s in sampling_states], [s.generator for s in sampling_states])
+            out = sample(
+                logits,
+                [s.sampling for s in sampling_states],
+                [s.generator for s in sampling_states],
+                token_ids=[s.token_ids for s in sampling_states],
+                num_prompt_tokens=[s.num_prompt_tokens for s in sampling_states],
+                eos_token_ids=self.eos_token_ids,
+            )
 
         for state, n in zip(states, plan.num_scheduled_tokens.values(), strict=True):
             state.num_computed_tokens += n
@@ -222,7 +226,19 @@ class ModelRunner:
             request_ids=[request_ids[i] for i in batch.sampling_rows],
             token_ids=token_ids,
             logprobs=None if out.logprobs is None else out.logprobs.tolist(),
+            top_logprob_ids=None if out.top_logprob_ids is None else out.top_logprob_ids.tolist(),
+            top_logprobs=None if out.top_logprobs is None else out.top_logprobs.tolist(),
         )
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: copy each (source, destination) KV block, all layers, K and V.
+
+        Done before the step's forward, so a parallel sample's own copy of the partial prompt
+        block holds the prompt's K/V before the sample writes its first token into it.
+        """
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def _prepare_batch(self, states: list[RequestState], num_tokens: list[int]) -> StepBatch:
         """Flatten the scheduled tokens of `states` into one batch: positions, slots, tables."""
@@ -276,13 +292,3 @@ def resolve_device(device: str, rank: int) -> torch.device:
     if device == "cuda":
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The dtype for `dtype`, where "auto" is float32 on the CPU (bf16 there is only ~1.4x faster
-    and no longer matches transformers' fp32 tokens) and bfloat16 on a GPU."""
-    if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]

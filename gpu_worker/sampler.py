@@ -1,52 +1,169 @@
 """Choosing the next token of every sampling row, each with its own parameters.
 
-Greedy rows take the exact argmax of the logits. The others go through temperature, min-p,
-top-k and top-p, then draw with the exponential race (argmax of p / E, E ~ Exp(1)), which
-samples from p without a device-to-host sync. A seeded request draws its noise from its own
-`torch.Generator`, so its tokens depend only on its seed and its logits, never on the batch.
+The logits go through, in vLLM's order: logit bias and the min_tokens mask (EOS and
+`stop_token_ids` banned until enough tokens are out), then the repetition, frequency and
+presence penalties. Greedy rows take the exact argmax of what is left. The others go through
+temperature, min-p, top-k and top-p, then draw with the exponential race (argmax of p / E,
+E ~ Exp(1)), which samples from p without a device-to-host sync.
+
+A seeded request draws its noise from a generator seeded with (seed, output position), so
+its tokens depend only on its seed and its logits: never on the batch around it, and not on
+a preemption either (the resumed request draws the same noise at the same position).
+
+Logprobs are those of the model's raw logits (vLLM's default), before any of the above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import chain
 from typing import NamedTuple
 
 import torch
 
 from protocol.messages import SamplingParams
 
+# The most alternatives a request may ask logprobs for (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
+
 
 class SamplerOutput(NamedTuple):
     token_ids: torch.Tensor  # [N] int64
     logprobs: torch.Tensor | None  # [N] fp32: log p(chosen token) under the model's own logits
+    top_logprob_ids: torch.Tensor | None  # [N, k] the k most likely tokens, best first
+    top_logprobs: torch.Tensor | None  # [N, k]
 
 
 def sample(
     logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    token_ids: Sequence[Sequence[int]] | None = None,
+    num_prompt_tokens: Sequence[int] | None = None,
+    eos_token_ids: Sequence[int] = (),
 ) -> SamplerOutput:
     """One token per row of `logits` [N, vocab] (fp32), row i sampled with `params[i]`.
 
-    Logprobs are returned when any row asks for them; they are taken before temperature and
-    filtering, i.e. what the model itself gives the chosen token.
+    `token_ids[i]` is row i's prompt and outputs so far and `num_prompt_tokens[i]` how many of
+    those are prompt: penalties, min_tokens and seeds need them (without them every row is at
+    its first output). `generators[i]`, if given, is reused for row i's seeded draws.
     """
-    token_ids = logits.argmax(dim=-1)
+    n, vocab_size = logits.shape
+    if token_ids is None:
+        num_outputs = [0] * n
+    else:
+        assert num_prompt_tokens is not None, "token_ids come with num_prompt_tokens"
+        num_outputs = [len(t) - p for t, p in zip(token_ids, num_prompt_tokens, strict=True)]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
+
+    logits = _apply_logit_bias(logits, params)
+    logits = _apply_min_tokens(logits, params, num_outputs, eos_token_ids)
+    if token_ids is not None and num_prompt_tokens is not None:
+        logits = _apply_penalties(logits, params, token_ids, num_prompt_tokens)
+
+    chosen = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         rows = torch.tensor(random_rows, device=logits.device)
-        token_ids[rows] = _sample_random(
-            logits[rows], [params[i] for i in random_rows], [generators[i] for i in random_rows]
-        )
-    logprobs = None
-    if any(p.logprobs is not None for p in params):
-        logprobs = logits.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
-    return SamplerOutput(token_ids, logprobs)
+        seeded = {
+            j: _position_generator(params[i].seed, num_outputs[i], generators[i], logits.device)
+            for j, i in enumerate(random_rows)
+            if params[i].seed is not None
+        }
+        chosen[rows] = _sample_random(logits[rows], [params[i] for i in random_rows], seeded)
+
+    if raw_logprobs is None:
+        return SamplerOutput(chosen, None, None, None)
+    k = min(max(p.logprobs or 0 for p in params), MAX_LOGPROBS, vocab_size)
+    top = raw_logprobs.topk(k, dim=-1)
+    return SamplerOutput(chosen, raw_logprobs.gather(1, chosen[:, None])[:, 0], top.indices, top.values)
+
+
+def _position_generator(
+    seed: int, position: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Generator:
+    generator = generator if generator is not None else torch.Generator(device=device)
+    return generator.manual_seed((seed + position * _GOLDEN) % 2**64)
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if t < logits.shape[1]]
+    if not entries:
+        return logits
+    rows, cols, bias = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    return logits.index_put(index, torch.tensor(bias, device=logits.device, dtype=logits.dtype), accumulate=True)
+
+
+def _apply_min_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], num_outputs: Sequence[int], eos_token_ids: Sequence[int]
+) -> torch.Tensor:
+    """Ban EOS and the stop tokens of every row with fewer than `min_tokens` outputs so far."""
+    banned = [
+        (i, t)
+        for i, p in enumerate(params)
+        if num_outputs[i] < p.min_tokens
+        for t in chain(eos_token_ids, p.stop_token_ids)
+        if t < logits.shape[1]
+    ]
+    if not banned:
+        return logits
+    rows, cols = zip(*banned)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    token_ids: Sequence[Sequence[int]],
+    num_prompt_tokens: Sequence[int],
+) -> torch.Tensor:
+    """vLLM's penalties: repetition over prompt and output tokens, frequency and presence over outputs."""
+    rows = [
+        i
+        for i, p in enumerate(params)
+        if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    ]
+    if not rows:
+        return logits
+    device, vocab_size = logits.device, logits.shape[1]
+    sub = [params[i] for i in rows]
+    outputs = [token_ids[i][num_prompt_tokens[i] :] for i in rows]
+    output_counts = _bincount_rows(outputs, vocab_size, device)
+    output_mask = output_counts > 0
+    penalized = logits[rows]
+    repetition = torch.tensor([p.repetition_penalty for p in sub], device=device)
+    if (repetition != 1.0).any():
+        prompts = [token_ids[i][: num_prompt_tokens[i]] for i in rows]
+        seen = (_bincount_rows(prompts, vocab_size, device) > 0) | output_mask
+        factor = torch.where(seen, repetition[:, None], 1.0)
+        penalized = torch.where(penalized > 0, penalized / factor, penalized * factor)
+    frequency = torch.tensor([p.frequency_penalty for p in sub], device=device)
+    presence = torch.tensor([p.presence_penalty for p in sub], device=device)
+    penalized = penalized - frequency[:, None] * output_counts - presence[:, None] * output_mask
+    logits = logits.clone()
+    logits[rows] = penalized
+    return logits
+
+
+def _bincount_rows(lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(lists), vocab] counts of each token id in each list, in one scatter."""
+    counts = torch.zeros(len(lists), vocab_size, device=device)
+    lengths = torch.tensor([len(t) for t in lists])
+    if int(lengths.sum()) == 0:
+        return counts
+    ids = torch.tensor(list(chain.from_iterable(lists)), device=device)
+    row_of = torch.repeat_interleave(torch.arange(len(lists)), lengths).to(device)
+    keep = ids < vocab_size
+    return counts.index_put((row_of[keep], ids[keep]), torch.ones_like(ids[keep], dtype=counts.dtype), accumulate=True)
 
 
 def _sample_random(
     logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    params: Sequence[SamplingParams],
+    seeded: dict[int, torch.Generator],
 ) -> torch.Tensor:
     device, vocab_size = logits.device, logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], device=device)
@@ -65,9 +182,8 @@ def _sample_random(
 
     probs = logits.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            noise[row].exponential_(generator=generator)
+    for row, generator in seeded.items():
+        noise[row].exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
 
 

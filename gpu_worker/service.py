@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import zmq
 
@@ -50,15 +51,23 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeats, args=(ctx, config, member_id, stop), daemon=True)
     beat.start()
+    # When the previous step's result went out: the time until the next plan arrives is the
+    # worker's idle time, which async scheduling exists to hide (reported in each result).
+    last_step_end: float | None = None
     try:
         while True:
-            msg = codec.decode(sock.recv())
+            frame = sock.recv()
+            received = time.perf_counter()
+            msg = codec.decode(frame)
             if isinstance(msg, Shutdown):
                 break
             if isinstance(msg, StepPlan):
                 result = runner.execute(msg)
+                result.execute_s = time.perf_counter() - received
+                result.idle_s = 0.0 if last_step_end is None else received - last_step_end
                 if rank == 0:
                     sock.send(codec.encode(result))
+                last_step_end = time.perf_counter()
     finally:
         stop.set()
         beat.join()

@@ -1,9 +1,115 @@
-"""Kernels: each Triton kernel beside a plain-PyTorch reference with the same signature.
+"""Kernels: each Triton kernel beside a plain-PyTorch reference with the same function.
 
-The references are the CPU path; the Triton kernels (added beside them) are the GPU path.
+The references (`*_ref`) are the CPU path; the Triton kernels (`kernels/triton_*.py`) are the
+GPU path. The dispatch functions below pick by device: Triton for CUDA tensors, the reference
+otherwise. `PAGODA_KERNELS=torch` forces the references on CUDA too (to compare or debug).
+
+The Triton modules are imported on first CUDA use only: `import kernels` needs neither Triton
+nor a GPU, and Triton's `@jit` decides between compiling and interpreting when a kernel module
+is imported, so tests can still set TRITON_INTERPRET=1 after `kernels` was imported.
 """
 
-from kernels.kv_cache import write_kv_ref
-from kernels.paged_attention import paged_attention_ref
+from __future__ import annotations
 
-__all__ = ["paged_attention_ref", "write_kv_ref"]
+import os
+
+import torch
+
+from kernels.activation import silu_and_mul_ref
+from kernels.kv_cache import write_kv_ref
+from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+from kernels.paged_attention import paged_attention_ref
+from kernels.rotary import apply_rotary_ref
+
+_USE_TRITON = os.environ.get("PAGODA_KERNELS", "triton") != "torch"
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return _USE_TRITON and t.is_cuda
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context (see
+    `paged_attention_ref`); max_seq_len, a host-side bound on seq_lens, helps the GPU kernel
+    decide how far to split long contexts."""
+    if _triton(q):
+        from kernels.triton_paged_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len=max_seq_len
+        )
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each token's K/V at its cache slot, in place (slot -1: padding, skipped)."""
+    if _triton(k):
+        from kernels.triton_kv_cache import write_kv_triton
+
+        return write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _triton(x):
+        from kernels.triton_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual)."""
+    if _triton(x):
+        from kernels.triton_norm import fused_add_rms_norm_triton
+
+        return fused_add_rms_norm_triton(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary embedding of x [T, heads, d] with per-token cos/sin [T, d]."""
+    if _triton(x):
+        from kernels.triton_rotary import apply_rotary_triton
+
+        return apply_rotary_triton(x, cos, sin)
+    return apply_rotary_ref(x, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate, up] on the last dim."""
+    if _triton(x):
+        from kernels.triton_activation import silu_and_mul_triton
+
+        return silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)
+
+
+__all__ = [
+    "apply_rotary",
+    "apply_rotary_ref",
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_ref",
+    "paged_attention",
+    "paged_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "write_kv",
+    "write_kv_ref",
+]

@@ -28,6 +28,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # scheduling
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    # Plan step n+1 while the worker runs step n (at most 2 steps in flight), so the worker
+    # does not wait on the scheduler between steps; off: one step at a time.
+    async_scheduling: bool = True
     max_queue_len: int = 4096
     tensor_parallel_size: int = 1
     enforce_eager: bool = False

@@ -28,8 +28,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     stop_token_ids: list[int] = []
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     logit_bias: dict[int, float] = {}
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +102,8 @@ class TokenizeRequest(msgspec.Struct, tag=True, omit_defaults=True):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     arrival_time: float = 0.0
+    continue_final_message: bool = False  # chat: extend the last (assistant) message
+    echo: bool = False  # send the prompt's text back in the first output's `prompt_text`
 
 
 class EngineRequest(msgspec.Struct, tag=True):
@@ -117,7 +120,9 @@ class Abort(msgspec.Struct, tag=True):
     """Stop requests (client gone, stop string hit); travels frontend -> tokenizer -> scheduler."""
 
     request_ids: list[str]
-    reason: str = "abort"
+    reason: str = "abort"  # "stop" when the tokenizer found a stop string
+    # With n > 1: stop only sample `indices[k]` of `request_ids[k]`; None stops every sample.
+    indices: list[int] | None = None
 
 
 class ErrorReply(msgspec.Struct, tag=True):
@@ -137,10 +142,13 @@ class NewRequestData(msgspec.Struct, array_like=True):
     """A request the worker has not seen: all it needs to prefill it."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # after a preemption: the prompt and the outputs so far
     sampling: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # How many of `prompt_token_ids` are outputs (a resumed request): penalties, min_tokens
+    # and per-position seeds count outputs only.
+    num_output_tokens: int = 0
 
 
 class CachedRequestData(msgspec.Struct, array_like=True):
@@ -159,6 +167,9 @@ class StepPlan(msgspec.Struct, tag=True):
     cached_requests: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]
     finished_request_ids: list[str]
+    # (source, destination) KV blocks to copy before the step runs: copy-on-write of the
+    # partial prompt block a parallel sample (n > 1) starts from.
+    block_copies: list[tuple[int, int]] = []
 
 
 class StepResult(msgspec.Struct, tag=True):
@@ -170,7 +181,15 @@ class StepResult(msgspec.Struct, tag=True):
     step_id: int
     request_ids: list[str]
     token_ids: list[int]
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # per row: log p(chosen token) under the raw logits
+    # Per row, when any row asked for logprobs: the k most likely token ids and their logprobs,
+    # best first, k being the largest `logprobs` asked for in the step.
+    top_logprob_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+    # The worker's clock: seconds it waited between finishing its previous step and starting
+    # this one, and seconds this step took (how `pagoda bench` measures the worker's idle time).
+    idle_s: float = 0.0
+    execute_s: float = 0.0
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -180,12 +199,26 @@ class Shutdown(msgspec.Struct, tag=True):
 # ---- scheduler -> tokenizer -> frontend ------------------------------------------------
 
 
+class Logprobs(msgspec.Struct, array_like=True):
+    """Logprobs of a run of new tokens, one entry per token, for a request that asked for them.
+
+    The scheduler fills the numbers; the tokenizer adds each token decoded on its own.
+    """
+
+    token_logprobs: list[float]  # log p(the sampled token)
+    top_token_ids: list[list[int]]  # the request's `logprobs` most likely tokens, best first
+    top_logprobs: list[list[float]]
+    tokens: list[str] = []  # the sampled tokens as text
+    top_tokens: list[list[str]] = []
+
+
 class TokenOutput(msgspec.Struct, array_like=True):
     request_id: str
     new_token_ids: list[int]
     finish_reason: str | None
     num_prompt_tokens: int
     index: int = 0  # which of the request's `n` parallel samples
+    logprobs: Logprobs | None = None
 
 
 class TokenBatch(msgspec.Struct, tag=True):
@@ -202,6 +235,10 @@ class TextOutput(msgspec.Struct, array_like=True):
     prompt_tokens: int
     completion_tokens: int
     index: int = 0  # which of the request's `n` parallel samples
+    logprobs: Logprobs | None = None  # of `token_ids`, when the request asked for them
+    # vLLM's stop_reason: the stop string or stop token id that finished it (None for EOS).
+    stop_reason: str | int | None = None
+    prompt_text: str | None = None  # the first output of a request with `echo`
 
 
 class TextBatch(msgspec.Struct, tag=True):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import msgspec
+
 from protocol import SamplingParams
 
 
@@ -33,8 +35,13 @@ class Request:
         reply_to: str,
         max_tokens: int,
         arrival_time: float = 0.0,
+        parent_id: str | None = None,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id
+        # Outputs go to the tokenizer under the parent's id and this sample's index (n > 1).
+        self.parent_id = parent_id or request_id
+        self.index = index
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
         self.reply_to = reply_to
@@ -44,6 +51,18 @@ class Request:
         self.block_ids: list[int] = []
         # Tokens whose K/V is in the cache (or scheduled to be, in the step in flight).
         self.num_computed_tokens = 0
+        # Tokens sampled by steps in flight and not returned yet (async scheduling): the worker
+        # knows them, so they can be scheduled before the scheduler has seen them.
+        self.num_output_placeholders = 0
+        # Tokens still to come from steps planned before this request was preempted: the
+        # worker's copy of the request that sampled them is gone, so they are dropped.
+        self.num_stale_tokens = 0
+        # Prefix cache: the hash of every full block of the known tokens, how many of this
+        # request's blocks were offered to the cache, and how many tokens its last admission
+        # found cached.
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0
         self.status = RequestStatus.WAITING
         # True until the worker has been sent this request since it was last (re)admitted.
         self.is_new_to_worker = True
@@ -60,6 +79,27 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def split_samples(self) -> list[Request]:
+        """One request per parallel sample of `sampling.n`, or [self] when n is 1.
+
+        Sample i is `<id>#<i>`, samples n = 1 itself, and with a seed uses seed + i, so each
+        sample is reproducible on its own and the n samples differ.
+        """
+        n = self.sampling.n
+        if n <= 1:
+            return [self]
+        samples = []
+        for i in range(n):
+            seed = None if self.sampling.seed is None else self.sampling.seed + i
+            sampling = msgspec.structs.replace(self.sampling, n=1, seed=seed)
+            samples.append(
+                Request(
+                    f"{self.request_id}#{i}", self.prompt_token_ids, sampling, self.reply_to,
+                    self.max_tokens, self.arrival_time, parent_id=self.request_id, index=i,
+                )
+            )
+        return samples
 
     def __repr__(self) -> str:
         return (

@@ -2,13 +2,21 @@
 
 Every step the scheduler fills a token budget (`max_num_batched_tokens`) with the running
 requests first (a decode is one token, an unfinished prefill the rest of its prompt up to
-the budget), then admits waiting requests in arrival order while the budget, `max_num_seqs`
-and the free blocks allow. A long prompt is computed in chunks over several steps. When a
+the budget), then starts the parallel samples whose prompt is computed, then admits waiting
+requests in arrival order while the budget, `max_num_seqs` and the free blocks allow. A
+waiting request first takes the longest cached prefix of full blocks (prefix caching) and
+computes only the rest. A long prompt is computed in chunks over several steps. When a
 running request needs a block and none is free, the newest running request is preempted:
 its blocks are freed and it is recomputed later from its tokens (which the scheduler owns).
 
+Async scheduling: the service may plan step n+1 before step n's result is back. A request
+whose step in flight samples a token holds a placeholder for it; the worker knows that token,
+so the next step can compute it. Results are applied in step order; tokens for requests that
+finished, were aborted or were preempted meanwhile are dropped, so a stop found one step late
+costs one wasted token that never reaches the tokenizer.
+
 The plan sent to the worker carries only differences: requests new to the worker, the new
-block ids of the others, and the ids of requests the worker may forget.
+block ids of the others, block copies, and the ids of requests the worker may forget.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from protocol import CachedRequestData, NewRequestData, StepPlan, StepResult, TokenOutput
-from scheduler_svc.block_pool import BlockPool
+from protocol.messages import Logprobs
+from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.request import Request, RequestStatus
 
 
@@ -29,6 +38,8 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     eos_token_ids: list[int] = field(default_factory=list)
+    enable_prefix_caching: bool = True
+    model_name: str = ""  # a prefix-cache extra key: K/V of one model is no use to another
 
 
 @dataclass
@@ -39,17 +50,20 @@ class StepUpdate:
     finished: list[Request]
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_pool = BlockPool(config.num_blocks)
-        self.requests: dict[str, Request] = {}
+        self.kv = KVCacheManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching, (config.model_name, None)
+        )
+        self.block_pool = self.kv.pool
+        self.requests: dict[str, Request] = {}  # live requests (parallel samples each) by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # n > 1: parent id -> its samples; leader (sample 0) id -> samples not started yet,
+        # which fork from the leader once its prompt is computed.
+        self.samples: dict[str, list[Request]] = {}
+        self.pending_forks: dict[str, list[Request]] = {}
         # Requests the worker holds state for but must drop at the next step.
         self._finished_for_worker: list[str] = []
         self._step_id = 0
@@ -58,25 +72,45 @@ class Scheduler:
     # ---- requests in and out -----------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
+        """Queue a request; one with `sampling.n` > 1 runs as n samples sharing its prompt."""
+        samples = request.split_samples()
+        for s in samples:
+            if s.request_id in self.requests or s.parent_id in self.samples:
+                raise ValueError(f"duplicate request id {request.request_id!r}")
+        for s in samples:
+            self.requests[s.request_id] = s
+        self.waiting.append(samples[0])
+        if len(samples) > 1:
+            self.samples[request.request_id] = samples
+            self.pending_forks[samples[0].request_id] = samples[1:]
 
-    def abort(self, request_ids: list[str]) -> list[Request]:
-        """Finish these requests now; unknown or already finished ids are ignored."""
+    def abort(self, request_ids: list[str], indices: list[int] | None = None) -> list[Request]:
+        """Finish these requests now: every sample, or only sample `indices[k]` of `request_ids[k]`.
+
+        Unknown or already finished ids are ignored.
+        """
         aborted = []
-        for rid in request_ids:
-            req = self.requests.get(rid)
-            if req is None:
-                continue
-            self._finish(req, RequestStatus.FINISHED_ABORTED)
-            aborted.append(req)
+        for k, rid in enumerate(request_ids):
+            samples = self.samples.get(rid) or [r for r in [self.requests.get(rid)] if r is not None]
+            for req in list(samples):
+                if (indices is None or req.index == indices[k]) and not req.status.finished:
+                    self._finish(req, RequestStatus.FINISHED_ABORTED)
+                    aborted.append(req)
         return aborted
+
+    def reset_worker(self) -> None:
+        """The worker restarted and lost every request and all K/V: recompute from the tokens."""
+        for req in list(self.running):
+            self._preempt(req)
+        for req in self.requests.values():
+            req.num_output_placeholders = 0
+            req.num_stale_tokens = 0  # the steps that would have sampled them are lost
+        self._finished_for_worker = []
+        self.kv.reset_prefix_cache()
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.pending_forks)
 
     @property
     def num_steps(self) -> int:
@@ -88,7 +122,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + sum(len(p) for p in self.pending_forks.values())
 
     # ---- one step ----------------------------------------------------------------------
 
@@ -97,24 +131,32 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
+        # Samples fork only from a prompt computed by an earlier step: the worker copies the
+        # leader's partial block at the start of the step, before this step writes anything.
+        forkable = [
+            leader
+            for lid in self.pending_forks
+            if (leader := self.requests[lid]).status is RequestStatus.RUNNING
+            and leader.num_computed_tokens >= leader.num_prompt_tokens
+        ]
 
         # Running requests first, oldest first; preempt from the newest end when blocks run out.
+        # A victim is never one already scheduled: those sit before `i`, victims at the end.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:  # its sampled token has not come back yet
+            num_new = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
+            if num_new <= 0 or self._stops_by_length_in_flight(req):
                 i += 1
                 continue
-            blocks = self._blocks_for(req, num_new)
+            num_new = min(num_new, budget)
+            blocks = self.kv.allocate_slots(req, num_new)
             while blocks is None:
                 victim = self.running[-1]
                 self._preempt(victim)
-                scheduled.pop(victim.request_id, None)
-                new_blocks.pop(victim.request_id, None)
                 if victim is req:
                     break
-                blocks = self._blocks_for(req, num_new)
+                blocks = self.kv.allocate_slots(req, num_new)
             if blocks is None:
                 break
             new_blocks[req.request_id] = blocks
@@ -122,47 +164,73 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        # Then parallel samples whose leader's prompt is computed: one token each.
+        copies: list[tuple[int, int]] = []
+        for leader in forkable:
+            pending = self.pending_forks[leader.request_id]
+            while (
+                pending
+                and leader.status is RequestStatus.RUNNING
+                and budget > 0
+                and len(self.running) < self.config.max_num_seqs
+                and self.block_pool.num_free > 0
+            ):
+                sample = pending.pop(0)
+                copy = self.kv.fork(leader, sample)
+                if copy is not None:
+                    copies.append(copy)
+                self._start_running(sample)
+                scheduled[sample.request_id] = 1
+                budget -= 1
+            if not pending:
+                del self.pending_forks[leader.request_id]
+
         # Then admit waiting requests in arrival order (FCFS: stop at the first that does not fit).
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            blocks = self._blocks_for(req, num_new)
-            if blocks is None:
+            hits = self.kv.cached_prefix(req)
+            num_new = min(req.num_tokens - len(hits) * self.config.block_size, budget)
+            if self.kv.allocate_slots(req, num_new, hits) is None:
                 break
+            self.kv.record_lookup(req, len(hits) * self.config.block_size)
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            req.is_new_to_worker = True
-            self.running.append(req)
-            new_blocks[req.request_id] = blocks
+            self._start_running(req)
             scheduled[req.request_id] = num_new
             budget -= num_new
 
         if not scheduled and not self._finished_for_worker:
             return None
-        return self._make_plan(scheduled, new_blocks)
+        return self._make_plan(scheduled, new_blocks, copies)
 
-    def _blocks_for(self, req: Request, num_new: int) -> list[int] | None:
-        """Allocate the blocks `num_new` more tokens need, or None if too few are free."""
-        need = cdiv(req.num_computed_tokens + num_new, self.config.block_size) - len(req.block_ids)
-        if need > self.block_pool.num_free:
-            return None
-        blocks = self.block_pool.allocate(need) if need > 0 else []
-        req.block_ids.extend(blocks)
-        return blocks
+    def _stops_by_length_in_flight(self, req: Request) -> bool:
+        """Whether the tokens in flight already take `req` to its length limit: no more steps."""
+        pending = req.num_output_placeholders
+        return pending > 0 and (
+            len(req.output_token_ids) + pending >= req.max_tokens
+            or req.num_tokens + pending >= self.config.max_model_len
+        )
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        req.is_new_to_worker = True
+        self.running.append(req)
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's blocks and queue it to be recomputed from its tokens."""
         self.running.remove(req)
-        self.block_pool.free(req.block_ids)
-        req.block_ids = []
+        self.kv.free(req)
         req.num_computed_tokens = 0
+        req.num_stale_tokens += req.num_output_placeholders
+        req.num_output_placeholders = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._finished_for_worker.append(req.request_id)
         self.waiting.appendleft(req)
 
-    def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
+    def _make_plan(
+        self, scheduled: dict[str, int], new_blocks: dict[str, list[int]], copies: list[tuple[int, int]]
+    ) -> StepPlan:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         for req in self.running:
@@ -177,6 +245,7 @@ class Scheduler:
                         req.sampling,
                         list(req.block_ids),
                         req.num_computed_tokens,
+                        num_output_tokens=len(req.output_token_ids),
                     )
                 )
                 req.is_new_to_worker = False
@@ -185,6 +254,9 @@ class Scheduler:
                     CachedRequestData(req.request_id, new_blocks[req.request_id], req.num_computed_tokens)
                 )
             req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+                req.num_output_placeholders += 1  # this step samples its next token
+            self.kv.cache_full_blocks(req)
         self._step_id += 1
         plan = StepPlan(
             step_id=self._step_id,
@@ -192,6 +264,7 @@ class Scheduler:
             cached_requests=cached_reqs,
             num_scheduled_tokens=scheduled,
             finished_request_ids=self._finished_for_worker,
+            block_copies=copies,
         )
         self._finished_for_worker = []
         return plan
@@ -199,20 +272,34 @@ class Scheduler:
     # ---- results -----------------------------------------------------------------------
 
     def update(self, result: StepResult) -> StepUpdate:
-        """Append each sampled token, apply token-level stops, free what finished."""
+        """Append each sampled token, apply token-level stops, free what finished.
+
+        Results must be applied in step order.
+        """
         outputs: list[tuple[str, TokenOutput]] = []
         finished: list[Request] = []
-        for rid, token in zip(result.request_ids, result.token_ids):
+        for row, (rid, token) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
             req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # aborted or preempted while the step ran
+            if req is None:
+                continue  # finished or aborted while the step ran
+            if req.num_stale_tokens > 0:
+                req.num_stale_tokens -= 1  # sampled before a preemption: recomputed instead
+                continue
+            if req.status is not RequestStatus.RUNNING or req.num_output_placeholders <= 0:
+                raise AssertionError(f"step {result.step_id} sampled a token {req} did not expect")
+            req.num_output_placeholders -= 1
             req.output_token_ids.append(token)
             status = self._check_stop(req, token)
             if status is not None:
                 self._finish(req, status)
                 finished.append(req)
+            else:
+                self.kv.cache_full_blocks(req)  # the token may complete a block already computed
             reason = status.value if status is not None else None
-            outputs.append((req.reply_to, TokenOutput(rid, [token], reason, req.num_prompt_tokens)))
+            out = TokenOutput(req.parent_id, [token], reason, req.num_prompt_tokens, req.index)
+            if req.sampling.logprobs is not None and result.logprobs is not None:
+                out.logprobs = _row_logprobs(result, row, req.sampling.logprobs)
+            outputs.append((req.reply_to, out))
         return StepUpdate(outputs, finished)
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
@@ -233,7 +320,24 @@ class Scheduler:
             self._finished_for_worker.append(req.request_id)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.block_pool.free(req.block_ids)
-        req.block_ids = []
+        else:  # a parallel sample that had not started
+            leader_id = self.samples[req.parent_id][0].request_id
+            self.pending_forks[leader_id].remove(req)
+            if not self.pending_forks[leader_id]:
+                del self.pending_forks[leader_id]
+        self.kv.free(req)
         req.status = status
         del self.requests[req.request_id]
+        # Samples still waiting for this leader start from the prompt on their own instead.
+        orphans = self.pending_forks.pop(req.request_id, [])
+        self.waiting.extendleft(reversed(orphans))
+        if req.parent_id in self.samples and all(s.status.finished for s in self.samples[req.parent_id]):
+            del self.samples[req.parent_id]
+
+
+def _row_logprobs(result: StepResult, row: int, k: int) -> Logprobs:
+    """Row `row`'s logprobs, cut to the request's own top-k (the step carries the largest k)."""
+    assert result.logprobs is not None
+    top_ids = result.top_logprob_ids[row][:k] if result.top_logprob_ids is not None else []
+    top_lps = result.top_logprobs[row][:k] if result.top_logprobs is not None else []
+    return Logprobs([result.logprobs[row]], [top_ids], [top_lps])

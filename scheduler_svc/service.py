@@ -1,7 +1,9 @@
 """The scheduler process: one loop over a ROUTER socket that tokenizers and workers connect to.
 
 receive -> schedule -> send `StepPlan` to every worker rank -> receive rank 0's `StepResult`
--> update -> send each tokenizer one `TokenBatch` for the step.
+-> update -> send each tokenizer one `TokenBatch` for the step. With async scheduling (the
+default) up to two steps are in flight: step n+1 is planned and sent as soon as step n is
+out, so the worker finds its next plan waiting when it finishes a step.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from typing import Any
 
 import msgspec
 import zmq
@@ -49,7 +52,11 @@ class SchedulerService:
         self.engine_ready: EngineReady | None = None
         self.workers: dict[int, str] = {}  # rank -> member id
         self.tokenizers: dict[str, float] = {}  # member id -> last heard
-        self.step_in_flight: StepPlan | None = None
+        self.max_steps_in_flight = 2 if config.async_scheduling else 1
+        # Step ids sent to the workers whose results have not come back, oldest first, and
+        # the step-log line of each, written once its result (and the worker's timing) is in.
+        self.steps_in_flight: deque[int] = deque()
+        self._step_log_lines: dict[int, dict[str, Any]] = {}
         self.step_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
         self._last_stats = 0.0
         self._sent_stats: SchedulerStats | None = None
@@ -77,7 +84,7 @@ class SchedulerService:
             self._on_request(sender, msg)
         elif isinstance(msg, Abort):
             if self.scheduler is not None:
-                self.scheduler.abort(msg.request_ids)
+                self.scheduler.abort(msg.request_ids, msg.indices)
         elif isinstance(msg, StepResult):
             self._on_result(msg)
 
@@ -102,11 +109,11 @@ class SchedulerService:
         if msg.num_blocks * self.config.block_size < max_model_len:
             max_model_len = msg.num_blocks * self.config.block_size
             logger.warning("the KV pool holds only %d tokens: max_model_len lowered to that", max_model_len)
-        if self.scheduler is not None and self.scheduler.has_work:
+        if self.scheduler is not None:
             # A restarted worker lost every request's KV; the scheduler still has the tokens.
-            for req in list(self.scheduler.running):
-                self.scheduler._preempt(req)
-            self.step_in_flight = None
+            self.scheduler.reset_worker()
+            self.steps_in_flight.clear()
+            self._step_log_lines.clear()
         if self.scheduler is None:
             self.scheduler = Scheduler(
                 SchedulerConfig(
@@ -116,6 +123,8 @@ class SchedulerService:
                     max_num_seqs=self.config.max_num_seqs,
                     max_num_batched_tokens=self.config.max_num_batched_tokens,
                     eos_token_ids=msg.eos_token_ids,
+                    enable_prefix_caching=self.config.enable_prefix_caching,
+                    model_name=self.config.model_name,
                 )
             )
         self.engine_ready = EngineReady(
@@ -142,11 +151,12 @@ class SchedulerService:
 
     def _on_result(self, result: StepResult) -> None:
         assert self.scheduler is not None
-        if self.step_in_flight is None or result.step_id != self.step_in_flight.step_id:
+        if not self.steps_in_flight or result.step_id != self.steps_in_flight[0]:
             logger.warning("dropping the result of step %d, which is not in flight", result.step_id)
             return
-        self.step_in_flight = None
+        self.steps_in_flight.popleft()
         update = self.scheduler.update(result)
+        self._write_step_log(result)
         batches: dict[str, list[TokenOutput]] = defaultdict(list)
         for reply_to, out in update.outputs:
             batches[reply_to].append(out)
@@ -157,29 +167,47 @@ class SchedulerService:
     # ---- the loop ----------------------------------------------------------------------
 
     def _maybe_schedule(self) -> None:
-        if self.scheduler is None or self.step_in_flight is not None or 0 not in self.workers:
+        """Send plans until `max_steps_in_flight` are out or there is nothing to run."""
+        if self.scheduler is None or 0 not in self.workers:
             return
-        plan = self.scheduler.schedule()
-        if plan is None:
+        while len(self.steps_in_flight) < self.max_steps_in_flight:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return
+            for rank in sorted(self.workers):
+                self._send(self.workers[rank], plan)
+            self.steps_in_flight.append(plan.step_id)
+            if self.step_log is not None:
+                self._step_log_lines[plan.step_id] = self._plan_log_line(plan)
+
+    def _plan_log_line(self, plan: StepPlan) -> dict[str, Any]:
+        s = self.scheduler
+        assert s is not None
+        return {
+            "step": plan.step_id,
+            "time": time.time(),
+            "requests": plan.num_scheduled_tokens,
+            "new": [r.request_id for r in plan.new_requests],
+            # Tokens of each new request found in the prefix cache (not computed this step).
+            "cached": {r.request_id: s.requests[r.request_id].num_cached_tokens for r in plan.new_requests},
+            "block_copies": len(plan.block_copies),
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "free_blocks": s.block_pool.num_free,
+            "num_preemptions": s.num_preemptions,
+            "prefix_cache_queries": s.kv.num_queries,
+            "prefix_cache_hits": s.kv.num_hits,
+            "in_flight": len(self.steps_in_flight),
+        }
+
+    def _write_step_log(self, result: StepResult) -> None:
+        """One JSON line per step, written when its result is back: the plan and the worker's timing."""
+        line = self._step_log_lines.pop(result.step_id, None)
+        if self.step_log is None or line is None:
             return
-        for rank in sorted(self.workers):
-            self._send(self.workers[rank], plan)
-        self.step_in_flight = plan
-        if self.step_log is not None:
-            self.step_log.write(
-                json.dumps(
-                    {
-                        "step": plan.step_id,
-                        "time": time.time(),
-                        "requests": plan.num_scheduled_tokens,
-                        "new": [r.request_id for r in plan.new_requests],
-                        "running": self.scheduler.num_running,
-                        "waiting": self.scheduler.num_waiting,
-                        "free_blocks": self.scheduler.block_pool.num_free,
-                    }
-                )
-                + "\n"
-            )
+        line["worker_idle_s"] = round(result.idle_s, 6)
+        line["worker_execute_s"] = round(result.execute_s, 6)
+        self.step_log.write(json.dumps(line) + "\n")
 
     def stats(self) -> SchedulerStats:
         s = self.scheduler
@@ -189,6 +217,8 @@ class SchedulerService:
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             kv_cache_usage=s.block_pool.usage,
+            prefix_cache_queries=s.kv.num_queries,
+            prefix_cache_hits=s.kv.num_hits,
             num_preemptions=s.num_preemptions,
             num_steps=s.num_steps,
         )

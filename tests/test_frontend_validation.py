@@ -183,9 +183,14 @@ def test_unknown_model_is_a_404_naming_it(api: TestClient) -> None:
         ("temperature", -1, "between 0 and 2"),
         ("top_p", 2, "between 0 and 1"),
         ("presence_penalty", 3, "between -2 and 2"),
-        ("n", 2, "only 1"),
+        ("n", 0, "between 1 and 128"),
+        ("n", 129, "between 1 and 128"),
         ("seed", 2**70, "between"),
         ("temperature", "hot", "valid number"),
+        ("top_logprobs", 21, "between 0 and 20"),
+        ("stop", ["x"] * 17, "at most 16 stop strings"),
+        ("stop", "x" * 257, "at most 256 characters"),
+        ("stop_token_ids", list(range(257)), "at most 256 token ids"),
     ],
 )
 def test_out_of_range_field_is_a_400_naming_field_and_range(
@@ -202,6 +207,28 @@ def test_completion_fields_are_checked_too(api: TestClient) -> None:
     assert_openai_error(resp, 400, "prompt", "one per request")
     resp = api.post("/v1/completions", json={})
     assert_openai_error(resp, 400, "prompt", "Missing required parameter: 'prompt'")
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "logprobs": 21})
+    assert_openai_error(resp, 400, "logprobs", "between 0 and 20")
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "logit_bias": {"1": 101}})
+    assert_openai_error(resp, 400, "logit_bias.1", "between -100 and 100")
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
+    assert_openai_error(resp, 400, "echo", "not supported")
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "expected"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs", "logprobs must be set to true"),
+        ({"continue_final_message": True}, "continue_final_message", "add_generation_prompt"),
+        (
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+            "last message must be the assistant's",
+        ),
+    ],
+)
+def test_fields_that_conflict_are_a_400_naming_one(api: TestClient, body: dict, param: str, expected: str) -> None:
+    assert_openai_error(api.post("/v1/chat/completions", json=chat_body(**body)), 400, param, expected)
 
 
 def test_missing_or_bad_messages_are_400s(api: TestClient) -> None:
@@ -274,7 +301,9 @@ def test_completion_returns_the_whole_text_with_usage(config: EngineConfig, api:
         tok.stop()
     body = resp.json()
     assert resp.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
-    assert body["choices"] == [{"text": "Hello world", "index": 0, "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {"text": "Hello world", "index": 0, "logprobs": None, "finish_reason": "stop", "stop_reason": None}
+    ]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     [req] = tok.requests()
     assert req.request_id == body["id"] and req.prompt == "Say hi"

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+import jinja2
 import msgspec
 import zmq
 
@@ -24,16 +25,16 @@ from protocol import (
     ErrorReply,
     Heartbeat,
     Hello,
+    SamplingParams,
     SchedulerStats,
     Shutdown,
     TextBatch,
-    TextOutput,
     TokenBatch,
     TokenizeRequest,
     connect_dealer,
 )
 from protocol.messages import TokenizerFromFrontend, TokenizerFromScheduler
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
+from tokenizer_svc.output_processor import OutputProcessor
 from tokenizer_svc.tokenizer_loader import load_tokenizer
 
 logger = logging.getLogger("pagoda.tokenizer")
@@ -43,17 +44,6 @@ class RequestRejected(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.message, self.param, self.status = message, param, status
-
-
-class _Tracked:
-    """What this tokenizer keeps for a request it owns until it finishes."""
-
-    __slots__ = ("detok", "num_prompt_tokens", "num_output_tokens")
-
-    def __init__(self, detok: IncrementalDetokenizer, num_prompt_tokens: int) -> None:
-        self.detok = detok
-        self.num_prompt_tokens = num_prompt_tokens
-        self.num_output_tokens = 0
 
 
 class TokenizerService:
@@ -67,7 +57,7 @@ class TokenizerService:
         self.from_frontend = Codec(TokenizerFromFrontend)
         self.from_scheduler = Codec(TokenizerFromScheduler)
         self.engine: EngineReady | None = None
-        self.requests: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(self.tokenizer)
         self.stats: SchedulerStats | None = None
         self._stopping = False
 
@@ -85,9 +75,16 @@ class TokenizerService:
                     "This model has no chat template; pass one with --chat-template.", "messages"
                 )
             messages = [msgspec.structs.asdict(m) for m in req.messages]
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt
-            )
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages,
+                    tokenize=False,
+                    add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                )
+            except (jinja2.TemplateError, ValueError) as e:
+                # The template's own checks (roles must alternate, ...) are the client's to fix.
+                raise RequestRejected(f"The chat template rejected the messages: {e}", "messages") from None
             # The template already wrote the special tokens it wants.
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif req.prompt is not None:
@@ -97,6 +94,13 @@ class TokenizerService:
         if not ids:
             raise RequestRejected("the prompt is empty", "messages" if req.messages is not None else "prompt")
         return ids
+
+    def _check_token_ids(self, sampling: SamplingParams) -> None:
+        vocab = len(self.tokenizer)
+        if any(t >= vocab for t in sampling.logit_bias):
+            raise RequestRejected(f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias")
+        if any(t >= vocab for t in sampling.stop_token_ids):
+            raise RequestRejected(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
 
     def _check_length(self, req: TokenizeRequest, ids: list[int]) -> int:
         """The request's max_tokens, after checking prompt + max_tokens against max_model_len."""
@@ -128,12 +132,21 @@ class TokenizerService:
             if self.engine is None:
                 raise RequestRejected("The engine is not ready yet.", None, 503)
             ids = self.tokenize(req)
+            self._check_token_ids(req.sampling)
             max_tokens = self._check_length(req, ids)
         except RequestRejected as e:
             self._send_frontend(ErrorReply(req.request_id, e.status, e.message, param=e.param))
             return
+        except Exception:
+            logger.exception("%s: cannot tokenize %s", self.member_id, req.request_id)
+            msg = "The server had an error while tokenizing your request."
+            self._send_frontend(ErrorReply(req.request_id, 500, msg, "server_error"))
+            return
         sampling = msgspec.structs.replace(req.sampling, max_tokens=max_tokens)
-        self.requests[req.request_id] = _Tracked(IncrementalDetokenizer(self.tokenizer, ids), len(ids))
+        prompt_text = None
+        if req.echo:
+            prompt_text = req.prompt if req.prompt is not None else self.tokenizer.decode(ids)
+        self.outputs.add_request(req.request_id, ids, sampling, prompt_text)
         self.scheduler.send(
             self.from_scheduler.encode(
                 EngineRequest(req.request_id, ids, sampling, self.member_id, req.arrival_time or time.time())
@@ -142,38 +155,22 @@ class TokenizerService:
 
     def _on_abort(self, msg: Abort) -> None:
         for rid in msg.request_ids:
-            self.requests.pop(rid, None)
+            self.outputs.forget(rid)
         self.scheduler.send(self.from_scheduler.encode(msg))
 
     # ---- messages from the scheduler ---------------------------------------------------
 
     def _on_tokens(self, batch: TokenBatch) -> None:
-        outs: list[TextOutput] = []
-        for out in batch.outputs:
-            tracked = self.requests.get(out.request_id)
-            if tracked is None:
-                continue  # aborted here while its step ran
-            finished = out.finish_reason is not None
-            text = tracked.detok.add(out.new_token_ids, final=finished)
-            tracked.num_output_tokens += len(out.new_token_ids)
-            outs.append(
-                TextOutput(
-                    out.request_id,
-                    text,
-                    out.new_token_ids,
-                    out.finish_reason,
-                    tracked.num_prompt_tokens,
-                    tracked.num_output_tokens,
-                )
-            )
-            if finished:
-                del self.requests[out.request_id]
-        if outs:
-            self._send_frontend(TextBatch(outs))
+        texts, aborts = self.outputs.process(batch.outputs)
+        for abort in aborts:
+            self.scheduler.send(self.from_scheduler.encode(abort))
+        if texts:
+            self._send_frontend(TextBatch(texts))
 
     def _on_engine_ready(self, msg: EngineReady) -> None:
         first = self.engine is None
         self.engine = msg
+        self.outputs.eos_token_ids = set(msg.eos_token_ids)
         if first:
             logger.info("%s: engine ready, max_model_len %d", self.member_id, msg.max_model_len)
         self._heartbeat()
@@ -184,7 +181,7 @@ class TokenizerService:
         self.frontend.send(self.from_frontend.encode(msg))
 
     def _heartbeat(self) -> None:
-        hb = Heartbeat(self.member_id, load=len(self.requests), ready=self.engine is not None)
+        hb = Heartbeat(self.member_id, load=len(self.outputs), ready=self.engine is not None)
         self.scheduler.send(self.from_scheduler.encode(hb))
         hb.stats = self.stats
         self._send_frontend(hb)
@@ -238,9 +235,9 @@ class TokenizerService:
         elif isinstance(msg, SchedulerStats):
             # The scheduler throttles these; pass each on at once so /metrics is current.
             self.stats = msg
-            self._send_frontend(Heartbeat(self.member_id, len(self.requests), self.engine is not None, msg))
+            self._send_frontend(Heartbeat(self.member_id, len(self.outputs), self.engine is not None, msg))
         elif isinstance(msg, ErrorReply):
-            self.requests.pop(msg.request_id, None)
+            self.outputs.forget(msg.request_id)
             self._send_frontend(msg)
         elif isinstance(msg, Shutdown):
             self._stopping = True

@@ -1,22 +1,27 @@
-"""Llama (1/2/3, SmolLM2, Mistral without sliding window) in plain PyTorch.
+"""The Llama family of decoders in plain PyTorch: Llama 1/2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3.
 
-It runs on a flattened batch: the tokens of many sequences laid end to end, each with its
-position, and attention finds each sequence's context in the paged KV cache. Parameter names
-follow Hugging Face's, except that q/k/v and gate/up are stacked into one matrix each so a
-layer does two matmuls where it would do five.
+They share one block (RMSNorm, rotary attention with GQA, SwiGLU MLP) and differ only in
+flags read from the config: Qwen2 has biases on q/k/v, Qwen3 normalizes q and k per head,
+Llama 3.1 scales its rope. The model runs on a flattened batch (the tokens of many sequences
+laid end to end, each with its position), and attention finds each sequence's context in the
+paged KV cache.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from gpu_worker.layers import MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from gpu_worker.models.base import CausalLM
+
+logger = logging.getLogger(__name__)
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -33,13 +38,21 @@ class LlamaConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope_scaling: dict | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
         """From a Hugging Face config.json dict (transformers 4 or 5 spelling of rope)."""
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        RotaryEmbedding.scaling_type(rope)  # fail at load time on a scaling we lack
+        model_type = hf.get("model_type")
         num_heads = hf["num_attention_heads"]
+        # Llama and Qwen3 put `attention_bias` on all four projections; Qwen2 has q/k/v bias
+        # always and no o bias.
+        attention_bias = hf.get("attention_bias", False)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -50,10 +63,32 @@ class LlamaConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=_positions_within_window(hf),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            rope_scaling=None if rope_type == "default" else rope,
+            rope_scaling=rope or None,
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=hf.get("mlp_bias", False),
+            qk_norm=model_type == "qwen3",
         )
+
+
+def _positions_within_window(hf: dict) -> int:
+    """max_position_embeddings, capped at the sliding window where one is in use.
+
+    Sliding-window attention is not implemented; below the window it is exactly full
+    attention, so capping the context keeps every answer exact (Mistral-7B v0.1: 4096).
+    """
+    max_positions = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    if hf.get("model_type") in ("qwen2", "qwen3"):
+        uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in (hf.get("layer_types") or [])
+    else:
+        uses_window = window is not None
+    if uses_window and window and window < max_positions:
+        logger.warning("sliding window attention is not supported: the context is capped at the window, %d", window)
+        return window
+    return max_positions
 
 
 class LlamaAttention(nn.Module):
@@ -62,34 +97,33 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = RotaryEmbedding.apply(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
-        k = RotaryEmbedding.apply(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        o = self.attn(apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin), v.view_as(k), meta)
         return self.o_proj(o.flatten(1))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = SiluAndMul()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -100,12 +134,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -128,10 +157,8 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     config_class = LlamaConfig
-
-    # Our stacked parameters and, in row order, the Hugging Face projections they hold.
     stacked_params = {
         "qkv_proj": ("q_proj", "k_proj", "v_proj"),
         "gate_up_proj": ("gate_proj", "up_proj"),
@@ -147,57 +174,7 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Token ids and positions [T] of a flattened batch -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden] of the positions that sample -> logits [N, vocab] in fp32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
-
-    def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors into the parameters, stacking q/k/v and gate/up.
-
-        Raises ValueError on an unknown name, a wrong shape or a parameter left unloaded, so
-        a checkpoint that does not fit never runs as garbage or uninitialized memory.
-        """
-        params = dict(self.named_parameters())
-        loaded: dict[str, set[int]] = defaultdict(set)
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue  # older checkpoints saved the rope table; we compute our own
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the same tensor as the embedding
-            target, shard = self._stacked_target(name)
-            if target not in params:
-                raise ValueError(f"unexpected weight {name} (a variant this model does not support?)")
-            rows = params[target].data
-            if shard is not None:
-                rows = self._shard_rows(rows, target)[shard]
-            if rows.shape != tensor.shape:
-                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
-            rows.copy_(tensor)
-            loaded[target].add(shard or 0)
-        missing = [name for name in params if len(loaded[name]) < self._num_shards(name)]
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
-
-    def _stacked_target(self, name: str) -> tuple[str, int | None]:
-        for ours, parts in self.stacked_params.items():
-            for shard, hf_key in enumerate(parts):
-                if f".{hf_key}." in name:
-                    return name.replace(hf_key, ours), shard
-        return name, None
-
-    def _num_shards(self, name: str) -> int:
-        return next((len(p) for ours, p in self.stacked_params.items() if f".{ours}." in name), 1)
-
-    def _shard_rows(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
-        """A stacked weight split into the row blocks of Hugging Face's projections."""
-        if ".qkv_proj." in name:
-            attn = self.model.layers[0].self_attn
-            return weight.split([attn.q_size, attn.kv_size, attn.kv_size], dim=0)
-        return weight.split([self.config.intermediate_size] * 2, dim=0)
+    def output_embeddings(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

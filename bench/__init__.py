@@ -1,0 +1,1 @@
+"""`pagoda bench`: the benchmarks behind every performance figure of the project."""

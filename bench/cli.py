@@ -1,0 +1,268 @@
+"""`pagoda bench {throughput,latency,serve,prefix,kernels}`: one workload of BENCH.md per run.
+
+Every run measures the machine first (copy bandwidth, matrix rate), runs Pagoda, optionally
+the `transformers` peer on the same weights (`--peer hf`), and prints each figure with its
+ratio to the peer and to the physical limit. `--output-json` keeps everything, with the
+configuration, GPU, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+WORKLOADS = ("throughput", "latency", "serve", "prefix", "kernels")
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (BENCH.md workloads)")
+    wsub = bench.add_subparsers(dest="workload", required=True)
+    for name in WORKLOADS:
+        p = wsub.add_parser(name)
+        p.add_argument("--model", help="a model folder, hub id or GGUF file")
+        p.add_argument("--random-weights", metavar="SHAPE", help="qwen3-0.6b, llama3-8b or tiny-llama")
+        p.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "pagoda-bench-weights"))
+        p.add_argument("--device", default="auto")
+        p.add_argument("--peer", choices=["none", "hf"], default="none")
+        p.add_argument("--output-json")
+        p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--engine-args", default="", help="extra `pagoda serve` flags, one string")
+        if name in ("throughput", "serve", "prefix"):
+            p.add_argument("--num-prompts", type=int, default={"throughput": 256, "serve": 400, "prefix": 64}[name])
+        if name in ("throughput", "latency", "serve"):
+            p.add_argument("--input-len", type=int, nargs="+", help="N, or MIN MAX for uniform lengths",
+                           default={"throughput": [100, 1024], "latency": [512], "serve": [1024]}[name])
+            p.add_argument("--output-len", type=int, nargs="+",
+                           default={"throughput": [100, 1024], "latency": [256], "serve": [128]}[name])
+        if name == "throughput":
+            p.add_argument("--max-num-seqs", type=int, nargs="+", default=[256],
+                           help="one run per value (throughput against batch size)")
+        if name == "serve":
+            p.add_argument("--base-url", help="a running server; else one is started")
+            p.add_argument("--request-rate", default="1,4,16,inf", help="comma-separated req/s; inf: all at once")
+            p.add_argument("--slo-ttft-ms", type=float, default=2000)
+            p.add_argument("--slo-tpot-ms", type=float, default=100)
+        if name == "prefix":
+            p.add_argument("--prefix-len", type=int, default=2048)
+            p.add_argument("--suffix-len", type=int, default=128)
+            p.add_argument("--output-len", type=int, default=64)
+
+
+def _lens(v: list[int]) -> tuple[int, int]:
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def _device(arg: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if arg == "auto" else arg
+
+
+def _engine_args(args: argparse.Namespace, device: str, **extra: Any) -> dict[str, Any]:
+    from frontend.cli import add_engine_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    ns = p.parse_args(args.engine_args.split())
+    cfg = {k: v for k, v in vars(ns).items() if k != "config_json" and v != p.get_default(k)}
+    cfg.setdefault("device", device)
+    cfg.update(extra)
+    return cfg
+
+
+def _vocab(model: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).vocab_size
+
+
+def _ratio(x: float, ref: float | None) -> float | None:
+    return x / ref if ref else None
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from bench import hardware
+    from bench.limits import ModelCost
+    from bench.shapes import make_random_model
+    from bench.workloads import (
+        random_requests,
+        run_hf_continuous,
+        run_hf_latency,
+        run_hf_static,
+        run_pagoda,
+        throughput_limit,
+    )
+
+    device = _device(args.device)
+    report: dict[str, Any] = {"workload": args.workload, "args": {k: v for k, v in vars(args).items()
+                                                                   if k != "func"},
+                              "env": hardware.describe(device)}
+    hw = hardware.measure(device)
+    report["hardware"] = hw
+    if args.workload == "kernels":
+        from bench.kernels import run_kernels
+
+        report["results"] = run_kernels(device, hw)
+        return report
+    if args.random_weights:
+        model = make_random_model(args.random_weights, args.weights_dir, device, args.seed)
+    elif args.model:
+        model = args.model
+    else:
+        raise SystemExit("pagoda bench: give --model or --random-weights")
+    kv_bytes = 2 if device.startswith("cuda") else 4
+    cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
+    vocab = _vocab(model)
+    results: dict[str, Any] = {}
+
+    if args.workload == "throughput":
+        reqs = random_requests(args.num_prompts, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
+        limit = throughput_limit(cost, reqs) if cost else None
+        runs = []
+        for mns in args.max_num_seqs:
+            r = run_pagoda(model, reqs, _engine_args(args, device, max_num_seqs=mns))
+            r["max_num_seqs"] = mns
+            runs.append(r)
+        results["pagoda"] = runs
+        results["limit_output_tokens_per_s"] = limit
+        best = max(r["output_tokens_per_s"] for r in runs)
+        if args.peer == "hf":
+            results["hf_static"] = run_hf_static(model, reqs, device)
+            results["hf_continuous"] = run_hf_continuous(model, reqs, device)
+            results["ratio_to_hf_static"] = _ratio(best, results["hf_static"]["output_tokens_per_s"])
+            results["ratio_to_hf_continuous"] = _ratio(best, results["hf_continuous"]["output_tokens_per_s"])
+        results["ratio_to_limit"] = _ratio(best, limit)
+    elif args.workload == "latency":
+        reqs = random_requests(3, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
+        r = run_pagoda(model, reqs[:1], _engine_args(args, device))
+        runs = [r] + [run_pagoda(model, [q], _engine_args(args, device)) for q in reqs[1:2]]
+        best = max(runs, key=lambda x: x["decode_tokens_per_s_mean"])
+        results["pagoda"] = {"ttft_s": min(x["ttft_mean_s"] for x in runs),
+                             "decode_tokens_per_s": best["decode_tokens_per_s_mean"], "runs": runs}
+        if cost:
+            ctx = len(reqs[0].prompt_ids) + reqs[0].output_len // 2
+            results["limit"] = {"decode_tokens_per_s": 1 / cost.decode_step_seconds(ctx),
+                                "ttft_s": cost.prefill_seconds(len(reqs[0].prompt_ids))}
+            results["ratio_to_limit"] = {
+                "decode": results["pagoda"]["decode_tokens_per_s"] / results["limit"]["decode_tokens_per_s"],
+                "ttft": results["limit"]["ttft_s"] / results["pagoda"]["ttft_s"]}
+        if args.peer == "hf":
+            results["hf"] = run_hf_latency(model, reqs[0], device)
+            results["ratio_to_hf"] = {
+                "decode": results["pagoda"]["decode_tokens_per_s"] / results["hf"]["decode_tokens_per_s"],
+                "ttft": results["hf"]["ttft_s"] / results["pagoda"]["ttft_s"]}
+    elif args.workload == "prefix":
+        prefix = random_requests(1, (args.prefix_len, args.prefix_len), (1, 1), vocab, args.seed + 1)[0].prompt_ids
+        reqs = random_requests(args.num_prompts, (args.suffix_len, args.suffix_len),
+                               (args.output_len, args.output_len), vocab, args.seed, prefix=prefix)
+        for name, on in (("caching_on", True), ("caching_off", False)):
+            results[name] = run_pagoda(model, reqs, _engine_args(args, device, enable_prefix_caching=on))
+            q = results[name]["prefix_cache_queries"]
+            results[name]["hit_rate"] = results[name]["prefix_cache_hits"] / q if q else 0.0
+        results["ttft_speedup"] = results["caching_off"]["ttft_mean_s"] / results["caching_on"]["ttft_mean_s"]
+        if cost:
+            results["limit_ttft_s_all_cached"] = cost.prefill_seconds(len(reqs[0].prompt_ids), args.prefix_len)
+    elif args.workload == "serve":
+        results = _serve(args, model, vocab, device, cost)
+    return report | {"results": results}
+
+
+def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:
+    from bench.serve import run_rate
+    from bench.workloads import random_requests
+
+    reqs = random_requests(args.num_prompts, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
+    proc = None
+    base_url = args.base_url
+    if base_url is None:
+        port = 8400 + os.getpid() % 500
+        flags = [f"--model={model}", f"--port={port}", f"--device={device}", *args.engine_args.split()]
+        proc = subprocess.Popen([sys.executable, "-m", "frontend.cli", "serve", *flags])
+        base_url = f"http://127.0.0.1:{port}"
+        _wait_ready(base_url, proc)
+    try:
+        import httpx
+
+        served = httpx.get(base_url + "/v1/models").json()["data"][0]["id"]
+        rates = [float(x) for x in args.request_rate.split(",")]
+        runs = [asyncio.run(run_rate(base_url, served, reqs, rate, args.seed, args.slo_ttft_ms / 1e3,
+                                     args.slo_tpot_ms / 1e3)) for rate in rates]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    out: dict[str, Any] = {"pagoda": runs}
+    if cost:
+        out["limit_tpot_s_one_stream"] = cost.decode_step_seconds(len(reqs[0].prompt_ids) + reqs[0].output_len // 2)
+        out["limit_ttft_s_one_request"] = cost.prefill_seconds(len(reqs[0].prompt_ids))
+    return out
+
+
+def _wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(base_url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready")
+
+
+def _plot(report: dict[str, Any], folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    res, paths = report["results"], []
+    if report["workload"] == "serve":
+        runs = [r for r in res["pagoda"] if r["request_rate"] != "inf"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for metric in ("ttft_s", "tpot_s"):
+            for p in ("p50", "p99"):
+                ax.plot([r["request_rate"] for r in runs], [r[metric][p] * 1e3 for r in runs], "o-",
+                        label=f"{metric[:-2].upper()} {p}")
+        ax.set(xlabel="request rate (req/s)", ylabel="ms", title="Latency against request rate")
+        ax.legend()
+        paths.append(os.path.join(folder, "serve_latency.png"))
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    elif report["workload"] == "throughput":
+        runs = res["pagoda"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["max_num_seqs"] for r in runs], [r["output_tokens_per_s"] for r in runs], "o-", label="Pagoda")
+        if res.get("limit_output_tokens_per_s"):
+            ax.axhline(res["limit_output_tokens_per_s"], ls="--", color="gray", label="limit")
+        ax.set(xlabel="max batch size (--max-num-seqs)", ylabel="output tok/s", title="Throughput against batch size")
+        ax.legend()
+        paths.append(os.path.join(folder, "throughput_batch.png"))
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    return paths
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    report = _run(args)
+    if args.plot:
+        report["plots"] = _plot(report, args.plot)
+    text = json.dumps(report, indent=2, default=str)
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            f.write(text)
+    print(text)
+    return 0

@@ -1,0 +1,45 @@
+"""The physical limit of a workload: bytes over the copy bandwidth, FLOPs over the matrix rate."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from bench.shapes import kv_bytes_per_token, model_bytes_and_params
+
+
+@dataclass
+class ModelCost:
+    weight_bytes: int
+    matmul_params: int  # parameters a token's forward multiplies by (not the embedding lookup)
+    kv_bytes_per_token: int
+    attn_flops_per_token_pair: int  # 4 * layers * heads * head_dim: QK^T and PV
+    bandwidth: float
+    flops: float
+
+    @classmethod
+    def of(cls, folder: str, hw: dict[str, float], kv_dtype_bytes: int) -> ModelCost:
+        weight_bytes, params = model_bytes_and_params(folder)
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        embed = cfg["vocab_size"] * cfg["hidden_size"]
+        # Tied weights are counted once in the file but multiply twice (lookup is free, lm_head is not).
+        matmul = params - embed + (embed if cfg.get("tie_word_embeddings") else 0)
+        return cls(
+            weight_bytes=weight_bytes,
+            matmul_params=matmul,
+            kv_bytes_per_token=kv_bytes_per_token(folder, kv_dtype_bytes),
+            attn_flops_per_token_pair=4 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * head_dim,
+            bandwidth=hw["copy_bandwidth_bytes_per_s"],
+            flops=hw["matmul_flops_per_s"],
+        )
+
+    def decode_step_seconds(self, total_context: int) -> float:
+        return (self.weight_bytes + self.kv_bytes_per_token * total_context) / self.bandwidth
+
+    def prefill_seconds(self, prompt_len: int, cached: int = 0) -> float:
+        new = prompt_len - cached
+        attn_pairs = sum(range(cached + 1, prompt_len + 1))  # causal: position p sees p keys
+        return (2 * self.matmul_params * new + self.attn_flops_per_token_pair * attn_pairs) / self.flops

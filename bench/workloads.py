@@ -1,0 +1,161 @@
+"""The offline workloads of BENCH.md: T (throughput), L (latency), P (prefix caching).
+
+Each runs Pagoda through the offline `LLM` API (the same processes as `pagoda serve`), and,
+with `--peer hf`, Hugging Face `transformers` on the very same weights and requests.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.limits import ModelCost
+
+
+@dataclass
+class Req:
+    prompt_ids: list[int]
+    output_len: int
+
+
+def random_requests(num: int, input_lens: tuple[int, int], output_lens: tuple[int, int], vocab: int,
+                    seed: int = 0, prefix: list[int] | None = None) -> list[Req]:
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(num):
+        n_in = rng.randint(*input_lens)
+        ids = [rng.randrange(vocab - 1) for _ in range(n_in)]
+        reqs.append(Req((prefix or []) + ids, rng.randint(*output_lens)))
+    return reqs
+
+
+def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict[str, Any]:
+    from frontend import LLM, SamplingParams
+
+    with LLM(model=model, **engine_args) as llm:
+        llm.generate([reqs[0].prompt_ids[:16]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in reqs]
+        start = time.perf_counter()
+        outs = llm.generate([r.prompt_ids for r in reqs], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        stats = llm.scheduler_stats
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts = [o.metrics["time_to_first_token_s"] for o in outs]
+    decode = [o.metrics["decode_tokens_per_s"] for o in outs if "decode_tokens_per_s" in o.metrics]
+    return {
+        "elapsed_s": elapsed,
+        "num_requests": len(reqs),
+        "output_tokens": out_tokens,
+        "requested_output_tokens": sum(r.output_len for r in reqs),
+        "prompt_tokens": sum(len(r.prompt_ids) for r in reqs),
+        "output_tokens_per_s": out_tokens / elapsed,
+        "requests_per_s": len(reqs) / elapsed,
+        "ttft_mean_s": statistics.fmean(ttfts),
+        "ttft_p50_s": statistics.median(ttfts),
+        "decode_tokens_per_s_mean": statistics.fmean(decode) if decode else 0.0,
+        "prefix_cache_queries": stats.prefix_cache_queries,
+        "prefix_cache_hits": stats.prefix_cache_hits,
+        "num_preemptions": stats.num_preemptions,
+    }
+
+
+def _hf_model(model: str, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_hf_static(model: str, reqs: list[Req], device: str, batch_size: int = 64) -> dict[str, Any]:
+    """`generate` on static batches, left padded; each batch runs to its longest output."""
+    import torch
+
+    hf = _hf_model(model, device)
+    pad = 0
+    start = time.perf_counter()
+    useful = 0
+    with torch.inference_mode():
+        for i in range(0, len(reqs), batch_size):
+            batch = reqs[i : i + batch_size]
+            width = max(len(r.prompt_ids) for r in batch)
+            ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
+                                device=device)
+            n = max(r.output_len for r in batch)
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=pad, eos_token_id=None)
+            useful += sum(r.output_len for r in batch)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del hf
+    gc.collect()
+    return {"elapsed_s": elapsed, "output_tokens": useful, "output_tokens_per_s": useful / elapsed}
+
+
+def run_hf_continuous(model: str, reqs: list[Req], device: str, attn: str = "sdpa") -> dict[str, Any]:
+    """`generate_batch`, transformers' continuous batching, run to the longest output."""
+    from transformers import GenerationConfig
+
+    hf = _hf_model(model, device)
+    if attn != "sdpa":
+        hf.set_attn_implementation(attn)
+    n = max(r.output_len for r in reqs)
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    start = time.perf_counter()
+    # No inference_mode here: the manager's thread updates tensors made outside it.
+    outs = hf.generate_batch([r.prompt_ids for r in reqs], generation_config=cfg, progress_bar=False)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    produced = sum(min(len(o.generated_tokens), r.output_len) for o, r in zip(outs.values(), reqs))
+    del hf
+    gc.collect()
+    return {"elapsed_s": elapsed, "output_tokens": produced, "output_tokens_per_s": produced / elapsed,
+            "attn_implementation": attn}
+
+
+def run_hf_latency(model: str, req: Req, device: str) -> dict[str, Any]:
+    import torch
+
+    hf = _hf_model(model, device)
+    ids = torch.tensor([req.prompt_ids], device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, max_new_tokens=2, **kw)
+        _sync(device)
+        t = time.perf_counter()
+        hf.generate(input_ids=ids, max_new_tokens=1, **kw)
+        _sync(device)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(input_ids=ids, max_new_tokens=req.output_len, min_new_tokens=req.output_len, **kw)
+        _sync(device)
+        total = time.perf_counter() - t
+    del hf
+    gc.collect()
+    return {"ttft_s": ttft, "decode_tokens_per_s": (req.output_len - 1) / max(total - ttft, 1e-9)}
+
+
+def throughput_limit(cost: ModelCost, reqs: list[Req]) -> float:
+    """Output tok/s if every step only read what it must and every prefill ran at the matrix rate.
+
+    All requests run at once (the fewest steps, so the fewest weight reads); each decode step
+    reads the weights once plus every running sequence's K and V.
+    """
+    steps = max(r.output_len for r in reqs)
+    seconds = sum(cost.prefill_seconds(len(r.prompt_ids)) for r in reqs)
+    for s in range(steps):
+        ctx = sum(len(r.prompt_ids) + s for r in reqs if r.output_len > s)
+        seconds += cost.decode_step_seconds(ctx)
+    return sum(r.output_len for r in reqs) / seconds

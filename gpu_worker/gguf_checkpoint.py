@@ -1,0 +1,145 @@
+"""Reading a GGUF file (llama.cpp's format) as a Hugging Face-style checkpoint.
+
+The metadata becomes a config.json-like dict, and each tensor is dequantized to fp32 by
+`gguf.quants.dequantize` (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants Q2_K..Q6_K and
+more) and renamed the Hugging Face way, so the same model classes load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from gpu_worker.checkpoint import READ_ERRORS, Checkpoint
+from gpu_worker.model_source import ModelLoadError
+
+# llama.cpp's architecture name -> the Hugging Face architecture and model_type it maps onto.
+# (llama.cpp converts Mistral and SmolLM2 as "llama".)
+GGUF_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+# llama.cpp tensor names (after "blk.N.") -> Hugging Face names (after "model.layers.N.").
+GGUF_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def read_gguf(path: str) -> Checkpoint:
+    try:
+        reader = gguf.GGUFReader(path)
+    except READ_ERRORS as e:
+        raise ModelLoadError(f"cannot read GGUF file {path} (corrupt or incomplete?): {e}") from None
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
+        )
+    architecture, model_type = GGUF_ARCHITECTURES[arch]
+    tensors = {t.name: t for t in reader.tensors}
+    num_heads = field(f"{arch}.attention.head_count")
+    num_kv_heads = field(f"{arch}.attention.head_count_kv", num_heads)
+    hidden_size = field(f"{arch}.embedding_length")
+    head_dim = (
+        field(f"{arch}.attention.key_length") or field(f"{arch}.rope.dimension_count") or hidden_size // num_heads
+    )
+    hf_config = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        # GGUF stores shapes fastest-dim first: token_embd is [hidden, vocab].
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden_size,
+        "intermediate_size": field(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": field(f"{arch}.block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": field(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": field(f"{arch}.context_length"),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    if ROPE_FREQS in tensors:
+        # Llama 3.1+: llama.cpp stores the llama3 rope scaling as a divisor per frequency.
+        factors = _dequantize(tensors.pop(ROPE_FREQS)).flatten().tolist()
+        hf_config["rope_parameters"] = {"rope_type": "freq_factors", "factors": factors}
+    # eot is llama.cpp's end-of-turn token (Llama 3's <|eot_id|>): a chat reply ends there too.
+    eos = [field(key) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    # llama.cpp's converter reorders q/k rows for the llama architecture only.
+    heads = {"attn_q": num_heads, "attn_k": num_kv_heads} if arch == "llama" else {}
+    return Checkpoint(
+        hf_config,
+        list(dict.fromkeys(int(t) for t in eos if t is not None)),
+        len(tensors),
+        # Named up front: an unknown tensor fails the load before the model is built.
+        _iter_tensors(path, [(_hf_name(t.name), t) for t in tensors.values()], heads),
+    )
+
+
+def _iter_tensors(
+    path: str, tensors: list[tuple[str, gguf.ReaderTensor]], heads: dict[str, int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in tensors:
+        try:
+            values = _dequantize(tensor)
+        except READ_ERRORS + (NotImplementedError,) as e:
+            raise ModelLoadError(f"{path}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}") from None
+        kind = tensor.name.split(".")[-2]
+        if kind in heads:
+            values = _unpermute_rope_rows(values, heads[kind])
+        # A copy: F32 tensors are views of the read-only memory map.
+        yield name, torch.tensor(values, dtype=torch.float32)
+
+
+def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The tensor in fp32 with the Hugging Face (slowest-dim first) shape."""
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+
+
+def _hf_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in GGUF_LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_TENSORS[parts[2]]}.{suffix}"
+    if base in GGUF_GLOBAL_TENSORS:
+        return f"{GGUF_GLOBAL_TENSORS[base]}.{suffix}"
+    # An unknown tensor changes the computation somehow: running without it would be wrong.
+    raise ModelLoadError(f"GGUF tensor {gguf_name!r} is not supported")
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order, which interleaves rope pairs (GPT-J style).
+
+    llama.cpp's converter does w.reshape(n_head, 2, half, cols).swapaxes(1, 2); Hugging Face's
+    (and our) rotary embedding wants each head's two halves back as contiguous blocks.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

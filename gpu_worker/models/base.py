@@ -1,0 +1,108 @@
+"""What every model family shares: the runner's interface and loading Hugging Face-named weights.
+
+A family's module keeps Hugging Face's parameter names, except that projections of one input
+are stacked into a `MergedLinear` (q/k/v, gate/up), so a layer does two matmuls where it would
+do five. The class says which checkpoint names feed which stacked rows, which names it skips,
+and which weights are stored transposed (GPT-2's Conv1D); `load_weights` does the rest.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from gpu_worker.attention import Attention, AttentionMetadata
+from gpu_worker.layers import MergedLinear
+
+
+class ModelConfig(Protocol):
+    """What the runner reads from every family's config to size the KV cache."""
+
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Any: ...
+
+
+class CausalLM(nn.Module):
+    config_class: ClassVar[type]
+    # The base model's prefix in full checkpoints; checkpoints of the base model alone (the
+    # hub's gpt2 and opt-125m) leave it out, and it is added back.
+    base_prefix: ClassVar[str] = "model."
+    # Our stacked parameter -> the Hugging Face projections it holds, in row order.
+    stacked_params: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Checkpoint names ending so are buffers we compute ourselves (rope tables, causal masks).
+    ignored_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    # Weights stored [in, out] (Conv1D) rather than nn.Linear's [out, in].
+    transposed_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    config: Any
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Token ids and positions [T] of a flattened batch -> final hidden states [T, hidden]."""
+        raise NotImplementedError
+
+    def output_embeddings(self) -> torch.Tensor:
+        """The [vocab, hidden] matrix that turns final hidden states into logits."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, hidden] of the positions that sample -> logits [N, vocab] in fp32."""
+        return nn.functional.linear(hidden, self.output_embeddings()).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the parameters (stacking, transposing as declared).
+
+        Raises ValueError on an unknown name, a wrong shape or a parameter left unloaded, so
+        a checkpoint that does not fit never runs as garbage or uninitialized memory.
+        """
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: dict[str, set[int]] = defaultdict(set)
+        for name, tensor in weights:
+            if name.endswith(self.ignored_suffixes):
+                continue
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue  # the same tensor as the embedding
+            target, shard = self._stacked_target(name)
+            if target not in params and self.base_prefix + target in params:
+                target = self.base_prefix + target
+            if target not in params:
+                raise ValueError(f"unexpected weight {name} (a variant this model does not support?)")
+            if name.endswith(self.transposed_suffixes) and tensor.dim() == 2:
+                tensor = tensor.t()
+            rows = params[target].data
+            if shard is not None:
+                module = modules[target.rpartition(".")[0]]
+                assert isinstance(module, MergedLinear)
+                rows = rows.split(module.output_sizes, dim=0)[shard]
+            if rows.shape != tensor.shape:
+                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
+            rows.copy_(tensor)
+            loaded[target].add(shard or 0)
+        missing = [name for name in params if len(loaded[name]) < self._num_shards(name, modules)]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
+
+    def _stacked_target(self, name: str) -> tuple[str, int | None]:
+        for ours, parts in self.stacked_params.items():
+            for shard, hf_key in enumerate(parts):
+                if f".{hf_key}." in name:
+                    return name.replace(f".{hf_key}.", f".{ours}."), shard
+        return name, None
+
+    @staticmethod
+    def _num_shards(name: str, modules: dict[str, nn.Module]) -> int:
+        module = modules[name.rpartition(".")[0]]
+        return len(module.output_sizes) if isinstance(module, MergedLinear) else 1

@@ -1,0 +1,19 @@
+"""Rotary position embedding, neox / Hugging Face style: the two halves of a head form the pairs.
+
+The kernels take cos and sin already gathered per token ([T, rotary_dim], both halves, as
+`gpu_worker.layers.RotaryEmbedding.cos_sin` returns them), so every rope variant (Llama 3's
+scaled frequencies included) is a matter of the table, built once in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by its token's angles; cos, sin: [T, head_dim]."""
+    cos = cos[:, None].to(x.dtype)
+    sin = sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated_half * sin

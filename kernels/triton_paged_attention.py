@@ -1,0 +1,330 @@
+"""Paged attention in Triton: one varlen kernel for prefill chunks and decodes alike.
+
+Same function as `kernels.paged_attention.paged_attention_ref`: sequence b's queries are its
+last q_len positions of seq_len, query i sees keys 0 .. seq_len - q_len + i, and K/V are read
+through the block table from a cache laid out `[num_blocks, block_size, num_kv_heads, d]`.
+
+A program owns one KV head and a tile of BLOCK_M query rows: BLOCK_Q consecutive tokens of
+one sequence times the GROUP query heads that share the KV head (row r is token r // GROUP,
+head r % GROUP), so K and V are loaded once per group (GQA) and a decode still fills the
+16 rows a tensor-core product needs. Keys come in tiles of TILE_N, each key's cache row found
+through the block table, so TILE_N is free of the cache's block size. The tiles every row of
+the program sees run unmasked; only the last, diagonal ones pay for the causal mask.
+
+For few programs (decode at small batch) the key range is cut into NUM_SPLITS slices: each
+slice writes an fp32 partial output and its log-sum-exp, and `_reduce_splits_kernel` merges
+them. The slice bounds come from each sequence's own length inside the kernel, so the
+launch depends only on tensor shapes: no host sync, and safe to capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+# Score of a masked key: finite, so that a row that sees no key in a slice gives exp2(0) = 1
+# rather than NaN, and its slice weighs exp2(-1e30 - max) = 0 in the merge.
+MASKED_SCORE = -1.0e30
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence that owns global q block `q_block`.
+
+    Sequence b's q blocks start at query_start_loc[b] // BLOCK_Q + b: an upper bound on the
+    blocks before it that needs no prefix sum over the batch, found again here by bisection.
+    """
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_block <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b (+ acc) in fp32. UPCAST works around Triton's CPU interpreter, whose bf16 products
+    come out as garbage (3.9): the operands, already rounded as on the GPU, are widened first."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    dims, dim_ok,
+    TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into the running softmax of each row."""
+    keys = tile * TILE_N + tl.arange(0, TILE_N)
+    if MASKED:
+        key_ok = keys < kv_end
+        block = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        kv_ok = key_ok[:, None] & dim_ok[None, :]
+    else:
+        block = tl.load(table_ptr + keys // BLOCK_SIZE).to(tl.int64)
+        kv_ok = dim_ok[None, :]
+    in_block = (keys % BLOCK_SIZE)[:, None]
+    k = tl.load(
+        k_cache_ptr + block[:, None] * stride_kb + in_block * stride_ks + kv_head * stride_kh + dims[None, :],
+        mask=kv_ok, other=0.0,
+    )
+    s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
+    if MASKED:
+        s = tl.where(keys[None, :] <= q_pos[:, None], s, MASKED_SCORE)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_cache_ptr + block[:, None] * stride_vb + in_block * stride_vs + kv_head * stride_vh + dims[None, :],
+        mask=kv_ok, other=0.0,
+    )
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    qk_scale, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Last q block first: with causal prefill the late blocks of a sequence carry the most keys,
+    # and starting them first keeps the tail of the launch short.
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    first_q = (q_block - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if first_q >= q_len:
+        return  # a spare block of the upper-bound grid
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = first_q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = prefix + q_idx  # row sees keys 0 .. q_pos
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    token = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    )
+
+    last_q = tl.minimum(first_q + BLOCK_Q, q_len) - 1
+    kv_end = prefix + last_q + 1  # keys any row of this program sees
+    num_tiles = tl.cdiv(kv_end, TILE_N)
+    num_open_tiles = (prefix + first_q + 1) // TILE_N  # tiles every row sees whole
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for tile in range(tile_lo, tl.minimum(tile_hi, num_open_tiles)):
+        acc, l_i, m_i = _attend_tile(
+            q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
+            TILE_N, BLOCK_SIZE, False, DOT_PRECISION, UPCAST,
+        )
+    for tile in range(tl.maximum(tile_lo, num_open_tiles), tile_hi):
+        acc, l_i, m_i = _attend_tile(
+            q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
+            TILE_N, BLOCK_SIZE, True, DOT_PRECISION, UPCAST,
+        )
+
+    # l_i >= 1 once any key is folded in (the row's maximum adds exp2(0)); a slice with no tiles
+    # has l_i = 0 and m_i = -inf: its partial output is 0 and its weight exp2(-inf) = 0.
+    l_i = tl.maximum(l_i, 1.0)
+    out = acc / l_i[:, None]
+    store_ok = row_ok[:, None] & dim_ok[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=store_ok,
+        )
+    else:
+        part_row = (token * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=store_ok)
+        tl.store(part_lse_ptr + part_row, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """out[t, h] = the slices' partial outputs weighted by their share of the softmax mass."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    part_row = (token * NUM_HEADS + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part_row)
+    weight = tl.math.exp2(lse - tl.max(lse, 0))
+    part = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], mask=dim_ok[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes and launch shape of one call; `choose_config` picks them, benchmarks sweep them."""
+
+    block_m: int
+    tile_n: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a small number, so that small tests reach the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_config(
+    num_tokens: int,
+    num_seqs: int,
+    num_heads: int,
+    num_kv_heads: int,
+    num_sms: int,
+    max_seq_len: int | None = None,
+) -> AttentionConfig:
+    """Tiles from the shapes alone (no device sync, so a CUDA graph can capture the call).
+
+    Decode-only batches (one token per sequence) take 16-row tiles and split the keys when
+    there are too few programs to keep every SM streaming; batches with prefill chunks take
+    128-row tiles, the size at which the tensor cores do the work.
+    """
+    group = num_heads // num_kv_heads
+    if num_tokens == num_seqs:
+        block_m = max(16, triton.next_power_of_2(group))
+        tile_n, num_warps, num_stages = 64, 4, 3
+    else:
+        block_m = max(128, triton.next_power_of_2(group))
+        tile_n, num_warps, num_stages = 64, 8, 3
+    block_q = block_m // group
+    programs = (num_tokens // block_q + num_seqs) * num_kv_heads
+    target = 2 * num_sms
+    num_splits = 1
+    if programs < target:
+        num_splits = min(16, triton.next_power_of_2(-(-target // programs)))
+        if max_seq_len is not None:
+            # Each slice should stream at least 4 tiles, or the merge costs more than it saves.
+            useful = max(1, max_seq_len // (4 * tile_n))
+            num_splits = min(num_splits, 1 << (useful.bit_length() - 1))
+    return AttentionConfig(block_m, tile_n, num_splits, num_warps, num_stages)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """`paged_attention_ref`'s function on the GPU (or on CPU tensors under TRITON_INTERPRET=1).
+
+    max_seq_len: optional host-side bound on seq_lens; only used to split the keys less.
+    out: optional [T, num_heads, head_dim] to write into; config: tiles to use instead of
+    `choose_config`'s (benchmarks).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if kv_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
+        raise ValueError("seq_lens, query_start_loc and block_tables disagree on the number of sequences")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("the last dimension of q, the caches and block_tables must be contiguous")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    cfg = config or choose_config(num_tokens, num_seqs, num_heads, num_kv_heads, _num_sms(q.device), max_seq_len)
+    block_q = cfg.block_m // group
+    if block_q < 1:
+        raise ValueError(f"block_m {cfg.block_m} is smaller than the {group} query heads of a group")
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    splits = cfg.num_splits
+    if splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # never touched: NUM_SPLITS == 1 writes `out` directly
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part_out, part_lse,
+        block_tables, seq_lens, query_start_loc,
+        scale * LOG2_E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
+        NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
+            num_warps=4,
+        )
+    return out
+
+
+def attention_flops(q_lens: list[int], seq_lens: list[int], num_heads: int, head_dim: int) -> int:
+    """Multiply-adds x 2 of QK^T and PV over the keys each query actually sees (causal)."""
+    pairs = sum(q * (s - q) + q * (q + 1) // 2 for q, s in zip(q_lens, seq_lens, strict=True))
+    return 4 * pairs * num_heads * head_dim
+
+

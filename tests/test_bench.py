@@ -1,0 +1,78 @@
+"""`pagoda bench` on the CPU with a tiny random model: every figure is there and adds up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ENGINE = "--max-model-len 512 --num-tokenizers 1"
+
+
+def bench(tmp_path, workload: str, *flags: str) -> dict:
+    out = tmp_path / f"{workload}.json"
+    cmd = [sys.executable, "-m", "frontend.cli", "bench", workload, "--random-weights", "tiny-llama",
+           "--weights-dir", str(tmp_path.parent / "weights"), "--device", "cpu", "--output-json", str(out),
+           "--engine-args", ENGINE, *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["workload"] == workload
+    assert report["env"]["torch"] and "git_commit" in report["env"]
+    assert report["hardware"]["copy_bandwidth_bytes_per_s"] > 0 and report["hardware"]["matmul_flops_per_s"] > 0
+    return report["results"]
+
+
+def test_throughput_counts_every_requested_token_with_peer_and_limit(tmp_path):
+    res = bench(tmp_path, "throughput", "--num-prompts", "6", "--input-len", "8", "40", "--output-len", "4", "16",
+                "--max-num-seqs", "2", "6", "--peer", "hf", "--plot", str(tmp_path / "plots"))
+    assert [r["max_num_seqs"] for r in res["pagoda"]] == [2, 6]
+    for r in res["pagoda"]:
+        assert r["output_tokens"] == r["requested_output_tokens"] > 0
+        assert r["output_tokens_per_s"] > 0 and r["elapsed_s"] > 0
+    for peer in ("hf_static", "hf_continuous"):
+        assert res[peer]["output_tokens"] == res["pagoda"][0]["requested_output_tokens"]
+        assert res[peer]["output_tokens_per_s"] > 0
+    assert res["limit_output_tokens_per_s"] > max(r["output_tokens_per_s"] for r in res["pagoda"])
+    assert 0 < res["ratio_to_limit"] < 1 and res["ratio_to_hf_static"] > 0
+    assert os.path.getsize(tmp_path / "plots" / "throughput_batch.png") > 1000
+
+
+def test_latency_reports_ttft_and_decode_speed_next_to_peer_and_limit(tmp_path):
+    res = bench(tmp_path, "latency", "--input-len", "32", "--output-len", "16", "--peer", "hf")
+    assert res["pagoda"]["ttft_s"] > 0 and res["pagoda"]["decode_tokens_per_s"] > 0
+    assert all(r["output_tokens"] == r["requested_output_tokens"] == 16 for r in res["pagoda"]["runs"])
+    assert res["hf"]["decode_tokens_per_s"] > 0
+    assert res["limit"]["decode_tokens_per_s"] > res["pagoda"]["decode_tokens_per_s"]
+    assert 0 < res["ratio_to_limit"]["decode"] < 1
+
+
+def test_serve_measures_latency_percentiles_per_request_rate(tmp_path):
+    res = bench(tmp_path, "serve", "--num-prompts", "6", "--input-len", "24", "--output-len", "8",
+                "--request-rate", "20,inf", "--plot", str(tmp_path / "plots"))
+    assert [r["request_rate"] for r in res["pagoda"]] == [20.0, "inf"]
+    for r in res["pagoda"]:
+        assert r["completed"] == 6 and r["failed"] == 0
+        assert r["output_tokens"] == r["requested_output_tokens"] == 48
+        for metric in ("ttft_s", "tpot_s", "itl_s"):
+            assert 0 < r[metric]["p50"] <= r[metric]["p90"] <= r[metric]["p99"]
+        assert r["requests_per_s"] > 0 and r["output_tokens_per_s"] > 0
+        assert 0 <= r["goodput_requests_per_s"] <= r["requests_per_s"]
+    assert os.path.getsize(tmp_path / "plots" / "serve_latency.png") > 1000
+
+
+def test_prefix_compares_caching_on_and_off(tmp_path):
+    res = bench(tmp_path, "prefix", "--num-prompts", "4", "--prefix-len", "64", "--suffix-len", "8",
+                "--output-len", "4")
+    for side in ("caching_on", "caching_off"):
+        assert res[side]["output_tokens"] == res[side]["requested_output_tokens"] == 16
+        assert res[side]["ttft_mean_s"] > 0
+    assert res["caching_off"]["prefix_cache_hits"] == 0
+    assert res["caching_on"]["hit_rate"] > 0.5
+    assert res["ttft_speedup"] > 0
+
+
+def test_kernels_reports_bandwidth_and_flops(tmp_path):
+    res = bench(tmp_path, "kernels")
+    assert res, "the kernels workload returned no figures"

@@ -1,0 +1,261 @@
+"""The Triton kernels against their PyTorch references, on fresh random inputs of many shapes.
+
+Without a GPU the kernels run in Triton's CPU interpreter at small shapes (CI); with one they
+run compiled, and the tests marked `gpu` add the full shapes (`pytest -m gpu`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # Triton's @jit reads this when a kernel module is imported, so it is set before ours are
+    # imported below; `_kernel_module` re-imports a module that some earlier test compiled.
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from kernels import (  # noqa: E402
+    apply_rotary_ref,
+    fused_add_rms_norm_ref,
+    paged_attention_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+    write_kv_ref,
+)
+from tests.test_kernels_reference import build_paged_batch  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _kernel_module(name: str):
+    module = importlib.import_module(f"kernels.{name}")
+    if not ON_GPU:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not any(isinstance(v, InterpretedFunction) for v in vars(module).values()):
+            module = importlib.reload(module)
+    return module
+
+
+attn = _kernel_module("triton_paged_attention")
+kv = _kernel_module("triton_kv_cache")
+norm = _kernel_module("triton_norm")
+rotary = _kernel_module("triton_rotary")
+activation = _kernel_module("triton_activation")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "output has NaNs (an element left unwritten?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def random_batch(rng: random.Random, num_seqs: int, max_ctx: int, decode_share: float) -> list[tuple[int, int]]:
+    """(context, new queries) per sequence: decodes and prefill chunks over random prefixes."""
+    seqs = []
+    for _ in range(num_seqs):
+        ctx = rng.randint(1, max_ctx)
+        q_len = 1 if rng.random() < decode_share else rng.randint(1, ctx)
+        seqs.append((ctx, q_len))
+    return seqs
+
+
+def run_paged_attention(
+    seqs: list[tuple[int, int]],
+    layout: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    seed: int,
+    config=None,
+    max_seq_len: int | None = None,
+) -> float:
+    num_heads, num_kv_heads, head_dim, block_size = layout
+    batch = build_paged_batch(
+        [c for c, _ in seqs], [n for _, n in seqs], num_heads, num_kv_heads, head_dim, block_size, seed
+    )
+    q, k_cache, v_cache = (t.to(DEVICE, dtype) for t in batch[:3])
+    meta = [t.to(DEVICE) for t in batch[3:6]]
+    scale = 1 / math.sqrt(head_dim)
+    # The reference in fp32 on inputs already rounded to `dtype`: the error is the kernel's own.
+    ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), *meta, scale)
+    out = torch.full_like(q, float("nan"))
+    attn.paged_attention_triton(q, k_cache, v_cache, *meta, scale, out=out, config=config, max_seq_len=max_seq_len)
+    return rel_err(out, ref)
+
+
+# (query heads, kv heads, head dim, cache block size)
+LAYOUTS = [(32, 8, 64, 16), (16, 8, 128, 32), (9, 3, 64, 32), (14, 2, 128, 16)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
+def test_paged_attention_mixed_prefill_and_decode(layout: tuple[int, int, int, int]) -> None:
+    rng = random.Random(str(layout))
+    seqs = random_batch(rng, num_seqs=5, max_ctx=90, decode_share=0.5) + [(1, 1), (37, 37)]
+    assert run_paged_attention(seqs, layout, torch.float32, seed=rng.randrange(1 << 30)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_paged_attention_half_precision(dtype: torch.dtype) -> None:
+    rng = random.Random(str(dtype))
+    seqs = random_batch(rng, num_seqs=4, max_ctx=80, decode_share=0.5)
+    assert run_paged_attention(seqs, (16, 8, 64, 16), dtype, seed=rng.randrange(1 << 30)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    ("block_m", "tile_n", "num_splits"),
+    [(16, 16, 2), (16, 64, 4), (32, 32, 8), (64, 16, 1)],
+    ids=lambda x: str(x),
+)
+def test_paged_attention_tilings_and_split_kv(block_m: int, tile_n: int, num_splits: int) -> None:
+    """Key tiles smaller and larger than a cache block, and the key range cut into slices
+    (some of them empty for the shorter sequences) then merged."""
+    rng = random.Random(f"{block_m}-{tile_n}-{num_splits}")
+    seqs = random_batch(rng, num_seqs=4, max_ctx=150, decode_share=0.7) + [(3, 1)]
+    config = attn.AttentionConfig(block_m, tile_n, num_splits, num_warps=4, num_stages=2)
+    err = run_paged_attention(seqs, (9, 3, 64, 16), torch.float32, seed=rng.randrange(1 << 30), config=config)
+    assert err < TOLERANCE[torch.float32]
+
+
+def test_choose_config_splits_small_decode_batches_only() -> None:
+    h100 = 132  # multiprocessors
+    few = attn.choose_config(2, 2, 32, 8, h100)
+    assert few.num_splits > 1 and few.block_m == 16
+    assert attn.choose_config(2, 2, 32, 8, h100, max_seq_len=64).num_splits == 1
+    assert attn.choose_config(4096, 1, 32, 8, h100).block_m == 128
+    assert attn.choose_config(64, 64, 32, 8, h100).num_splits == 1  # workload K: 640 programs
+
+
+def test_paged_attention_default_config_for_a_small_decode_batch_splits() -> None:
+    rng = random.Random(7)
+    seqs = [(rng.randint(100, 300), 1) for _ in range(2)]
+    assert run_paged_attention(seqs, (32, 8, 64, 16), torch.float32, seed=7) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    num_blocks, block_size, kv_heads, head_dim = 7, 16, 3, 64
+    num_tokens = 40
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[[5, 17]] = -1
+    # k and v as views into a fused qkv output: token stride larger than kv_heads * head_dim.
+    qkv = torch.randn(num_tokens, 5 * kv_heads * head_dim, generator=gen).to(DEVICE, dtype)
+    k = qkv[:, : kv_heads * head_dim].view(num_tokens, kv_heads, head_dim)
+    v = qkv[:, 2 * kv_heads * head_dim : 3 * kv_heads * head_dim].view(num_tokens, kv_heads, head_dim)
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    poison = torch.randn(cache_shape, generator=gen).to(DEVICE, dtype)
+    k_ref, v_ref, k_out, v_out = (poison.clone() for _ in range(4))
+    write_kv_ref(k, v, k_ref, v_ref, slots.to(DEVICE))
+    kv.write_kv_triton(k, v, k_out, v_out, slots.to(DEVICE))
+    assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+    assert not torch.equal(k_out, poison)
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((9, 1000), torch.bfloat16), ((33, 4, 128), torch.float32),
+                                              ((5, 4096), torch.float16)], ids=str)
+def test_rms_norm_and_fused_residual_add(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    x, residual = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE, dtype)
+    eps = 1e-6
+    assert rel_err(norm.rms_norm_triton(x, weight, eps), rms_norm_ref(x, weight, eps)) < TOLERANCE[dtype]
+    out, res = norm.fused_add_rms_norm_triton(x, residual, weight, eps)
+    ref_out, ref_res = fused_add_rms_norm_ref(x, residual, weight, eps)
+    if ON_GPU or dtype != torch.bfloat16:
+        assert torch.equal(res, ref_res)
+    else:  # the interpreter (Triton 3.9) rounds fp32 -> bf16 toward zero, the GPU to nearest
+        assert rel_err(res, ref_res) < 2**-8
+    assert rel_err(out, ref_out) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(("num_heads", "head_dim", "dtype"), [(9, 64, torch.float32), (8, 128, torch.bfloat16)], ids=str)
+def test_rotary_with_llama3_scaled_frequencies(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    from gpu_worker.layers import RotaryEmbedding
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    rope = RotaryEmbedding(head_dim, 20000, 500000.0, scaling)
+    gen = torch.Generator().manual_seed(head_dim)
+    num_tokens = 37
+    positions = torch.randint(0, 20000, (num_tokens,), generator=gen).to(DEVICE)
+    cos, sin = rope.cos_sin(positions)
+    # A query view of a fused qkv output: token stride wider than the heads.
+    qkv = torch.randn(num_tokens, (num_heads + 2) * head_dim, generator=gen).to(DEVICE, dtype)
+    x = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    ref = apply_rotary_ref(x.float(), cos, sin)
+    assert rel_err(rotary.apply_rotary_triton(x, cos, sin), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((7, 2 * 1500), torch.bfloat16), ((3, 2, 2 * 64), torch.float32)],
+                         ids=str)
+def test_silu_and_mul(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])).to(DEVICE, dtype)
+    assert rel_err(activation.silu_and_mul_triton(x), silu_and_mul_ref(x)) < TOLERANCE[dtype]
+
+
+# ---- full shapes, compiled, on a GPU ---------------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("layout", [(32, 8, 128, 16), (16, 8, 128, 32), (9, 3, 64, 16), (14, 2, 128, 32),
+                                    (32, 8, 64, 32)], ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_paged_attention_full_shapes(layout: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    rng = random.Random(f"{layout}-{dtype}")
+    # Long prefill chunks over cached prefixes next to many decodes.
+    seqs = random_batch(rng, num_seqs=6, max_ctx=4000, decode_share=0.0)
+    seqs += [(rng.randint(1, 4500), 1) for _ in range(40)]
+    assert run_paged_attention(seqs, layout, dtype, seed=rng.randrange(1 << 30)) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_gpu_paged_decode_long_contexts(batch: int) -> None:
+    """Workload K's shape and the small batches that split the keys."""
+    rng = random.Random(batch)
+    seqs = [(rng.randint(3000, 4100), 1) for _ in range(batch)]
+    for max_seq_len in (None, 4100):
+        err = run_paged_attention(seqs, (32, 8, 128, 16), torch.bfloat16, rng.randrange(1 << 30), max_seq_len=max_seq_len)
+        assert err < 1e-2
+
+
+@gpu
+def test_gpu_paged_attention_fp32_is_exact_to_fp32_rounding() -> None:
+    rng = random.Random(32)
+    seqs = random_batch(rng, num_seqs=8, max_ctx=2000, decode_share=0.5)
+    assert run_paged_attention(seqs, (32, 8, 128, 16), torch.float32, seed=1) < 1e-5
+
+
+@gpu
+def test_gpu_pointwise_kernels_full_shapes() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens, hidden, heads, head_dim, inter = 4096, 4096, 32, 128, 14336
+    dtype = torch.bfloat16
+    x, residual = (torch.randn(tokens, hidden, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    weight = 1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda", dtype=dtype)
+    out, res = norm.fused_add_rms_norm_triton(x, residual, weight, 1e-5)
+    ref_out, ref_res = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
+    assert torch.equal(res, ref_res) and rel_err(out, ref_out) < 1e-2
+    q = torch.randn(tokens, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
+    angles = torch.rand(tokens, head_dim // 2, generator=gen, device="cuda") * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    assert rel_err(rotary.apply_rotary_triton(q, cos, sin), apply_rotary_ref(q.float(), cos, sin)) < 1e-2
+    gate_up = torch.randn(tokens, 2 * inter, generator=gen, device="cuda", dtype=dtype)
+    assert rel_err(activation.silu_and_mul_triton(gate_up), silu_and_mul_ref(gate_up.float())) < 1e-2
+    slots = torch.randperm(8192 * 16, device="cuda")[:tokens]
+    k = torch.randn(tokens, 8, head_dim, generator=gen, device="cuda", dtype=dtype)
+    caches = [torch.randn(8192, 16, 8, head_dim, generator=gen, device="cuda", dtype=dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    kv.write_kv_triton(k, k, *caches, slots)
+    write_kv_ref(k, k, *ref_caches, slots)
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])

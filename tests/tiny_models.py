@@ -1,0 +1,149 @@
+"""Tiny random models of every supported family, saved as Hugging Face folders with a tokenizer.
+
+Each keeps its family's real head layout (GQA/MQA, explicit head_dim, biases, learned
+positions, OPT's projections) at widths of 64-128, so a model builds, saves and runs in well
+under a second. A wide init spreads the logits, so greedy tokens have no near-ties that
+float noise could flip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention keeps keys and values in fixed-size blocks.",
+    "A tokenizer turns text into ids; a model turns ids into logits.",
+    "Pagoda serves language models through an OpenAI-compatible API.",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+]
+SPECIAL = ["<|endoftext|>", "<pad>"]
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences: every id decodes, any text encodes."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def _llama_like(vocab: int, **kw: object) -> dict:
+    base = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
+    return {**base, **kw}
+
+
+def family_config(family: str, vocab: int) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+    """The transformers class and a tiny config of `family` (names as in FAMILIES)."""
+    if family == "llama":  # Llama 3.1/3.2: GQA, llama3 rope scaling, untied head
+        return LlamaForCausalLM, LlamaConfig(
+            **_llama_like(vocab, num_hidden_layers=3, tie_word_embeddings=False),
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    if family == "smollm2":  # Llama with tied embeddings and 3:1 GQA
+        return LlamaForCausalLM, LlamaConfig(
+            **_llama_like(vocab, num_attention_heads=6, num_key_value_heads=2, hidden_size=96, tie_word_embeddings=True)
+        )
+    if family == "mistral":  # MQA here (one KV head), untied, no sliding window (v0.2+)
+        return MistralForCausalLM, MistralConfig(
+            **_llama_like(vocab, num_key_value_heads=1, tie_word_embeddings=False), sliding_window=None
+        )
+    if family == "qwen2":  # QKV bias, tied (Qwen2.5-1.5B)
+        return Qwen2ForCausalLM, Qwen2Config(**_llama_like(vocab, tie_word_embeddings=True))
+    if family == "qwen3":  # q/k RMSNorm, head_dim larger than hidden / heads
+        return Qwen3ForCausalLM, Qwen3Config(**_llama_like(vocab, head_dim=32, tie_word_embeddings=True))
+    if family == "gpt2":  # learned positions, Conv1D weights, MHA, gelu_new
+        return GPT2LMHeadModel, GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2
+        )
+    if family == "opt":  # opt-125m style: pre-LN; plus 350m's project_in/out to test them
+        return OPTForCausalLM, OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            word_embed_proj_dim=32,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            init_std=0.2,
+        )
+    if family == "opt-350m":  # post-LN (do_layer_norm_before=False) with project_in/out
+        return OPTForCausalLM, OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            word_embed_proj_dim=32,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            do_layer_norm_before=False,
+            init_std=0.2,
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "smollm2", "mistral", "qwen2", "qwen3", "gpt2", "opt", "opt-350m"]
+
+
+def build_tiny_model(
+    family: str, folder: Path, tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **save_kw: object
+) -> PreTrainedModel:
+    """Save a random tiny `family` model (and the tokenizer) in `folder`; return it in fp32 eval mode."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    model_class, config = family_config(family, len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    _spread_norm_weights(model)
+    model.save_pretrained(folder, **save_kw)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def _spread_norm_weights(model: PreTrainedModel) -> None:
+    """Random norm gains and biases (init leaves them 1 and 0), so a swapped one shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name or name.endswith("ln_f.weight") or name.endswith("ln_f.bias"):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
