@@ -20,7 +20,16 @@ from tqdm import tqdm
 
 from frontend.engine_client import EngineClient
 from frontend.supervisor import ProcessGroup
-from protocol import ChatMessage, EngineConfig, SamplingParams, SchedulerStats, TokenizeRequest
+from protocol import ChatMessage, EngineConfig, SamplingParams, SchedulerStats, TextOutput, TokenizeRequest
+
+
+@dataclass
+class Logprob:
+    """vLLM's: a token's logprob, its rank among the top alternatives (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None  # None: the sampled token was not among the top alternatives asked for
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -29,7 +38,10 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None  # with `logprobs`: the sum over token_ids
+    # With `logprobs`: one dict per token, the sampled token and the top alternatives by id.
+    logprobs: list[dict[int, Logprob]] | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -70,31 +82,24 @@ class LLM:
     async def _run_one(self, req: TokenizeRequest, prompt: str | None, bar: tqdm | None) -> RequestOutput:
         start = time.perf_counter()
         first: float | None = None
-        text: list[str] = []
-        token_ids: list[int] = []
-        finish_reason = None
+        samples = [_Sample(i, req.sampling.logprobs is not None) for i in range(req.sampling.n)]
         num_prompt_tokens = 0
         async for out in self._client.generate(req):
-            if first is None and out.token_ids:
+            if first is None:
                 first = time.perf_counter()
-            text.append(out.text)
-            token_ids.extend(out.token_ids)
-            finish_reason = out.finish_reason
+            samples[out.index].add(out)
             num_prompt_tokens = out.prompt_tokens
         end = time.perf_counter()
         if bar is not None:
             bar.update(1)
+        num_tokens = sum(len(s.token_ids) for s in samples)
         metrics = {"e2e_s": end - start}
         if first is not None:
             metrics["time_to_first_token_s"] = first - start
-            if len(token_ids) > 1:
-                metrics["decode_tokens_per_s"] = (len(token_ids) - 1) / max(end - first, 1e-9)
+            if num_tokens > len(samples):
+                metrics["decode_tokens_per_s"] = (num_tokens - len(samples)) / max(end - first, 1e-9)
         return RequestOutput(
-            req.request_id,
-            prompt,
-            [CompletionOutput(0, "".join(text), token_ids, finish_reason)],
-            num_prompt_tokens,
-            metrics=metrics,
+            req.request_id, prompt, [s.output() for s in samples], num_prompt_tokens, metrics=metrics
         )
 
     def _run(self, reqs: list[tuple[TokenizeRequest, str | None]], use_tqdm: bool) -> list[RequestOutput]:
@@ -142,6 +147,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"}) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -150,9 +156,14 @@ class LLM:
         for conv, sp in zip(conversations, params):
             msgs = [ChatMessage(m["role"], m.get("content")) for m in conv]  # type: ignore[index]
             rid = f"offline-chat-{uuid.uuid4().hex}"
-            reqs.append(
-                (TokenizeRequest(rid, sp, messages=msgs, add_generation_prompt=add_generation_prompt), None)
+            treq = TokenizeRequest(
+                rid,
+                sp,
+                messages=msgs,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
             )
+            reqs.append((treq, None))
         return self._run(reqs, use_tqdm)
 
     @property
@@ -177,3 +188,41 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+class _Sample:
+    """One of a request's `n` samples, gathered output by output."""
+
+    def __init__(self, index: int, with_logprobs: bool) -> None:
+        self.index = index
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if with_logprobs else None
+
+    def add(self, out: TextOutput) -> None:
+        self.text.append(out.text)
+        self.token_ids.extend(out.token_ids)
+        self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+        if self.logprobs is not None and out.logprobs is not None:
+            lp = out.logprobs
+            for i, token_id in enumerate(out.token_ids):
+                alternatives = zip(lp.top_token_ids[i], lp.top_logprobs[i], lp.top_tokens[i])
+                top = {t: Logprob(v, rank, text) for rank, (t, v, text) in enumerate(alternatives, 1)}
+                chosen = top.get(token_id) or Logprob(lp.token_logprobs[i], None, lp.tokens[i])
+                self.logprobs.append({token_id: chosen, **top})
+
+    def output(self) -> CompletionOutput:
+        cumulative = None
+        if self.logprobs is not None:
+            cumulative = sum(step[t].logprob for step, t in zip(self.logprobs, self.token_ids))
+        return CompletionOutput(
+            self.index,
+            "".join(self.text),
+            self.token_ids,
+            self.finish_reason,
+            cumulative,
+            self.logprobs,
+            self.stop_reason,
+        )

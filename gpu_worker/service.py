@@ -28,9 +28,15 @@ def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: th
 
 def run_worker(config: EngineConfig, rank: int = 0) -> None:
     from gpu_worker.model_runner import ModelRunner
+    from gpu_worker.model_source import ModelLoadError
 
     member_id = f"worker-{rank}"
-    runner = ModelRunner(config, rank=rank)
+    try:
+        runner = ModelRunner(config, rank=rank)
+    except ModelLoadError as e:
+        # The user's mistake, said in one line; the supervisor then stops the rest and exits 1.
+        logger.error("%s", e)
+        raise SystemExit(1) from None
     ctx = zmq.Context()
     sock = connect_dealer(ctx, config.scheduler_addr, member_id)
     codec = Codec(WorkerInbound)

@@ -29,7 +29,7 @@ import triton.language as tl
 LOG2_E = 1.4426950408889634
 # Score of a masked key: finite, so that a row that sees no key in a slice gives exp2(0) = 1
 # rather than NaN, and its slice weighs exp2(-1e30 - max) = 0 in the merge.
-MASKED_SCORE = -1.0e30
+MASKED_SCORE = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -65,7 +65,8 @@ def _attend_tile(
     q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     dims, dim_ok,
-    TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into the running softmax of each row."""
     keys = tile * TILE_N + tl.arange(0, TILE_N)
@@ -77,10 +78,13 @@ def _attend_tile(
         block = tl.load(table_ptr + keys // BLOCK_SIZE).to(tl.int64)
         kv_ok = dim_ok[None, :]
     in_block = (keys % BLOCK_SIZE)[:, None]
-    k = tl.load(
-        k_cache_ptr + block[:, None] * stride_kb + in_block * stride_ks + kv_head * stride_kh + dims[None, :],
-        mask=kv_ok, other=0.0,
-    )
+    k_ptrs = k_cache_ptr + block[:, None] * stride_kb + in_block * stride_ks + kv_head * stride_kh + dims[None, :]
+    v_ptrs = v_cache_ptr + block[:, None] * stride_vb + in_block * stride_vs + kv_head * stride_vh + dims[None, :]
+    # Open tiles of a power-of-two head dim load unmasked: the common case stays branch-free.
+    if MASKED or not EVEN_D:
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
     s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
     if MASKED:
         s = tl.where(keys[None, :] <= q_pos[:, None], s, MASKED_SCORE)
@@ -88,16 +92,16 @@ def _attend_tile(
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_cache_ptr + block[:, None] * stride_vb + in_block * stride_vs + kv_head * stride_vh + dims[None, :],
-        mask=kv_ok, other=0.0,
-    )
+    if MASKED or not EVEN_D:
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
     acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -153,13 +157,13 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
-            TILE_N, BLOCK_SIZE, False, DOT_PRECISION, UPCAST,
+            TILE_N, BLOCK_SIZE, False, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST,
         )
     for tile in range(tl.maximum(tile_lo, num_open_tiles), tile_hi):
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
-            TILE_N, BLOCK_SIZE, True, DOT_PRECISION, UPCAST,
+            TILE_N, BLOCK_SIZE, True, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST,
         )
 
     # l_i >= 1 once any key is folded in (the row's maximum adds exp2(0)); a slice with no tiles

@@ -21,7 +21,7 @@ VOCAB = 40
 
 def next_token(tokens: list[int], seed: int | None) -> int:
     """A deterministic "model": the next token of a context (a tuple of ints hashes stably)."""
-    return hash((tuple(tokens[-6:]), len(tokens), seed)) % VOCAB
+    return hash((tuple(tokens[-6:]), len(tokens), -1 if seed is None else seed)) % VOCAB
 
 
 def reference_output(prompt: list[int], seed: int | None, max_tokens: int, max_model_len: int) -> list[int]:

@@ -6,18 +6,20 @@ run compiled, and the tests marked `gpu` add the full shapes (`pytest -m gpu`).
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
-    # Triton's @jit reads this when a kernel module is imported, so it is set before ours are
-    # imported below; `_kernel_module` re-imports a module that some earlier test compiled.
+    # Triton's @jit chooses between compiling and interpreting when a function is decorated:
+    # its own library (tl.max, tl.cdiv, ...) when triton is first imported, ours when the
+    # kernel modules are. So this must come before both.
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
@@ -29,26 +31,39 @@ from kernels import (  # noqa: E402
     silu_and_mul_ref,
     write_kv_ref,
 )
+from kernels import triton_activation as activation  # noqa: E402
+from kernels import triton_kv_cache as kv  # noqa: E402
+from kernels import triton_norm as norm  # noqa: E402
+from kernels import triton_paged_attention as attn  # noqa: E402
+from kernels import triton_rotary as rotary  # noqa: E402
 from tests.test_kernels_reference import build_paged_batch  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-def _kernel_module(name: str):
-    module = importlib.import_module(f"kernels.{name}")
-    if not ON_GPU:
-        from triton.runtime.interpreter import InterpretedFunction
+def _interpreter_ready() -> bool:
+    """False when some module imported triton (or our kernels) before TRITON_INTERPRET was set."""
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
 
-        if not any(isinstance(v, InterpretedFunction) for v in vars(module).values()):
-            module = importlib.reload(module)
-    return module
+    return all(isinstance(f, InterpretedFunction) for f in (standard.cdiv, attn._paged_attention_kernel))
 
 
-attn = _kernel_module("triton_paged_attention")
-kv = _kernel_module("triton_kv_cache")
-norm = _kernel_module("triton_norm")
-rotary = _kernel_module("triton_rotary")
-activation = _kernel_module("triton_activation")
+IN_PROCESS = ON_GPU or _interpreter_ready()
+in_process = pytest.mark.skipif(
+    not IN_PROCESS, reason="triton was imported for compiling earlier in this process: see the fresh-process test"
+)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
+def test_kernels_in_a_fresh_interpreter_process() -> None:
+    """The whole module again in a process where nothing imported triton before it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -91,10 +106,11 @@ def run_paged_attention(
     return rel_err(out, ref)
 
 
-# (query heads, kv heads, head dim, cache block size)
-LAYOUTS = [(32, 8, 64, 16), (16, 8, 128, 32), (9, 3, 64, 32), (14, 2, 128, 16)]
+# (query heads, kv heads, head dim, cache block size); head dim 80 takes the padded-dims path.
+LAYOUTS = [(32, 8, 64, 16), (16, 8, 128, 32), (9, 3, 64, 32), (14, 2, 128, 16), (8, 2, 80, 16)]
 
 
+@in_process
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
 def test_paged_attention_mixed_prefill_and_decode(layout: tuple[int, int, int, int]) -> None:
     rng = random.Random(str(layout))
@@ -102,6 +118,7 @@ def test_paged_attention_mixed_prefill_and_decode(layout: tuple[int, int, int, i
     assert run_paged_attention(seqs, layout, torch.float32, seed=rng.randrange(1 << 30)) < TOLERANCE[torch.float32]
 
 
+@in_process
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_paged_attention_half_precision(dtype: torch.dtype) -> None:
     rng = random.Random(str(dtype))
@@ -109,6 +126,7 @@ def test_paged_attention_half_precision(dtype: torch.dtype) -> None:
     assert run_paged_attention(seqs, (16, 8, 64, 16), dtype, seed=rng.randrange(1 << 30)) < TOLERANCE[dtype]
 
 
+@in_process
 @pytest.mark.parametrize(
     ("block_m", "tile_n", "num_splits"),
     [(16, 16, 2), (16, 64, 4), (32, 32, 8), (64, 16, 1)],
@@ -124,6 +142,7 @@ def test_paged_attention_tilings_and_split_kv(block_m: int, tile_n: int, num_spl
     assert err < TOLERANCE[torch.float32]
 
 
+@in_process
 def test_choose_config_splits_small_decode_batches_only() -> None:
     h100 = 132  # multiprocessors
     few = attn.choose_config(2, 2, 32, 8, h100)
@@ -133,12 +152,14 @@ def test_choose_config_splits_small_decode_batches_only() -> None:
     assert attn.choose_config(64, 64, 32, 8, h100).num_splits == 1  # workload K: 640 programs
 
 
+@in_process
 def test_paged_attention_default_config_for_a_small_decode_batch_splits() -> None:
     rng = random.Random(7)
     seqs = [(rng.randint(100, 300), 1) for _ in range(2)]
     assert run_paged_attention(seqs, (32, 8, 64, 16), torch.float32, seed=7) < TOLERANCE[torch.float32]
 
 
+@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -159,6 +180,7 @@ def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(dtype: torch.d
     assert not torch.equal(k_out, poison)
 
 
+@in_process
 @pytest.mark.parametrize(("shape", "dtype"), [((9, 1000), torch.bfloat16), ((33, 4, 128), torch.float32),
                                               ((5, 4096), torch.float16)], ids=str)
 def test_rms_norm_and_fused_residual_add(shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -176,7 +198,10 @@ def test_rms_norm_and_fused_residual_add(shape: tuple[int, ...], dtype: torch.dt
     assert rel_err(out, ref_out) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize(("num_heads", "head_dim", "dtype"), [(9, 64, torch.float32), (8, 128, torch.bfloat16)], ids=str)
+@in_process
+@pytest.mark.parametrize(
+    ("num_heads", "head_dim", "dtype"), [(9, 64, torch.float32), (8, 128, torch.bfloat16)], ids=str
+)
 def test_rotary_with_llama3_scaled_frequencies(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     from gpu_worker.layers import RotaryEmbedding
 
@@ -194,6 +219,7 @@ def test_rotary_with_llama3_scaled_frequencies(num_heads: int, head_dim: int, dt
     assert rel_err(rotary.apply_rotary_triton(x, cos, sin), ref) < TOLERANCE[dtype]
 
 
+@in_process
 @pytest.mark.parametrize(("shape", "dtype"), [((7, 2 * 1500), torch.bfloat16), ((3, 2, 2 * 64), torch.float32)],
                          ids=str)
 def test_silu_and_mul(shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -225,8 +251,8 @@ def test_gpu_paged_decode_long_contexts(batch: int) -> None:
     rng = random.Random(batch)
     seqs = [(rng.randint(3000, 4100), 1) for _ in range(batch)]
     for max_seq_len in (None, 4100):
-        err = run_paged_attention(seqs, (32, 8, 128, 16), torch.bfloat16, rng.randrange(1 << 30), max_seq_len=max_seq_len)
-        assert err < 1e-2
+        seed = rng.randrange(1 << 30)
+        assert run_paged_attention(seqs, (32, 8, 128, 16), torch.bfloat16, seed, max_seq_len=max_seq_len) < 1e-2
 
 
 @gpu

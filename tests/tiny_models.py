@@ -66,59 +66,53 @@ def _llama_like(vocab: int, **kw: object) -> dict:
     return {**base, **kw}
 
 
-def family_config(family: str, vocab: int) -> tuple[type[PreTrainedModel], PretrainedConfig]:
-    """The transformers class and a tiny config of `family` (names as in FAMILIES)."""
-    if family == "llama":  # Llama 3.1/3.2: GQA, llama3 rope scaling, untied head
-        return LlamaForCausalLM, LlamaConfig(
-            **_llama_like(vocab, num_hidden_layers=3, tie_word_embeddings=False),
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        )
+def _opt(vocab: int, **kw: object) -> dict:
+    # word_embed_proj_dim below hidden_size: opt-350m's project_in/out, tested in both variants.
+    base = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        word_embed_proj_dim=32,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        init_std=0.2,
+    )
+    return {**base, **kw}
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # below the prompts' lengths, so the scaling shows
+}
+
+
+def family_config(family: str, vocab: int, **ids: int) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+    """The transformers class and a tiny config of `family` (a FAMILIES name); `ids`: special token ids."""
+    if family == "llama":  # Llama 3.1/3.2: GQA, llama3 rope scaling, untied head, 3 layers
+        kw = _llama_like(vocab, num_hidden_layers=3, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
+        return LlamaForCausalLM, LlamaConfig(**kw, **ids)
     if family == "smollm2":  # Llama with tied embeddings and 3:1 GQA
-        return LlamaForCausalLM, LlamaConfig(
-            **_llama_like(vocab, num_attention_heads=6, num_key_value_heads=2, hidden_size=96, tie_word_embeddings=True)
-        )
-    if family == "mistral":  # MQA here (one KV head), untied, no sliding window (v0.2+)
-        return MistralForCausalLM, MistralConfig(
-            **_llama_like(vocab, num_key_value_heads=1, tie_word_embeddings=False), sliding_window=None
-        )
+        kw = _llama_like(vocab, hidden_size=96, num_attention_heads=6, tie_word_embeddings=True)
+        return LlamaForCausalLM, LlamaConfig(**kw, **ids)
+    if family == "mistral":  # MQA (one KV head), untied, no sliding window (v0.2+)
+        kw = _llama_like(vocab, num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None)
+        return MistralForCausalLM, MistralConfig(**kw, **ids)
     if family == "qwen2":  # QKV bias, tied (Qwen2.5-1.5B)
-        return Qwen2ForCausalLM, Qwen2Config(**_llama_like(vocab, tie_word_embeddings=True))
-    if family == "qwen3":  # q/k RMSNorm, head_dim larger than hidden / heads
-        return Qwen3ForCausalLM, Qwen3Config(**_llama_like(vocab, head_dim=32, tie_word_embeddings=True))
+        return Qwen2ForCausalLM, Qwen2Config(**_llama_like(vocab, tie_word_embeddings=True), **ids)
+    if family == "qwen3":  # q/k RMSNorm, head_dim above hidden / heads
+        return Qwen3ForCausalLM, Qwen3Config(**_llama_like(vocab, head_dim=32, tie_word_embeddings=True), **ids)
     if family == "gpt2":  # learned positions, Conv1D weights, MHA, gelu_new
-        return GPT2LMHeadModel, GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2
-        )
-    if family == "opt":  # opt-125m style: pre-LN; plus 350m's project_in/out to test them
-        return OPTForCausalLM, OPTConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            word_embed_proj_dim=32,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            init_std=0.2,
-        )
-    if family == "opt-350m":  # post-LN (do_layer_norm_before=False) with project_in/out
-        return OPTForCausalLM, OPTConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            word_embed_proj_dim=32,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            do_layer_norm_before=False,
-            init_std=0.2,
-        )
+        kw = dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2)
+        return GPT2LMHeadModel, GPT2Config(**kw, **ids)
+    if family == "opt":  # opt-125m's pre-LN
+        return OPTForCausalLM, OPTConfig(**_opt(vocab), **ids)
+    if family == "opt-350m":  # post-LN (do_layer_norm_before=False), no final norm
+        return OPTForCausalLM, OPTConfig(**_opt(vocab, do_layer_norm_before=False), **ids)
     raise ValueError(family)
 
 
@@ -130,9 +124,10 @@ def build_tiny_model(
 ) -> PreTrainedModel:
     """Save a random tiny `family` model (and the tokenizer) in `folder`; return it in fp32 eval mode."""
     tokenizer = tokenizer or tiny_tokenizer()
-    model_class, config = family_config(family, len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    model_class, config = family_config(
+        family, len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(seed)
     model = model_class(config).eval()
     _spread_norm_weights(model)

@@ -35,7 +35,7 @@ from protocol import (
 )
 from protocol.messages import TokenizerFromFrontend, TokenizerFromScheduler
 from tokenizer_svc.output_processor import OutputProcessor
-from tokenizer_svc.tokenizer_loader import load_tokenizer
+from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
 
 logger = logging.getLogger("pagoda.tokenizer")
 
@@ -244,6 +244,10 @@ class TokenizerService:
 
 
 def run_tokenizer(config: EngineConfig, member_id: str) -> None:
-    service = TokenizerService(config, member_id)
+    try:
+        service = TokenizerService(config, member_id)
+    except TokenizerLoadError as e:
+        logger.error("%s", e)  # one line, no traceback: the supervisor stops the rest
+        raise SystemExit(1) from None
     logger.info("%s (pid %d) connecting to %s", member_id, os.getpid(), config.frontend_addr)
     service.run()

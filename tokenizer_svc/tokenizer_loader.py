@@ -47,20 +47,29 @@ def _load_gguf_tokenizer(path: str) -> Any:
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
-    source = config.tokenizer or config.model
-    if source is None:
-        from gpu_worker.loader import embedded_gguf_path
+    """The tokenizer of `--tokenizer`, else of `--model` (at `--revision`): a folder, a GGUF file
+    (its embedded vocabulary) or a hub id in the Hugging Face cache, resolved as the worker does."""
+    from gpu_worker.model_source import ModelLoadError, resolve_model_path
 
-        source = embedded_gguf_path()
+    # --revision is the model's; a separate --tokenizer is read at its default revision (vLLM's rule).
+    source, revision = (config.tokenizer, None) if config.tokenizer else (config.model, config.revision)
     try:
-        if source.endswith(".gguf"):
-            tok = _load_gguf_tokenizer(source)
+        path = resolve_model_path(source, revision)
+    except ModelLoadError as e:
+        raise TokenizerLoadError(f"cannot find the tokenizer: {e}") from None
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tok = _load_gguf_tokenizer(str(path))
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(source, revision=config.revision)
-    except Exception as e:
-        raise TokenizerLoadError(f"cannot load a tokenizer from {source!r}: {e}") from e
+            tok = AutoTokenizer.from_pretrained(str(path))
+            if len(tok.get_vocab()) < 2:  # transformers builds an empty one from config.json alone
+                raise TokenizerLoadError("no tokenizer files (tokenizer.json, vocab.json, tokenizer.model)")
+    except Exception as e:  # transformers raises many kinds here; all mean "no usable tokenizer"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if config.tokenizer else "; pass one with --tokenizer"
+        raise TokenizerLoadError(f"cannot load a tokenizer from {str(path)!r}: {reason}{hint}") from None
     if config.chat_template:
         template = config.chat_template
         if os.path.isfile(template):

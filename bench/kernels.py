@@ -1,0 +1,225 @@
+"""Workload K of ../shared/BENCH.md: the attention kernels against the machine and PyTorch.
+
+    python -m bench.kernels [--sweep] [--out results.json]
+
+Decode: paged attention over batch 64 x context 4096 (32/8 heads, d 128, block 16, bf16), as
+bytes/s next to a device-to-device copy measured in the same run, and next to PyTorch's
+`scaled_dot_product_attention` on contiguous K/V. Prefill: 4 x 4096 causal, as TFLOP/s next
+to SDPA's flash and cuDNN backends. Every time is the median of CUDA-event timings
+(`triton.testing.do_bench`, which also flushes the L2 cache before each run). `--sweep`
+adds other tilings of the Triton kernel, to choose `choose_config`'s defaults from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kernels.triton_paged_attention import AttentionConfig, attention_flops, choose_config, paged_attention_triton
+
+DECODE = dict(batch=64, context=4096, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+PREFILL = dict(batch=4, tokens=4096, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+
+DECODE_SWEEP = [
+    AttentionConfig(16, tile_n, splits, warps, stages)
+    for tile_n, splits, warps, stages in [
+        (32, 1, 4, 2), (32, 1, 4, 3), (32, 1, 4, 4), (64, 1, 4, 2), (64, 1, 4, 3), (64, 1, 4, 4),
+        (64, 1, 8, 3), (128, 1, 4, 2), (128, 1, 4, 3), (128, 1, 8, 3), (16, 1, 2, 4), (32, 1, 2, 3),
+        (64, 2, 4, 3), (64, 4, 4, 3), (32, 2, 4, 3), (128, 2, 4, 3),
+    ]
+]
+PREFILL_SWEEP = [
+    AttentionConfig(block_m, tile_n, 1, warps, stages)
+    for block_m, tile_n, warps, stages in [
+        (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+        (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+        (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 16, 2), (256, 64, 16, 2),
+    ]
+]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds per call: the median of CUDA-event timings after a warm-up."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") / 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting the bytes read and the bytes written."""
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n / timed(lambda: dst.copy_(src))
+
+
+def paged_cache(
+    batch: int, context: int, num_kv_heads: int, head_dim: int, block_size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches holding `batch` sequences in shuffled blocks, and their block tables."""
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=gen, device="cuda").view(batch, blocks_per_seq).to(torch.int32)
+    return k_cache, v_cache, tables
+
+
+def _run_variants(
+    configs: list[AttentionConfig], call: Callable[[AttentionConfig], Any], work: float, unit: str
+) -> list[dict[str, Any]]:
+    rows = []
+    for cfg in configs:
+        try:
+            seconds = timed(lambda cfg=cfg: call(cfg))
+            rows.append({"config": cfg.__dict__, "seconds": seconds, unit: work / seconds})
+        except Exception as e:  # a tiling that does not fit (shared memory, registers) is a result too
+            rows.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"  {cfg} -> {rows[-1].get(unit, rows[-1].get('error'))}", file=sys.stderr)
+    return rows
+
+
+def bench_decode(copy_bw: float, sweep: bool) -> dict[str, Any]:
+    s = DECODE
+    b, ctx, h, kvh, d = s["batch"], s["context"], s["num_heads"], s["num_kv_heads"], s["head_dim"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k_cache, v_cache, tables = paged_cache(b, ctx, kvh, d, s["block_size"], gen)
+    q = torch.randn(b, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    # The bytes that must move: every K and V row once, q read and the output written.
+    nbytes = 2 * b * ctx * kvh * d * 2 + 2 * q.numel() * 2
+    scale = d**-0.5
+
+    def call(cfg: AttentionConfig | None, max_seq_len: int | None = None) -> torch.Tensor:
+        return paged_attention_triton(
+            q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out, config=cfg, max_seq_len=max_seq_len
+        )
+
+    default = choose_config(b, b, h, kvh, torch.cuda.get_device_properties(0).multi_processor_count, ctx)
+    t = timed(lambda: call(None, ctx))
+    result: dict[str, Any] = {"shape": s, "bytes": nbytes}
+    result["triton_paged"] = {"config": default.__dict__, "seconds": t, "bytes_per_s": nbytes / t,
+                              "fraction_of_copy": nbytes / t / copy_bw}
+
+    # PyTorch on the same K/V made contiguous ([B, kv_heads, context, d]), each KV head's group
+    # of query heads folded into its query rows so that K/V are read once; it must agree with ours.
+    k = k_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    qg = q.view(b, kvh, h // kvh, d)
+    ref = F.scaled_dot_product_attention(qg, k, v, scale=scale)
+    t = timed(lambda: F.scaled_dot_product_attention(qg, k, v, scale=scale))
+    result["sdpa_contiguous"] = {"seconds": t, "bytes_per_s": nbytes / t, "fraction_of_copy": nbytes / t / copy_bw}
+    call(None, ctx)
+    result["triton_rel_err"] = ((out.float() - ref.reshape_as(out).float()).norm() / ref.float().norm()).item()
+    if sweep:
+        result["variants"] = _run_variants(DECODE_SWEEP, call, nbytes, "bytes_per_s")
+        # The price of paging: the same kernel with every sequence's blocks in order.
+        in_order = torch.arange(tables.numel(), dtype=torch.int32, device="cuda").view_as(tables)
+        t = timed(lambda: paged_attention_triton(q, k_cache, v_cache, in_order, seq_lens, qsl, scale, out=out))
+        result["triton_blocks_in_order"] = {"seconds": t, "bytes_per_s": nbytes / t}
+    return result
+
+
+def bench_prefill(sweep: bool) -> dict[str, Any]:
+    s = PREFILL
+    b, n, h, kvh, d = s["batch"], s["tokens"], s["num_heads"], s["num_kv_heads"], s["head_dim"]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    k_cache, v_cache, tables = paged_cache(b, n, kvh, d, s["block_size"], gen)
+    q = torch.randn(b * n, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(0, b * n + 1, n, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    flops = attention_flops([n] * b, [n] * b, h, d)
+    scale = d**-0.5
+
+    def call(cfg: AttentionConfig | None) -> torch.Tensor:
+        return paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out, config=cfg)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default = choose_config(b * n, b, h, kvh, sms, n)
+    t = timed(lambda: call(None))
+    result: dict[str, Any] = {"shape": s, "flops": flops}
+    result["triton_paged"] = {"config": default.__dict__, "seconds": t, "flops_per_s": flops / t}
+
+    # The same K/V made contiguous for SDPA ([B, heads, tokens, d]); it must agree with ours.
+    k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    qs = q.view(b, n, h, d).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                try:
+                    F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                    kk, vv, gqa = k, v, True
+                except RuntimeError:  # a backend without GQA gets K/V repeated per query head
+                    kk, vv, gqa = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1), False
+                ref = F.scaled_dot_product_attention(qs, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+                t = timed(lambda kk=kk, vv=vv, gqa=gqa: F.scaled_dot_product_attention(
+                    qs, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa))
+            call(None)
+            err = ((out.float() - ref.transpose(1, 2).reshape_as(out).float()).norm() / ref.float().norm()).item()
+            result[name] = {"seconds": t, "flops_per_s": flops / t, "kv_repeated": not gqa, "triton_rel_err": err}
+        except RuntimeError as e:
+            result[name] = {"error": str(e)[:300]}
+    if sweep:
+        result["variants"] = _run_variants(PREFILL_SWEEP, call, flops, "flops_per_s")
+    return result
+
+
+def run(sweep: bool = False) -> dict[str, Any]:
+    from bench.hardware import describe
+
+    copy_bw = copy_bandwidth()
+    result: dict[str, Any] = {"workload": "K", "machine": describe("cuda"), "copy_bandwidth_bytes_per_s": copy_bw}
+    result["decode"] = bench_decode(copy_bw, sweep)
+    result["prefill"] = bench_prefill(sweep)
+    return result
+
+
+def summary(r: dict[str, Any]) -> str:
+    dec, pre = r["decode"], r["prefill"]
+    lines = [f"copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s"]
+    for name in ("triton_paged", "sdpa_contiguous"):
+        x = dec[name]
+        lines.append(f"decode  {name:16s} {x['seconds'] * 1e6:8.1f} us  {x['bytes_per_s'] / 1e12:.2f} TB/s "
+                     f"({100 * x['fraction_of_copy']:.1f}% of copy)")
+    for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn"):
+        x = pre.get(name, {})
+        if "seconds" in x:
+            lines.append(f"prefill {name:16s} {x['seconds'] * 1e3:8.3f} ms  {x['flops_per_s'] / 1e12:.0f} TFLOP/s")
+        else:
+            lines.append(f"prefill {name:16s} {x.get('error', 'not run')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="also time other tilings of the Triton kernel")
+    parser.add_argument("--out", help="write the JSON here as well as to stdout")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("workload K needs a CUDA GPU")
+    result = run(args.sweep)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    print(summary(result))
+
+
+if __name__ == "__main__":
+    main()

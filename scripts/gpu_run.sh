@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one go, on a GPU machine that has torch, Triton and transformers but
+# none of Pagoda's other dependencies and no network: installs them from the wheels brought
+# along in .whl/ (copied from the steering repo's device-wheels), runs the tests marked `gpu`,
+# then the benchmarks, and writes JSON and logs to OUTDIR.
+#
+#   scripts/gpu_run.sh OUTDIR [tests|kernels|latency|throughput|prefix|serve ...]
+#
+# With no step named, every step runs. BENCH_TIMEOUT caps each benchmark (seconds).
+set -uo pipefail
+out=${1:?usage: scripts/gpu_run.sh OUTDIR [steps...]}
+shift
+steps=${*:-tests kernels latency throughput prefix serve}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 PAGODA_CACHE_DIR=/tmp/pagoda-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+
+bench() {
+    local name=$1; shift
+    echo "== bench $name: $*"
+    timeout "${BENCH_TIMEOUT:-900}" python3 -m frontend.cli bench "$@" --output-json "$out/$name.json" \
+        > "$out/$name.log" 2>&1
+    echo "   exit $? ($(tail -c 300 "$out/$name.log" | tr '\n' ' '))"
+}
+
+for step in $steps; do
+    case $step in
+        tests) python3 -m pytest -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest_gpu.log" | tail -30 ;;
+        kernels) bench kernels kernels ;;
+        latency) bench latency latency --random-weights llama3-8b --peer hf ;;
+        throughput) bench throughput throughput --random-weights qwen3-0.6b --peer hf --plot "$out" ;;
+        prefix) bench prefix prefix --random-weights llama3-8b ;;
+        serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-100}" --plot "$out" ;;
+        *) echo "unknown step $step"; exit 2 ;;
+    esac
+done

@@ -1,0 +1,315 @@
+"""Every model family against transformers, on tiny random models with the family's real layout.
+
+Each family runs through the `ModelRunner` (paged KV cache, shuffled block tables, one batched
+prefill of mixed-length prompts then batched decodes): greedy tokens identical to
+`transformers.generate`, last-position logits within 1e-4. Two families also run through the
+whole pipeline (`LLM` on a hub id from the cache; `pagoda serve` with --tokenizer and
+--served-model-name), which costs ~10 s of process start-up each. GGUF files of every listed
+quantization are compared with transformers reading the same file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+from gpu_worker.loader import ModelLoadError, resolve_dtype
+from gpu_worker.model_source import resolve_model_path
+from protocol.config import EngineConfig
+from tests.conftest import start_server
+from tests.model_check import (
+    MAX_TOKENS,
+    hf_greedy,
+    hf_last_logits,
+    make_runner,
+    random_prompts,
+    relative_error,
+    runner_greedy,
+    runner_last_logits,
+)
+from tests.tiny_gguf import Q, llama3_rope_freqs, write_gguf
+from tests.tiny_models import FAMILIES, LLAMA3_ROPE, build_tiny_model, family_config, tiny_tokenizer
+from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
+
+FP32_LOGITS_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy shared CPU two OpenMP threads that
+    wait on each other make each one ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    """family -> (folder, transformers model), each built once."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, tuple[Path, PreTrainedModel]] = {}
+
+    def get(family: str) -> tuple[Path, PreTrainedModel]:
+        if family not in built:
+            built[family] = (root / family, build_tiny_model(family, root / family, tokenizer))
+        return built[family]
+
+    return get
+
+
+def assert_matches_transformers(model: str, hf_model: PreTrainedModel, vocab_size: int) -> None:
+    runner = make_runner(model)
+    prompts = random_prompts(vocab_size)
+    assert runner_greedy(runner, prompts) == hf_greedy(hf_model, prompts)
+    assert relative_error(runner_last_logits(runner, prompts), hf_last_logits(hf_model, prompts)) < FP32_LOGITS_RTOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_gives_transformers_greedy_tokens_and_logits(family, tiny, tokenizer) -> None:
+    folder, hf_model = tiny(family)
+    assert_matches_transformers(str(folder), hf_model, len(tokenizer))
+
+
+# ---- checkpoint layouts ----------------------------------------------------------------------
+
+
+def test_sharded_safetensors_with_index_load(tiny, tokenizer, tmp_path) -> None:
+    _, hf_model = tiny("qwen2")
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    prompts = random_prompts(len(tokenizer), (9,))
+    assert runner_greedy(make_runner(str(tmp_path)), prompts, 8) == hf_greedy(hf_model, prompts, 8)
+
+
+@pytest.mark.parametrize(("family", "prefix"), [("gpt2", "transformer."), ("opt", "model.")])
+def test_hub_style_pytorch_bin_without_the_base_prefix_loads(family, prefix, tiny, tokenizer, tmp_path) -> None:
+    """The hub's gpt2 and opt-125m: pytorch_model.bin of the base model, GPT-2 with mask buffers."""
+    folder, hf_model = tiny(family)
+    state = {k.removeprefix(prefix): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    if family == "gpt2":
+        state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    shutil.copy(folder / "config.json", tmp_path)
+    prompts = random_prompts(len(tokenizer), (9,))
+    assert runner_greedy(make_runner(str(tmp_path)), prompts, 8) == hf_greedy(hf_model, prompts, 8)
+
+
+# ---- GGUF ----------------------------------------------------------------------------------
+
+ALL_QUANTS = [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.BF16, Q.F16, Q.F32]
+GGUF_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CLASSES))
+def test_gguf_of_every_quant_type_matches_transformers_reading_the_same_file(arch, tmp_path) -> None:
+    # Widths of 256: a K-quant block spans 256 values of a row.
+    model_class, config = family_config(arch, 320)
+    # Qwen3's head_dim of 128 whatever the width (transformers assumes it for Qwen3 GGUFs).
+    head_dim = 128 if arch == "qwen3" else 64
+    config.update(dict(hidden_size=256, intermediate_size=512, head_dim=head_dim, tie_word_embeddings=False))
+    torch.manual_seed(0)
+    hf_source = GGUF_CLASSES[arch](config).eval()
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(hf_source, path, arch, ALL_QUANTS, eos_token_id=0)
+    types = {t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert set(ALL_QUANTS) <= types
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    assert_matches_transformers(str(path), hf_model, 320)
+
+
+def test_gguf_llama3_rope_freqs_match_the_hugging_face_model(tiny, tokenizer, tmp_path) -> None:
+    """llama.cpp stores Llama 3.1's rope scaling as a rope_freqs tensor; transformers ignores it."""
+    _, hf_model = tiny("llama")
+    path = tmp_path / "llama3.gguf"
+    head_dim = hf_model.config.head_dim
+    write_gguf(hf_model, path, "llama", [Q.F32], eos_token_id=0, rope_freqs=llama3_rope_freqs(LLAMA3_ROPE, head_dim))
+    assert_matches_transformers(str(path), hf_model, len(tokenizer))
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------
+
+
+def fake_hub_cache(root: Path, repo_id: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
+    """A Hugging Face cache holding `repo_id` at the given commits, with branch/tag refs."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    for commit, folder in snapshots.items():
+        shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    for ref, commit in refs.items():
+        (repo / "refs" / ref).write_text(commit)
+    return root
+
+
+def test_llm_serves_a_hub_id_from_the_cache_at_the_asked_revision(tokenizer, tmp_path) -> None:
+    from frontend import LLM, SamplingParams
+
+    main = build_tiny_model("llama", tmp_path / "main", tokenizer, seed=1)
+    v2 = build_tiny_model("llama", tmp_path / "v2", tokenizer, seed=2)
+    cache = fake_hub_cache(
+        tmp_path / "hub", "tiny-org/tiny-llama", {"a" * 40: tmp_path / "main", "b" * 40: tmp_path / "v2"},
+        {"main": "a" * 40, "v2": "b" * 40},
+    )
+    prompts = random_prompts(len(tokenizer))
+    expected = hf_greedy(v2, prompts)
+    assert expected != hf_greedy(main, prompts)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_CACHE", str(cache))
+        with LLM("tiny-org/tiny-llama", revision="v2", kv_cache_memory_gb=0.05) as llm:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_pagoda_serve_honours_tokenizer_served_name_and_dtype(tiny, tokenizer, tmp_path) -> None:
+    import openai
+
+    folder, hf_model = tiny("gpt2")
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, weights_only)
+    server = start_server(
+        str(tmp_path), "--model", str(weights_only), "--tokenizer", str(folder), "--served-model-name", "tiny-gpt2",
+        "--dtype", "float32", "--kv-cache-memory-gb", "0.05", "--num-tokenizers", "1",
+    )
+    try:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-gpt2"]
+        prompts = random_prompts(len(tokenizer), (5, 21))
+        for prompt, expected in zip(prompts, hf_greedy(hf_model, prompts)):
+            out = client.completions.create(
+                model="tiny-gpt2", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+            )
+            assert [int(t.removeprefix("token_id:")) for t in out.choices[0].logprobs.tokens] == expected
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=str(weights_only), prompt="hi", max_tokens=1)
+    finally:
+        server.stop()
+
+
+def test_pagoda_serve_exits_1_with_one_line_for_an_unsupported_architecture(tiny, tmp_path) -> None:
+    folder, _ = tiny("qwen3")
+    falcon = tmp_path / "falcon"
+    shutil.copytree(folder, falcon)
+    config = (falcon / "config.json").read_text().replace("Qwen3ForCausalLM", "FalconForCausalLM")
+    (falcon / "config.json").write_text(config)
+    cmd = [sys.executable, "-m", "frontend.cli", "serve", "--model", str(falcon), "--num-tokenizers", "1",
+           "--port", "0", "--kv-cache-memory-gb", "0.05"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "architecture FalconForCausalLM is not supported (supported: LlamaForCausalLM," in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- user errors -----------------------------------------------------------------------------
+
+
+def load_error(model: str, **kw: object) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        make_runner(model, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_corrupt_and_unsupported_checkpoints_say_what_is_wrong(tiny, tmp_path) -> None:
+    folder, _ = tiny("smollm2")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "corrupt or incomplete" in load_error(str(broken)) and str(weights) in load_error(str(broken))
+
+    weights.unlink()
+    assert "no weights in" in load_error(str(broken))
+
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    assert "cannot read GGUF file" in load_error(str(tmp_path / "bad.gguf"))
+
+    config = (folder / "config.json").read_text()
+    shutil.copy(folder / "model.safetensors", broken)
+    (broken / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    assert "checkpoint is missing weights: model.layers.2." in load_error(str(broken))
+
+    (broken / "config.json").write_text(config.replace('"rope_type": "default"', '"rope_type": "yarn"'))
+    assert "rope scaling 'yarn' is not supported" in load_error(str(broken))
+
+    assert "does not exist" in load_error(str(tmp_path / "nowhere"))
+
+
+def test_hub_id_resolves_in_the_cache_or_says_how_to_download(tiny, tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    folder, _ = tiny("gpt2")
+    cache = fake_hub_cache(tmp_path, "openai-community/gpt2", {"c" * 40: folder}, {"main": "c" * 40})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_model_path("openai-community/gpt2") == cache / "models--openai-community--gpt2/snapshots" / ("c" * 40)
+    assert resolve_model_path("openai-community/gpt2", "c" * 40).name == "c" * 40
+
+    message = load_error("facebook/opt-125m")
+    assert str(cache) in message and message.endswith("download it first with: hf download facebook/opt-125m")
+    assert "hf download openai-community/gpt2 --revision v9" in load_error("openai-community/gpt2", revision="v9")
+
+
+def test_missing_tokenizer_is_one_line_that_suggests_the_flag(tiny, tmp_path) -> None:
+    folder, _ = tiny("opt")
+    shutil.copy(folder / "config.json", tmp_path)
+    with pytest.raises(TokenizerLoadError, match=r"no tokenizer files .*; pass one with --tokenizer$"):
+        load_tokenizer(EngineConfig(model=str(tmp_path)))
+    assert len(load_tokenizer(EngineConfig(model=str(tmp_path), tokenizer=str(folder)))) > 2
+
+
+def test_auto_dtype_is_fp32_on_cpu_and_the_checkpoints_half_dtype_on_gpu() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_dtype("auto", cpu, torch.bfloat16) == torch.float32
+    assert resolve_dtype("auto", gpu, torch.float16) == torch.float16
+    assert resolve_dtype("auto", gpu, torch.float32) == torch.bfloat16
+    assert resolve_dtype("auto", gpu, None) == torch.bfloat16  # GGUF
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="dtype 'fp8' is not one of auto"):
+        resolve_dtype("fp8", cpu)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_on_gpu_fp32_tokens_and_bf16_logits(family, tiny, tokenizer) -> None:
+    """fp32 on the GPU must match as on the CPU. bf16 is judged against the fp32 reference (the
+    truth), not against transformers' own bf16, whose rounding differs from ours op by op."""
+    folder, hf_model = tiny(family)
+    hf_model = hf_model.to("cuda")
+    prompts = random_prompts(len(tokenizer))
+    reference = hf_last_logits(hf_model, prompts)
+    runner = make_runner(str(folder), device="cuda", dtype="float32")
+    assert runner_greedy(runner, prompts) == hf_greedy(hf_model, prompts)
+    assert relative_error(runner_last_logits(runner, prompts), reference) < FP32_LOGITS_RTOL
+    bf16 = make_runner(str(folder), device="cuda", dtype="bfloat16")
+    assert relative_error(runner_last_logits(bf16, prompts), reference) < 2e-2
+
+
+@pytest.mark.gpu
+def test_llm_on_gpu_profiles_memory_and_matches_transformers(tiny, tokenizer) -> None:
+    from frontend import LLM, SamplingParams
+
+    folder, hf_model = tiny("qwen3")
+    prompts = random_prompts(len(tokenizer))
+    expected = hf_greedy(hf_model.to("cuda"), prompts)
+    with LLM(str(folder), dtype="float32", gpu_memory_utilization=0.3) as llm:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS))
+    assert [o.outputs[0].token_ids for o in outputs] == expected

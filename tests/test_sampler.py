@@ -1,0 +1,115 @@
+"""The sampler alone: each parameter's effect on known logits, seeds, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.sampler import sample
+from protocol import SamplingParams
+
+VOCAB = 32
+EOS = 31
+
+
+def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, **kw)
+
+
+def test_greedy_equals_top_k_1_at_any_temperature() -> None:
+    logits = logits_rows(8)
+    a = sample(logits, [greedy()] * 8, [None] * 8).token_ids
+    b = sample(logits, [SamplingParams(temperature=1.5, top_k=1)] * 8, [None] * 8).token_ids
+    assert a.tolist() == b.tolist() == logits.argmax(-1).tolist()
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    logits = logits_rows(2)
+    top = logits.argmax(-1).tolist()
+    params = [greedy(logit_bias={top[0]: -100.0}), greedy(logit_bias={5: 100.0})]
+    out = sample(logits, params, [None, None]).token_ids.tolist()
+    assert out[0] != top[0] and out[1] == 5
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached() -> None:
+    logits = torch.zeros(3, VOCAB)
+    logits[:, EOS] = 10.0
+    logits[:, 7] = 9.0
+    logits[:, 3] = 8.0
+    params = [greedy(min_tokens=2, stop_token_ids=[7])] * 3
+    prompt = [1, 2]
+    histories = [prompt, prompt + [4], prompt + [4, 4]]  # 0, 1 and 2 outputs so far
+    out = sample(logits, params, [None] * 3, histories, [2, 2, 2], eos_token_ids=[EOS]).token_ids.tolist()
+    assert out == [3, 3, EOS]
+
+
+def test_repetition_penalty_covers_prompt_and_outputs() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 4], logits[0, 5], logits[0, 6] = 2.0, -2.0, 1.9
+    params = [greedy(repetition_penalty=2.0)]
+    # 4 is in the prompt, 5 among the outputs: 4 drops to 1.0 (divided), 5 to -4.0 (multiplied).
+    out = sample(logits, params, [None], [[4, 9, 5]], [2])
+    assert out.token_ids.tolist() == [6]
+
+
+def test_frequency_penalty_counts_outputs_and_presence_does_not() -> None:
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 4], logits[:, 6] = 3.0, 1.5
+    history = [[4, 4, 1, 4, 4]]  # prompt [4]; outputs [4, 1, 4, 4]: three 4s
+    freq = sample(logits[:1], [greedy(frequency_penalty=0.6)], [None], history, [1]).token_ids
+    presence = sample(logits[1:], [greedy(presence_penalty=1.0)], [None], history, [1]).token_ids
+    assert freq.tolist() == [6]  # 3.0 - 3 * 0.6 = 1.2 < 1.5
+    assert presence.tolist() == [4]  # 3.0 - 1.0 = 2.0 > 1.5
+
+
+def test_penalties_leave_other_rows_alone() -> None:
+    logits = logits_rows(2)
+    top = logits.argmax(-1)
+    histories = [[int(top[0])] * 3, [int(top[1])] * 3]
+    params = [greedy(frequency_penalty=2.0, presence_penalty=2.0), greedy()]
+    out = sample(logits, params, [None, None], histories, [1, 1]).token_ids
+    assert out[0] != top[0] and out[1] == top[1]
+
+
+def test_seeded_row_is_the_same_alone_and_in_any_batch() -> None:
+    logits = logits_rows(6, seed=1)
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+    histories = [[1, 2, 3]] * 6
+    alone = sample(logits[2:3], [seeded], [None], histories[:1], [2]).token_ids.item()
+    for _ in range(5):
+        params = [SamplingParams(temperature=1.0)] * 6
+        params[2] = seeded
+        batch = sample(logits, params, [torch.Generator()] * 6, histories, [2] * 6).token_ids
+        assert batch[2].item() == alone
+
+
+def test_seed_draws_depend_on_the_output_position_only() -> None:
+    """A resumed (preempted) request draws at position p what it would have drawn anyway."""
+    logits = torch.zeros(1, VOCAB)  # uniform: the draw is all noise
+    params = [SamplingParams(temperature=1.0, seed=7)]
+    used = torch.Generator()
+    used.manual_seed(99)
+    draws = [sample(logits, params, [None], [[0] + [1] * p], [1]).token_ids.item() for p in range(20)]
+    again = [sample(logits, params, [used], [[0] + [1] * p], [1]).token_ids.item() for p in range(20)]
+    assert draws == again
+    assert len(set(draws)) > 5, "different positions draw different noise"
+    other_seed = [SamplingParams(temperature=1.0, seed=8)]
+    assert draws != [sample(logits, other_seed, [None], [[0] + [1] * p], [1]).token_ids.item() for p in range(20)]
+
+
+def test_logprobs_are_raw_and_top_ones_sorted_with_the_greedy_token_first() -> None:
+    logits = logits_rows(3)
+    params = [greedy(logprobs=4), greedy(logprobs=0, logit_bias={0: 50.0}), SamplingParams(temperature=1.0)]
+    out = sample(logits, params, [None] * 3)
+    raw = logits.log_softmax(-1)
+    assert out.top_logprob_ids is not None and out.top_logprobs is not None
+    assert out.top_logprob_ids.shape == (3, 4)  # the largest k asked for in the batch
+    torch.testing.assert_close(out.top_logprobs, raw.topk(4).values)
+    assert out.top_logprob_ids[0, 0] == out.token_ids[0]
+    assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
+    # Row 1 was forced to token 0 by its bias; its logprob is still the model's own.
+    assert out.token_ids[1] == 0
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
