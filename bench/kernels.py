@@ -21,7 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_paged_attention import AttentionConfig, attention_flops, choose_config, paged_attention_triton
+from kernels.triton_paged_attention import (
+    AttentionConfig,
+    attention_flops,
+    choose_config,
+    device_limits,
+    paged_attention_triton,
+)
 
 DECODE = dict(batch=64, context=4096, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
 PREFILL = dict(batch=4, tokens=4096, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
@@ -29,17 +35,15 @@ PREFILL = dict(batch=4, tokens=4096, num_heads=32, num_kv_heads=8, head_dim=128,
 DECODE_SWEEP = [
     AttentionConfig(16, tile_n, splits, warps, stages)
     for tile_n, splits, warps, stages in [
-        (32, 1, 4, 2), (32, 1, 4, 3), (32, 1, 4, 4), (64, 1, 4, 2), (64, 1, 4, 3), (64, 1, 4, 4),
-        (64, 1, 8, 3), (128, 1, 4, 2), (128, 1, 4, 3), (128, 1, 8, 3), (16, 1, 2, 4), (32, 1, 2, 3),
-        (64, 2, 4, 3), (64, 4, 4, 3), (32, 2, 4, 3), (128, 2, 4, 3),
+        (64, 1, 4, 3), (128, 1, 4, 3), (16, 1, 4, 5), (32, 1, 4, 5), (32, 1, 2, 5), (64, 1, 4, 5), (64, 1, 8, 5),
+        (128, 1, 4, 5), (128, 1, 8, 5), (32, 2, 4, 5), (64, 2, 4, 5), (64, 4, 4, 5), (128, 2, 8, 5),
     ]
 ]
 PREFILL_SWEEP = [
     AttentionConfig(block_m, tile_n, 1, warps, stages)
     for block_m, tile_n, warps, stages in [
-        (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-        (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-        (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 16, 2), (256, 64, 16, 2),
+        (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 32, 8, 3), (128, 32, 8, 5),
+        (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 5), (64, 32, 4, 5), (64, 64, 8, 5),
     ]
 ]
 
@@ -106,7 +110,7 @@ def bench_decode(copy_bw: float, sweep: bool) -> dict[str, Any]:
             q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out, config=cfg, max_seq_len=max_seq_len
         )
 
-    default = choose_config(b, b, h, kvh, torch.cuda.get_device_properties(0).multi_processor_count, ctx)
+    default = choose_config(b, b, h, kvh, d, 2, device_limits(q.device), ctx)
     t = timed(lambda: call(None, ctx))
     result: dict[str, Any] = {"shape": s, "bytes": nbytes}
     result["triton_paged"] = {"config": default.__dict__, "seconds": t, "bytes_per_s": nbytes / t,
@@ -146,8 +150,7 @@ def bench_prefill(sweep: bool) -> dict[str, Any]:
     def call(cfg: AttentionConfig | None) -> torch.Tensor:
         return paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out, config=cfg)
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    default = choose_config(b * n, b, h, kvh, sms, n)
+    default = choose_config(b * n, b, h, kvh, d, 2, device_limits(q.device), n)
     t = timed(lambda: call(None))
     result: dict[str, Any] = {"shape": s, "flops": flops}
     result["triton_paged"] = {"config": default.__dict__, "seconds": t, "flops_per_s": flops / t}

@@ -120,6 +120,8 @@ def _paged_attention_kernel(
     split = tl.program_id(2)
 
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    if seq < 0:
+        return  # before the first sequence: query_start_loc need not start at 0 (see num_decodes)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     first_q = (q_block - (q_start // BLOCK_Q + seq)) * BLOCK_Q
@@ -182,13 +184,13 @@ def _paged_attention_kernel(
         tl.store(part_lse_ptr + part_row, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_token"])
 def _reduce_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+    part_out_ptr, part_lse_ptr, out_ptr, first_token, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     """out[t, h] = the slices' partial outputs weighted by their share of the softmax mass."""
-    token = tl.program_id(0).to(tl.int64)
+    token = first_token + tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -212,11 +214,35 @@ class AttentionConfig:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class DeviceLimits:
+    num_sms: int
+    shared_mem: int  # bytes of shared memory one program may use
+
+
+H100 = DeviceLimits(num_sms=132, shared_mem=232448)
+
+
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def device_limits(device: torch.device) -> DeviceLimits:
     if device.type != "cuda":
-        return 4  # the interpreter: a small number, so that small tests reach the split path
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        # The interpreter: few "SMs", so that small tests reach the split path.
+        return DeviceLimits(num_sms=4, shared_mem=H100.shared_mem)
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return DeviceLimits(num_sms=props["multiprocessor_count"], shared_mem=props["max_shared_mem"])
+
+
+# Tilings in order of preference, the first that fits the device's shared memory wins.
+# (rows, key tile, warps, pipeline stages). The block-table load ahead of each K/V load makes
+# Triton's pipeliner count two loads per tile, so multi-buffering K/V takes num_stages >= 5.
+_DECODE_TILINGS = [(16, 64, 4, 5), (16, 32, 4, 5), (16, 16, 4, 3)]
+_PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
+
+
+def _shared_bytes(block_m: int, tile_n: int, num_stages: int, head_dim: int, elem: int) -> int:
+    """Q plus the K/V buffers the pipeliner allocates (measured: 5 stages give 2-3 buffers)."""
+    buffers = max(1, num_stages - 2)
+    return (block_m + 2 * buffers * tile_n) * head_dim * elem + 4096
 
 
 def choose_config(
@@ -224,7 +250,9 @@ def choose_config(
     num_seqs: int,
     num_heads: int,
     num_kv_heads: int,
-    num_sms: int,
+    head_dim: int,
+    elem_size: int,
+    limits: DeviceLimits,
     max_seq_len: int | None = None,
 ) -> AttentionConfig:
     """Tiles from the shapes alone (no device sync, so a CUDA graph can capture the call).
@@ -234,15 +262,16 @@ def choose_config(
     128-row tiles, the size at which the tensor cores do the work.
     """
     group = num_heads // num_kv_heads
-    if num_tokens == num_seqs:
-        block_m = max(16, triton.next_power_of_2(group))
-        tile_n, num_warps, num_stages = 64, 4, 3
-    else:
-        block_m = max(128, triton.next_power_of_2(group))
-        tile_n, num_warps, num_stages = 64, 8, 3
+    decode = num_tokens == num_seqs
+    d = max(16, triton.next_power_of_2(head_dim))
+    tilings = [(max(m, triton.next_power_of_2(group)), *rest) for m, *rest in (
+        _DECODE_TILINGS if decode else _PREFILL_TILINGS
+    )]
+    fits = [t for t in tilings if _shared_bytes(t[0], t[1], t[3], d, elem_size) <= limits.shared_mem]
+    block_m, tile_n, num_warps, num_stages = (fits or tilings[-1:])[0]
     block_q = block_m // group
     programs = (num_tokens // block_q + num_seqs) * num_kv_heads
-    target = 2 * num_sms
+    target = 2 * limits.num_sms
     num_splits = 1
     if programs < target:
         num_splits = min(16, triton.next_power_of_2(-(-target // programs)))
@@ -263,14 +292,18 @@ def paged_attention_triton(
     scale: float,
     *,
     max_seq_len: int | None = None,
+    num_decodes: int = 0,
     out: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """`paged_attention_ref`'s function on the GPU (or on CPU tensors under TRITON_INTERPRET=1).
 
     max_seq_len: optional host-side bound on seq_lens; only used to split the keys less.
+    num_decodes: optional; the first num_decodes sequences are known to have one query each.
+        A batch mixing decodes and prefill chunks then runs as two launches, each with its
+        own tiles, instead of giving every decode the 128-row tile of a prefill chunk.
     out: optional [T, num_heads, head_dim] to write into; config: tiles to use instead of
-    `choose_config`'s (benchmarks).
+        `choose_config`'s (benchmarks; applies to every launch).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
@@ -285,13 +318,48 @@ def paged_attention_triton(
         raise ValueError("seq_lens, query_start_loc and block_tables disagree on the number of sequences")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise ValueError("the last dimension of q, the caches and block_tables must be contiguous")
+    if not 0 <= num_decodes <= min(num_seqs, num_tokens):
+        raise ValueError(f"num_decodes {num_decodes} with {num_seqs} sequences and {num_tokens} tokens")
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0:
         return out
+    if 0 < num_decodes < num_seqs:
+        # Sequences [0, d) own tokens [0, d); the rest keep their absolute query_start_loc.
+        d = num_decodes
+        _launch(q, k_cache, v_cache, block_tables[:d], seq_lens[:d], query_start_loc[: d + 1], scale, out,
+                config, max_seq_len, first_token=0, num_part_tokens=d)
+        _launch(q, k_cache, v_cache, block_tables[d:], seq_lens[d:], query_start_loc[d:], scale, out,
+                config, max_seq_len, first_token=d, num_part_tokens=num_tokens - d)
+    else:
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                config, max_seq_len, first_token=0, num_part_tokens=num_tokens)
+    return out
 
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    config: AttentionConfig | None,
+    max_seq_len: int | None,
+    first_token: int,
+    num_part_tokens: int,
+) -> None:
+    """Attention for the sequences given, whose queries are tokens [first_token, + num_part_tokens)."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1:3]
+    num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
-    cfg = config or choose_config(num_tokens, num_seqs, num_heads, num_kv_heads, _num_sms(q.device), max_seq_len)
+    cfg = config or choose_config(
+        num_part_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.element_size(), device_limits(q.device),
+        max_seq_len,
+    )
     block_q = cfg.block_m // group
     if block_q < 1:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {group} query heads of a group")
@@ -302,6 +370,7 @@ def paged_attention_triton(
         part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # never touched: NUM_SPLITS == 1 writes `out` directly
+    # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse,
@@ -318,12 +387,11 @@ def paged_attention_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
+        _reduce_splits_kernel[(num_part_tokens, num_heads)](
+            part_out, part_lse, out, first_token, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
             num_warps=4,
         )
-    return out
 
 
 def attention_flops(q_lens: list[int], seq_lens: list[int], num_heads: int, head_dim: int) -> int:

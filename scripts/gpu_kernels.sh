@@ -18,12 +18,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 tail -n 1 "$out/env.txt"
 
 start=$SECONDS
-python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_triton.py 2>&1 | tee "$out/pytest.log" | tail -n 15
+timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+    tests/test_kernels_triton.py 2>&1 | tee "$out/pytest.log" | tail -n 15
 tests=${PIPESTATUS[0]}
 echo "tests: exit $tests in $((SECONDS - start)) s"
 
 start=$SECONDS
-python3 -m bench.kernels $sweep --out "$out/kernels.json" >"$out/bench.out" 2>"$out/bench.log"
+timeout "${BENCH_TIMEOUT:-420}" python3 -m bench.kernels $sweep --out "$out/kernels.json" >"$out/bench.out" 2>"$out/bench.log"
 echo "bench: exit $? in $((SECONDS - start)) s"
 tail -n 6 "$out/bench.out"
 tail -n 40 "$out/bench.log"

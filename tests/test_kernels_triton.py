@@ -91,6 +91,7 @@ def run_paged_attention(
     seed: int,
     config=None,
     max_seq_len: int | None = None,
+    num_decodes: int = 0,
 ) -> float:
     num_heads, num_kv_heads, head_dim, block_size = layout
     batch = build_paged_batch(
@@ -102,7 +103,9 @@ def run_paged_attention(
     # The reference in fp32 on inputs already rounded to `dtype`: the error is the kernel's own.
     ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), *meta, scale)
     out = torch.full_like(q, float("nan"))
-    attn.paged_attention_triton(q, k_cache, v_cache, *meta, scale, out=out, config=config, max_seq_len=max_seq_len)
+    attn.paged_attention_triton(
+        q, k_cache, v_cache, *meta, scale, out=out, config=config, max_seq_len=max_seq_len, num_decodes=num_decodes
+    )
     return rel_err(out, ref)
 
 
@@ -143,13 +146,29 @@ def test_paged_attention_tilings_and_split_kv(block_m: int, tile_n: int, num_spl
 
 
 @in_process
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_paged_attention_decodes_first_run_as_two_launches(num_splits: int | None) -> None:
+    rng = random.Random(f"two-launches-{num_splits}")
+    seqs = [(rng.randint(1, 120), 1) for _ in range(5)] + [(70, 30), (45, 45), (33, 1)]
+    config = None if num_splits is None else attn.AttentionConfig(32, 32, num_splits, num_warps=4, num_stages=2)
+    err = run_paged_attention(seqs, (14, 2, 128, 16), torch.float32, seed=11, config=config, num_decodes=5)
+    assert err < TOLERANCE[torch.float32]
+
+
+@in_process
 def test_choose_config_splits_small_decode_batches_only() -> None:
-    h100 = 132  # multiprocessors
-    few = attn.choose_config(2, 2, 32, 8, h100)
-    assert few.num_splits > 1 and few.block_m == 16
-    assert attn.choose_config(2, 2, 32, 8, h100, max_seq_len=64).num_splits == 1
-    assert attn.choose_config(4096, 1, 32, 8, h100).block_m == 128
-    assert attn.choose_config(64, 64, 32, 8, h100).num_splits == 1  # workload K: 640 programs
+    h100 = attn.H100
+
+    def choose(tokens: int, seqs: int, max_seq_len: int | None = None, elem: int = 2):
+        return attn.choose_config(tokens, seqs, 32, 8, 128, elem, h100, max_seq_len)
+
+    assert choose(2, 2).num_splits > 1 and choose(2, 2).block_m == 16
+    assert choose(2, 2, max_seq_len=64).num_splits == 1
+    assert choose(4096, 1).block_m == 128
+    assert choose(64, 64).num_splits == 1  # workload K: 640 programs
+    # fp32 needs twice the shared memory: a smaller tiling that still fits.
+    fp32 = choose(4096, 1, elem=4)
+    assert attn._shared_bytes(fp32.block_m, fp32.tile_n, fp32.num_stages, 128, 4) <= h100.shared_mem
 
 
 @in_process

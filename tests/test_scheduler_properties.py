@@ -99,15 +99,19 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.in_flight) < self.depth)
     @rule()
-    def plan(self):
+    def plan(self) -> None:
+        self._plan()
+
+    def _plan(self) -> bool:
         plan = self.s.schedule()
         if plan is None:
-            return
+            return False
         total = sum(plan.num_scheduled_tokens.values())
         assert total <= self.config.max_num_batched_tokens, f"{total} tokens over the budget"
         assert len(plan.num_scheduled_tokens) <= self.config.max_num_seqs
         assert self.s.num_running <= self.config.max_num_seqs
         self.in_flight.append(plan)
+        return True
 
     @precondition(lambda self: self.in_flight)
     @rule()
@@ -135,15 +139,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "s"):
             return
-        for _ in range(2000):
-            if not self.in_flight and not self.s.has_work:
-                break
+        while self.in_flight or self.s.has_work:
+            planned = False
             if len(self.in_flight) < self.depth:
-                self.plan()
-            if self.in_flight:
-                self.complete()
+                planned = self._plan()
+            assert planned or self.in_flight, "work left but nothing to schedule: the scheduler is stuck"
+            self.complete()
             check_pool(self.s)
-        assert not self.in_flight and not self.s.has_work, "the scheduler stopped making progress"
         plan = self.s.schedule()  # tell the worker to drop the last finished requests
         if plan is not None:
             self.worker.execute(plan)
