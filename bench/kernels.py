@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,16 +36,13 @@ PREFILL = dict(batch=4, tokens=4096, num_heads=32, num_kv_heads=8, head_dim=128,
 DECODE_SWEEP = [
     AttentionConfig(16, tile_n, splits, warps, stages)
     for tile_n, splits, warps, stages in [
-        (64, 1, 4, 3), (128, 1, 4, 3), (16, 1, 4, 5), (32, 1, 4, 5), (32, 1, 2, 5), (64, 1, 4, 5), (64, 1, 8, 5),
-        (128, 1, 4, 5), (128, 1, 8, 5), (32, 2, 4, 5), (64, 2, 4, 5), (64, 4, 4, 5), (128, 2, 8, 5),
+        (32, 1, 4, 5), (32, 1, 4, 4), (32, 1, 8, 5), (16, 1, 4, 5), (16, 1, 2, 5), (64, 1, 4, 3), (64, 1, 8, 5),
+        (128, 1, 4, 3), (128, 1, 8, 3), (32, 2, 4, 5), (32, 1, 4, 5),
     ]
 ]
 PREFILL_SWEEP = [
     AttentionConfig(block_m, tile_n, 1, warps, stages)
-    for block_m, tile_n, warps, stages in [
-        (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 32, 8, 3), (128, 32, 8, 5),
-        (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 5), (64, 32, 4, 5), (64, 64, 8, 5),
-    ]
+    for block_m, tile_n, warps, stages in [(128, 64, 8, 5), (128, 32, 8, 5), (128, 128, 8, 2), (128, 64, 8, 5)]
 ]
 
 
@@ -126,12 +124,92 @@ def bench_decode(copy_bw: float, sweep: bool) -> dict[str, Any]:
     result["sdpa_contiguous"] = {"seconds": t, "bytes_per_s": nbytes / t, "fraction_of_copy": nbytes / t / copy_bw}
     call(None, ctx)
     result["triton_rel_err"] = ((out.float() - ref.reshape_as(out).float()).norm() / ref.float().norm()).item()
+    result["small_batches"] = _small_batches(q, k_cache, v_cache, tables, ctx, copy_bw)
+    result["mixed_batch"] = _mixed_batch(k_cache, v_cache, tables, ctx, gen)
     if sweep:
         result["variants"] = _run_variants(DECODE_SWEEP, call, nbytes, "bytes_per_s")
         # The price of paging: the same kernel with every sequence's blocks in order.
         in_order = torch.arange(tables.numel(), dtype=torch.int32, device="cuda").view_as(tables)
         t = timed(lambda: paged_attention_triton(q, k_cache, v_cache, in_order, seq_lens, qsl, scale, out=out))
         result["triton_blocks_in_order"] = {"seconds": t, "bytes_per_s": nbytes / t}
+    return result
+
+
+def _small_batches(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, ctx: int, copy_bw: float
+) -> list[dict[str, Any]]:
+    """Decode of 1..16 long sequences: what split-KV buys when batch x kv heads cannot fill the SMs."""
+    rows = []
+    h, d = q.shape[1:]
+    kvh = k_cache.shape[2]
+    for b in (1, 4, 16):
+        seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+        qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+        nbytes = 2 * b * ctx * kvh * d * 2
+        auto = choose_config(b, b, h, kvh, d, 2, device_limits(q.device), ctx)
+        for splits in sorted({1, auto.num_splits, 2 * auto.num_splits}):
+            cfg = replace(auto, num_splits=splits)
+            t = timed(lambda cfg=cfg, b=b, seq_lens=seq_lens, qsl=qsl: paged_attention_triton(
+                q[:b], k_cache, v_cache, tables[:b], seq_lens, qsl, d**-0.5, config=cfg))
+            rows.append({"batch": b, "num_splits": splits, "default": splits == auto.num_splits, "seconds": t,
+                         "bytes_per_s": nbytes / t, "fraction_of_copy": nbytes / t / copy_bw})
+    return rows
+
+
+def _mixed_batch(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, ctx: int, gen: torch.Generator
+) -> dict[str, Any]:
+    """63 decodes and one 2048-token chunk over a 2048-token prefix, in one launch or two."""
+    h, d = DECODE["num_heads"], DECODE["head_dim"]
+    decodes, chunk = tables.shape[0] - 1, ctx // 2
+    q = torch.randn(decodes + chunk, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.full((decodes + 1,), ctx, dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([*range(decodes + 1), decodes + chunk], dtype=torch.int32, device="cuda")
+    args = (q, k_cache, v_cache, tables, seq_lens, qsl, d**-0.5)
+    result = {}
+    for name, n in (("one_launch", 0), ("decodes_apart", decodes)):
+        result[name + "_seconds"] = timed(lambda n=n: paged_attention_triton(*args, max_seq_len=ctx, num_decodes=n))
+    result["decodes_alone_seconds"] = timed(lambda: paged_attention_triton(
+        q[:decodes], k_cache, v_cache, tables[:decodes], seq_lens[:decodes], qsl[: decodes + 1], d**-0.5))
+    return result
+
+
+def bench_pointwise(copy_bw: float, t: int = 4096) -> dict[str, Any]:
+    """The small kernels at a 4096-token prefill of llama3-8b's shapes: bytes/s against PyTorch eager."""
+    from kernels import apply_rotary_ref, fused_add_rms_norm_ref, silu_and_mul_ref, write_kv_ref
+    from kernels.triton_activation import silu_and_mul_triton
+    from kernels.triton_kv_cache import write_kv_triton
+    from kernels.triton_norm import fused_add_rms_norm_triton
+    from kernels.triton_rotary import apply_rotary_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden, inter, h, kvh, d = 4096, 14336, 32, 8, 128
+
+    def rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
+
+    x, res, w = rand(t, hidden), rand(t, hidden), rand(hidden)
+    gate_up = rand(t, 2 * inter)
+    qkv = rand(t, (h + 2 * kvh) * d)
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+    cos, sin = rand(t, d, dtype=torch.float32), rand(t, d, dtype=torch.float32)
+    caches = [rand(2 * t // 16, 16, kvh, d) for _ in range(2)]
+    slots = torch.randperm(2 * t, generator=gen, device="cuda")[:t]
+    cases = {
+        "fused_add_rms_norm": (4 * t * hidden * 2, lambda: fused_add_rms_norm_triton(x, res, w, 1e-5),
+                               lambda: fused_add_rms_norm_ref(x, res, w, 1e-5)),
+        "silu_and_mul": (3 * t * inter * 2, lambda: silu_and_mul_triton(gate_up), lambda: silu_and_mul_ref(gate_up)),
+        "rotary_q": (2 * t * h * d * 2 + 2 * t * d * 4, lambda: apply_rotary_triton(q, cos, sin),
+                     lambda: apply_rotary_ref(q, cos, sin)),
+        "write_kv": (4 * t * kvh * d * 2, lambda: write_kv_triton(k, k, *caches, slots),
+                     lambda: write_kv_ref(k, k, *caches, slots)),
+    }
+    result = {}
+    for name, (nbytes, fast, ref) in cases.items():
+        tf, tr = timed(fast), timed(ref)
+        result[name] = {"bytes": nbytes, "triton_seconds": tf, "torch_seconds": tr,
+                        "triton_fraction_of_copy": nbytes / tf / copy_bw}
     return result
 
 
@@ -189,6 +267,7 @@ def run(sweep: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"workload": "K", "machine": describe("cuda"), "copy_bandwidth_bytes_per_s": copy_bw}
     result["decode"] = bench_decode(copy_bw, sweep)
     result["prefill"] = bench_prefill(sweep)
+    result["pointwise"] = bench_pointwise(copy_bw)
     return result
 
 
@@ -199,6 +278,17 @@ def summary(r: dict[str, Any]) -> str:
         x = dec[name]
         lines.append(f"decode  {name:16s} {x['seconds'] * 1e6:8.1f} us  {x['bytes_per_s'] / 1e12:.2f} TB/s "
                      f"({100 * x['fraction_of_copy']:.1f}% of copy)")
+    for row in dec.get("small_batches", []):
+        lines.append(f"decode  batch {row['batch']:2d} splits {row['num_splits']:2d} {row['seconds'] * 1e6:8.1f} us  "
+                     f"{100 * row['fraction_of_copy']:.1f}% of copy{'  (default)' if row['default'] else ''}")
+    if "mixed_batch" in dec:
+        ms = {k: v * 1e3 for k, v in dec["mixed_batch"].items()}
+        lines.append(f"mixed   63 decodes + 2048 chunk: one launch {ms['one_launch_seconds']:.3f} ms, decodes apart "
+                     f"{ms['decodes_apart_seconds']:.3f} ms (decodes alone {ms['decodes_alone_seconds']:.3f})")
+    for name, x in r.get("pointwise", {}).items():
+        share = 100 * x["triton_fraction_of_copy"]
+        lines.append(f"{name:20s} triton {x['triton_seconds'] * 1e6:7.1f} us ({share:.0f}% of copy), "
+                     f"torch {x['torch_seconds'] * 1e6:7.1f} us")
     for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn"):
         x = pre.get(name, {})
         if "seconds" in x:

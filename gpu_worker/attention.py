@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import paged_attention_ref, write_kv_ref
+from kernels import paged_attention, write_kv
 
 
 @dataclass
@@ -22,6 +22,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
     query_start_loc: torch.Tensor  # [B + 1] int32: sequence b owns tokens [qsl[b], qsl[b+1])
+    # Optional host-side hints for the GPU kernel (kernels issue): a bound on seq_lens (splits
+    # long contexts less when they are short), and how many leading sequences are decodes
+    # (one query each; the kernel then gives them decode tiles and the rest prefill tiles).
+    max_seq_len: int | None = None
+    num_decodes: int = 0
 
 
 class Attention(nn.Module):
@@ -39,8 +44,8 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, heads, d], k and v [T, kv_heads, d] -> [T, heads, d]."""
-        write_kv_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return paged_attention_ref(
+        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return paged_attention(
             q,
             self.k_cache,
             self.v_cache,
@@ -48,4 +53,6 @@ class Attention(nn.Module):
             meta.seq_lens,
             meta.query_start_loc,
             self.scale,
+            max_seq_len=meta.max_seq_len,
+            num_decodes=meta.num_decodes,
         )

@@ -13,30 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# rms_norm(x, weight, eps), apply_rotary(x, cos, sin) (x [T, heads, d], cos/sin [T, d], neox),
+# silu_and_mul(x) and fused_add_rms_norm(x, residual, weight, eps) -> (normed, x + residual):
+# Triton kernels on CUDA, their PyTorch references (kernels/norm.py, rotary.py, activation.py)
+# elsewhere. [kernels issue: the PyTorch bodies that were defined here moved there unchanged]
+from kernels import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: F401
+
 # ---- functions -----------------------------------------------------------------------------
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim, in fp32 so bf16/fp16 activations keep precision."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by its token's angles (cos, sin [T, head_dim]), neox style."""
-    cos = cos[:, None].to(x.dtype)
-    sin = sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated_half = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated_half * sin
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU gate: silu(gate) * up, with gate and up concatenated on the last dim."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

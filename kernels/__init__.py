@@ -38,15 +38,18 @@ def paged_attention(
     scale: float,
     *,
     max_seq_len: int | None = None,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context (see
-    `paged_attention_ref`); max_seq_len, a host-side bound on seq_lens, helps the GPU kernel
-    decide how far to split long contexts."""
+    `paged_attention_ref`). Hints for the GPU kernel, both optional: max_seq_len bounds
+    seq_lens (short contexts are split less); the first num_decodes sequences have one query
+    each (they get decode tiles, the prefill chunks after them prefill tiles)."""
     if _triton(q):
         from kernels.triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len=max_seq_len
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+            max_seq_len=max_seq_len, num_decodes=num_decodes,
         )
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
 

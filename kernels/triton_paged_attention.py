@@ -235,7 +235,7 @@ def device_limits(device: torch.device) -> DeviceLimits:
 # Tilings in order of preference, the first that fits the device's shared memory wins.
 # (rows, key tile, warps, pipeline stages). The block-table load ahead of each K/V load makes
 # Triton's pipeliner count two loads per tile, so multi-buffering K/V takes num_stages >= 5.
-_DECODE_TILINGS = [(16, 64, 4, 5), (16, 32, 4, 5), (16, 16, 4, 3)]
+_DECODE_TILINGS = [(16, 32, 4, 5), (16, 16, 4, 5), (16, 16, 4, 3)]
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
 
 

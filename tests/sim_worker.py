@@ -24,7 +24,9 @@ def next_token(tokens: list[int], seed: int | None) -> int:
     return hash((tuple(tokens[-6:]), len(tokens), -1 if seed is None else seed)) % VOCAB
 
 
-def reference_output(prompt: list[int], seed: int | None, max_tokens: int, max_model_len: int) -> list[int]:
+def reference_output(
+    prompt: list[int], seed: int | None, max_tokens: int, max_model_len: int, ignore_eos: bool = False
+) -> list[int]:
     """What a request generates alone: until EOS, `max_tokens` or `max_model_len`."""
     tokens = list(prompt)
     out: list[int] = []
@@ -32,7 +34,7 @@ def reference_output(prompt: list[int], seed: int | None, max_tokens: int, max_m
         tok = next_token(tokens, seed)
         tokens.append(tok)
         out.append(tok)
-        if tok == EOS or len(out) >= max_tokens or len(tokens) >= max_model_len:
+        if (tok == EOS and not ignore_eos) or len(out) >= max_tokens or len(tokens) >= max_model_len:
             return out
 
 

@@ -74,12 +74,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def random_batch(rng: random.Random, num_seqs: int, max_ctx: int, decode_share: float) -> list[tuple[int, int]]:
+def random_batch(
+    rng: random.Random, num_seqs: int, max_ctx: int, decode_share: float, max_q: int | None = None
+) -> list[tuple[int, int]]:
     """(context, new queries) per sequence: decodes and prefill chunks over random prefixes."""
     seqs = []
     for _ in range(num_seqs):
         ctx = rng.randint(1, max_ctx)
-        q_len = 1 if rng.random() < decode_share else rng.randint(1, ctx)
+        q_len = 1 if rng.random() < decode_share else rng.randint(1, min(ctx, max_q or ctx))
         seqs.append((ctx, q_len))
     return seqs
 
@@ -117,7 +119,7 @@ LAYOUTS = [(32, 8, 64, 16), (16, 8, 128, 32), (9, 3, 64, 32), (14, 2, 128, 16), 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
 def test_paged_attention_mixed_prefill_and_decode(layout: tuple[int, int, int, int]) -> None:
     rng = random.Random(str(layout))
-    seqs = random_batch(rng, num_seqs=5, max_ctx=90, decode_share=0.5) + [(1, 1), (37, 37)]
+    seqs = random_batch(rng, num_seqs=5, max_ctx=90, decode_share=0.5, max_q=30) + [(1, 1), (37, 37)]
     assert run_paged_attention(seqs, layout, torch.float32, seed=rng.randrange(1 << 30)) < TOLERANCE[torch.float32]
 
 
@@ -139,7 +141,7 @@ def test_paged_attention_tilings_and_split_kv(block_m: int, tile_n: int, num_spl
     """Key tiles smaller and larger than a cache block, and the key range cut into slices
     (some of them empty for the shorter sequences) then merged."""
     rng = random.Random(f"{block_m}-{tile_n}-{num_splits}")
-    seqs = random_batch(rng, num_seqs=4, max_ctx=150, decode_share=0.7) + [(3, 1)]
+    seqs = random_batch(rng, num_seqs=4, max_ctx=150, decode_share=0.7, max_q=20) + [(3, 1)]
     config = attn.AttentionConfig(block_m, tile_n, num_splits, num_warps=4, num_stages=2)
     err = run_paged_attention(seqs, (9, 3, 64, 16), torch.float32, seed=rng.randrange(1 << 30), config=config)
     assert err < TOLERANCE[torch.float32]
@@ -149,7 +151,7 @@ def test_paged_attention_tilings_and_split_kv(block_m: int, tile_n: int, num_spl
 @pytest.mark.parametrize("num_splits", [None, 2])
 def test_paged_attention_decodes_first_run_as_two_launches(num_splits: int | None) -> None:
     rng = random.Random(f"two-launches-{num_splits}")
-    seqs = [(rng.randint(1, 120), 1) for _ in range(5)] + [(70, 30), (45, 45), (33, 1)]
+    seqs = [(rng.randint(1, 120), 1) for _ in range(5)] + [(70, 12), (19, 19), (33, 1)]
     config = None if num_splits is None else attn.AttentionConfig(32, 32, num_splits, num_warps=4, num_stages=2)
     err = run_paged_attention(seqs, (14, 2, 128, 16), torch.float32, seed=11, config=config, num_decodes=5)
     assert err < TOLERANCE[torch.float32]
@@ -261,6 +263,13 @@ def test_gpu_paged_attention_full_shapes(layout: tuple[int, int, int, int], dtyp
     seqs = random_batch(rng, num_seqs=6, max_ctx=4000, decode_share=0.0)
     seqs += [(rng.randint(1, 4500), 1) for _ in range(40)]
     assert run_paged_attention(seqs, layout, dtype, seed=rng.randrange(1 << 30)) < 1e-2
+
+
+@gpu
+def test_gpu_paged_attention_decodes_first_in_two_launches() -> None:
+    rng = random.Random(63)
+    seqs = [(rng.randint(1, 4500), 1) for _ in range(63)] + random_batch(rng, 3, 4000, decode_share=0.0)
+    assert run_paged_attention(seqs, (32, 8, 128, 16), torch.bfloat16, seed=5, num_decodes=63) < 1e-2
 
 
 @gpu

@@ -35,10 +35,19 @@ from tests.model_check import (
     runner_last_logits,
 )
 from tests.tiny_gguf import Q, llama3_rope_freqs, write_gguf
-from tests.tiny_models import FAMILIES, LLAMA3_ROPE, build_tiny_model, family_config, tiny_tokenizer
+from tests.tiny_models import (
+    FAMILIES,
+    LLAMA3_ROPE,
+    REAL_INIT,
+    WIDE_INIT,
+    build_tiny_model,
+    family_config,
+    tiny_tokenizer,
+)
 from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
 
 FP32_LOGITS_RTOL = 1e-4
+BF16_LOGITS_RTOL = 2e-2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,14 +67,15 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer):
-    """family -> (folder, transformers model), each built once."""
+    """(family, init) -> (folder, transformers model), each built once."""
     root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[str, tuple[Path, PreTrainedModel]] = {}
+    built: dict[tuple[str, float], tuple[Path, PreTrainedModel]] = {}
 
-    def get(family: str) -> tuple[Path, PreTrainedModel]:
-        if family not in built:
-            built[family] = (root / family, build_tiny_model(family, root / family, tokenizer))
-        return built[family]
+    def get(family: str, init: float = WIDE_INIT) -> tuple[Path, PreTrainedModel]:
+        if (family, init) not in built:
+            folder = root / f"{family}-{init}"
+            built[family, init] = (folder, build_tiny_model(family, folder, tokenizer, init=init))
+        return built[family, init]
 
     return get
 
@@ -81,6 +91,22 @@ def assert_matches_transformers(model: str, hf_model: PreTrainedModel, vocab_siz
 def test_family_gives_transformers_greedy_tokens_and_logits(family, tiny, tokenizer) -> None:
     folder, hf_model = tiny(family)
     assert_matches_transformers(str(folder), hf_model, len(tokenizer))
+
+
+def assert_bf16_logits_near_fp32(folder: Path, hf_model: PreTrainedModel, vocab_size: int, device: str) -> None:
+    """bf16 against the fp32 truth, on weights of a trained model's scale (REAL_INIT): there bf16
+    errs by ~1%. (The wide-init models amplify bf16 rounding to 2-4%, in transformers' bf16 as
+    much as in ours, so there a bound would measure the init, not the implementation.)"""
+    prompts = random_prompts(vocab_size)
+    reference = hf_last_logits(hf_model.to(device), prompts)
+    runner = make_runner(str(folder), device=device, dtype="bfloat16")
+    assert relative_error(runner_last_logits(runner, prompts), reference) < BF16_LOGITS_RTOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_bf16_logits_are_near_fp32(family, tiny, tokenizer) -> None:
+    folder, hf_model = tiny(family, REAL_INIT)
+    assert_bf16_logits_near_fp32(folder, hf_model, len(tokenizer), "cpu")
 
 
 # ---- checkpoint layouts ----------------------------------------------------------------------
@@ -257,7 +283,8 @@ def test_hub_id_resolves_in_the_cache_or_says_how_to_download(tiny, tmp_path, mo
     folder, _ = tiny("gpt2")
     cache = fake_hub_cache(tmp_path, "openai-community/gpt2", {"c" * 40: folder}, {"main": "c" * 40})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    assert resolve_model_path("openai-community/gpt2") == cache / "models--openai-community--gpt2/snapshots" / ("c" * 40)
+    snapshot = cache / "models--openai-community--gpt2" / "snapshots" / ("c" * 40)
+    assert resolve_model_path("openai-community/gpt2") == snapshot
     assert resolve_model_path("openai-community/gpt2", "c" * 40).name == "c" * 40
 
     message = load_error("facebook/opt-125m")
@@ -289,18 +316,15 @@ def test_auto_dtype_is_fp32_on_cpu_and_the_checkpoints_half_dtype_on_gpu() -> No
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_on_gpu_fp32_tokens_and_bf16_logits(family, tiny, tokenizer) -> None:
-    """fp32 on the GPU must match as on the CPU. bf16 is judged against the fp32 reference (the
-    truth), not against transformers' own bf16, whose rounding differs from ours op by op."""
+def test_family_on_gpu_fp32_tokens_and_logits_and_bf16_logits(family, tiny, tokenizer) -> None:
     folder, hf_model = tiny(family)
     hf_model = hf_model.to("cuda")
     prompts = random_prompts(len(tokenizer))
-    reference = hf_last_logits(hf_model, prompts)
     runner = make_runner(str(folder), device="cuda", dtype="float32")
     assert runner_greedy(runner, prompts) == hf_greedy(hf_model, prompts)
-    assert relative_error(runner_last_logits(runner, prompts), reference) < FP32_LOGITS_RTOL
-    bf16 = make_runner(str(folder), device="cuda", dtype="bfloat16")
-    assert relative_error(runner_last_logits(bf16, prompts), reference) < 2e-2
+    assert relative_error(runner_last_logits(runner, prompts), hf_last_logits(hf_model, prompts)) < FP32_LOGITS_RTOL
+    folder, hf_model = tiny(family, REAL_INIT)
+    assert_bf16_logits_near_fp32(folder, hf_model, len(tokenizer), "cuda")
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ import random
 import re
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import httpx
 import openai
@@ -25,12 +26,14 @@ from tests.conftest import start_server
 
 MODEL = EMBEDDED_MODEL_NAME
 PROMPT = "The capital of France is"
+QUICK_EOS = "Reply with one word: yes or no?"  # the model answers in a few tokens, then EOS
 
 
 def complete(client: openai.OpenAI, prompt: str | list[int] = PROMPT, **kw) -> openai.types.Completion:
+    kw.setdefault("model", MODEL)
     kw.setdefault("max_tokens", 12)
     kw.setdefault("temperature", 0)
-    return client.completions.create(model=MODEL, prompt=prompt, **kw)
+    return client.completions.create(prompt=prompt, **kw)
 
 
 def chat(client: openai.OpenAI, content: str, **kw) -> openai.types.chat.ChatCompletion:
@@ -39,13 +42,35 @@ def chat(client: openai.OpenAI, content: str, **kw) -> openai.types.chat.ChatCom
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
 
 
-def with_ids(client: openai.OpenAI, prompt: str | list[int] = PROMPT, **kw) -> tuple[str, list[int], list[str]]:
-    """A greedy completion's text, token ids and token texts (through vLLM's return_tokens_as_token_ids)."""
-    plain = complete(client, prompt, logprobs=0, **kw).choices[0]
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizer_svc.tokenizer_loader import load_tokenizer
+
+    return load_tokenizer(EngineConfig())
+
+
+class Generated(NamedTuple):
+    text: str
+    ids: list[int]
+    tokens: list[str]  # each token decoded alone
+
+
+def generate(client: openai.OpenAI, tokenizer, prompt: str | list[int] = PROMPT, **kw) -> Generated:
+    """A completion with its token ids, through vLLM's return_tokens_as_token_ids."""
     extra_body = {**kw.pop("extra_body", {}), "return_tokens_as_token_ids": True}
-    ids = complete(client, prompt, logprobs=0, extra_body=extra_body, **kw).choices[0]
-    assert plain.logprobs is not None and ids.logprobs is not None
-    return plain.text, [int(t.removeprefix("token_id:")) for t in ids.logprobs.tokens], plain.logprobs.tokens
+    choice = complete(client, prompt, logprobs=0, extra_body=extra_body, **kw).choices[0]
+    assert choice.logprobs is not None
+    ids = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+    return Generated(choice.text, ids, [tokenizer.decode([i]) for i in ids])
+
+
+@pytest.fixture(scope="module")
+def greedy(server, tokenizer) -> Generated:
+    """The greedy 12 tokens after PROMPT, which many tests compare with."""
+    sdk = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+    out = generate(sdk, tokenizer)
+    assert "".join(out.tokens) == out.text and len(out.ids) == 12
+    return out
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
@@ -64,22 +89,21 @@ def metric(base_url: str, name: str, **labels: str) -> float:
 # ---- sampling ------------------------------------------------------------------------------
 
 
-def test_greedy_equals_top_k_1(client):
-    greedy = complete(client).choices[0].text
-    assert complete(client, temperature=1.0, extra_body={"top_k": 1}).choices[0].text == greedy
+def test_greedy_equals_top_k_1(client, greedy):
+    assert complete(client, temperature=1.0, extra_body={"top_k": 1}).choices[0].text == greedy.text
 
 
-def test_seed_temperature_top_p_and_min_p(client):
-    greedy = complete(client).choices[0].text
-    seeded = [complete(client, temperature=1.0, seed=s).choices[0].text for s in (1, 1, 2)]
+def test_seed_temperature_top_p_and_min_p(client, greedy):
+    first6 = "".join(greedy.tokens[:6])
+    seeded = [complete(client, temperature=1.0, seed=s, max_tokens=6).choices[0].text for s in (1, 1, 2)]
     assert seeded[0] == seeded[1] != seeded[2]
-    assert complete(client, temperature=1.0, top_p=0.001, seed=3).choices[0].text == greedy
-    assert complete(client, temperature=1.0, seed=3, extra_body={"min_p": 1.0}).choices[0].text == greedy
+    assert complete(client, temperature=1.0, top_p=0.001, seed=3, max_tokens=6).choices[0].text == first6
+    assert complete(client, temperature=1.0, seed=3, max_tokens=6, extra_body={"min_p": 1.0}).choices[0].text == first6
 
 
-def test_penalties_make_the_output_less_repetitive(client):
+def test_penalties_make_the_output_less_repetitive(client, tokenizer):
     def repeats(**kw) -> int:
-        _, ids, _ = with_ids(client, "one one one one one one one one", **kw)
+        ids = generate(client, tokenizer, "one one one one one one one one", max_tokens=8, **kw).ids
         return len(ids) - len(set(ids))
 
     base = repeats()
@@ -89,13 +113,13 @@ def test_penalties_make_the_output_less_repetitive(client):
 
 
 def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(server, client):
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=42)
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=42)
     alone = client.completions.create(**kw).choices[0].text
 
     async def in_batch() -> str:
         aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
         others = [
-            aclient.completions.create(model=MODEL, prompt=f"Fact number {i}:", max_tokens=24, temperature=1.0)
+            aclient.completions.create(model=MODEL, prompt=f"Fact number {i}:", max_tokens=8, temperature=1.0)
             for i in range(8)
         ]
         results = await asyncio.gather(aclient.completions.create(**kw), *others)
@@ -107,16 +131,15 @@ def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(server, client):
 
 def test_n_3_gives_3_choices(client):
     """Needs the scheduler's parallel sampling (n samples sent back under one id with their index)."""
-    resp = chat(client, "Name a color.", n=3, temperature=1.0, seed=5, max_tokens=6, extra_body={"ignore_eos": True})
+    kw = dict(n=3, temperature=1.0, seed=5, max_tokens=6, extra_body={"ignore_eos": True})
+    resp = chat(client, "Name a color.", **kw)
     assert [c.index for c in resp.choices] == [0, 1, 2]
     assert len({c.message.content for c in resp.choices}) > 1
     assert all(c.finish_reason == "length" for c in resp.choices)
     assert resp.usage.completion_tokens == 18
 
-    stream = chat(client, "Name a color.", n=3, temperature=1.0, seed=5, max_tokens=6, stream=True,
-                  extra_body={"ignore_eos": True})
     texts, finishes = ["", "", ""], [None, None, None]
-    for chunk in stream:
+    for chunk in chat(client, "Name a color.", stream=True, **kw):
         for c in chunk.choices:
             texts[c.index] += c.delta.content or ""
             finishes[c.index] = c.finish_reason or finishes[c.index]
@@ -124,29 +147,26 @@ def test_n_3_gives_3_choices(client):
 
 
 def test_max_tokens_min_tokens_and_ignore_eos(client):
-    short = chat(client, "Say OK.", max_tokens=40)
+    short = chat(client, QUICK_EOS, max_tokens=20)
     n = short.usage.completion_tokens
-    assert short.choices[0].finish_reason == "stop" and n < 30
-    resp = chat(client, "Say OK.", max_completion_tokens=n + 4, extra_body={"ignore_eos": True})
-    assert resp.usage.completion_tokens == n + 4 and resp.choices[0].finish_reason == "length"
-    resp = chat(client, "Say OK.", max_tokens=40, extra_body={"min_tokens": n + 3})
-    assert resp.usage.completion_tokens >= n + 3
-    resp = complete(client, max_tokens=3)
-    assert resp.usage.completion_tokens == 3 and resp.choices[0].finish_reason == "length"
+    assert short.choices[0].finish_reason == "stop" and n < 10
+    resp = chat(client, QUICK_EOS, max_completion_tokens=n + 2, extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == n + 2 and resp.choices[0].finish_reason == "length"
+    resp = chat(client, QUICK_EOS, max_tokens=20, extra_body={"min_tokens": n + 2})
+    assert resp.usage.completion_tokens >= n + 2
 
 
-def test_stop_token_ids_end_the_text_before_that_token(client):
-    _, ids, tokens = with_ids(client)
-    k = 3
-    first = ids.index(ids[k])
-    resp = complete(client, extra_body={"stop_token_ids": [ids[k]]}).choices[0]
-    assert resp.finish_reason == "stop" and resp.model_extra["stop_reason"] == ids[k]
-    assert resp.text == "".join(tokens[:first])
+def test_stop_token_ids_end_the_text_before_that_token(client, greedy):
+    stop_id = greedy.ids[3]
+    first = greedy.ids.index(stop_id)
+    resp = complete(client, extra_body={"stop_token_ids": [stop_id]})
+    choice = resp.choices[0]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == stop_id
+    assert choice.text == "".join(greedy.tokens[:first]) and resp.usage.completion_tokens == first + 1
 
 
-def test_stop_string_spanning_two_tokens_is_trimmed(client):
-    text, _, tokens = with_ids(client, max_tokens=16)
-    assert "".join(tokens) == text
+def test_stop_string_spanning_two_tokens_is_trimmed(client, greedy):
+    text, tokens = greedy.text, greedy.tokens
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     # Two characters from each side of a token boundary, found nowhere earlier in the text.
     stop, at = next(
@@ -156,52 +176,45 @@ def test_stop_string_spanning_two_tokens_is_trimmed(client):
         for s in [tokens[i][-2:] + tokens[i + 1][:2]]
         if text.find(s) == offsets[i + 1] - 2
     )
-    resp = complete(client, max_tokens=16, stop=[stop, "never appears"]).choices[0]
+    resp = complete(client, stop=[stop, "never appears"]).choices[0]
     assert (resp.text, resp.finish_reason, resp.model_extra["stop_reason"]) == (text[:at], "stop", stop)
-    streamed = complete(client, max_tokens=16, stop=stop, stream=True)
+    streamed = complete(client, stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text[:at]
-    kept = complete(client, max_tokens=16, stop=stop, extra_body={"include_stop_str_in_output": True})
+    kept = complete(client, stop=stop, extra_body={"include_stop_str_in_output": True})
     assert kept.choices[0].text == text[: at + len(stop)]
 
 
 def test_logprobs_of_the_greedy_token_are_the_max_of_top_logprobs(client):
-    content = chat(client, "Hello!", logprobs=True, top_logprobs=5).choices[0].logprobs.content
-    assert content
+    content = chat(client, "Hello!", logprobs=True, top_logprobs=5, max_tokens=6).choices[0].logprobs.content
+    assert len(content) == 6
     for entry in content:
         assert len(entry.top_logprobs) == 5
         assert entry.logprob == max(t.logprob for t in entry.top_logprobs) == entry.top_logprobs[0].logprob
         assert entry.token == entry.top_logprobs[0].token and entry.bytes == list(entry.token.encode())
-    lp = complete(client, logprobs=3).choices[0].logprobs
+    lp = complete(client, logprobs=3, max_tokens=6).choices[0].logprobs
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3 and value == max(top.values()) == top[token] and value <= 0
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
-    assert chat(client, "Hello!").choices[0].logprobs is None
+    assert chat(client, "Hello!", max_tokens=1).choices[0].logprobs is None
 
 
-def test_echo_returns_the_prompt(client):
-    resp = complete(client, echo=True).choices[0]
-    assert resp.text == PROMPT + complete(client).choices[0].text
-    text, ids, _ = with_ids(client, max_tokens=6)
-    assert complete(client, ids, echo=True, max_tokens=2).choices[0].text.startswith(text)
+def test_echo_returns_the_prompt(client, greedy):
+    assert complete(client, echo=True).choices[0].text == PROMPT + greedy.text
+    echoed = complete(client, greedy.ids[:6], echo=True, max_tokens=1).choices[0].text
+    assert echoed.startswith("".join(greedy.tokens[:6])) and len(echoed) > len("".join(greedy.tokens[:6]))
 
 
-def test_logit_bias_bans_and_forces_tokens(client):
-    _, ids, _ = with_ids(client, max_tokens=2)
-    banned = complete(client, max_tokens=2, logit_bias={str(ids[0]): -100}, logprobs=0,
-                      extra_body={"return_tokens_as_token_ids": True})
-    assert banned.choices[0].logprobs.tokens[0] != f"token_id:{ids[0]}"
-    forced = complete(client, max_tokens=2, logit_bias={"1000": 100}, logprobs=0,
-                      extra_body={"return_tokens_as_token_ids": True})
-    assert forced.choices[0].logprobs.tokens == ["token_id:1000"] * 2
+def test_logit_bias_bans_and_forces_tokens(client, tokenizer, greedy):
+    banned = generate(client, tokenizer, max_tokens=2, logit_bias={str(greedy.ids[0]): -100})
+    assert banned.ids[0] != greedy.ids[0]
+    assert generate(client, tokenizer, max_tokens=2, logit_bias={"1000": 100}).ids == [1000, 1000]
 
 
 # ---- chat templates ----------------------------------------------------------------------
 
 
-def test_chat_turns_and_continue_final_message_use_the_models_template(client):
-    from tokenizer_svc.tokenizer_loader import load_tokenizer
-
-    tok = load_tokenizer(EngineConfig())
+def test_chat_turns_and_continue_final_message_use_the_models_template(client, tokenizer):
+    tok = tokenizer
     turns = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Capital of Italy?"},
@@ -211,7 +224,6 @@ def test_chat_turns_and_continue_final_message_use_the_models_template(client):
     resp = client.chat.completions.create(model=MODEL, messages=turns, max_tokens=8, temperature=0)
     expected = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     assert resp.usage.prompt_tokens == len(tok.encode(expected, add_special_tokens=False))
-    assert "Paris" in resp.choices[0].message.content
 
     partial = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "The capital is"}]
     resp = client.chat.completions.create(
@@ -240,11 +252,11 @@ def test_streamed_emoji_and_cjk_are_byte_identical_and_never_split(server, clien
 
 
 def test_usage_in_the_last_chunk_only_when_asked(client):
-    whole = complete(client)
-    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}))
+    whole = complete(client, max_tokens=3)
+    chunks = list(complete(client, max_tokens=3, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert all(c.usage is None for c in chunks[:-1])
-    assert all(c.usage is None for c in complete(client, stream=True))
+    assert all(c.usage is None for c in complete(client, max_tokens=3, stream=True))
 
 
 # ---- errors and disconnects ----------------------------------------------------------------
@@ -280,9 +292,9 @@ def test_200_streams_that_disconnect_at_random_points_free_every_block(server, c
     rng = random.Random(0)
 
     async def one(http: httpx.AsyncClient, i: int) -> None:
-        body = {"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 64, "stream": True,
+        body = {"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 32, "stream": True,
                 "temperature": 1.0, "ignore_eos": True}
-        leave_after = rng.randint(0, 12)
+        leave_after = rng.randint(0, 8)
         async with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             if leave_after == 0:
@@ -351,8 +363,8 @@ def pool(tmp_path_factory):
     template.write_text(TEMPLATE)
     os.environ["PAGODA_API_KEY"] = KEY  # the env var, not --api-key: both must work
     try:
-        srv = start_server(str(tmp), "--max-model-len", "512", "--num-tokenizers", "4", "--max-num-seqs", "4",
-                           "--max-queue-len", "70", "--chat-template", str(template))
+        srv = start_server(str(tmp), "--max-model-len", "512", "--num-tokenizers", "4", "--max-num-seqs", "8",
+                           "--max-queue-len", "66", "--chat-template", str(template))
     finally:
         del os.environ["PAGODA_API_KEY"]
     yield srv
@@ -372,14 +384,12 @@ def test_api_key_from_the_environment_is_required(pool):
     assert "pagoda:kv_cache_usage_perc" in httpx.get(pool.base_url + "/metrics").text
 
 
-def test_chat_template_flag_overrides_the_models(pool):
-    from tokenizer_svc.tokenizer_loader import load_tokenizer
-
+def test_chat_template_flag_overrides_the_models(pool, tokenizer):
     sdk = openai.OpenAI(base_url=pool.base_url + "/v1", api_key=KEY, max_retries=0)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     resp = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
     rendered = "<system>Be brief.\n<user>Hi\n<assistant>"
-    assert resp.usage.prompt_tokens == len(load_tokenizer(EngineConfig()).encode(rendered, add_special_tokens=False))
+    assert resp.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def test_64_concurrent_requests_spread_over_all_four_tokenizers(pool):
@@ -401,14 +411,14 @@ def test_64_concurrent_requests_spread_over_all_four_tokenizers(pool):
 def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers(pool):
     async def flood() -> list[httpx.Response]:
         headers = {"Authorization": f"Bearer {KEY}"}
-        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 8, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 4, "ignore_eos": True}
         limits = httpx.Limits(max_connections=128)
         async with httpx.AsyncClient(base_url=pool.base_url, headers=headers, limits=limits, timeout=300) as http:
             return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(100)))
 
     responses = asyncio.run(flood())
     statuses = Counter(r.status_code for r in responses)
-    assert set(statuses) == {200, 503} and statuses[200] >= 70, statuses
+    assert set(statuses) == {200, 503} and statuses[200] >= 66, statuses
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["Retry-After"] == "1"
     assert rejected.json()["error"]["type"] == "server_error" and "overloaded" in rejected.json()["error"]["message"]

@@ -38,6 +38,10 @@ TEXT = [
     "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
 ]
 SPECIAL = ["<|endoftext|>", "<pad>"]
+# Weights 10x the usual init spread the logits, so greedy tokens have no near-ties for float
+# noise to flip; REAL_INIT (transformers' default) gives activations of a trained model's scale.
+WIDE_INIT = 0.2
+REAL_INIT = 0.02
 
 
 def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
@@ -52,7 +56,7 @@ def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
-def _llama_like(vocab: int, **kw: object) -> dict:
+def _llama_like(vocab: int, init: float, **kw: object) -> dict:
     base = dict(
         vocab_size=vocab,
         hidden_size=64,
@@ -61,12 +65,12 @@ def _llama_like(vocab: int, **kw: object) -> dict:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        initializer_range=0.2,
+        initializer_range=init,
     )
     return {**base, **kw}
 
 
-def _opt(vocab: int, **kw: object) -> dict:
+def _opt(vocab: int, init: float, **kw: object) -> dict:
     # word_embed_proj_dim below hidden_size: opt-350m's project_in/out, tested in both variants.
     base = dict(
         vocab_size=vocab,
@@ -76,7 +80,7 @@ def _opt(vocab: int, **kw: object) -> dict:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=256,
-        init_std=0.2,
+        init_std=init,
     )
     return {**base, **kw}
 
@@ -91,28 +95,30 @@ LLAMA3_ROPE = {
 }
 
 
-def family_config(family: str, vocab: int, **ids: int) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+def family_config(
+    family: str, vocab: int, init: float = WIDE_INIT, **ids: int
+) -> tuple[type[PreTrainedModel], PretrainedConfig]:
     """The transformers class and a tiny config of `family` (a FAMILIES name); `ids`: special token ids."""
     if family == "llama":  # Llama 3.1/3.2: GQA, llama3 rope scaling, untied head, 3 layers
-        kw = _llama_like(vocab, num_hidden_layers=3, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
+        kw = _llama_like(vocab, init, num_hidden_layers=3, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
         return LlamaForCausalLM, LlamaConfig(**kw, **ids)
     if family == "smollm2":  # Llama with tied embeddings and 3:1 GQA
-        kw = _llama_like(vocab, hidden_size=96, num_attention_heads=6, tie_word_embeddings=True)
+        kw = _llama_like(vocab, init, hidden_size=96, num_attention_heads=6, tie_word_embeddings=True)
         return LlamaForCausalLM, LlamaConfig(**kw, **ids)
     if family == "mistral":  # MQA (one KV head), untied, no sliding window (v0.2+)
-        kw = _llama_like(vocab, num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None)
+        kw = _llama_like(vocab, init, num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None)
         return MistralForCausalLM, MistralConfig(**kw, **ids)
     if family == "qwen2":  # QKV bias, tied (Qwen2.5-1.5B)
-        return Qwen2ForCausalLM, Qwen2Config(**_llama_like(vocab, tie_word_embeddings=True), **ids)
+        return Qwen2ForCausalLM, Qwen2Config(**_llama_like(vocab, init, tie_word_embeddings=True), **ids)
     if family == "qwen3":  # q/k RMSNorm, head_dim above hidden / heads
-        return Qwen3ForCausalLM, Qwen3Config(**_llama_like(vocab, head_dim=32, tie_word_embeddings=True), **ids)
+        return Qwen3ForCausalLM, Qwen3Config(**_llama_like(vocab, init, head_dim=32, tie_word_embeddings=True), **ids)
     if family == "gpt2":  # learned positions, Conv1D weights, MHA, gelu_new
-        kw = dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2)
+        kw = dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=init)
         return GPT2LMHeadModel, GPT2Config(**kw, **ids)
     if family == "opt":  # opt-125m's pre-LN
-        return OPTForCausalLM, OPTConfig(**_opt(vocab), **ids)
+        return OPTForCausalLM, OPTConfig(**_opt(vocab, init), **ids)
     if family == "opt-350m":  # post-LN (do_layer_norm_before=False), no final norm
-        return OPTForCausalLM, OPTConfig(**_opt(vocab, do_layer_norm_before=False), **ids)
+        return OPTForCausalLM, OPTConfig(**_opt(vocab, init, do_layer_norm_before=False), **ids)
     raise ValueError(family)
 
 
@@ -120,13 +126,18 @@ FAMILIES = ["llama", "smollm2", "mistral", "qwen2", "qwen3", "gpt2", "opt", "opt
 
 
 def build_tiny_model(
-    family: str, folder: Path, tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **save_kw: object
+    family: str,
+    folder: Path,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    init: float = WIDE_INIT,
+    **save_kw: object,
 ) -> PreTrainedModel:
     """Save a random tiny `family` model (and the tokenizer) in `folder`; return it in fp32 eval mode."""
     tokenizer = tokenizer or tiny_tokenizer()
     eos = tokenizer.eos_token_id
     model_class, config = family_config(
-        family, len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+        family, len(tokenizer), init, bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
     )
     torch.manual_seed(seed)
     model = model_class(config).eval()
