@@ -194,8 +194,9 @@ def bench_pointwise(copy_bw: float, t: int = 4096) -> dict[str, Any]:
     q = qkv[:, : h * d].view(t, h, d)
     k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
     cos, sin = rand(t, d, dtype=torch.float32), rand(t, d, dtype=torch.float32)
-    caches = [rand(2 * t // 16, 16, kvh, d) for _ in range(2)]
-    slots = torch.randperm(2 * t, generator=gen, device="cuda")[:t]
+    num_blocks = -(-2 * t // 16)  # the new tokens land on random slots of a cache twice their size
+    caches = [rand(num_blocks, 16, kvh, d) for _ in range(2)]
+    slots = torch.randperm(num_blocks * 16, generator=gen, device="cuda")[:t]
     cases = {
         "fused_add_rms_norm": (4 * t * hidden * 2, lambda: fused_add_rms_norm_triton(x, res, w, 1e-5),
                                lambda: fused_add_rms_norm_ref(x, res, w, 1e-5)),

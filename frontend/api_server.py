@@ -34,8 +34,6 @@ RequestModel = TypeVar("RequestModel", bound=pydantic.BaseModel)
 
 _encoder = msgspec.json.Encoder()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# What a client told the queue is full should wait before it tries again.
-RETRY_AFTER_S = 1
 
 
 def run_frontend(config: EngineConfig) -> None:
@@ -93,7 +91,6 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         req = await _parse(request, CompletionRequest)
         _check_model(req.model, config)
         req.check()
-        _check_queue(client, config)
         prompt_text, prompt_ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
         treq = TokenizeRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
@@ -106,14 +103,13 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         fmt = CompletionFormatter(
             treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
         )
-        return await _serve(request, client, metrics, treq, fmt, bool(req.stream))
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config.max_queue_len)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         _check_model(req.model, config)
         req.check()
-        _check_queue(client, config)
         treq = TokenizeRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             sampling=req.to_sampling_params(),
@@ -125,7 +121,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         fmt = ChatFormatter(
             treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
         )
-        return await _serve(request, client, metrics, treq, fmt, bool(req.stream))
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config.max_queue_len)
 
     app.include_router(v1)
     return app
@@ -172,15 +168,6 @@ def _check_model(name: str | None, config: EngineConfig) -> None:
         raise APIError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
 
 
-def _check_queue(client: EngineClient, config: EngineConfig) -> None:
-    if client.num_waiting_estimate >= config.max_queue_len:
-        raise APIError(
-            503,
-            f"The server is overloaded: {config.max_queue_len} requests are already waiting. Retry shortly.",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-
-
 def _json(obj: msgspec.Struct) -> Response:
     return Response(_encoder.encode(obj), media_type="application/json")
 
@@ -218,8 +205,9 @@ async def _serve(
     treq: TokenizeRequest,
     fmt: ResponseFormatter,
     streaming: bool,
+    max_waiting: int,
 ) -> Response:
-    outputs = metrics.track(client.generate(treq), treq.arrival_time, treq.sampling.n)
+    outputs = metrics.track(client.generate(treq, max_waiting), treq.arrival_time, treq.sampling.n)
     if not streaming:
         done = await _unless_disconnected(request, _collect(outputs, fmt))
         if done is None:

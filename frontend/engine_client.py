@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # A tokenizer not heard from for this many heartbeat intervals is declared dead.
 DEAD_AFTER_HEARTBEATS = 5
+# What a client told the queue is full should wait before it tries again.
+RETRY_AFTER_S = 1
 
 
 class EngineError(Exception):
@@ -47,12 +49,14 @@ class EngineError(Exception):
         message: str,
         error_type: str = "invalid_request_error",
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
+        self.headers = headers
 
     @classmethod
     def unavailable(cls, message: str) -> EngineError:
@@ -166,10 +170,11 @@ class EngineClient:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def generate(self, req: TokenizeRequest) -> AsyncIterator[TextOutput]:
+    async def generate(self, req: TokenizeRequest, max_waiting: int | None = None) -> AsyncIterator[TextOutput]:
         """Yield the request's outputs until each of its `n` samples has finished.
 
-        Raises `EngineError` when the engine rejects the request or its tokenizer dies. A
+        Raises `EngineError` when the engine rejects the request or its tokenizer dies, and a
+        503 (with Retry-After) when `max_waiting` requests or more are already waiting. A
         consumer that stops early (client gone: `GeneratorExit` or `CancelledError`) aborts
         the request all the way down.
         """
@@ -177,6 +182,15 @@ class EngineClient:
             raise RuntimeError("EngineClient.generate() called before start()")
         if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already in flight")
+        # Checked here, with no await before the request is counted in flight, so that a
+        # burst of requests cannot all pass the check before any of them is counted.
+        if max_waiting is not None and self.num_waiting_estimate >= max_waiting:
+            raise EngineError(
+                503,
+                f"The server is overloaded: {max_waiting} requests are already waiting. Retry shortly.",
+                "server_error",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         member = self._pick_tokenizer()
         rid = req.request_id
         pending = _Pending(owner=member.identity)

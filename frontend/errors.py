@@ -78,7 +78,7 @@ def response_for(error: APIError | EngineError) -> JSONResponse:
         return error_response(
             error.status, error.message, error.error_type, error.param, error.code, error.headers
         )
-    return error_response(error.status, error.message, error.error_type, error.param)
+    return error_response(error.status, error.message, error.error_type, error.param, headers=error.headers)
 
 
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:

@@ -17,7 +17,7 @@ from torch import nn
 # silu_and_mul(x) and fused_add_rms_norm(x, residual, weight, eps) -> (normed, x + residual):
 # Triton kernels on CUDA, their PyTorch references (kernels/norm.py, rotary.py, activation.py)
 # elsewhere. [kernels issue: the PyTorch bodies that were defined here moved there unchanged]
-from kernels import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: F401
+from kernels import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: F401 (re-exported)
 
 # ---- functions -----------------------------------------------------------------------------
 
@@ -49,6 +49,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass: the residual stream's add fused in."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(nn.Module):

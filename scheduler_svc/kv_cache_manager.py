@@ -76,16 +76,16 @@ class KVCacheManager:
             self.num_queries += req.num_tokens
             self.num_hits += num_hit_tokens
 
-    def cache_full_blocks(self, req: Request) -> None:
-        """Publish `req`'s blocks that are now full of computed (or scheduled) known tokens.
+    def cache_full_blocks(self, req: Request, num_computed: int) -> None:
+        """Publish `req`'s blocks that are full of known tokens once `num_computed` are computed.
 
-        A block scheduled in a step still in flight is published before the worker has
-        written it; that is safe because the worker runs steps in order and, within a step,
-        each layer writes every token's K/V before any token reads the cache.
+        Called as soon as tokens are scheduled, so a request admitted later in the same step
+        can already hit them: the worker runs steps in order and, within a step, each layer
+        writes every token's K/V before any token reads the cache.
         """
         if not self.enable_caching:
             return
-        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        num_full = min(num_computed, req.num_tokens) // self.block_size
         if num_full <= req.num_cached_blocks:
             return
         if len(req.block_hashes) < num_full:

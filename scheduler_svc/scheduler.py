@@ -161,6 +161,7 @@ class Scheduler:
                 break
             new_blocks[req.request_id] = blocks
             scheduled[req.request_id] = num_new
+            self.kv.cache_full_blocks(req, req.num_computed_tokens + num_new)
             budget -= num_new
             i += 1
 
@@ -196,6 +197,7 @@ class Scheduler:
             self.waiting.popleft()
             self._start_running(req)
             scheduled[req.request_id] = num_new
+            self.kv.cache_full_blocks(req, req.num_computed_tokens + num_new)
             budget -= num_new
 
         if not scheduled and not self._finished_for_worker:
@@ -256,7 +258,6 @@ class Scheduler:
             req.num_computed_tokens += n
             if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
                 req.num_output_placeholders += 1  # this step samples its next token
-            self.kv.cache_full_blocks(req)
         self._step_id += 1
         plan = StepPlan(
             step_id=self._step_id,
@@ -294,7 +295,7 @@ class Scheduler:
                 self._finish(req, status)
                 finished.append(req)
             else:
-                self.kv.cache_full_blocks(req)  # the token may complete a block already computed
+                self.kv.cache_full_blocks(req, req.num_computed_tokens)  # it may fill a computed block
             reason = status.value if status is not None else None
             out = TokenOutput(req.parent_id, [token], reason, req.num_prompt_tokens, req.index)
             if req.sampling.logprobs is not None and result.logprobs is not None:

@@ -590,3 +590,24 @@ def test_tokenizer_that_is_not_ready_gets_no_requests(config: EngineConfig) -> N
     finally:
         tok.stop()
     assert tok.requests() == []
+
+
+def test_a_full_queue_is_a_503_with_retry_after(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config).start()  # never answers: every request stays waiting
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        waiting = [asyncio.create_task(collect(client, f"r{i}")) for i in range(2)]
+        await async_wait_for(lambda: client.num_in_flight == 2)
+        with pytest.raises(EngineError) as caught:
+            await anext(client.generate(request("r3"), max_waiting=2))
+        assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
+        assert "overloaded" in caught.value.message and client.num_in_flight == 2
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()

@@ -103,7 +103,7 @@ def test_seed_temperature_top_p_and_min_p(client, greedy):
 
 def test_penalties_make_the_output_less_repetitive(client, tokenizer):
     def repeats(**kw) -> int:
-        ids = generate(client, tokenizer, "one one one one one one one one", max_tokens=8, **kw).ids
+        ids = generate(client, tokenizer, "one one one one one one one one", max_tokens=10, **kw).ids
         return len(ids) - len(set(ids))
 
     base = repeats()
@@ -377,8 +377,8 @@ def test_api_key_from_the_environment_is_required(pool):
 
     with pytest.raises(openai.AuthenticationError):
         sdk("wrong").models.list()
-    status, error = openai_error(lambda: sdk("").models.list())
-    assert status == 401 and error["type"] == "authentication_error"
+    missing = httpx.get(pool.base_url + "/v1/models")
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
     assert [m.id for m in sdk(KEY).models.list().data] == [MODEL]
     assert httpx.get(pool.base_url + "/health").status_code == 200
     assert "pagoda:kv_cache_usage_perc" in httpx.get(pool.base_url + "/metrics").text

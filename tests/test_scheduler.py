@@ -205,6 +205,17 @@ def test_a_request_sharing_a_prefix_reuses_its_full_blocks_and_computes_only_the
     assert s.block_pool.num_free == 64 and len(s.block_pool.cached) == 3  # b's full blocks are a's
 
 
+def test_requests_arriving_together_share_the_prefix_computed_in_the_same_step():
+    s, worker = make_scheduler(), SimWorker(64, 16)
+    s.add_request(make_request("a", 40, max_tokens=2))
+    s.add_request(make_request("b", 45, max_tokens=2))
+    plan = s.schedule()
+    assert [r.num_computed_tokens for r in plan.new_requests] == [0, 32]
+    assert plan.num_scheduled_tokens == {"a": 40, "b": 13}
+    s.update(worker.execute(plan))  # b reads a's K/V, written earlier in the same layer
+    drain(s, worker)
+
+
 def test_a_fully_cached_prompt_still_computes_its_last_token():
     for prompt_len, expected_hit in [(48, 32), (49, 48)]:
         s, worker = make_scheduler(), SimWorker(64, 16)
