@@ -124,8 +124,14 @@ def bench_decode(copy_bw: float, sweep: bool) -> dict[str, Any]:
     result["sdpa_contiguous"] = {"seconds": t, "bytes_per_s": nbytes / t, "fraction_of_copy": nbytes / t / copy_bw}
     call(None, ctx)
     result["triton_rel_err"] = ((out.float() - ref.reshape_as(out).float()).norm() / ref.float().norm()).item()
-    result["small_batches"] = _small_batches(q, k_cache, v_cache, tables, ctx, copy_bw)
-    result["mixed_batch"] = _mixed_batch(k_cache, v_cache, tables, ctx, gen)
+    for name, section in (
+        ("small_batches", lambda: _small_batches(q, k_cache, v_cache, tables, ctx, copy_bw, sweep)),
+        ("mixed_batch", lambda: _mixed_batch(k_cache, v_cache, tables, ctx, gen)),
+    ):
+        try:
+            result[name] = section()
+        except Exception as e:  # a failed side measurement must not cost the headline figures
+            result[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if sweep:
         result["variants"] = _run_variants(DECODE_SWEEP, call, nbytes, "bytes_per_s")
         # The price of paging: the same kernel with every sequence's blocks in order.
@@ -135,24 +141,51 @@ def bench_decode(copy_bw: float, sweep: bool) -> dict[str, Any]:
     return result
 
 
+def timed_in_graph(calls: list[Callable[[], Any]]) -> float:
+    """Seconds per call with the calls captured in one CUDA graph, as the runner replays decode
+    steps: the host's launch overhead is gone, so small launches show their GPU time."""
+    for call in calls:
+        call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return timed(graph.replay) / len(calls)
+
+
 def _small_batches(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, ctx: int, copy_bw: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, ctx: int, copy_bw: float,
+    sweep: bool,
 ) -> list[dict[str, Any]]:
-    """Decode of 1..16 long sequences: what split-KV buys when batch x kv heads cannot fill the SMs."""
+    """Decode of 1..16 long sequences: what split-KV buys when batch x kv heads cannot fill the SMs.
+
+    Each graph runs the batch over every disjoint slice of the 64 cached sequences in turn,
+    so no call finds its K/V in L2 from the one before.
+    """
     rows = []
     h, d = q.shape[1:]
     kvh = k_cache.shape[2]
-    for b in (1, 4, 16):
+    for b in (1, 4, 16, 64):
         seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
         qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         nbytes = 2 * b * ctx * kvh * d * 2
         auto = choose_config(b, b, h, kvh, d, 2, device_limits(q.device), ctx)
-        for splits in sorted({1, auto.num_splits, 2 * auto.num_splits}):
-            cfg = replace(auto, num_splits=splits)
-            t = timed(lambda cfg=cfg, b=b, seq_lens=seq_lens, qsl=qsl: paged_attention_triton(
-                q[:b], k_cache, v_cache, tables[:b], seq_lens, qsl, d**-0.5, config=cfg))
-            rows.append({"batch": b, "num_splits": splits, "default": splits == auto.num_splits, "seconds": t,
+        configs = [auto]
+        if sweep and b < 64:
+            configs += [replace(auto, num_splits=s) for s in (1, 4, 8, 16, 32) if s != auto.num_splits]
+            configs += [AttentionConfig(16, 128, s, 4, 3) for s in (auto.num_splits, 2 * auto.num_splits)]
+        for cfg in configs:
+            calls = [
+                lambda i=i, cfg=cfg, b=b, seq_lens=seq_lens, qsl=qsl: paged_attention_triton(
+                    q[i * b : (i + 1) * b], k_cache, v_cache, tables[i * b : (i + 1) * b], seq_lens, qsl, d**-0.5,
+                    config=cfg)
+                for i in range(min(16, tables.shape[0] // b))
+            ]
+            t = timed_in_graph(calls)
+            rows.append({"batch": b, "config": cfg.__dict__, "default": cfg == auto, "seconds": t,
                          "bytes_per_s": nbytes / t, "fraction_of_copy": nbytes / t / copy_bw})
+            print(f"  batch {b} {cfg} -> {rows[-1]['fraction_of_copy']:.3f} of copy", file=sys.stderr)
     return rows
 
 
@@ -280,8 +313,9 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"decode  {name:16s} {x['seconds'] * 1e6:8.1f} us  {x['bytes_per_s'] / 1e12:.2f} TB/s "
                      f"({100 * x['fraction_of_copy']:.1f}% of copy)")
     for row in dec.get("small_batches", []):
-        lines.append(f"decode  batch {row['batch']:2d} splits {row['num_splits']:2d} {row['seconds'] * 1e6:8.1f} us  "
-                     f"{100 * row['fraction_of_copy']:.1f}% of copy{'  (default)' if row['default'] else ''}")
+        if row["default"]:
+            lines.append(f"decode  batch {row['batch']:2d} in a graph, splits {row['config']['num_splits']:2d} "
+                         f"{row['seconds'] * 1e6:7.1f} us  {100 * row['fraction_of_copy']:.1f}% of copy")
     if "mixed_batch" in dec:
         ms = {k: v * 1e3 for k, v in dec["mixed_batch"].items()}
         lines.append(f"mixed   63 decodes + 2048 chunk: one launch {ms['one_launch_seconds']:.3f} ms, decodes apart "

@@ -274,7 +274,7 @@ def choose_config(
     target = 2 * limits.num_sms
     num_splits = 1
     if programs < target:
-        num_splits = min(16, triton.next_power_of_2(-(-target // programs)))
+        num_splits = min(32, triton.next_power_of_2(-(-target // programs)))
         if max_seq_len is not None:
             # Each slice should stream at least 4 tiles, or the merge costs more than it saves.
             useful = max(1, max_seq_len // (4 * tile_n))

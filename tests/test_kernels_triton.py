@@ -284,6 +284,30 @@ def test_gpu_paged_decode_long_contexts(batch: int) -> None:
 
 
 @gpu
+def test_gpu_paged_decode_replays_in_a_cuda_graph_with_new_lengths() -> None:
+    """Captured once (split-KV included), replayed with other contexts: no host-side state."""
+    layout, scale = (32, 8, 128, 16), 128**-0.5
+    batch = build_paged_batch([3000, 1000], [1, 1], *layout, seed=9)
+    q, k_cache, v_cache = (t.to("cuda", torch.bfloat16) for t in batch[:3])
+    tables, seq_lens, qsl = (t.cuda() for t in batch[3:6])
+    out = torch.empty_like(q)
+
+    def call() -> None:
+        attn.paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out)
+
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for lens in ([17, 2999], [1000, 1]):
+        seq_lens.copy_(torch.tensor(lens))
+        q.normal_()
+        graph.replay()
+        ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, qsl, scale)
+        assert rel_err(out, ref) < 1e-2
+
+
+@gpu
 def test_gpu_paged_attention_fp32_is_exact_to_fp32_rounding() -> None:
     rng = random.Random(32)
     seqs = random_batch(rng, num_seqs=8, max_ctx=2000, decode_share=0.5)

@@ -5,7 +5,8 @@ prefill of mixed-length prompts then batched decodes): greedy tokens identical t
 `transformers.generate`, last-position logits within 1e-4. Two families also run through the
 whole pipeline (`LLM` on a hub id from the cache; `pagoda serve` with --tokenizer and
 --served-model-name), which costs ~10 s of process start-up each. GGUF files of every listed
-quantization are compared with transformers reading the same file.
+quantization are compared with transformers reading the same file. bf16 logits stay within
+2e-2 of fp32 on models of a trained model's weight scale.
 """
 
 from __future__ import annotations
