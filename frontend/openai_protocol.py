@@ -149,6 +149,7 @@ class _SamplingRequest(BaseModel):
     ] = None
     # vLLM's: logprobs name tokens as "token_id:<id>", so a client can use the ids.
     return_tokens_as_token_ids: bool | None = None
+    prompt_logprobs: int | None = None  # vLLM's; refused until the worker computes them
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -159,6 +160,13 @@ class _SamplingRequest(BaseModel):
         for key in value or {}:
             if not key.isdigit() or int(key) > TOKEN_ID_MAX:
                 raise PydanticCustomError("invalid_key", f"keys must be token ids, got {key!r}")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise _unsupported()
         return value
 
     @property

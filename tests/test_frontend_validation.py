@@ -211,6 +211,8 @@ def test_completion_fields_are_checked_too(api: TestClient) -> None:
     assert_openai_error(resp, 400, "logprobs", "between 0 and 20")
     resp = api.post("/v1/completions", json={"prompt": "Hi", "logit_bias": {"1": 101}})
     assert_openai_error(resp, 400, "logit_bias.1", "between -100 and 100")
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 1})
+    assert_openai_error(resp, 400, "prompt_logprobs", "not supported")
     resp = api.post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
     assert_openai_error(resp, 400, "echo", "not supported")
 

@@ -32,6 +32,22 @@ def test_generate_returns_vllm_shaped_outputs(llm):
         assert out.num_prompt_tokens > 0
 
 
+def test_logprobs_cumulative_logprob_n_and_metrics(llm):
+    params = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4, logprobs=2, ignore_eos=True)
+    [out] = llm.generate(PROMPTS[0], params, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1]
+    for completion in out.outputs:
+        assert completion.logprobs is not None and len(completion.logprobs) == 4
+        for token_id, step in zip(completion.token_ids, completion.logprobs, strict=True):
+            # The top 2 by rank, and the sampled token (rank None when it is not among them).
+            assert token_id in step and sorted(lp.rank for lp in step.values() if lp.rank) == [1, 2]
+            chosen = step[token_id]
+            assert chosen.rank or chosen.logprob <= min(lp.logprob for lp in step.values() if lp.rank)
+        total = sum(step[t].logprob for t, step in zip(completion.token_ids, completion.logprobs))
+        assert completion.cumulative_logprob == pytest.approx(total) and total < 0
+    assert out.metrics["time_to_first_token_s"] > 0 and out.metrics["decode_tokens_per_s"] > 0
+
+
 def test_chat_answers_paris(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)

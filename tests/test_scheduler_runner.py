@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterator
 
 import pytest
+import torch
 
 from gpu_worker.model_runner import ModelRunner
 from protocol import EngineConfig, SamplingParams, StepPlan
@@ -36,8 +38,13 @@ _ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def runner() -> ModelRunner:
-    return ModelRunner(EngineConfig(num_gpu_blocks_override=96, max_model_len=512))
+def runner() -> Iterator[ModelRunner]:
+    # One thread: on a shared 2-core machine, two OpenMP threads spinning against other
+    # processes make each step ~10x slower, not faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ModelRunner(EngineConfig(num_gpu_blocks_override=96, max_model_len=512))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
