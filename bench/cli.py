@@ -109,9 +109,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     hw = hardware.measure(device)
     report["hardware"] = hw
     if args.workload == "kernels":
-        from bench.kernels import run_kernels
+        if device.startswith("cuda"):
+            from bench.kernels import run
 
-        report["results"] = run_kernels(device, hw)
+            report["results"] = run()
+        else:
+            from bench.kernels_cpu import run_cpu
+
+            report["results"] = run_cpu(hw["copy_bandwidth_bytes_per_s"])
         return report
     if args.random_weights:
         model = make_random_model(args.random_weights, args.weights_dir, device, args.seed)

@@ -43,7 +43,8 @@ def _write_tokenizer(folder: str, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token=f"t{vocab_size - 1}").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token=f"t{vocab_size - 1}")
+    fast.save_pretrained(folder)
 
 
 def make_random_model(shape: str, root: str, device: str, seed: int = 0) -> str:
