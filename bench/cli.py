@@ -89,7 +89,8 @@ def _ratio(x: float, ref: float | None) -> float | None:
     return x / ref if ref else None
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Fill `report` as figures come in, so a run cut short still leaves what it measured."""
     from bench import hardware
     from bench.limits import ModelCost
     from bench.shapes import make_random_model
@@ -103,9 +104,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     device = _device(args.device)
-    report: dict[str, Any] = {"workload": args.workload, "args": {k: v for k, v in vars(args).items()
-                                                                   if k != "func"},
-                              "env": hardware.describe(device)}
+    report.update({"workload": args.workload, "args": dict(vars(args)), "env": hardware.describe(device)})
     hw = hardware.measure(device)
     report["hardware"] = hw
     if args.workload == "kernels":
@@ -117,7 +116,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             from bench.kernels_cpu import run_cpu
 
             report["results"] = run_cpu(hw["copy_bandwidth_bytes_per_s"])
-        return report
+        return
     if args.random_weights:
         model = make_random_model(args.random_weights, args.weights_dir, device, args.seed)
     elif args.model:
@@ -128,6 +127,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
     vocab = _vocab(model)
     results: dict[str, Any] = {}
+    report["results"] = results
 
     if args.workload == "throughput":
         reqs = random_requests(args.num_prompts, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
@@ -140,12 +140,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         results["pagoda"] = runs
         results["limit_output_tokens_per_s"] = limit
         best = max(r["output_tokens_per_s"] for r in runs)
+        results["ratio_to_limit"] = _ratio(best, limit)
         if args.peer == "hf":
             results["hf_static"] = run_hf_static(model, reqs, device)
-            results["hf_continuous"] = run_hf_continuous(model, reqs, device)
             results["ratio_to_hf_static"] = _ratio(best, results["hf_static"]["output_tokens_per_s"])
+            results["hf_continuous"] = run_hf_continuous(model, reqs, device)
             results["ratio_to_hf_continuous"] = _ratio(best, results["hf_continuous"]["output_tokens_per_s"])
-        results["ratio_to_limit"] = _ratio(best, limit)
     elif args.workload == "latency":
         reqs = random_requests(3, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
         r = run_pagoda(model, reqs[:1], _engine_args(args, device))
@@ -177,8 +177,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if cost:
             results["limit_ttft_s_all_cached"] = cost.prefill_seconds(len(reqs[0].prompt_ids), args.prefix_len)
     elif args.workload == "serve":
-        results = _serve(args, model, vocab, device, cost)
-    return report | {"results": results}
+        results.update(_serve(args, model, vocab, device, cost))
 
 
 def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:
@@ -261,13 +260,25 @@ def _plot(report: dict[str, Any], folder: str) -> list[str]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    report = _run(args)
-    if args.plot:
-        report["plots"] = _plot(report, args.plot)
-    text = json.dumps(report, indent=2, default=str)
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            f.write(text)
-    print(text)
-    return 0
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(f"pagoda bench: stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    report: dict[str, Any] = {}
+    status = 0
+    try:
+        _run(args, report)
+        if args.plot:
+            report["plots"] = _plot(report, args.plot)
+    except BaseException as e:
+        report["incomplete"] = repr(e)
+        status = 1
+        raise
+    finally:
+        text = json.dumps(report, indent=2, default=str)
+        if args.output_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            with open(args.output_json, "w") as f:
+                f.write(text)
+        print(text)
+    return status

@@ -72,9 +72,14 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Response:
-        if client.ready:
-            return JSONResponse({"status": "ready", "tokenizers": client.num_tokenizers_live})
-        return error_response(503, "The engine is not ready yet.")
+        # Ready means the model is loaded and every tokenizer of the pool is up; requests are
+        # served as soon as one is (`client.ready`), so a degraded pool still answers.
+        num_ready = client.num_tokenizers_ready
+        if num_ready >= max(config.num_tokenizers, 1):
+            return JSONResponse({"status": "ready", "tokenizers": num_ready})
+        return error_response(
+            503, f"The engine is not ready yet: {num_ready} of {config.num_tokenizers} tokenizers are ready."
+        )
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -141,6 +141,10 @@ class EngineClient:
         return len(self._members)
 
     @property
+    def num_tokenizers_ready(self) -> int:
+        return sum(m.ready for m in list(self._members.values()))
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._requests)
 

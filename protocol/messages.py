@@ -69,6 +69,10 @@ class SchedulerStats(msgspec.Struct, tag=True):
     prefix_cache_hits: int = 0  # of those, tokens found cached
     num_preemptions: int = 0
     num_steps: int = 0
+    # The worker's seconds spent running steps, and waiting for its next step while the
+    # scheduler had work: the idle fraction is idle / (idle + busy) over a run.
+    worker_busy_s: float = 0.0
+    worker_idle_s: float = 0.0
 
 
 class Heartbeat(msgspec.Struct, tag=True):

@@ -57,6 +57,11 @@ class SchedulerService:
         # the step-log line of each, written once its result (and the worker's timing) is in.
         self.steps_in_flight: deque[int] = deque()
         self._step_log_lines: dict[int, dict[str, Any]] = {}
+        # The worker's time, from each result; a wait only counts as idle if the scheduler had
+        # work when the previous step came back (not while the server had nothing to do).
+        self.worker_busy_s = 0.0
+        self.worker_idle_s = 0.0
+        self._had_work = False
         self.step_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
         self._last_stats = 0.0
         self._sent_stats: SchedulerStats | None = None
@@ -155,7 +160,11 @@ class SchedulerService:
             logger.warning("dropping the result of step %d, which is not in flight", result.step_id)
             return
         self.steps_in_flight.popleft()
+        self.worker_busy_s += result.execute_s
+        if self._had_work:
+            self.worker_idle_s += result.idle_s
         update = self.scheduler.update(result)
+        self._had_work = self.scheduler.has_work
         self._write_step_log(result)
         batches: dict[str, list[TokenOutput]] = defaultdict(list)
         for reply_to, out in update.outputs:
@@ -176,9 +185,9 @@ class SchedulerService:
                 return
             for rank in sorted(self.workers):
                 self._send(self.workers[rank], plan)
-            self.steps_in_flight.append(plan.step_id)
             if self.step_log is not None:
                 self._step_log_lines[plan.step_id] = self._plan_log_line(plan)
+            self.steps_in_flight.append(plan.step_id)
 
     def _plan_log_line(self, plan: StepPlan) -> dict[str, Any]:
         s = self.scheduler
@@ -197,7 +206,7 @@ class SchedulerService:
             "num_preemptions": s.num_preemptions,
             "prefix_cache_queries": s.kv.num_queries,
             "prefix_cache_hits": s.kv.num_hits,
-            "in_flight": len(self.steps_in_flight),
+            "in_flight": len(self.steps_in_flight),  # steps the worker had yet to finish
         }
 
     def _write_step_log(self, result: StepResult) -> None:
@@ -221,6 +230,8 @@ class SchedulerService:
             prefix_cache_hits=s.kv.num_hits,
             num_preemptions=s.num_preemptions,
             num_steps=s.num_steps,
+            worker_busy_s=self.worker_busy_s,
+            worker_idle_s=self.worker_idle_s,
         )
 
     def _send_stats(self) -> None:

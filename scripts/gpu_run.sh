@@ -35,8 +35,8 @@ for step in $steps; do
     case $step in
         tests) python3 -m pytest -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest_gpu.log" | tail -30 ;;
         kernels) bench kernels kernels ;;
-        latency) bench latency latency --random-weights llama3-8b --peer hf ;;
-        throughput) bench throughput throughput --random-weights qwen3-0.6b --peer hf --plot "$out" ;;
+        latency) bench latency latency --random-weights llama3-8b --peer "${PEER:-hf}" ;;
+        throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" ;;
         prefix) bench prefix prefix --random-weights llama3-8b ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-100}" --plot "$out" ;;
         *) echo "unknown step $step"; exit 2 ;;

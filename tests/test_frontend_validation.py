@@ -133,7 +133,7 @@ async def async_wait_for(predicate: Callable[[], bool], timeout: float = 5.0) ->
 def config() -> Iterator[EngineConfig]:
     # A short run dir: ipc:// paths are limited to about 100 bytes.
     run_dir = tempfile.mkdtemp(prefix="pagoda-fe-")
-    yield EngineConfig(run_dir=run_dir, heartbeat_interval_s=0.1).with_addresses()
+    yield EngineConfig(run_dir=run_dir, heartbeat_interval_s=0.1, num_tokenizers=1).with_addresses()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -290,6 +290,21 @@ def test_ready_turns_200_once_a_tokenizer_reports_ready(config: EngineConfig, ap
         wait_for(lambda: api.get("/ready").status_code == 200)
     finally:
         tok.stop()
+
+
+def test_ready_waits_for_every_tokenizer_of_the_pool(config: EngineConfig) -> None:
+    pool = msgspec.structs.replace(config, num_tokenizers=2)
+    toks = [FakeTokenizer(pool, member_id=f"tokenizer-{i}") for i in range(2)]
+    with TestClient(build_app(pool, EngineClient(pool))) as api:
+        try:
+            toks[0].start()
+            time.sleep(3 * config.heartbeat_interval_s)
+            assert_openai_error(api.get("/ready"), 503, None, "1 of 2 tokenizers")
+            toks[1].start()
+            wait_for(lambda: api.get("/ready").status_code == 200)
+        finally:
+            for tok in toks:
+                tok.stop()
 
 
 def test_completion_returns_the_whole_text_with_usage(config: EngineConfig, api: TestClient) -> None:

@@ -20,7 +20,7 @@ from protocol import EMBEDDED_MODEL_NAME, EngineConfig
 from tests.conftest import Server, start_server
 from tokenizer_svc.tokenizer_loader import load_tokenizer
 
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 PROMPT_LEN = 60  # 4 blocks of 16, the last one 12 tokens full: each decode crosses a block boundary
 PASSAGES = [
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp and a small "

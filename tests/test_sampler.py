@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gpu_worker.sampler import sample
@@ -113,3 +114,22 @@ def test_logprobs_are_raw_and_top_ones_sorted_with_the_greedy_token_first() -> N
     # Row 1 was forced to token 0 by its bias; its logprob is still the model's own.
     assert out.token_ids[1] == 0
     torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+
+
+@pytest.mark.gpu
+def test_on_cuda_greedy_bias_penalties_and_seeds_match_the_cpu() -> None:
+    logits = logits_rows(4, seed=2)
+    params = [
+        greedy(logit_bias={3: 5.0}, logprobs=3),
+        greedy(frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=5, stop_token_ids=[1]),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11),
+        SamplingParams(temperature=1.0, top_k=5, min_p=0.05),
+    ]
+    histories = [[1, 2, 3, 4, 4]] * 4
+    cpu = sample(logits, params, [None] * 4, histories, [2] * 4, eos_token_ids=[EOS])
+    gpu = sample(logits.cuda(), params, [None] * 4, histories, [2] * 4, eos_token_ids=[EOS])
+    assert gpu.token_ids[:2].tolist() == cpu.token_ids[:2].tolist()
+    torch.testing.assert_close(gpu.logprobs.cpu(), cpu.logprobs)
+    torch.testing.assert_close(gpu.top_logprobs.cpu(), cpu.top_logprobs)
+    seeded = [sample(logits.cuda()[2:3], params[2:3], [None], histories[:1], [2]).token_ids.item() for _ in range(3)]
+    assert seeded == [gpu.token_ids[2].item()] * 3
