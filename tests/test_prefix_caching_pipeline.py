@@ -151,3 +151,17 @@ def test_async_scheduling_keeps_the_next_step_queued_and_the_worker_reports_its_
     steps = server.steps()
     assert any(s["in_flight"] == 1 for s in steps), "no step was planned while another ran"
     assert all(s["worker_idle_s"] >= 0 and s["worker_execute_s"] > 0 for s in steps)
+
+
+def test_n_greedy_samples_share_one_prefill_and_equal_a_single_answer(server, client):
+    kw = dict(model=EMBEDDED_MODEL_NAME, prompt="The capital of France is", max_tokens=6, temperature=0)
+    one = client.completions.create(**kw).choices[0].text
+    many = client.completions.create(n=3, **kw)
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [one] * 3
+    steps = [s for s in server.steps() if any(rid.startswith(many.id) for rid in s["requests"])]
+    computed = {f"{many.id}#{i}": sum(s["requests"].get(f"{many.id}#{i}", 0) for s in steps) for i in range(3)}
+    prompt_len = many.usage.prompt_tokens
+    # Sample 0 computes the prompt; the others fork, copy the partial block and compute one token.
+    assert computed[f"{many.id}#0"] == prompt_len + 5
+    assert computed[f"{many.id}#1"] == computed[f"{many.id}#2"] == 1 + 5
+    assert sum(s["block_copies"] for s in steps) == 2
