@@ -128,8 +128,10 @@ def test_on_cuda_greedy_bias_penalties_and_seeds_match_the_cpu() -> None:
     histories = [[1, 2, 3, 4, 4]] * 4
     cpu = sample(logits, params, [None] * 4, histories, [2] * 4, eos_token_ids=[EOS])
     gpu = sample(logits.cuda(), params, [None] * 4, histories, [2] * 4, eos_token_ids=[EOS])
+    # Rows 0-1 are greedy and must agree; rows 2-3 draw device-specific noise, so their tokens
+    # (and the logprobs of those tokens) may differ between the CPU and the GPU.
     assert gpu.token_ids[:2].tolist() == cpu.token_ids[:2].tolist()
-    torch.testing.assert_close(gpu.logprobs.cpu(), cpu.logprobs)
+    torch.testing.assert_close(gpu.logprobs[:2].cpu(), cpu.logprobs[:2])
     torch.testing.assert_close(gpu.top_logprobs.cpu(), cpu.top_logprobs)
     seeded = [sample(logits.cuda()[2:3], params[2:3], [None], histories[:1], [2]).token_ids.item() for _ in range(3)]
     assert seeded == [gpu.token_ids[2].item()] * 3
