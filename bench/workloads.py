@@ -39,9 +39,11 @@ def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict
     with LLM(model=model, **engine_args) as llm:
         llm.generate([reqs[0].prompt_ids[:16]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in reqs]
+        before = llm.scheduler_stats
         start = time.perf_counter()
         outs = llm.generate([r.prompt_ids for r in reqs], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
+        time.sleep(0.5)  # the scheduler's figures arrive at most every 0.2 s
         stats = llm.scheduler_stats
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.metrics["time_to_first_token_s"] for o in outs]
@@ -60,7 +62,15 @@ def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict
         "prefix_cache_queries": stats.prefix_cache_queries,
         "prefix_cache_hits": stats.prefix_cache_hits,
         "num_preemptions": stats.num_preemptions,
+        # Share of the worker's time spent waiting for the next plan while work was queued.
+        "worker_idle_fraction": _idle_fraction(before, stats),
     }
+
+
+def _idle_fraction(before: Any, after: Any) -> float:
+    idle = after.worker_idle_s - before.worker_idle_s
+    busy = after.worker_busy_s - before.worker_busy_s
+    return idle / (idle + busy) if idle + busy > 0 else 0.0
 
 
 def _hf_model(model: str, device: str) -> Any:
