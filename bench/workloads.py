@@ -35,16 +35,16 @@ def random_requests(num: int, input_lens: tuple[int, int], output_lens: tuple[in
 
 def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict[str, Any]:
     from frontend import LLM, SamplingParams
+    from protocol import SchedulerStats
 
     with LLM(model=model, **engine_args) as llm:
         llm.generate([reqs[0].prompt_ids[:16]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in reqs]
-        before = llm.scheduler_stats
+        before = _settled_stats(llm, SchedulerStats())  # the warm-up's final figures
         start = time.perf_counter()
         outs = llm.generate([r.prompt_ids for r in reqs], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
-        time.sleep(0.5)  # the scheduler's figures arrive at most every 0.2 s
-        stats = llm.scheduler_stats
+        stats = _settled_stats(llm, before)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.metrics["time_to_first_token_s"] for o in outs]
     decode = [o.metrics["decode_tokens_per_s"] for o in outs if "decode_tokens_per_s" in o.metrics]
@@ -65,6 +65,20 @@ def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict
         # Share of the worker's time spent waiting for the next plan while work was queued.
         "worker_idle_fraction": _idle_fraction(before, stats),
     }
+
+
+def _settled_stats(llm: Any, before: Any, timeout_s: float = 10.0) -> Any:
+    """The scheduler's figures once they cover the whole run: idle, and past the earlier steps.
+
+    They arrive with a delay (at most every 0.2 s while busy, within ~1 s of going idle).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = llm.scheduler_stats
+        if stats.num_steps > before.num_steps and stats.num_running == 0 and stats.num_waiting == 0:
+            return stats
+        time.sleep(0.05)
+    return llm.scheduler_stats
 
 
 def _idle_fraction(before: Any, after: Any) -> float:
