@@ -38,6 +38,29 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def activation_name(hf: dict, default: str) -> str:
+    """The config's `activation_function`, checked against the ones implemented."""
+    name = hf.get("activation_function", default)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return name
+
+
+class MultiHeadShape:
+    """Head layout of a config without grouped-query attention (every head has its own K/V)."""
+
+    hidden_size: int
+    num_attention_heads: int
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
 # ---- modules -------------------------------------------------------------------------------
 
 

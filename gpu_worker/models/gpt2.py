@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import ACTIVATIONS
+from gpu_worker.layers import ACTIVATIONS, MultiHeadShape, activation_name
 from gpu_worker.models.base import CausalLM
 
 
 @dataclass
-class GPT2Config:
+class GPT2Config(MultiHeadShape):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -29,19 +29,9 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool
     tie_word_embeddings: bool
 
-    @property
-    def num_key_value_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def from_hf(cls, hf: dict) -> GPT2Config:
-        activation = hf.get("activation_function", "gelu_new")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        activation = activation_name(hf, "gelu_new")
         if not hf.get("scale_attn_weights", True):
             raise ValueError("scale_attn_weights=False is not supported")
         hidden = hf["n_embd"]

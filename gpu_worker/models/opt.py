@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import ACTIVATIONS, MergedLinear
+from gpu_worker.layers import ACTIVATIONS, MergedLinear, MultiHeadShape, activation_name
 from gpu_worker.models.base import CausalLM
 
 # OPT's position table starts 2 rows in: fairseq reserved them for padding.
@@ -21,7 +21,7 @@ POSITION_OFFSET = 2
 
 
 @dataclass
-class OPTConfig:
+class OPTConfig(MultiHeadShape):
     vocab_size: int
     hidden_size: int
     word_embed_proj_dim: int
@@ -36,19 +36,9 @@ class OPTConfig:
     activation: str
     tie_word_embeddings: bool
 
-    @property
-    def num_key_value_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def from_hf(cls, hf: dict) -> OPTConfig:
-        activation = hf.get("activation_function", "relu")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        activation = activation_name(hf, "relu")
         hidden = hf["hidden_size"]
         pre_ln = hf.get("do_layer_norm_before", True)
         return cls(
