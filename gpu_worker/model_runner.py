@@ -4,14 +4,25 @@ The worker keeps each running request's tokens and block table across steps, so 
 `StepPlan` carries only what changed (vLLM v1's design). Each step flattens the scheduled
 tokens of all requests into one batch, runs the model once, and samples one token for every
 request whose known tokens are now all computed.
+
+The hot path has no per-token Python: every live request owns a row of host arrays (its
+tokens, its block table, its counts), and a step's inputs are gathered from those rows with
+numpy fancy indexing into pinned buffers, then copied to persistent device buffers without
+blocking. On CUDA, decode-only steps (one token per request) replay a CUDA graph captured for
+the smallest batch size of a ladder that holds them, padded with rows that write nowhere
+(slot -1); `--enforce-eager` turns graphs off. Mixed prefill/decode steps run eagerly, with
+the decodes moved to the front so the attention kernel gives them decode tiles.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gpu_worker.attention import AttentionMetadata
@@ -27,24 +38,29 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 
 @dataclass
 class RequestState:
-    token_ids: list[int]  # prompt + every token sampled so far
-    num_prompt_tokens: int  # the rest of token_ids are outputs (penalties, min_tokens, seeds count them)
-    num_computed_tokens: int  # leading tokens whose K/V are in the cache
     sampling: SamplingParams
     generator: torch.Generator | None  # only for seeded requests
-    row: int  # this request's row in the block table
-    num_blocks: int
+    row: int  # this request's row in the runner's host arrays
 
 
 @dataclass
 class StepBatch:
-    """One step's flattened inputs (T tokens of B requests) and where to read logits."""
+    """One step's flattened inputs (T tokens of B requests, decodes first) on the device."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [N]: the last token of each request that samples
-    sampling_rows: list[int]  # which of the B requests those N are
+    rows: np.ndarray  # [B] the requests' rows, in batch order
+    request_ids: list[str]  # [B] in batch order
+    sampling: np.ndarray  # [N] indices into the batch of the requests that sample
+    graph_size: int | None = None  # a decode-only batch padded to this captured size
+
+
+def cudagraph_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes to capture: 1, 2, 4, then every multiple of 8 up to max_num_seqs."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sorted(set(sizes + [max_num_seqs]))
 
 
 class ModelRunner:
@@ -66,13 +82,15 @@ class ModelRunner:
             )
         self.num_blocks = self._num_kv_blocks(loaded)
         self.kv_cache = self._allocate_kv_cache(loaded, self.num_blocks)
-
         self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
-        # One row per live request, kept on the host and updated by difference, so building a
-        # step's block tables is one gather rather than a rebuild from Python lists.
-        self.block_table = torch.zeros(config.max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32)
-        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self.requests: dict[str, RequestState] = {}
+        self._allocate_rows(config.max_num_seqs)
+        self._allocate_step_buffers(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs)
+        # Decode graphs by padded batch size, and what each one reads and writes.
+        self.graphs: dict[int, Callable[[], None]] = {}
+        self.graph_hidden: dict[int, torch.Tensor] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.capture_decode_graphs(cudagraph_sizes(config.max_num_seqs))
 
     # ---- KV cache -------------------------------------------------------------------
 
@@ -143,45 +161,81 @@ class ModelRunner:
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         return total * self.config.gpu_memory_utilization - used_by_others - peak
 
-    # ---- request state --------------------------------------------------------------
+    # ---- host state: one row per live request ----------------------------------------
+
+    def _allocate_rows(self, num_rows: int) -> None:
+        """Per-row host arrays: tokens (prompt + outputs), counts, block tables."""
+        self.token_ids = np.zeros((num_rows, self.max_model_len + 1), dtype=np.int64)
+        self.num_tokens = np.zeros(num_rows, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(num_rows, dtype=np.int64)
+        self.num_computed = np.zeros(num_rows, dtype=np.int64)
+        self.num_row_blocks = np.zeros(num_rows, dtype=np.int64)
+        self.block_table = np.zeros((num_rows, self.max_blocks_per_seq), dtype=np.int32)
+        self.free_rows = list(range(num_rows - 1, -1, -1))
+
+    def _grow_rows(self) -> None:
+        """More live requests than rows (e.g. preempted ones not yet dropped): double them."""
+        old = self.num_tokens.shape[0]
+        arrays = ("token_ids", "num_tokens", "num_prompt_tokens", "num_computed", "num_row_blocks", "block_table")
+        for name in arrays:
+            a = getattr(self, name)
+            setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
+        self.free_rows.extend(range(2 * old - 1, old - 1, -1))
+
+    def _allocate_step_buffers(self, max_tokens: int, max_seqs: int) -> None:
+        """Pinned host staging buffers and the device buffers they are copied into.
+
+        The device buffers persist: a captured graph reads the very same memory every replay.
+        Reusing the staging buffers is safe because each step ends by reading its sampled
+        tokens back, which waits for every copy of the step.
+        """
+        pin = self.device.type == "cuda"
+
+        def pair(n: int, dtype: torch.dtype, *shape: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+            host = torch.zeros(n, *shape, dtype=dtype, pin_memory=pin)
+            return host, host.numpy(), torch.zeros(n, *shape, dtype=dtype, device=self.device)
+
+        self.max_step_tokens, self.max_step_seqs = max_tokens, max_seqs
+        self.input_ids_cpu, self.input_ids_np, self.input_ids_gpu = pair(max_tokens, torch.int64)
+        self.positions_cpu, self.positions_np, self.positions_gpu = pair(max_tokens, torch.int64)
+        self.slots_cpu, self.slots_np, self.slots_gpu = pair(max_tokens, torch.int64)
+        self.seq_lens_cpu, self.seq_lens_np, self.seq_lens_gpu = pair(max_seqs, torch.int32)
+        self.qsl_cpu, self.qsl_np, self.qsl_gpu = pair(max_seqs + 1, torch.int32)
+        self.logits_idx_cpu, self.logits_idx_np, self.logits_idx_gpu = pair(max_seqs, torch.int64)
+        # Block tables are staged packed ([B, blocks in use], contiguous) and scattered on the
+        # device into the full-width table that graphs read.
+        self.tables_cpu, self.tables_np, self.tables_packed_gpu = pair(max_seqs * self.max_blocks_per_seq, torch.int32)
+        self.tables_gpu = torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
 
     def _add_request(self, new: NewRequestData) -> None:
         # A request sent as new again (resumed after preemption) starts over from its data.
         self._drop_request(new.request_id)
         if not self.free_rows:
-            self._grow_block_table()
+            self._grow_rows()
         generator = None
         if new.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(new.sampling.seed)
-        state = RequestState(
-            token_ids=list(new.prompt_token_ids),
-            num_prompt_tokens=len(new.prompt_token_ids) - new.num_output_tokens,
-            num_computed_tokens=new.num_computed_tokens,
-            sampling=new.sampling,
-            generator=generator,
-            row=self.free_rows.pop(),
-            num_blocks=0,
-        )
-        self._append_blocks(state, new.block_ids)
-        self.requests[new.request_id] = state
+        row = self.free_rows.pop()
+        n = len(new.prompt_token_ids)
+        self.token_ids[row, :n] = new.prompt_token_ids
+        self.num_tokens[row] = n
+        self.num_prompt_tokens[row] = n - new.num_output_tokens
+        self.num_computed[row] = new.num_computed_tokens
+        self.num_row_blocks[row] = 0
+        self._append_blocks(row, new.block_ids)
+        self.requests[new.request_id] = RequestState(new.sampling, generator, row)
 
     def _drop_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
             self.free_rows.append(state.row)
 
-    def _append_blocks(self, state: RequestState, block_ids: list[int]) -> None:
+    def _append_blocks(self, row: int, block_ids: list[int]) -> None:
         if not block_ids:
             return
-        end = state.num_blocks + len(block_ids)
-        self.block_table[state.row, state.num_blocks : end] = torch.tensor(block_ids, dtype=torch.int32)
-        state.num_blocks = end
-
-    def _grow_block_table(self) -> None:
-        """More live requests than max_num_seqs (e.g. preempted ones not yet dropped): add rows."""
-        old_rows = self.block_table.shape[0]
-        self.block_table = torch.cat([self.block_table, torch.zeros_like(self.block_table)])
-        self.free_rows.extend(range(2 * old_rows - 1, old_rows - 1, -1))
+        start = int(self.num_row_blocks[row])
+        self.block_table[row, start : start + len(block_ids)] = block_ids
+        self.num_row_blocks[row] = start + len(block_ids)
 
     # ---- one step -------------------------------------------------------------------
 
@@ -192,38 +246,44 @@ class ModelRunner:
         for new in plan.new_requests:
             self._add_request(new)
         for cached in plan.cached_requests:
-            state = self.requests[cached.request_id]
-            self._append_blocks(state, cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            row = self.requests[cached.request_id].row
+            self._append_blocks(row, cached.new_block_ids)
+            self.num_computed[row] = cached.num_computed_tokens
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
         if not plan.num_scheduled_tokens:
             return StepResult(step_id=plan.step_id, request_ids=[], token_ids=[])
 
-        request_ids = list(plan.num_scheduled_tokens)
-        states = [self.requests[rid] for rid in request_ids]
-        batch = self._prepare_batch(states, [plan.num_scheduled_tokens[rid] for rid in request_ids])
+        batch = self._prepare_batch(plan.num_scheduled_tokens)
         with torch.inference_mode():
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn)
+            if batch.graph_size is not None:
+                self.graphs[batch.graph_size]()
+                hidden = self.graph_hidden[batch.graph_size]
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, batch.attn)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-            sampling_states = [states[i] for i in batch.sampling_rows]
+            sampled_rows = batch.rows[batch.sampling]
+            states = [self.requests[batch.request_ids[i]] for i in batch.sampling]
+            params = [s.sampling for s in states]
+            history = None
+            if any(p.needs_history for p in params):
+                history = [self.token_ids[r, : self.num_tokens[r]] for r in sampled_rows]
             out = sample(
                 logits,
-                [s.sampling for s in sampling_states],
-                [s.generator for s in sampling_states],
-                token_ids=[s.token_ids for s in sampling_states],
-                num_prompt_tokens=[s.num_prompt_tokens for s in sampling_states],
+                params,
+                [s.generator for s in states],
+                token_ids=history,
+                num_prompt_tokens=self.num_prompt_tokens[sampled_rows].tolist(),
+                num_outputs=(self.num_tokens[sampled_rows] - self.num_prompt_tokens[sampled_rows]).tolist(),
                 eos_token_ids=self.eos_token_ids,
             )
 
-        for state, n in zip(states, plan.num_scheduled_tokens.values(), strict=True):
-            state.num_computed_tokens += n
         token_ids = out.token_ids.tolist()
-        for state, token_id in zip(sampling_states, token_ids, strict=True):
-            state.token_ids.append(token_id)
+        self.token_ids[sampled_rows, self.num_tokens[sampled_rows]] = token_ids
+        self.num_tokens[sampled_rows] += 1
         return StepResult(
             step_id=plan.step_id,
-            request_ids=[request_ids[i] for i in batch.sampling_rows],
+            request_ids=[batch.request_ids[i] for i in batch.sampling],
             token_ids=token_ids,
             logprobs=None if out.logprobs is None else out.logprobs.tolist(),
             top_logprob_ids=None if out.top_logprob_ids is None else out.top_logprob_ids.tolist(),
@@ -240,49 +300,161 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _prepare_batch(self, states: list[RequestState], num_tokens: list[int]) -> StepBatch:
-        """Flatten the scheduled tokens of `states` into one batch: positions, slots, tables."""
-        input_ids: list[int] = []
-        sampling_rows: list[int] = []
-        for i, (state, n) in enumerate(zip(states, num_tokens, strict=True)):
-            start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            if n < 1 or end > len(state.token_ids) or math.ceil(end / self.block_size) > state.num_blocks:
-                raise RuntimeError(
-                    f"scheduled tokens {start}..{end} of a request with {len(state.token_ids)} "
-                    f"tokens and {state.num_blocks} blocks"
-                )
-            input_ids.extend(state.token_ids[start:end])
-            if end == len(state.token_ids):
-                sampling_rows.append(i)
+    def _prepare_batch(self, num_scheduled: dict[str, int]) -> StepBatch:
+        """Gather the scheduled tokens into the step buffers: ids, positions, slots, tables.
 
-        counts = torch.tensor(num_tokens)
-        num_computed = torch.tensor([s.num_computed_tokens for s in states])
-        query_start_loc = torch.zeros(len(states) + 1, dtype=torch.int32)
-        query_start_loc[1:] = counts.cumsum(0)
-        seq_lens = (num_computed + counts).to(torch.int32)
-        # Token t belongs to request req[t] and sits at its position num_computed + offset.
-        req = torch.repeat_interleave(torch.arange(len(states)), counts)
-        positions = torch.arange(len(input_ids)) - query_start_loc[req] + num_computed[req]
-        max_blocks = math.ceil(int(seq_lens.max()) / self.block_size)
-        block_tables = self.block_table[[s.row for s in states], :max_blocks]
-        slot_mapping = block_tables[req, positions // self.block_size].long() * self.block_size + (
-            positions % self.block_size
-        )
-        logits_indices = query_start_loc[1:][sampling_rows].long() - 1
+        Decodes (one token) go first, in the plan's order, then the prefill chunks.
+        """
+        request_ids = list(num_scheduled)
+        rows = np.fromiter((self.requests[r].row for r in request_ids), dtype=np.int64, count=len(request_ids))
+        counts = np.fromiter(num_scheduled.values(), dtype=np.int64, count=len(request_ids))
+        if ((counts[:-1] > 1) & (counts[1:] == 1)).any():  # a decode after a prefill chunk
+            order = np.argsort(counts > 1, kind="stable")
+            rows, counts = rows[order], counts[order]
+            request_ids = [request_ids[i] for i in order]
+        num_seqs, num_tokens = len(rows), int(counts.sum())
+        start = self.num_computed[rows]
+        end = start + counts
+        bad = (counts < 1) | (end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_row_blocks[rows])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RuntimeError(
+                f"scheduled tokens {start[i]}..{end[i]} of request {request_ids[i]} with "
+                f"{self.num_tokens[rows[i]]} tokens and {self.num_row_blocks[rows[i]]} blocks"
+            )
+        if num_tokens > self.max_step_tokens or num_seqs > self.max_step_seqs:
+            # Beyond the scheduler's limits (not expected): bigger buffers, and no graphs,
+            # which read the old ones.
+            logger.warning("a step of %d tokens of %d requests: beyond the step buffers", num_tokens, num_seqs)
+            self._allocate_step_buffers(max(num_tokens, self.max_step_tokens), max(num_seqs, self.max_step_seqs))
+            self.graphs.clear()
+            self.graph_hidden.clear()
+        self.num_computed[rows] = end  # what the cache holds once this step ran
 
-        device = self.device
+        num_decodes = int(np.searchsorted(counts > 1, True))
+        graph_size = None
+        if num_decodes == num_seqs and self.graphs:
+            graph_size = next((s for s in self.graphs if s >= num_seqs), None)
+        padded = graph_size or num_seqs
+
+        # Token t belongs to sequence seq[t] and sits at its position start + offset.
+        qsl = self.qsl_np[: padded + 1]
+        qsl[0] = 0
+        np.cumsum(counts, out=qsl[1 : num_seqs + 1])
+        seq = np.repeat(np.arange(num_seqs), counts)
+        positions = self.positions_np[:num_tokens]
+        np.add(np.arange(num_tokens) - qsl[seq], start[seq], out=positions)
+        token_rows = rows[seq]
+        self.input_ids_np[:num_tokens] = self.token_ids[token_rows, positions]
+        max_blocks = int(-(-end.max() // self.block_size))
+        tables = self.tables_np[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
+        tables[:] = self.block_table[rows, :max_blocks]
+        slots = self.slots_np[:num_tokens]
+        np.add(tables[seq, positions // self.block_size] * self.block_size, positions % self.block_size, out=slots)
+        seq_lens = self.seq_lens_np[:padded]
+        seq_lens[:num_seqs] = end
+        sampling = np.flatnonzero(end == self.num_tokens[rows])
+        self.logits_idx_np[: len(sampling)] = qsl[1:][sampling] - 1
+        if padded > num_seqs:
+            # Padding rows: one token each that writes nowhere and attends to one slot of
+            # block 0 (a finite value); their outputs are never read.
+            pad = slice(num_tokens, num_tokens + padded - num_seqs)
+            self.input_ids_np[pad] = 0
+            self.positions_np[pad] = 0
+            self.slots_np[pad] = -1
+            seq_lens[num_seqs:] = 1
+            qsl[num_seqs + 1 :] = np.arange(num_tokens + 1, num_tokens + 1 + padded - num_seqs)
+
+        def to_device(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
+            return device[:n].copy_(host[:n], non_blocking=True)
+
+        input_ids = to_device(self.input_ids_cpu, self.input_ids_gpu, padded if graph_size else num_tokens)
+        positions_d = to_device(self.positions_cpu, self.positions_gpu, padded if graph_size else num_tokens)
+        slots_d = to_device(self.slots_cpu, self.slots_gpu, padded if graph_size else num_tokens)
+        seq_lens_d = to_device(self.seq_lens_cpu, self.seq_lens_gpu, padded)
+        qsl_d = to_device(self.qsl_cpu, self.qsl_gpu, padded + 1)
+        logits_idx = to_device(self.logits_idx_cpu, self.logits_idx_gpu, len(sampling))
+        packed = to_device(self.tables_cpu, self.tables_packed_gpu, num_seqs * max_blocks)
+        if graph_size is not None:
+            self.tables_gpu[:num_seqs, :max_blocks] = packed.view(num_seqs, max_blocks)
+            tables_d = self.tables_gpu[:padded]
+        else:
+            tables_d = packed.view(num_seqs, max_blocks)
         return StepBatch(
-            input_ids=torch.tensor(input_ids, device=device),
-            positions=positions.to(device),
+            input_ids=input_ids,
+            positions=positions_d,
             attn=AttentionMetadata(
-                slot_mapping=slot_mapping.to(device),
-                block_tables=block_tables.to(device),
-                seq_lens=seq_lens.to(device),
-                query_start_loc=query_start_loc.to(device),
+                slot_mapping=slots_d,
+                block_tables=tables_d,
+                seq_lens=seq_lens_d,
+                query_start_loc=qsl_d,
+                max_seq_len=int(end.max()),
+                num_decodes=num_decodes,
             ),
-            logits_indices=logits_indices.to(device),
-            sampling_rows=sampling_rows,
+            logits_indices=logits_idx,
+            rows=rows,
+            request_ids=request_ids,
+            sampling=sampling,
+            graph_size=graph_size,
         )
+
+    # ---- CUDA graphs ------------------------------------------------------------------
+
+    def _decode_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The static inputs of a decode graph of `size` rows: views of the step buffers."""
+        meta = AttentionMetadata(
+            slot_mapping=self.slots_gpu[:size],
+            block_tables=self.tables_gpu[:size],
+            seq_lens=self.seq_lens_gpu[:size],
+            query_start_loc=self.qsl_gpu[: size + 1],
+            # Fixed at capture: the kernel's split of the keys must hold for any context.
+            max_seq_len=self.max_model_len,
+            num_decodes=size,
+        )
+        return self.input_ids_gpu[:size], self.positions_gpu[:size], meta
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, sizes: list[int], capture: bool = True) -> None:
+        """Capture the model's forward for decode batches of each size (largest first, one pool).
+
+        capture=False keeps the same static buffers and padding but runs the forward eagerly
+        at each replay: the CPU path for testing the padding, and a debugging aid.
+        """
+        sizes = [s for s in sizes if s <= min(self.max_step_seqs, self.max_step_tokens)]
+        began = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0] if capture else 0
+        # Dummy decode inputs: every row reads one slot of block 0 and writes nowhere.
+        self.slots_gpu.fill_(-1)
+        self.seq_lens_gpu.fill_(1)
+        self.qsl_gpu.copy_(torch.arange(self.qsl_gpu.shape[0], dtype=torch.int32))
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        for size in sorted(sizes, reverse=True):
+            input_ids, positions, meta = self._decode_inputs(size)
+            if not capture:
+
+                def run(size: int = size, args: tuple = (input_ids, positions, meta)) -> None:
+                    self.graph_hidden[size] = self.model(*args)
+
+                self.graphs[size] = run
+                continue
+            for _ in range(2):  # compile the Triton kernels and settle allocations first
+                self.model(input_ids, positions, meta)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.graph_hidden[size] = self.model(input_ids, positions, meta)
+            self.graphs[size] = graph.replay
+        self.graphs = dict(sorted(self.graphs.items()))
+        if capture:
+            torch.cuda.synchronize(self.device)
+            used = free_before - torch.cuda.mem_get_info(self.device)[0]
+            logger.info(
+                "captured decode CUDA graphs for %d batch sizes (1..%d) in %.1f s, %.2f GiB",
+                len(sizes),
+                max(sizes),
+                time.perf_counter() - began,
+                used / 2**30,
+            )
 
 
 def resolve_device(device: str, rank: int) -> torch.device:

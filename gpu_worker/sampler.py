@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from protocol.messages import SamplingParams
@@ -42,19 +43,22 @@ def sample(
     token_ids: Sequence[Sequence[int]] | None = None,
     num_prompt_tokens: Sequence[int] | None = None,
     eos_token_ids: Sequence[int] = (),
+    num_outputs: Sequence[int] | None = None,
 ) -> SamplerOutput:
     """One token per row of `logits` [N, vocab] (fp32), row i sampled with `params[i]`.
 
-    `token_ids[i]` is row i's prompt and outputs so far and `num_prompt_tokens[i]` how many of
-    those are prompt: penalties, min_tokens and seeds need them (without them every row is at
-    its first output). `generators[i]`, if given, is reused for row i's seeded draws.
+    `token_ids[i]` is row i's prompt and outputs so far (a list or a 1-d integer array) and
+    `num_prompt_tokens[i]` how many of those are prompt: the penalties need them.
+    `num_outputs[i]` (default: from token_ids, else 0) is how many outputs row i has, which
+    min_tokens and seeds count. `generators[i]`, if given, is reused for row i's seeded draws.
     """
     n, vocab_size = logits.shape
-    if token_ids is None:
-        num_outputs = [0] * n
-    else:
-        assert num_prompt_tokens is not None, "token_ids come with num_prompt_tokens"
-        num_outputs = [len(t) - p for t, p in zip(token_ids, num_prompt_tokens, strict=True)]
+    if num_outputs is None:
+        if token_ids is None:
+            num_outputs = [0] * n
+        else:
+            assert num_prompt_tokens is not None, "token_ids come with num_prompt_tokens"
+            num_outputs = [len(t) - p for t, p in zip(token_ids, num_prompt_tokens, strict=True)]
     raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
 
     logits = _apply_logit_bias(logits, params)
@@ -121,11 +125,7 @@ def _apply_penalties(
     num_prompt_tokens: Sequence[int],
 ) -> torch.Tensor:
     """vLLM's penalties: repetition over prompt and output tokens, frequency and presence over outputs."""
-    rows = [
-        i
-        for i, p in enumerate(params)
-        if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-    ]
+    rows = [i for i, p in enumerate(params) if p.needs_history]
     if not rows:
         return logits
     device, vocab_size = logits.device, logits.shape[1]
@@ -154,7 +154,7 @@ def _bincount_rows(lists: Sequence[Sequence[int]], vocab_size: int, device: torc
     lengths = torch.tensor([len(t) for t in lists])
     if int(lengths.sum()) == 0:
         return counts
-    ids = torch.tensor(list(chain.from_iterable(lists)), device=device)
+    ids = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in lists])).to(device)
     row_of = torch.repeat_interleave(torch.arange(len(lists)), lengths).to(device)
     keep = ids < vocab_size
     return counts.index_put((row_of[keep], ids[keep]), torch.ones_like(ids[keep], dtype=counts.dtype), accumulate=True)

@@ -36,6 +36,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the tokens so far (the penalties do)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 class ChatMessage(msgspec.Struct, omit_defaults=True):
     role: str

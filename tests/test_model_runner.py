@@ -179,6 +179,35 @@ def test_chunked_prefill_beside_a_decode_gives_the_same_tokens(runner, chat_prom
     assert outputs["decoding"] == alone.run()["alone"]
 
 
+def test_padded_decode_batches_and_decodes_behind_a_prefill_chunk_give_the_same_tokens(runner, chat_prompts) -> None:
+    """The CUDA-graph path's inputs, run eagerly: decode batches padded to a captured size
+    (rows that write nowhere), and a decode listed after a prefill chunk (moved to the front)."""
+    expected = {}
+    for i, prompt in enumerate(chat_prompts):
+        alone = ToyScheduler(runner, seed=20 + i)
+        alone.add("alone", prompt, max_tokens=12)
+        expected[i] = alone.run()["alone"]
+
+    runner.capture_decode_graphs([2, 4, 8], capture=False)
+    try:
+        assert sorted(runner.graphs) == [2, 4, 8]
+        scheduler = ToyScheduler(runner, seed=30)
+        scheduler.add("chunked", chat_prompts[0], max_tokens=12, chunk=5)
+        scheduler.add("decoding", chat_prompts[2], max_tokens=12)
+        scheduler.step()  # a chunk of 5, then the whole second prompt
+        for _ in range(2):  # the chunk keeps going, the second request decodes after it
+            scheduler.step()
+            assert scheduler.running["chunked"].outputs == []
+        scheduler.add("third", chat_prompts[1], max_tokens=12)
+        outputs = scheduler.run()  # ends with decode-only steps of 3 rows (run as 4), then 2
+        replayed = sorted(runner.graph_hidden)
+    finally:
+        runner.graphs.clear()
+        runner.graph_hidden.clear()
+    assert replayed == [2, 4]
+    assert outputs == {"chunked": expected[0], "decoding": expected[2], "third": expected[1]}
+
+
 def test_prefix_cache_hit_and_resumed_request_continue_the_same(runner, chat_prompts) -> None:
     first = ToyScheduler(runner, seed=5)
     first.add("first", chat_prompts[0], max_tokens=16)

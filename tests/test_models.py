@@ -338,3 +338,25 @@ def test_llm_on_gpu_profiles_memory_and_matches_transformers(tiny, tokenizer) ->
     with LLM(str(folder), dtype="float32", gpu_memory_utilization=0.3) as llm:
         outputs = llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS))
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_greedy_on_gpu_graphs_and_eager_equals_cpu_fp32(family, tiny, tokenizer) -> None:
+    """The whole pipeline, greedy, float32: CUDA graphs, eager CUDA and the CPU reference agree."""
+    from frontend import LLM, SamplingParams
+
+    folder, _ = tiny(family)
+    prompts = random_prompts(len(tokenizer))
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS)
+    tokens = {}
+    for name, args in {
+        "cpu": dict(device="cpu"),
+        "cuda-graphs": dict(device="cuda", gpu_memory_utilization=0.3),
+        "cuda-eager": dict(device="cuda", gpu_memory_utilization=0.3, enforce_eager=True),
+    }.items():
+        with LLM(str(folder), dtype="float32", **args) as llm:
+            tokens[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert all(len(t) == MAX_TOKENS for t in tokens["cpu"])
+    assert tokens["cuda-graphs"] == tokens["cpu"]
+    assert tokens["cuda-eager"] == tokens["cpu"]

@@ -135,9 +135,7 @@ class OPTForCausalLM(CausalLM):
         self.config = config
         self.model = OPTModel(config)
         self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
