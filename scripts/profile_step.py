@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--kv-gb", type=float, default=10.0)
+    parser.add_argument("--kv-gb", type=float, default=30.0)
     parser.add_argument("--modes", default="eager,graphs")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models-dir", default="/tmp/pagoda-bench-models")

@@ -29,6 +29,7 @@ def random_prompts(vocab_size: int, lengths: tuple[int, ...] = PROMPT_LENGTHS, s
 
 
 def make_runner(model: str, device: str = "cpu", dtype: str = "float32", **kw: object) -> ModelRunner:
+    kw.setdefault("max_num_seqs", 16)  # on a GPU: few decode graphs to capture
     config = EngineConfig(
         model=model, device=device, dtype=dtype, block_size=BLOCK_SIZE, num_gpu_blocks_override=64, **kw
     )

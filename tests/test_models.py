@@ -352,7 +352,7 @@ def test_pipeline_greedy_on_gpu_graphs_and_eager_equals_cpu_fp32(family, tiny, t
     tokens = {}
     for name, args in {
         "cpu": dict(device="cpu"),
-        "cuda-graphs": dict(device="cuda", gpu_memory_utilization=0.3),
+        "cuda-graphs": dict(device="cuda", gpu_memory_utilization=0.3, max_num_seqs=16),
         "cuda-eager": dict(device="cuda", gpu_memory_utilization=0.3, enforce_eager=True),
     }.items():
         with LLM(str(folder), dtype="float32", **args) as llm:
