@@ -33,10 +33,12 @@ bench() {
 
 for step in $steps; do
     case $step in
-        tests) python3 -m pytest -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest_gpu.log" | tail -30 ;;
+        tests) timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider -x --durations=10 2>&1 \
+            | tee "$out/pytest_gpu.log" | tail -30 ;;
         kernels) bench kernels kernels ;;
         latency) bench latency latency --random-weights llama3-8b --peer "${PEER:-hf}" ;;
-        throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" ;;
+        throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" \
+            --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192}" ;;
         prefix) bench prefix prefix --random-weights llama3-8b ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-100}" --plot "$out" ;;
         *) echo "unknown step $step"; exit 2 ;;
