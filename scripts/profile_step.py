@@ -78,8 +78,9 @@ def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
     runner = ModelRunner(config)
     start_s = time.perf_counter() - began
     driver = Driver(runner, args.batch, args.prompt_len, runner.model.config.vocab_size)
+    prefill = []
     while min(driver.computed.values()) < args.prompt_len:
-        driver.step(args.max_num_batched_tokens)
+        prefill.append(driver.step(args.max_num_batched_tokens))
     for _ in range(5):  # warm up
         driver.step(args.max_num_batched_tokens)
     times = [driver.step(args.max_num_batched_tokens) for _ in range(args.steps)]
@@ -100,6 +101,7 @@ def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
         "decode_step_ms_median": round(1e3 * times[len(times) // 2], 3),
         "decode_step_ms_min": round(1e3 * times[0], 3),
         "decode_tok_s": round(args.batch / times[len(times) // 2], 1),
+        "prefill_steps_ms": [round(1e3 * t, 1) for t in prefill],
     }
     print(json.dumps(out))
     print(table)

@@ -335,28 +335,25 @@ def test_llm_on_gpu_profiles_memory_and_matches_transformers(tiny, tokenizer) ->
     folder, hf_model = tiny("qwen3")
     prompts = random_prompts(len(tokenizer))
     expected = hf_greedy(hf_model.to("cuda"), prompts)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS)
     with LLM(str(folder), dtype="float32", gpu_memory_utilization=0.3) as llm:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS))
+        outputs = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    # The whole pipeline on the CPU reference path gives the same tokens.
+    with LLM(str(folder), dtype="float32", device="cpu") as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_greedy_on_gpu_graphs_and_eager_equals_cpu_fp32(family, tiny, tokenizer) -> None:
-    """The whole pipeline, greedy, float32: CUDA graphs, eager CUDA and the CPU reference agree."""
-    from frontend import LLM, SamplingParams
-
+def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, tokenizer) -> None:
+    """float32, greedy: decode steps replayed from CUDA graphs (batches padded to a captured
+    size), eager CUDA and the CPU reference path give the same tokens."""
     folder, _ = tiny(family)
     prompts = random_prompts(len(tokenizer))
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS)
-    tokens = {}
-    for name, args in {
-        "cpu": dict(device="cpu"),
-        "cuda-graphs": dict(device="cuda", gpu_memory_utilization=0.3, max_num_seqs=16),
-        "cuda-eager": dict(device="cuda", gpu_memory_utilization=0.3, enforce_eager=True),
-    }.items():
-        with LLM(str(folder), dtype="float32", **args) as llm:
-            tokens[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert all(len(t) == MAX_TOKENS for t in tokens["cpu"])
-    assert tokens["cuda-graphs"] == tokens["cpu"]
-    assert tokens["cuda-eager"] == tokens["cpu"]
+    graphs = make_runner(str(folder), device="cuda")
+    assert graphs.graphs and len(prompts) not in graphs.graphs  # so the batch is padded
+    tokens = runner_greedy(graphs, prompts)
+    del graphs
+    assert runner_greedy(make_runner(str(folder), device="cuda", enforce_eager=True), prompts) == tokens
+    assert runner_greedy(make_runner(str(folder), device="cpu"), prompts) == tokens
