@@ -28,6 +28,7 @@ import torch
 from gpu_worker.attention import AttentionMetadata
 from gpu_worker.loader import LoadedModel, ModelLoadError, load_model
 from gpu_worker.sampler import sample
+from kernels import warm_up_paged_attention
 from protocol.config import EngineConfig
 from protocol.messages import NewRequestData, SamplingParams, StepPlan, StepResult
 
@@ -89,8 +90,10 @@ class ModelRunner:
         # Decode graphs by padded batch size, and what each one reads and writes.
         self.graphs: dict[int, Callable[[], None]] = {}
         self.graph_hidden: dict[int, torch.Tensor] = {}
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.capture_decode_graphs(cudagraph_sizes(config.max_num_seqs))
+        if self.device.type == "cuda":
+            self._warm_up_kernels()
+            if not config.enforce_eager:
+                self.capture_decode_graphs(cudagraph_sizes(config.max_num_seqs))
 
     # ---- KV cache -------------------------------------------------------------------
 
@@ -399,6 +402,15 @@ class ModelRunner:
         )
 
     # ---- CUDA graphs ------------------------------------------------------------------
+
+    def _warm_up_kernels(self) -> None:
+        """Compile the attention kernel's variants now, not in the middle of the first requests."""
+        began = time.perf_counter()
+        attn = self.model.attention_layers()[0]
+        q = torch.zeros(16, attn.num_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+        num_variants = warm_up_paged_attention(q, attn.k_cache, attn.v_cache, attn.scale)
+        torch.cuda.synchronize(self.device)
+        logger.info("attention kernels: %d variants ready in %.1f s", num_variants, time.perf_counter() - began)
 
     def _decode_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The static inputs of a decode graph of `size` rows: views of the step buffers."""

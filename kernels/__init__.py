@@ -54,6 +54,16 @@ def paged_attention(
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
 
 
+def warm_up_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> int:
+    """Compile every variant of the GPU attention kernel these shapes can launch; the number
+    compiled (0 where the reference runs: nothing to compile)."""
+    if _triton(q):
+        from kernels.triton_paged_attention import warm_up
+
+        return warm_up(q, k_cache, v_cache, scale)
+    return 0
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -113,6 +123,7 @@ __all__ = [
     "rms_norm_ref",
     "silu_and_mul",
     "silu_and_mul_ref",
+    "warm_up_paged_attention",
     "write_kv",
     "write_kv_ref",
 ]

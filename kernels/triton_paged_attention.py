@@ -245,6 +245,19 @@ def _shared_bytes(block_m: int, tile_n: int, num_stages: int, head_dim: int, ele
     return (block_m + 2 * buffers * tile_n) * head_dim * elem + 4096
 
 
+def _tiling(decode: bool, group: int, head_dim: int, elem_size: int, limits: DeviceLimits) -> tuple[int, ...]:
+    """(rows, key tile, warps, stages): the first tiling of the list that fits the device."""
+    d = max(16, triton.next_power_of_2(head_dim))
+    tilings = [(max(m, triton.next_power_of_2(group)), *rest) for m, *rest in (
+        _DECODE_TILINGS if decode else _PREFILL_TILINGS
+    )]
+    fits = [t for t in tilings if _shared_bytes(t[0], t[1], t[3], d, elem_size) <= limits.shared_mem]
+    return (fits or tilings[-1:])[0]
+
+
+MAX_SPLITS = 32
+
+
 def choose_config(
     num_tokens: int,
     num_seqs: int,
@@ -262,24 +275,48 @@ def choose_config(
     128-row tiles, the size at which the tensor cores do the work.
     """
     group = num_heads // num_kv_heads
-    decode = num_tokens == num_seqs
-    d = max(16, triton.next_power_of_2(head_dim))
-    tilings = [(max(m, triton.next_power_of_2(group)), *rest) for m, *rest in (
-        _DECODE_TILINGS if decode else _PREFILL_TILINGS
-    )]
-    fits = [t for t in tilings if _shared_bytes(t[0], t[1], t[3], d, elem_size) <= limits.shared_mem]
-    block_m, tile_n, num_warps, num_stages = (fits or tilings[-1:])[0]
+    block_m, tile_n, num_warps, num_stages = _tiling(num_tokens == num_seqs, group, head_dim, elem_size, limits)
     block_q = block_m // group
     programs = (num_tokens // block_q + num_seqs) * num_kv_heads
     target = 2 * limits.num_sms
     num_splits = 1
     if programs < target:
-        num_splits = min(32, triton.next_power_of_2(-(-target // programs)))
+        num_splits = min(MAX_SPLITS, triton.next_power_of_2(-(-target // programs)))
         if max_seq_len is not None:
             # Each slice should stream at least 4 tiles, or the merge costs more than it saves.
             useful = max(1, max_seq_len // (4 * tile_n))
             num_splits = min(num_splits, 1 << (useful.bit_length() - 1))
     return AttentionConfig(block_m, tile_n, num_splits, num_warps, num_stages)
+
+
+def possible_configs(
+    num_heads: int, num_kv_heads: int, head_dim: int, elem_size: int, limits: DeviceLimits
+) -> list[AttentionConfig]:
+    """Every config `choose_config` can return for one model's attention, whatever the batch."""
+    group = num_heads // num_kv_heads
+    configs = []
+    for decode in (True, False):
+        block_m, tile_n, num_warps, num_stages = _tiling(decode, group, head_dim, elem_size, limits)
+        splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
+        configs += [AttentionConfig(block_m, tile_n, n, num_warps, num_stages) for n in splits]
+    return configs
+
+
+def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> int:
+    """Compile, ahead of the first request, every kernel variant this model's steps can launch.
+
+    Triton compiles a variant on its first launch (about a second each), which would
+    otherwise stall the first steps that mix prefill chunks and decodes. q: [T, heads, d] with
+    the strides the model's q has; the caches are the real ones (only block 0 is read).
+    """
+    num_tokens = q.shape[0]
+    tables = torch.zeros(1, triton.cdiv(num_tokens, k_cache.shape[1]), dtype=torch.int32, device=q.device)
+    seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=q.device)
+    qsl = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
+    configs = possible_configs(q.shape[1], k_cache.shape[2], q.shape[2], q.element_size(), device_limits(q.device))
+    for config in configs:
+        paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
+    return len(configs)
 
 
 def paged_attention_triton(

@@ -174,6 +174,20 @@ def test_choose_config_splits_small_decode_batches_only() -> None:
 
 
 @in_process
+def test_warm_up_covers_every_config_choose_config_picks() -> None:
+    """What `warm_up` compiles ahead is every config a batch of this model can get."""
+    rng = random.Random(3)
+    for heads, kv_heads, head_dim, elem in [(32, 8, 128, 2), (16, 8, 128, 2), (9, 3, 64, 4), (14, 2, 64, 2)]:
+        possible = set(attn.possible_configs(heads, kv_heads, head_dim, elem, attn.H100))
+        for _ in range(300):
+            seqs = rng.choice([1, 2, 7, 64, 256])
+            tokens = seqs if rng.random() < 0.5 else seqs + rng.randint(1, 8192)
+            max_seq_len = rng.choice([None, rng.randint(tokens // seqs, 40960)])
+            config = attn.choose_config(tokens, seqs, heads, kv_heads, head_dim, elem, attn.H100, max_seq_len)
+            assert config in possible, (heads, kv_heads, tokens, seqs, max_seq_len)
+
+
+@in_process
 def test_paged_attention_default_config_for_a_small_decode_batch_splits() -> None:
     rng = random.Random(7)
     seqs = [(rng.randint(100, 300), 1) for _ in range(2)]
