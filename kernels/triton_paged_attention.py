@@ -101,11 +101,11 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, num_seqs,
+    qk_scale, first_seq, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -118,6 +118,11 @@ def _paged_attention_kernel(
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # This launch's sequences start at first_seq: offset here rather than by slicing on the
+    # host, whose pointers' alignment would vary and make Triton compile a variant per kind.
+    block_tables_ptr += first_seq * stride_bt
+    seq_lens_ptr += first_seq
+    query_start_loc_ptr += first_seq
 
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     if seq < 0:
@@ -364,13 +369,14 @@ def paged_attention_triton(
     if 0 < num_decodes < num_seqs:
         # Sequences [0, d) own tokens [0, d); the rest keep their absolute query_start_loc.
         d = num_decodes
-        _launch(q, k_cache, v_cache, block_tables[:d], seq_lens[:d], query_start_loc[: d + 1], scale, out,
-                config, max_seq_len, first_token=0, num_part_tokens=d)
-        _launch(q, k_cache, v_cache, block_tables[d:], seq_lens[d:], query_start_loc[d:], scale, out,
-                config, max_seq_len, first_token=d, num_part_tokens=num_tokens - d)
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                config, max_seq_len, first_seq=0, num_part_seqs=d, first_token=0, num_part_tokens=d)
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                config, max_seq_len, first_seq=d, num_part_seqs=num_seqs - d, first_token=d,
+                num_part_tokens=num_tokens - d)
     else:
         _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
-                config, max_seq_len, first_token=0, num_part_tokens=num_tokens)
+                config, max_seq_len, first_seq=0, num_part_seqs=num_seqs, first_token=0, num_part_tokens=num_tokens)
     return out
 
 
@@ -385,13 +391,16 @@ def _launch(
     out: torch.Tensor,
     config: AttentionConfig | None,
     max_seq_len: int | None,
+    first_seq: int,
+    num_part_seqs: int,
     first_token: int,
     num_part_tokens: int,
 ) -> None:
-    """Attention for the sequences given, whose queries are tokens [first_token, + num_part_tokens)."""
+    """Attention for sequences [first_seq, + num_part_seqs), whose queries are tokens
+    [first_token, + num_part_tokens)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1:3]
-    num_seqs = seq_lens.shape[0]
+    num_seqs = num_part_seqs
     group = num_heads // num_kv_heads
     cfg = config or choose_config(
         num_part_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.element_size(), device_limits(q.device),
@@ -412,7 +421,7 @@ def _launch(
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse,
         block_tables, seq_lens, query_start_loc,
-        scale * LOG2_E, num_seqs,
+        scale * LOG2_E, first_seq, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
