@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,7 +55,44 @@ class StepBatch:
     rows: np.ndarray  # [B] the requests' rows, in batch order
     request_ids: list[str]  # [B] in batch order
     sampling: np.ndarray  # [N] indices into the batch of the requests that sample
+    staging: _Staging  # the host buffers this step was staged in
     graph_size: int | None = None  # a decode-only batch padded to this captured size
+
+
+class _Staging:
+    """One step's pinned host buffers (numpy views for filling them) before their copy to the device."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        self.input_ids = buf(max_tokens, torch.int64)
+        self.positions = buf(max_tokens, torch.int64)
+        self.slots = buf(max_tokens, torch.int64)
+        self.seq_lens = buf(max_seqs, torch.int32)
+        self.qsl = buf(max_seqs + 1, torch.int32)
+        self.logits_idx = buf(max_seqs, torch.int64)
+        self.tables = buf(max_seqs * max_blocks, torch.int32)
+        self.sampled = buf(max_seqs, torch.int64)  # the step's sampled tokens, read back
+        self.np = {name: t.numpy() for name, t in vars(self).items()}
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens may still be on their way from the device."""
+
+    step_id: int
+    request_ids: list[str]  # of the requests that sample, in output order
+    rows: np.ndarray  # their rows
+    positions: np.ndarray  # where each sampled token goes in its row
+    device_tokens: torch.Tensor | None = None  # [N], read by the next step's decodes
+    host_tokens: torch.Tensor | None = None  # pinned [N], filled by a non-blocking copy
+    event: torch.cuda.Event | None = None  # recorded after that copy (CUDA only)
+    logprobs: tuple[list, list, list] | None = None
+    rows_to_free: list[int] = field(default_factory=list)  # dropped meanwhile, freed once finished
+    launch_s: float = 0.0
+    idle_s: float = 0.0  # how long the worker waited for this step's plan with nothing running
+    result: StepResult | None = None
 
 
 def cudagraph_sizes(max_num_seqs: int) -> list[int]:
@@ -85,6 +122,7 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(loaded, self.num_blocks)
         self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
         self.requests: dict[str, RequestState] = {}
+        self.unfinished: PendingStep | None = None  # the last launched step, until finished
         self._allocate_rows(config.max_num_seqs)
         self._allocate_step_buffers(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs)
         # Decode graphs by padded batch size, and what each one reads and writes.
@@ -174,6 +212,10 @@ class ModelRunner:
         self.num_computed = np.zeros(num_rows, dtype=np.int64)
         self.num_row_blocks = np.zeros(num_rows, dtype=np.int64)
         self.block_table = np.zeros((num_rows, self.max_blocks_per_seq), dtype=np.int32)
+        # A row's newest token may still be on the device (sampled by the unfinished step):
+        # then pending_step is that step's id and pending_index its place in the step's output.
+        self.pending_step = np.full(num_rows, -1, dtype=np.int64)
+        self.pending_index = np.zeros(num_rows, dtype=np.int64)
         self.free_rows = list(range(num_rows - 1, -1, -1))
 
     def _grow_rows(self) -> None:
@@ -183,31 +225,35 @@ class ModelRunner:
         for name in arrays:
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
+        self.pending_step = np.concatenate([self.pending_step, np.full(old, -1, dtype=np.int64)])
+        self.pending_index = np.concatenate([self.pending_index, np.zeros(old, dtype=np.int64)])
         self.free_rows.extend(range(2 * old - 1, old - 1, -1))
 
     def _allocate_step_buffers(self, max_tokens: int, max_seqs: int) -> None:
-        """Pinned host staging buffers and the device buffers they are copied into.
+        """Pinned host staging buffers, two sets, and the device buffers they are copied into.
 
         The device buffers persist: a captured graph reads the very same memory every replay.
-        Reusing the staging buffers is safe because each step ends by reading its sampled
-        tokens back, which waits for every copy of the step.
+        Steps alternate between the two staging sets: while step n's copies may still wait in
+        the stream, step n + 1 is prepared in the other set; step n + 2 reuses the first only
+        after step n has finished (its sampled tokens were read back, so its copies ran).
         """
-        pin = self.device.type == "cuda"
-
-        def pair(n: int, dtype: torch.dtype, *shape: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-            host = torch.zeros(n, *shape, dtype=dtype, pin_memory=pin)
-            return host, host.numpy(), torch.zeros(n, *shape, dtype=dtype, device=self.device)
-
         self.max_step_tokens, self.max_step_seqs = max_tokens, max_seqs
-        self.input_ids_cpu, self.input_ids_np, self.input_ids_gpu = pair(max_tokens, torch.int64)
-        self.positions_cpu, self.positions_np, self.positions_gpu = pair(max_tokens, torch.int64)
-        self.slots_cpu, self.slots_np, self.slots_gpu = pair(max_tokens, torch.int64)
-        self.seq_lens_cpu, self.seq_lens_np, self.seq_lens_gpu = pair(max_seqs, torch.int32)
-        self.qsl_cpu, self.qsl_np, self.qsl_gpu = pair(max_seqs + 1, torch.int32)
-        self.logits_idx_cpu, self.logits_idx_np, self.logits_idx_gpu = pair(max_seqs, torch.int64)
+        pin = self.device.type == "cuda"
+        self.staging = [_Staging(max_tokens, max_seqs, self.max_blocks_per_seq, pin) for _ in range(2)]
+        self.next_staging = 0
+
+        def device(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, device=self.device)
+
+        self.input_ids_gpu = device(max_tokens, torch.int64)
+        self.positions_gpu = device(max_tokens, torch.int64)
+        self.slots_gpu = device(max_tokens, torch.int64)
+        self.seq_lens_gpu = device(max_seqs, torch.int32)
+        self.qsl_gpu = device(max_seqs + 1, torch.int32)
+        self.logits_idx_gpu = device(max_seqs, torch.int64)
         # Block tables are staged packed ([B, blocks in use], contiguous) and scattered on the
         # device into the full-width table that graphs read.
-        self.tables_cpu, self.tables_np, self.tables_packed_gpu = pair(max_seqs * self.max_blocks_per_seq, torch.int32)
+        self.tables_packed_gpu = device(max_seqs * self.max_blocks_per_seq, torch.int32)
         self.tables_gpu = torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
 
     def _add_request(self, new: NewRequestData) -> None:
@@ -230,7 +276,13 @@ class ModelRunner:
 
     def _drop_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
-        if state is not None:
+        if state is None:
+            return
+        self.pending_step[state.row] = -1
+        if self.unfinished is not None:
+            # The unfinished step may still write this row's sampled token: free it after.
+            self.unfinished.rows_to_free.append(state.row)
+        else:
             self.free_rows.append(state.row)
 
     def _append_blocks(self, row: int, block_ids: list[int]) -> None:
@@ -244,6 +296,17 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Apply the plan's differences, run its tokens, and return the tokens sampled."""
+        return self.finish(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Start the plan's step on the device and return without waiting for it.
+
+        At most one earlier step may be unfinished: its sampled tokens are still on the
+        device, and the decodes of this step read them from there. `finish` each launched
+        step, in order, to get its StepResult.
+        """
+        prev = self.unfinished
+        began = time.perf_counter()
         for request_id in plan.finished_request_ids:
             self._drop_request(request_id)
         for new in plan.new_requests:
@@ -255,9 +318,16 @@ class ModelRunner:
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
         if not plan.num_scheduled_tokens:
-            return StepResult(step_id=plan.step_id, request_ids=[], token_ids=[])
+            step = PendingStep(plan.step_id, [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+            step.result = StepResult(step_id=plan.step_id, request_ids=[], token_ids=[])
+            return step
 
-        batch = self._prepare_batch(plan.num_scheduled_tokens)
+        batch = self._prepare_batch(plan.num_scheduled_tokens, prev)
+        sampled_rows = batch.rows[batch.sampling]
+        states = [self.requests[batch.request_ids[i]] for i in batch.sampling]
+        params = [s.sampling for s in states]
+        if prev is not None and any(p.needs_history for p in params):
+            self.finish(prev)  # the penalties read every token so far on the host
         with torch.inference_mode():
             if batch.graph_size is not None:
                 self.graphs[batch.graph_size]()
@@ -265,9 +335,6 @@ class ModelRunner:
             else:
                 hidden = self.model(batch.input_ids, batch.positions, batch.attn)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-            sampled_rows = batch.rows[batch.sampling]
-            states = [self.requests[batch.request_ids[i]] for i in batch.sampling]
-            params = [s.sampling for s in states]
             history = None
             if any(p.needs_history for p in params):
                 history = [self.token_ids[r, : self.num_tokens[r]] for r in sampled_rows]
@@ -281,17 +348,63 @@ class ModelRunner:
                 eos_token_ids=self.eos_token_ids,
             )
 
-        token_ids = out.token_ids.tolist()
-        self.token_ids[sampled_rows, self.num_tokens[sampled_rows]] = token_ids
-        self.num_tokens[sampled_rows] += 1
-        return StepResult(
-            step_id=plan.step_id,
-            request_ids=[batch.request_ids[i] for i in batch.sampling],
-            token_ids=token_ids,
-            logprobs=None if out.logprobs is None else out.logprobs.tolist(),
-            top_logprob_ids=None if out.top_logprob_ids is None else out.top_logprob_ids.tolist(),
-            top_logprobs=None if out.top_logprobs is None else out.top_logprobs.tolist(),
+        # Each sampling row's next token now exists, on the device: count it, remember where.
+        step = PendingStep(
+            plan.step_id,
+            [batch.request_ids[i] for i in batch.sampling],
+            sampled_rows,
+            self.num_tokens[sampled_rows].copy(),
+            device_tokens=out.token_ids,
+            launch_s=time.perf_counter() - began,
         )
+        self.num_tokens[sampled_rows] += 1
+        self.pending_step[sampled_rows] = plan.step_id
+        self.pending_index[sampled_rows] = np.arange(len(sampled_rows))
+        host = batch.staging.sampled[: len(sampled_rows)]
+        host.copy_(out.token_ids, non_blocking=True)
+        step.host_tokens = host
+        if self.device.type == "cuda":
+            step.event = torch.cuda.Event()
+            step.event.record()
+        if out.logprobs is not None:
+            # Rare enough to read back now; the step before this one is already launched.
+            assert out.top_logprob_ids is not None and out.top_logprobs is not None
+            step.logprobs = (out.logprobs.tolist(), out.top_logprob_ids.tolist(), out.top_logprobs.tolist())
+        self.unfinished = step
+        return step
+
+    def step_done(self, step: PendingStep) -> bool:
+        """Whether `finish(step)` would return without waiting for the device."""
+        return step.result is not None or step.event is None or step.event.query()
+
+    def finish(self, step: PendingStep) -> StepResult:
+        """Wait for a launched step's sampled tokens, record them, and return its result."""
+        if step.result is not None:
+            return step.result
+        began = time.perf_counter()
+        if step.event is not None:
+            step.event.synchronize()
+        assert step.host_tokens is not None
+        token_ids = step.host_tokens.tolist()
+        self.token_ids[step.rows, step.positions] = token_ids
+        mine = self.pending_step[step.rows] == step.step_id
+        self.pending_step[step.rows[mine]] = -1
+        self.free_rows.extend(step.rows_to_free)
+        if self.unfinished is step:
+            self.unfinished = None
+        logprobs, top_ids, top_logprobs = step.logprobs or (None, None, None)
+        step.result = StepResult(
+            step_id=step.step_id,
+            request_ids=step.request_ids,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            top_logprob_ids=top_ids,
+            top_logprobs=top_logprobs,
+        )
+        step.host_tokens = step.device_tokens = None
+        step.result.execute_s = step.launch_s + time.perf_counter() - began
+        step.result.idle_s = step.idle_s
+        return step.result
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: copy each (source, destination) KV block, all layers, K and V.
@@ -303,7 +416,7 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _prepare_batch(self, num_scheduled: dict[str, int]) -> StepBatch:
+    def _prepare_batch(self, num_scheduled: dict[str, int], prev: PendingStep | None) -> StepBatch:
         """Gather the scheduled tokens into the step buffers: ids, positions, slots, tables.
 
         Decodes (one token) go first, in the plan's order, then the prefill chunks.
@@ -333,6 +446,9 @@ class ModelRunner:
             self.graphs.clear()
             self.graph_hidden.clear()
         self.num_computed[rows] = end  # what the cache holds once this step ran
+        st = self.staging[self.next_staging]
+        self.next_staging ^= 1
+        host = st.np
 
         num_decodes = int(np.searchsorted(counts > 1, True))
         graph_size = None
@@ -341,43 +457,45 @@ class ModelRunner:
         padded = graph_size or num_seqs
 
         # Token t belongs to sequence seq[t] and sits at its position start + offset.
-        qsl = self.qsl_np[: padded + 1]
+        qsl = host["qsl"][: padded + 1]
         qsl[0] = 0
         np.cumsum(counts, out=qsl[1 : num_seqs + 1])
         seq = np.repeat(np.arange(num_seqs), counts)
-        positions = self.positions_np[:num_tokens]
+        positions = host["positions"][:num_tokens]
         np.add(np.arange(num_tokens) - qsl[seq], start[seq], out=positions)
         token_rows = rows[seq]
-        self.input_ids_np[:num_tokens] = self.token_ids[token_rows, positions]
+        host["input_ids"][:num_tokens] = self.token_ids[token_rows, positions]
         max_blocks = int(-(-end.max() // self.block_size))
-        tables = self.tables_np[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
+        tables = host["tables"][: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
         tables[:] = self.block_table[rows, :max_blocks]
-        slots = self.slots_np[:num_tokens]
+        slots = host["slots"][:num_tokens]
         np.add(tables[seq, positions // self.block_size] * self.block_size, positions % self.block_size, out=slots)
-        seq_lens = self.seq_lens_np[:padded]
+        seq_lens = host["seq_lens"][:padded]
         seq_lens[:num_seqs] = end
         sampling = np.flatnonzero(end == self.num_tokens[rows])
-        self.logits_idx_np[: len(sampling)] = qsl[1:][sampling] - 1
+        host["logits_idx"][: len(sampling)] = qsl[1:][sampling] - 1
         if padded > num_seqs:
             # Padding rows: one token each that writes nowhere and attends to one slot of
             # block 0 (a finite value); their outputs are never read.
             pad = slice(num_tokens, num_tokens + padded - num_seqs)
-            self.input_ids_np[pad] = 0
-            self.positions_np[pad] = 0
-            self.slots_np[pad] = -1
+            host["input_ids"][pad] = 0
+            host["positions"][pad] = 0
+            host["slots"][pad] = -1
             seq_lens[num_seqs:] = 1
             qsl[num_seqs + 1 :] = np.arange(num_tokens + 1, num_tokens + 1 + padded - num_seqs)
 
         def to_device(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
             return device[:n].copy_(host[:n], non_blocking=True)
 
-        input_ids = to_device(self.input_ids_cpu, self.input_ids_gpu, padded if graph_size else num_tokens)
-        positions_d = to_device(self.positions_cpu, self.positions_gpu, padded if graph_size else num_tokens)
-        slots_d = to_device(self.slots_cpu, self.slots_gpu, padded if graph_size else num_tokens)
-        seq_lens_d = to_device(self.seq_lens_cpu, self.seq_lens_gpu, padded)
-        qsl_d = to_device(self.qsl_cpu, self.qsl_gpu, padded + 1)
-        logits_idx = to_device(self.logits_idx_cpu, self.logits_idx_gpu, len(sampling))
-        packed = to_device(self.tables_cpu, self.tables_packed_gpu, num_seqs * max_blocks)
+        input_ids = to_device(st.input_ids, self.input_ids_gpu, padded if graph_size else num_tokens)
+        positions_d = to_device(st.positions, self.positions_gpu, padded if graph_size else num_tokens)
+        slots_d = to_device(st.slots, self.slots_gpu, padded if graph_size else num_tokens)
+        seq_lens_d = to_device(st.seq_lens, self.seq_lens_gpu, padded)
+        qsl_d = to_device(st.qsl, self.qsl_gpu, padded + 1)
+        logits_idx = to_device(st.logits_idx, self.logits_idx_gpu, len(sampling))
+        packed = to_device(st.tables, self.tables_packed_gpu, num_seqs * max_blocks)
+        if prev is not None:
+            self._patch_pending_tokens(input_ids, token_rows, positions, prev)
         if graph_size is not None:
             self.tables_gpu[:num_seqs, :max_blocks] = packed.view(num_seqs, max_blocks)
             tables_d = self.tables_gpu[:padded]
@@ -398,8 +516,23 @@ class ModelRunner:
             rows=rows,
             request_ids=request_ids,
             sampling=sampling,
+            staging=st,
             graph_size=graph_size,
         )
+
+    def _patch_pending_tokens(
+        self, input_ids: torch.Tensor, token_rows: np.ndarray, positions: np.ndarray, prev: PendingStep
+    ) -> None:
+        """Tokens the unfinished step sampled are not on the host yet: take them on the device."""
+        waiting = self.pending_step[token_rows]
+        assert ((waiting == -1) | (waiting == prev.step_id)).all(), "only the last step may be unfinished"
+        hit = (waiting == prev.step_id) & (positions == self.num_tokens[token_rows] - 1)
+        if not hit.any():
+            return
+        assert prev.device_tokens is not None
+        dst = torch.from_numpy(np.flatnonzero(hit)).to(self.device, non_blocking=True)
+        src = torch.from_numpy(self.pending_index[token_rows[hit]]).to(self.device, non_blocking=True)
+        input_ids[dst] = prev.device_tokens[src]
 
     # ---- CUDA graphs ------------------------------------------------------------------
 

@@ -6,11 +6,15 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
 from protocol import Codec, EngineConfig, Heartbeat, Hello, Shutdown, StepPlan, connect_dealer
 from protocol.messages import WorkerInbound
+
+if TYPE_CHECKING:
+    from gpu_worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger("pagoda.worker")
 
@@ -24,6 +28,16 @@ def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: th
             sock.send(codec.encode(Heartbeat(member_id, ready=True)))
     finally:
         sock.close()
+
+
+def _plan_arrives_first(sock: zmq.Socket, runner: ModelRunner, step: PendingStep) -> bool:
+    """Wait until the next message arrives (True) or the device finishes `step` (False)."""
+    while True:
+        if sock.poll(0):
+            return True
+        if runner.step_done(step):
+            return bool(sock.poll(0))
+        time.sleep(20e-6)
 
 
 def run_worker(config: EngineConfig, rank: int = 0) -> None:
@@ -57,23 +71,45 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeats, args=(ctx, config, member_id, stop), daemon=True)
     beat.start()
-    # When the previous step's result went out: the time until the next plan arrives is the
-    # worker's idle time, which async scheduling exists to hide (reported in each result).
-    last_step_end: float | None = None
+    # When the worker last had no step on the device: the time until the next plan arrives is
+    # its idle time, which async scheduling exists to hide (reported in each result).
+    idle_since: float | None = None
+    # The launched step whose result is not sent yet. While it runs on the device the next
+    # plan is received, prepared and launched; only then is the step finished and answered,
+    # so the host's work for step n + 1 overlaps the device's for step n.
+    pending: PendingStep | None = None
+
+    def answer(step: PendingStep) -> None:
+        result = runner.finish(step)
+        if rank == 0:
+            sock.send(codec.encode(result))
+
     try:
         while True:
+            if pending is not None and not _plan_arrives_first(sock, runner, pending):
+                answer(pending)
+                pending = None
+                idle_since = time.perf_counter()
             frame = sock.recv()
             received = time.perf_counter()
             msg = codec.decode(frame)
             if isinstance(msg, Shutdown):
+                if pending is not None:
+                    answer(pending)
                 break
             if isinstance(msg, StepPlan):
-                result = runner.execute(msg)
-                result.execute_s = time.perf_counter() - received
-                result.idle_s = 0.0 if last_step_end is None else received - last_step_end
-                if rank == 0:
-                    sock.send(codec.encode(result))
-                last_step_end = time.perf_counter()
+                step = runner.launch(msg)
+                idle_s = 0.0 if idle_since is None or pending is not None else received - idle_since
+                if pending is not None:
+                    answer(pending)
+                pending = step
+                # The idle time is reported with the step that ended it.
+                if step.result is not None:
+                    step.result.idle_s = idle_s
+                    answer(step)
+                    pending, idle_since = None, time.perf_counter()
+                else:
+                    step.idle_s = idle_s
     finally:
         stop.set()
         beat.join()

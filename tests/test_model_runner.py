@@ -241,6 +241,76 @@ def test_seeded_sampling_ignores_the_rest_of_the_batch(runner, chat_prompts) -> 
     assert crowd.run()["seeded-crowd"] == expected
 
 
+def planned_steps(
+    prompts: dict[str, list[int]], max_tokens: dict[str, int], arrive: dict[str, int], sampling: dict, block_size: int
+) -> list[StepPlan]:
+    """The plans of a run decided ahead, as an async scheduler does: no plan needs a sampled value.
+
+    Request r arrives at step arrive[r], is prefilled whole, then decodes until it has
+    max_tokens[r] outputs; it is reported finished in the plan after its last step.
+    """
+    free = list(range(200))
+    random.Random(9).shuffle(free)
+    blocks = dict.fromkeys(prompts, 0)
+    computed = dict.fromkeys(prompts, 0)
+    outputs = dict.fromkeys(prompts, 0)
+    plans, finished, step = [], [], 0
+    while any(outputs[r] < max_tokens[r] for r in prompts):
+        new, cached, scheduled = [], [], {}
+        for r, prompt in prompts.items():
+            if arrive[r] > step or outputs[r] >= max_tokens[r]:
+                continue
+            n = len(prompt) if computed[r] == 0 else 1
+            need = math.ceil((computed[r] + n) / block_size) - blocks[r]
+            ids = [free.pop() for _ in range(need)]
+            blocks[r] += need
+            if computed[r] == 0:
+                new.append(NewRequestData(r, prompt, sampling[r], ids, 0))
+            else:
+                cached.append(CachedRequestData(r, ids, computed[r]))
+            scheduled[r] = n
+            computed[r] += n
+            outputs[r] += 1
+        plans.append(StepPlan(step, new, cached, scheduled, finished))
+        finished = [r for r in scheduled if outputs[r] == max_tokens[r]]
+        step += 1
+    plans.append(StepPlan(step, [], [], {}, finished))
+    return plans
+
+
+def test_launching_the_next_step_before_finishing_this_one_gives_the_same_tokens(runner, chat_prompts) -> None:
+    """The worker launches step n + 1 while step n runs: its decodes read step n's tokens on
+    the device. Requests end (their rows freed) and arrive (rows reused) meanwhile, and a
+    penalized request makes a step wait for the host copy of the tokens first."""
+    prompts = {"a": chat_prompts[0], "b": chat_prompts[1], "short": chat_prompts[2], "late": chat_prompts[2]}
+    max_tokens = {"a": 14, "b": 10, "short": 3, "late": 6}
+    arrive = {"a": 0, "b": 0, "short": 0, "late": 5}
+    sampling = dict.fromkeys(prompts, GREEDY)
+    sampling["b"] = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5)
+    plans = planned_steps(prompts, max_tokens, arrive, sampling, runner.block_size)
+
+    def collect(results) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {r: [] for r in prompts}
+        for result in results:
+            for r, token in zip(result.request_ids, result.token_ids, strict=True):
+                out[r].append(token)
+        return out
+
+    one_by_one = collect(runner.execute(plan) for plan in plans)
+    assert {r: len(t) for r, t in one_by_one.items()} == max_tokens
+    results, pending = [], None
+    for plan in plans:
+        step = runner.launch(plan)
+        if pending is not None:
+            results.append(runner.finish(pending))
+        pending = step
+    results.append(runner.finish(pending))
+    assert [r.step_id for r in results] == [p.step_id for p in plans]
+    assert collect(results) == one_by_one
+    assert runner.requests == {} and runner.unfinished is None
+    assert sorted(runner.free_rows) == list(range(len(runner.num_tokens)))
+
+
 def test_runner_reports_its_limits(runner) -> None:
     assert runner.num_blocks == 256
     assert runner.block_size == 16
