@@ -45,8 +45,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The configuration: whole from --config-json or $PAGODA_ENGINE_CONFIG (how the supervisor
+    hands it to its children), else from the flags and PAGODA_* variables."""
     if args.config_json:
         return decode_config(args.config_json)
+    if os.environ.get("PAGODA_SUPERVISED") and os.environ.get("PAGODA_ENGINE_CONFIG"):
+        return decode_config(os.environ["PAGODA_ENGINE_CONFIG"])
     values = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(EngineConfig)}
     try:
         return EngineConfig(**values)

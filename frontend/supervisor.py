@@ -1,6 +1,7 @@
 """`pagoda serve`: start every process, wait until all are ready, stop them all on a signal.
 
-Each child is a separate OS process (`python -m frontend.cli <role> --config-json ...`), so
+Each child is a separate OS process (`python -m frontend.cli <role>`, its configuration in
+`$PAGODA_ENGINE_CONFIG`), so
 the very same processes run under docker compose or Kubernetes. The children are told by the
 kernel (PR_SET_PDEATHSIG) to stop if the supervisor dies, so nothing is ever orphaned.
 """
@@ -42,8 +43,10 @@ class ProcessGroup:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, name: str, role: str, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "frontend.cli", role, "--config-json", encode_config(self.config), *extra]
-        env = dict(os.environ, PAGODA_SUPERVISED="1")
+        # The configuration goes in the environment, not on the command line: a command line
+        # is visible to every user of the machine (`ps`), and it may hold the API key.
+        cmd = [sys.executable, "-m", "frontend.cli", role, *extra]
+        env = dict(os.environ, PAGODA_SUPERVISED="1", PAGODA_ENGINE_CONFIG=encode_config(self.config))
         self.procs[name] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
 
     def start(self) -> None:

@@ -382,6 +382,26 @@ def test_api_key_from_the_environment_is_required(pool):
     assert [m.id for m in sdk(KEY).models.list().data] == [MODEL]
     assert httpx.get(pool.base_url + "/health").status_code == 200
     assert "pagoda:kv_cache_usage_perc" in httpx.get(pool.base_url + "/metrics").text
+    # The key is in no process's command line (`ps` shows those to every user).
+    children = _child_pids(pool.proc.pid)
+    assert len(children) == 7  # scheduler, worker, 4 tokenizers, frontend
+    for pid in [pool.proc.pid, *children]:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert KEY.encode() not in f.read()
+
+
+def _child_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == parent:
+                pids.append(int(entry))
+    return pids
 
 
 def test_chat_template_flag_overrides_the_models(pool, tokenizer):
