@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import time
@@ -59,13 +60,19 @@ def describe(device: str) -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except ImportError:
             info[mod] = None
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
+    # A copy of the working tree made without its history (a GPU machine's) names its commit
+    # in PAGODA_GIT_COMMIT; otherwise git says, and whether tracked files differ from it.
+    info["git_commit"] = os.environ.get("PAGODA_GIT_COMMIT") or _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info["git_dirty"] = None if status is None or "PAGODA_GIT_COMMIT" in os.environ else bool(status)
     return info
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def measure(device: str) -> dict[str, float]:

@@ -7,6 +7,7 @@
 #   scripts/gpu_run.sh OUTDIR [tests|kernels|latency|throughput|prefix|serve ...]
 #
 # With no step named, every step runs. BENCH_TIMEOUT caps each benchmark (seconds).
+# PAGODA_GIT_COMMIT names the commit in the JSON where the tree was copied without its history.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUTDIR [steps...]}
 shift

@@ -19,7 +19,7 @@ def bench(tmp_path, workload: str, *flags: str) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["workload"] == workload
-    assert report["env"]["torch"] and "git_commit" in report["env"]
+    assert report["env"]["torch"] and len(report["env"]["git_commit"]) == 40 and "git_dirty" in report["env"]
     assert report["hardware"]["copy_bandwidth_bytes_per_s"] > 0 and report["hardware"]["matmul_flops_per_s"] > 0
     return report["results"]
 
