@@ -74,7 +74,9 @@ class SchedulerService:
             self.sock.send_multipart([member_id.encode(), self.codec.encode(msg)])
             return True
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the member is gone
-            logger.warning("cannot reach %s: %s", member_id, e)
+            # At shutdown the workers may have stopped first (the same signal reached them).
+            log = logger.debug if isinstance(msg, Shutdown) else logger.warning
+            log("cannot reach %s: %s", member_id, e)
             return False
 
     # ---- receiving ---------------------------------------------------------------------
