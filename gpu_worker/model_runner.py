@@ -320,6 +320,7 @@ class ModelRunner:
         if not plan.num_scheduled_tokens:
             step = PendingStep(plan.step_id, [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
             step.result = StepResult(step_id=plan.step_id, request_ids=[], token_ids=[])
+            step.result.execute_s = time.perf_counter() - began
             return step
 
         batch = self._prepare_batch(plan.num_scheduled_tokens, prev)
