@@ -31,7 +31,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--random-weights", metavar="SHAPE", help="qwen3-0.6b, llama3-8b or tiny-llama")
         p.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "pagoda-bench-weights"))
         p.add_argument("--device", default="auto")
-        p.add_argument("--peer", choices=["none", "hf"], default="none")
+        p.add_argument("--peer", choices=["none", "hf", "hf-static", "hf-continuous"], default="none",
+                       help="hf: transformers' static generate and generate_batch (throughput) or "
+                            "generate (latency); hf-static / hf-continuous: only one of the two")
         p.add_argument("--output-json")
         p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
         p.add_argument("--seed", type=int, default=0)
@@ -141,9 +143,10 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         results["limit_output_tokens_per_s"] = limit
         best = max(r["output_tokens_per_s"] for r in runs)
         results["ratio_to_limit"] = _ratio(best, limit)
-        if args.peer == "hf":
+        if args.peer in ("hf", "hf-static"):
             results["hf_static"] = run_hf_static(model, reqs, device)
             results["ratio_to_hf_static"] = _ratio(best, results["hf_static"]["output_tokens_per_s"])
+        if args.peer in ("hf", "hf-continuous"):
             results["hf_continuous"] = run_hf_continuous(model, reqs, device)
             results["ratio_to_hf_continuous"] = _ratio(best, results["hf_continuous"]["output_tokens_per_s"])
     elif args.workload == "latency":
@@ -160,7 +163,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             results["ratio_to_limit"] = {
                 "decode": results["pagoda"]["decode_tokens_per_s"] / results["limit"]["decode_tokens_per_s"],
                 "ttft": results["limit"]["ttft_s"] / results["pagoda"]["ttft_s"]}
-        if args.peer == "hf":
+        if args.peer != "none":
             results["hf"] = run_hf_latency(model, reqs[0], device)
             results["ratio_to_hf"] = {
                 "decode": results["pagoda"]["decode_tokens_per_s"] / results["hf"]["decode_tokens_per_s"],

@@ -39,6 +39,14 @@ def test_throughput_counts_every_requested_token_with_peer_and_limit(tmp_path):
     assert os.path.getsize(tmp_path / "plots" / "throughput_batch.png") > 1000
 
 
+def test_throughput_with_one_peer_runs_that_peer_only(tmp_path):
+    res = bench(tmp_path, "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+                "--peer", "hf-continuous")
+    assert res["hf_continuous"]["output_tokens"] == res["pagoda"][0]["requested_output_tokens"] == 12
+    assert res["ratio_to_hf_continuous"] > 0
+    assert "hf_static" not in res and "ratio_to_hf_static" not in res
+
+
 def test_latency_reports_ttft_and_decode_speed_next_to_peer_and_limit(tmp_path):
     res = bench(tmp_path, "latency", "--input-len", "32", "--output-len", "16", "--peer", "hf")
     assert res["pagoda"]["ttft_s"] > 0 and res["pagoda"]["decode_tokens_per_s"] > 0
