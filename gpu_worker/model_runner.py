@@ -112,6 +112,7 @@ class ModelRunner:
         self.model = loaded.model
         self.eos_token_ids = loaded.eos_token_ids
         self.block_size = config.block_size
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.max_model_len = config.max_model_len or loaded.max_position_embeddings
         if self.max_model_len > loaded.max_position_embeddings:
             raise ModelLoadError(
@@ -124,7 +125,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.unfinished: PendingStep | None = None  # the last launched step, until finished
         self._allocate_rows(config.max_num_seqs)
-        self._allocate_step_buffers(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs)
+        self._allocate_step_buffers(max(self.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs)
         # Decode graphs by padded batch size, and what each one reads and writes.
         self.graphs: dict[int, Callable[[], None]] = {}
         self.graph_hidden: dict[int, torch.Tensor] = {}
@@ -180,7 +181,7 @@ class ModelRunner:
 
         Runs one prefill of max_num_batched_tokens on a throwaway cache and measures the peak.
         """
-        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_tokens = min(self.max_num_batched_tokens, self.max_model_len)
         num_blocks = math.ceil(num_tokens / self.block_size)
         scratch = self._allocate_kv_cache(loaded, num_blocks)
         torch.cuda.reset_peak_memory_stats(self.device)

@@ -27,7 +27,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     enable_prefix_caching: bool = True
     # scheduling
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    # Tokens per step; None: 8192 on a GPU (vLLM's serving default on large GPUs), 2048 on
+    # the CPU. The worker resolves it for its device and tells the scheduler.
+    max_num_batched_tokens: int | None = None
     # Plan step n+1 while the worker runs step n (at most 2 steps in flight), so the worker
     # does not wait on the scheduler between steps; off: one step at a time.
     async_scheduling: bool = True

@@ -62,6 +62,7 @@ class Hello(msgspec.Struct, tag=True):
     num_blocks: int = 0
     max_model_len: int = 0
     eos_token_ids: list[int] = []
+    max_num_batched_tokens: int = 0  # the step budget, resolved for the worker's device
 
 
 class SchedulerStats(msgspec.Struct, tag=True):

@@ -71,8 +71,9 @@ class Driver:
 
 def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
     config = EngineConfig(
-        model=folder, device=args.device, max_model_len=args.max_model_len, enforce_eager=eager, kv_cache_memory_gb=args.kv_gb,
-        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_num_batched_tokens,
+        model=folder, device=args.device, max_model_len=args.max_model_len, enforce_eager=eager,
+        kv_cache_memory_gb=args.kv_gb, max_num_seqs=max(args.batch, 8),
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     began = time.perf_counter()
     runner = ModelRunner(config)

@@ -316,6 +316,7 @@ def test_runner_reports_its_limits(runner) -> None:
     assert runner.block_size == 16
     assert runner.max_model_len == 1024
     assert runner.eos_token_ids == [2]
+    assert runner.max_num_batched_tokens == 2048  # left unset: the CPU's default
     assert runner.requests == {}
 
 

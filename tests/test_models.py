@@ -353,6 +353,7 @@ def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, 
     prompts = random_prompts(len(tokenizer))
     graphs = make_runner(str(folder), device="cuda")
     assert graphs.graphs and len(prompts) not in graphs.graphs  # so the batch is padded
+    assert graphs.max_num_batched_tokens == 8192  # left unset: the GPU's default
     tokens = runner_greedy(graphs, prompts)
     del graphs
     assert runner_greedy(make_runner(str(folder), device="cuda", enforce_eager=True), prompts) == tokens
