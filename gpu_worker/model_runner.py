@@ -112,7 +112,7 @@ class ModelRunner:
         self.model = loaded.model
         self.eos_token_ids = loaded.eos_token_ids
         self.block_size = config.block_size
-        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        self.max_num_batched_tokens = config.token_budget(on_gpu=self.device.type == "cuda")
         self.max_model_len = config.max_model_len or loaded.max_position_embeddings
         if self.max_model_len > loaded.max_position_embeddings:
             raise ModelLoadError(
@@ -328,7 +328,8 @@ class ModelRunner:
         sampled_rows = batch.rows[batch.sampling]
         states = [self.requests[batch.request_ids[i]] for i in batch.sampling]
         params = [s.sampling for s in states]
-        if prev is not None and any(p.needs_history for p in params):
+        needs_history = any(p.needs_history for p in params)
+        if prev is not None and needs_history:
             self.finish(prev)  # the penalties read every token so far on the host
         with torch.inference_mode():
             if batch.graph_size is not None:
@@ -337,9 +338,7 @@ class ModelRunner:
             else:
                 hidden = self.model(batch.input_ids, batch.positions, batch.attn)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-            history = None
-            if any(p.needs_history for p in params):
-                history = [self.token_ids[r, : self.num_tokens[r]] for r in sampled_rows]
+            history = [self.token_ids[r, : self.num_tokens[r]] for r in sampled_rows] if needs_history else None
             out = sample(
                 logits,
                 params,

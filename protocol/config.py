@@ -48,6 +48,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     log_level: str = "info"
     step_log: str | None = None  # a JSON line per scheduled step, for tests and debugging
 
+    def token_budget(self, on_gpu: bool) -> int:
+        """max_num_batched_tokens, or its default for the device."""
+        return self.max_num_batched_tokens or (8192 if on_gpu else 2048)
+
     def with_addresses(self) -> EngineConfig:
         """Fill in the run directory and ipc:// addresses that were left empty."""
         run_dir = self.run_dir or tempfile.mkdtemp(prefix="pagoda-")

@@ -108,12 +108,7 @@ class SchedulerService:
         self.workers[msg.rank] = sender
         logger.info(
             "worker %s (rank %d, pid %d) joined: %d KV blocks of %d tokens, max_model_len %d",
-            sender,
-            msg.rank,
-            msg.pid,
-            msg.num_blocks,
-            self.config.block_size,
-            msg.max_model_len,
+            sender, msg.rank, msg.pid, msg.num_blocks, self.config.block_size, msg.max_model_len,
         )
         if msg.rank != 0:
             return
@@ -133,7 +128,8 @@ class SchedulerService:
                     block_size=self.config.block_size,
                     max_model_len=max_model_len,
                     max_num_seqs=self.config.max_num_seqs,
-                    max_num_batched_tokens=msg.max_num_batched_tokens or self.config.max_num_batched_tokens or 2048,
+                    # A worker that does not say (an older one) runs the configured or CPU budget.
+                    max_num_batched_tokens=msg.max_num_batched_tokens or self.config.token_budget(on_gpu=False),
                     eos_token_ids=msg.eos_token_ids,
                     enable_prefix_caching=self.config.enable_prefix_caching,
                     model_name=self.config.model_name,
@@ -260,10 +256,8 @@ class SchedulerService:
         self._last_stats = now
         logger.info(
             "running %d, waiting %d, KV usage %.1f%%, preemptions %d",
-            self.scheduler.num_running,
-            self.scheduler.num_waiting,
-            100 * self.scheduler.block_pool.usage,
-            self.scheduler.num_preemptions,
+            self.scheduler.num_running, self.scheduler.num_waiting,
+            100 * self.scheduler.block_pool.usage, self.scheduler.num_preemptions,
         )
 
     def run(self) -> None:

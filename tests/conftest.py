@@ -51,6 +51,21 @@ class Server:
             self.proc.wait(timeout)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                kids.append(int(entry))
+    return kids
+
+
 def start_server(tmp_dir: str, *args: str, timeout: float = 300) -> Server:
     port = free_port()
     step_log = os.path.join(tmp_dir, f"steps-{port}.jsonl")

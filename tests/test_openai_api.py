@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from protocol import EMBEDDED_MODEL_NAME, EngineConfig
-from tests.conftest import start_server
+from tests.conftest import child_pids, start_server
 
 MODEL = EMBEDDED_MODEL_NAME
 PROMPT = "The capital of France is"
@@ -383,25 +383,12 @@ def test_api_key_from_the_environment_is_required(pool):
     assert httpx.get(pool.base_url + "/health").status_code == 200
     assert "pagoda:kv_cache_usage_perc" in httpx.get(pool.base_url + "/metrics").text
     # The key is in no process's command line (`ps` shows those to every user).
-    children = _child_pids(pool.proc.pid)
+    children = child_pids(pool.proc.pid)
     assert len(children) == 7  # scheduler, worker, 4 tokenizers, frontend
     for pid in [pool.proc.pid, *children]:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert KEY.encode() not in f.read()
 
-
-def _child_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == parent:
-                pids.append(int(entry))
-    return pids
 
 
 def test_chat_template_flag_overrides_the_models(pool, tokenizer):

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from protocol import EMBEDDED_MODEL_NAME
-from tests.conftest import start_server
+from tests.conftest import child_pids, start_server
 
 MODEL = EMBEDDED_MODEL_NAME
 
@@ -114,20 +114,6 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, clien
     assert "Paris" in chat(client, "What is the capital of France?").choices[0].message.content
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                kids.append(int(entry))
-    return kids
-
-
 def _cmdline(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read().replace(b"\0", b" ").decode()
@@ -136,7 +122,7 @@ def _cmdline(pid: int) -> str:
 def test_each_role_is_its_own_process_and_sigterm_leaves_none(tmp_path):
     srv = start_server(str(tmp_path), "--num-tokenizers", "2")
     try:
-        kids = _children(srv.proc.pid)
+        kids = child_pids(srv.proc.pid)
         roles = sorted(_cmdline(p).split("frontend.cli ")[1].split()[0] for p in kids)
         assert roles == ["frontend", "scheduler", "tokenizer", "tokenizer", "worker"]
         assert len(set(kids)) == 5 and srv.proc.pid not in kids
