@@ -7,6 +7,7 @@
 #   scripts/gpu_run.sh OUTDIR [tests|kernels|latency|throughput|prefix|serve ...]
 #
 # With no step named, every step runs. BENCH_TIMEOUT caps each benchmark (seconds).
+# SERVE_PROMPTS / SERVE_RATES narrow workload S (BENCH.md: 400 requests at 1,4,16,inf req/s).
 # PAGODA_GIT_COMMIT names the commit in the JSON where the tree was copied without its history.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUTDIR [steps...]}
@@ -41,7 +42,8 @@ for step in $steps; do
         throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" \
             --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192}" ;;
         prefix) bench prefix prefix --random-weights llama3-8b ;;
-        serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-100}" --plot "$out" ;;
+        serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-400}" \
+            --request-rate "${SERVE_RATES:-1,4,16,inf}" --plot "$out" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done
