@@ -184,10 +184,14 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 
 def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:
-    from bench.serve import run_rate
+    from bench.serve import prefix_cache_counters, run_rate
     from bench.workloads import random_requests
 
-    reqs = random_requests(args.num_prompts, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
+    rates = [float(x) for x in args.request_rate.split(",")]
+    # Fresh prompts for each rate: the server's prefix cache still holds the last rate's, and
+    # reusing them would turn every later rate's prefill into cache hits.
+    req_sets = [random_requests(args.num_prompts, _lens(args.input_len), _lens(args.output_len), vocab, args.seed + i)
+                for i in range(len(rates))]
     proc = None
     base_url = args.base_url
     if base_url is None:
@@ -200,17 +204,23 @@ def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: 
         import httpx
 
         served = httpx.get(base_url + "/v1/models").json()["data"][0]["id"]
-        rates = [float(x) for x in args.request_rate.split(",")]
-        runs = [asyncio.run(run_rate(base_url, served, reqs, rate, args.seed, args.slo_ttft_ms / 1e3,
-                                     args.slo_tpot_ms / 1e3)) for rate in rates]
+        runs = []
+        for rate, reqs in zip(rates, req_sets, strict=True):
+            before = prefix_cache_counters(base_url)
+            run = asyncio.run(run_rate(base_url, served, reqs, rate, args.seed, args.slo_ttft_ms / 1e3,
+                                       args.slo_tpot_ms / 1e3))
+            queries, hits = prefix_cache_counters(base_url, before, sum(len(r.prompt_ids) for r in reqs))
+            run["prefix_cache_hit_rate"] = hits / queries if queries else 0.0
+            runs.append(run)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     out: dict[str, Any] = {"pagoda": runs}
     if cost:
-        out["limit_tpot_s_one_stream"] = cost.decode_step_seconds(len(reqs[0].prompt_ids) + reqs[0].output_len // 2)
-        out["limit_ttft_s_one_request"] = cost.prefill_seconds(len(reqs[0].prompt_ids))
+        req = req_sets[0][0]
+        out["limit_tpot_s_one_stream"] = cost.decode_step_seconds(len(req.prompt_ids) + req.output_len // 2)
+        out["limit_ttft_s_one_request"] = cost.prefill_seconds(len(req.prompt_ids))
     return out
 
 

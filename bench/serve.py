@@ -67,6 +67,28 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: Req) -> Res
     return Result(True, first - start, end - start, tokens, itl)
 
 
+def prefix_cache_counters(base_url: str, since: tuple[float, float] = (0.0, 0.0),
+                          at_least: int = 0, timeout_s: float = 10.0) -> tuple[float, float]:
+    """The server's prefix cache (queries, hits) counters from /metrics, minus `since`.
+
+    The figures reach the frontend with the scheduler's periodic stats, so a reading just
+    after a run may lag: wait (up to timeout_s) until at least `at_least` queries are counted.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = {"pagoda:prefix_cache_queries": 0.0, "pagoda:prefix_cache_hits": 0.0}
+        for family in text_string_to_metric_families(httpx.get(base_url + "/metrics").text):
+            if family.name in values:
+                values[family.name] = sum(s.value for s in family.samples)
+        queries = values["pagoda:prefix_cache_queries"] - since[0]
+        hits = values["pagoda:prefix_cache_hits"] - since[1]
+        if queries >= at_least or time.monotonic() > deadline:
+            return queries, hits
+        time.sleep(0.2)
+
+
 def _pct(xs: list[float], p: float) -> float:
     if not xs:
         return 0.0
