@@ -19,6 +19,7 @@ from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.paged_attention import paged_attention_ref
+from kernels.qkv import rope_write_kv_ref, split_qkv
 from kernels.rotary import apply_rotary_ref
 
 _USE_TRITON = os.environ.get("PAGODA_KERNELS", "triton") != "torch"
@@ -75,6 +76,27 @@ def write_kv(
     return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
+def rope_write_kv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """From a fused QKV output [T, (heads + 2 kv_heads) d]: q and k normed per head (if the
+    weights are given) and rotated; k and v stored at their slots; q [T, heads, d] returned."""
+    fn = rope_write_kv_ref
+    if _triton(qkv):
+        from kernels.triton_qkv import rope_write_kv_triton as fn
+    return fn(qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _triton(x):
         from kernels.triton_norm import rms_norm_triton
@@ -121,8 +143,11 @@ __all__ = [
     "paged_attention_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rope_write_kv",
+    "rope_write_kv_ref",
     "silu_and_mul",
     "silu_and_mul_ref",
+    "split_qkv",
     "warm_up_paged_attention",
     "write_kv",
     "write_kv_ref",

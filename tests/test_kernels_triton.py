@@ -28,6 +28,7 @@ from kernels import (  # noqa: E402
     fused_add_rms_norm_ref,
     paged_attention_ref,
     rms_norm_ref,
+    rope_write_kv_ref,
     silu_and_mul_ref,
     write_kv_ref,
 )
@@ -35,6 +36,7 @@ from kernels import triton_activation as activation  # noqa: E402
 from kernels import triton_kv_cache as kv  # noqa: E402
 from kernels import triton_norm as norm  # noqa: E402
 from kernels import triton_paged_attention as attn  # noqa: E402
+from kernels import triton_qkv as qkv_kernels  # noqa: E402
 from kernels import triton_rotary as rotary  # noqa: E402
 from tests.test_kernels_reference import build_paged_batch  # noqa: E402
 
@@ -262,6 +264,70 @@ def test_silu_and_mul(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     assert rel_err(activation.silu_and_mul_triton(x), silu_and_mul_ref(x)) < TOLERANCE[dtype]
 
 
+def check_rope_write_kv(num_heads: int, num_kv_heads: int, head_dim: int, normed: bool, dtype: torch.dtype,
+                        num_tokens: int, num_blocks: int, block_size: int = 16) -> None:
+    """The fused kernel against `rope_write_kv_ref` in float32: q, the written slots, and
+    every other slot (padding tokens' included) left as it was."""
+    gen = torch.Generator().manual_seed(num_heads * head_dim + num_tokens)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.randn(num_tokens, width, generator=gen).to(DEVICE, dtype)
+    angles = torch.rand(num_tokens, head_dim // 2, generator=gen) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(DEVICE) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[:: max(2, num_tokens // 3)] = -1  # padding tokens
+    slots = slots.to(DEVICE)
+    weights = [(1 + 0.3 * torch.randn(head_dim, generator=gen)).to(DEVICE, dtype) for _ in range(2)] if normed else []
+    q_w, k_w = weights or (None, None)
+    poison = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    k_cache, v_cache = poison.clone(), poison.clone()
+    q = qkv_kernels.rope_write_kv_triton(qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slots,
+                                         q_w, k_w, 1e-6)
+    k_ref, v_ref = poison.float().clone(), poison.float().clone()
+    q_ref = rope_write_kv_ref(qkv.float(), num_heads, num_kv_heads, cos, sin, k_ref, v_ref, slots,
+                              q_w.float() if normed else None, k_w.float() if normed else None, 1e-6)
+    assert q.shape == (num_tokens, num_heads, head_dim) and q.dtype == dtype
+    assert rel_err(q, q_ref) < TOLERANCE[dtype]
+    written = slots[slots >= 0]
+    flat = [c.view(-1, num_kv_heads, head_dim) for c in (k_cache, v_cache, k_ref, v_ref, poison)]
+    assert rel_err(flat[0][written], flat[2][written]) < TOLERANCE[dtype]
+    assert torch.equal(flat[1][written], flat[3][written].to(dtype))  # v is copied, not computed
+    kept = torch.ones(flat[0].shape[0], dtype=torch.bool, device=DEVICE)
+    kept[written] = False
+    assert torch.equal(flat[0][kept], flat[4][kept]) and torch.equal(flat[1][kept], flat[4][kept])
+
+
+@in_process
+@pytest.mark.parametrize(("layout", "normed"), [((9, 3, 64), True), ((4, 2, 16), False), ((14, 2, 128), True)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_write_kv_fuses_norms_rotary_and_cache_write(
+    layout: tuple[int, int, int], normed: bool, dtype: torch.dtype
+) -> None:
+    check_rope_write_kv(*layout, normed=normed, dtype=dtype, num_tokens=11, num_blocks=6)
+
+
+@in_process
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
+def test_model_on_the_triton_kernels_equals_the_reference_path(family, tmp_path, monkeypatch) -> None:
+    """A whole tiny model, prefill and decodes, with every kernel the GPU runs (in the
+    interpreter here) against the same model on the PyTorch references, in float32."""
+    import kernels
+    from tests.model_check import make_runner, random_prompts, runner_greedy, runner_last_logits
+    from tests.tiny_models import build_tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    build_tiny_model(family, tmp_path, tokenizer)
+    prompts = random_prompts(len(tokenizer), lengths=(3, 17, 21))
+    results = {}
+    for path in ("reference", "triton"):
+        if path == "triton":
+            monkeypatch.setattr(kernels, "_triton", lambda t: True)
+        runner = make_runner(str(tmp_path), device=DEVICE)
+        results[path] = (runner_last_logits(runner, prompts), runner_greedy(runner, prompts, max_tokens=4))
+    assert rel_err(results["triton"][0], results["reference"][0]) < 1e-5
+    assert results["triton"][1] == results["reference"][1]
+
+
 # ---- full shapes, compiled, on a GPU ---------------------------------------------------------
 
 gpu = pytest.mark.gpu
@@ -351,3 +417,10 @@ def test_gpu_pointwise_kernels_full_shapes() -> None:
     kv.write_kv_triton(k, k, *caches, slots)
     write_kv_ref(k, k, *ref_caches, slots)
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+
+
+@gpu
+@pytest.mark.parametrize(("layout", "normed"), [((32, 8, 128), False), ((16, 8, 128), True), ((14, 2, 64), True)],
+                         ids=str)
+def test_gpu_rope_write_kv_full_shapes(layout: tuple[int, int, int], normed: bool) -> None:
+    check_rope_write_kv(*layout, normed=normed, dtype=torch.bfloat16, num_tokens=4096, num_blocks=1024)

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from gpu_worker.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
 from gpu_worker.models.base import CausalLM
+from kernels import rope_write_kv
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +107,20 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        o = self.attn(apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin), v.view_as(k), meta)
-        return self.o_proj(o.flatten(1))
+        # Split, q/k norms, rotary and the K/V write: one kernel on the GPU.
+        q = rope_write_kv(
+            self.qkv_proj(x),
+            self.num_heads,
+            self.num_kv_heads,
+            *cos_sin,
+            self.attn.k_cache,
+            self.attn.v_cache,
+            meta.slot_mapping,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.q_norm.eps if self.q_norm is not None else 0.0,
+        )
+        return self.o_proj(self.attn.attend(q, meta).flatten(1))
 
 
 class LlamaMLP(nn.Module):
