@@ -88,7 +88,8 @@ class PendingStep:
     device_tokens: torch.Tensor | None = None  # [N], read by the next step's decodes
     host_tokens: torch.Tensor | None = None  # pinned [N], filled by a non-blocking copy
     event: torch.cuda.Event | None = None  # recorded after that copy (CUDA only)
-    logprobs: tuple[list, list, list] | None = None
+    # [N], [N, k], [N, k] on the host, filled by non-blocking copies like host_tokens
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     rows_to_free: list[int] = field(default_factory=list)  # dropped meanwhile, freed once finished
     launch_s: float = 0.0
     idle_s: float = 0.0  # how long the worker waited for this step's plan with nothing running
@@ -364,13 +365,17 @@ class ModelRunner:
         host = batch.staging.sampled[: len(sampled_rows)]
         host.copy_(out.token_ids, non_blocking=True)
         step.host_tokens = host
+        if out.logprobs is not None:
+            # To (pinned) host memory without waiting, like the tokens; read in `finish`.
+            assert out.top_logprob_ids is not None and out.top_logprobs is not None
+            step.logprobs = (
+                out.logprobs.to("cpu", non_blocking=True),
+                out.top_logprob_ids.to("cpu", non_blocking=True),
+                out.top_logprobs.to("cpu", non_blocking=True),
+            )
         if self.device.type == "cuda":
             step.event = torch.cuda.Event()
-            step.event.record()
-        if out.logprobs is not None:
-            # Rare enough to read back now; the step before this one is already launched.
-            assert out.top_logprob_ids is not None and out.top_logprobs is not None
-            step.logprobs = (out.logprobs.tolist(), out.top_logprob_ids.tolist(), out.top_logprobs.tolist())
+            step.event.record()  # after every copy to the host above
         self.unfinished = step
         return step
 
@@ -393,7 +398,7 @@ class ModelRunner:
         self.free_rows.extend(step.rows_to_free)
         if self.unfinished is step:
             self.unfinished = None
-        logprobs, top_ids, top_logprobs = step.logprobs or (None, None, None)
+        logprobs, top_ids, top_logprobs = (t.tolist() for t in step.logprobs) if step.logprobs else (None,) * 3
         step.result = StepResult(
             step_id=step.step_id,
             request_ids=step.request_ids,
@@ -413,8 +418,8 @@ class ModelRunner:
         Done before the step's forward, so a parallel sample's own copy of the partial prompt
         block holds the prompt's K/V before the sample writes its first token into it.
         """
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = torch.tensor([s for s, _ in copies]).to(self.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in copies]).to(self.device, non_blocking=True)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def _prepare_batch(self, num_scheduled: dict[str, int], prev: PendingStep | None) -> StepBatch:

@@ -29,6 +29,17 @@ MAX_LOGPROBS = 20
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
 
 
+def _on(device: torch.device, values: Sequence, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the device.
+
+    `torch.tensor(values, device=cuda)` copies synchronously, which waits for every kernel
+    queued before it: each such call in a step would stall the host until the previous step
+    is done and undo the overlap of steps. A non-blocking copy from (pageable) host memory
+    returns once the driver has staged the values.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 class SamplerOutput(NamedTuple):
     token_ids: torch.Tensor  # [N] int64
     logprobs: torch.Tensor | None  # [N] fp32: log p(chosen token) under the model's own logits
@@ -69,7 +80,7 @@ def sample(
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = _on(logits.device, random_rows)
         seeded = {
             j: _position_generator(params[i].seed, num_outputs[i], generators[i], logits.device)
             for j, i in enumerate(random_rows)
@@ -96,8 +107,8 @@ def _apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
     if not entries:
         return logits
     rows, cols, bias = zip(*entries)
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    return logits.index_put(index, torch.tensor(bias, device=logits.device, dtype=logits.dtype), accumulate=True)
+    index = (_on(logits.device, rows), _on(logits.device, cols))
+    return logits.index_put(index, _on(logits.device, bias, logits.dtype), accumulate=True)
 
 
 def _apply_min_tokens(
@@ -114,8 +125,8 @@ def _apply_min_tokens(
     if not banned:
         return logits
     rows, cols = zip(*banned)
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
+    index = (_on(logits.device, rows), _on(logits.device, cols))
+    return logits.index_put(index, torch.full((), float("-inf"), device=logits.device))
 
 
 def _apply_penalties(
@@ -133,18 +144,19 @@ def _apply_penalties(
     outputs = [token_ids[i][num_prompt_tokens[i] :] for i in rows]
     output_counts = _bincount_rows(outputs, vocab_size, device)
     output_mask = output_counts > 0
-    penalized = logits[rows]
-    repetition = torch.tensor([p.repetition_penalty for p in sub], device=device)
-    if (repetition != 1.0).any():
+    row_index = _on(device, rows)
+    penalized = logits[row_index]
+    repetition = _on(device, [p.repetition_penalty for p in sub])
+    if any(p.repetition_penalty != 1.0 for p in sub):
         prompts = [token_ids[i][: num_prompt_tokens[i]] for i in rows]
         seen = (_bincount_rows(prompts, vocab_size, device) > 0) | output_mask
         factor = torch.where(seen, repetition[:, None], 1.0)
         penalized = torch.where(penalized > 0, penalized / factor, penalized * factor)
-    frequency = torch.tensor([p.frequency_penalty for p in sub], device=device)
-    presence = torch.tensor([p.presence_penalty for p in sub], device=device)
+    frequency = _on(device, [p.frequency_penalty for p in sub])
+    presence = _on(device, [p.presence_penalty for p in sub])
     penalized = penalized - frequency[:, None] * output_counts - presence[:, None] * output_mask
     logits = logits.clone()
-    logits[rows] = penalized
+    logits[row_index] = penalized
     return logits
 
 
@@ -154,8 +166,8 @@ def _bincount_rows(lists: Sequence[Sequence[int]], vocab_size: int, device: torc
     lengths = torch.tensor([len(t) for t in lists])
     if int(lengths.sum()) == 0:
         return counts
-    ids = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in lists])).to(device)
-    row_of = torch.repeat_interleave(torch.arange(len(lists)), lengths).to(device)
+    ids = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in lists])).to(device, non_blocking=True)
+    row_of = torch.repeat_interleave(torch.arange(len(lists)), lengths).to(device, non_blocking=True)
     keep = ids < vocab_size
     return counts.index_put((row_of[keep], ids[keep]), torch.ones_like(ids[keep], dtype=counts.dtype), accumulate=True)
 
@@ -166,18 +178,20 @@ def _sample_random(
     seeded: dict[int, torch.Generator],
 ) -> torch.Tensor:
     device, vocab_size = logits.device, logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    # Which steps apply is decided from the parameters on the host: a test of a device
+    # tensor (`(min_p > 0).any()`) would wait for the device.
+    temperature = _on(device, [p.temperature for p in params])
     logits = logits / temperature[:, None]
 
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):
+        min_p = _on(device, [p.min_p for p in params])
         probs = logits.softmax(dim=-1)
         too_unlikely = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(too_unlikely, float("-inf"))
 
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    if (top_k < vocab_size).any() or (top_p < 1).any():
+    if any(0 < p.top_k < vocab_size or p.top_p < 1 for p in params):
+        top_k = _on(device, [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
+        top_p = _on(device, [p.top_p for p in params])
         logits = _apply_top_k_top_p(logits, top_k, top_p)
 
     probs = logits.softmax(dim=-1)

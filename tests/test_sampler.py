@@ -135,3 +135,28 @@ def test_on_cuda_greedy_bias_penalties_and_seeds_match_the_cpu() -> None:
     torch.testing.assert_close(gpu.top_logprobs.cpu(), cpu.top_logprobs)
     seeded = [sample(logits.cuda()[2:3], params[2:3], [None], histories[:1], [2]).token_ids.item() for _ in range(3)]
     assert seeded == [gpu.token_ids[2].item()] * 3
+
+
+@pytest.mark.gpu
+def test_on_cuda_sampling_never_waits_for_the_device() -> None:
+    """Random sampling with every filter, bias, min_tokens, seeds and logprobs queues its work
+    without a device sync (a sync would stall the host until the previous step finished,
+    undoing the overlap of steps). Penalties are left out: they read the history on the host."""
+    logits = torch.randn(6, 1000, device="cuda")
+    params = [
+        SamplingParams(temperature=0.8, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3),
+        SamplingParams(temperature=0.7, min_p=0.05, logprobs=2),
+        SamplingParams(temperature=1.0, logit_bias={7: 100.0}),
+        SamplingParams(temperature=0.0, min_tokens=4),
+        SamplingParams(temperature=1.0),
+    ]
+    sample(logits, params, [None] * 6, num_outputs=[0] * 6, eos_token_ids=[EOS])  # warm up, allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sample(logits, params, [None] * 6, num_outputs=[0] * 6, eos_token_ids=[EOS])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.token_ids[3].item() == 7
+    assert out.token_ids[4].item() != EOS
