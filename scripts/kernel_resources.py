@@ -4,6 +4,7 @@ pipeliner allocated (1 means loads do not overlap the math).
 
     python scripts/kernel_resources.py                   # the default tilings
     python scripts/kernel_resources.py 128,64,8,5 16,32,4,5   # block_m,tile_n,warps,stages
+    python scripts/kernel_resources.py --all-kernels     # every kernel a decoder step launches
 
 Uses the ptxas and cuobjdump that ship inside the triton wheel; no device time needed.
 """
@@ -22,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kernels import triton_activation, triton_kv_cache, triton_norm, triton_qkv, triton_rotary  # noqa: E402
 from kernels import triton_paged_attention as attn  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -50,6 +52,53 @@ def compile_tiling(block_m: int, tile_n: int, warps: int, stages: int, group: in
                           options=dict(num_warps=warps, num_stages=stages))
 
 
+def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num_warps: int = 4, num_stages: int = 3):
+    """Compile `kernel` for sm_90: constexprs given, pointers typed by name, other scalars i32."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def all_kernels() -> dict:
+    """Every Triton kernel of a decoder step, at qwen3-0.6b / llama3-8b shapes in bf16."""
+    bf = "bf16"
+    out = {}
+    for norm, heads, kv_heads in ((True, 16, 8), (False, 32, 8)):
+        out[f"rope_write_kv norm={norm}"] = compile_kernel(
+            triton_qkv._rope_write_kv_kernel,
+            dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, HEAD_DIM=128, HALF=64, BLOCK_H=heads, BLOCK_KV=kv_heads,
+                 BLOCK_HALF=64, BLOCK_SIZE=16, NORM=norm),
+            dict(qkv_ptr=bf, cos_ptr="fp32", sin_ptr="fp32", q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
+                 slot_mapping_ptr="i64", q_norm_ptr=bf, k_norm_ptr=bf),
+            floats=("eps",))
+    for add in (True, False):
+        out[f"rms_norm add={add}"] = compile_kernel(
+            triton_norm._rms_norm_kernel, dict(N=4096, BLOCK_N=4096, ROWS=1, ADD_RESIDUAL=add),
+            dict(x_ptr=bf, residual_ptr=bf, weight_ptr=bf, out_ptr=bf, residual_out_ptr=bf), floats=("eps",),
+            num_warps=8)
+    out["rotary"] = compile_kernel(
+        triton_rotary._rotary_kernel, dict(NUM_HEADS=32, HALF=64, BLOCK_H=32, BLOCK_HALF=64),
+        dict(x_ptr=bf, cos_ptr="fp32", sin_ptr="fp32", out_ptr=bf))
+    out["write_kv"] = compile_kernel(
+        triton_kv_cache._write_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16),
+        dict(k_ptr=bf, v_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, slot_mapping_ptr="i64"))
+    out["silu_and_mul"] = compile_kernel(
+        triton_activation._silu_and_mul_kernel, dict(INTER=14336, BLOCK=1024), dict(x_ptr=bf, out_ptr=bf))
+    out["reduce_splits"] = compile_kernel(
+        attn._reduce_splits_kernel, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=8),
+        dict(part_out_ptr="fp32", part_lse_ptr="fp32", out_ptr=bf))
+    for block_m, tile_n, warps, stages in ((16, 32, 4, 5), (128, 64, 8, 5)):
+        out[f"paged_attention {block_m}x{tile_n}"] = compile_tiling(block_m, tile_n, warps, stages)
+    return out
+
+
 def report(compiled) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -63,6 +112,10 @@ def report(compiled) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--all-kernels"]:
+        for name, compiled in all_kernels().items():
+            print(f"{name}: compiled for sm_90, {report(compiled)}")
+        sys.exit(0)
     specs = sys.argv[1:] or ["16,32,4,5", "128,64,8,5"]
     for spec in specs:
         block_m, tile_n, warps, stages = (int(x) for x in spec.split(","))
