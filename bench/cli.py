@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 
 def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:
-    from bench.serve import prefix_cache_counters, run_rate
+    from bench.serve import auth_headers, prefix_cache_counters, run_rate
     from bench.workloads import random_requests
 
     rates = [float(x) for x in args.request_rate.split(",")]
@@ -203,7 +203,10 @@ def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: 
     try:
         import httpx
 
-        served = httpx.get(base_url + "/v1/models").json()["data"][0]["id"]
+        models = httpx.get(base_url + "/v1/models", headers=auth_headers())
+        if models.status_code != 200:
+            raise SystemExit(f"{base_url}/v1/models answered {models.status_code}: {models.text[:300]}")
+        served = models.json()["data"][0]["id"]
         runs = []
         for rate, reqs in zip(rates, req_sets, strict=True):
             before = prefix_cache_counters(base_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -67,6 +68,13 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: Req) -> Res
     return Result(True, first - start, end - start, tokens, itl)
 
 
+def auth_headers() -> dict[str, str]:
+    """For a server that requires a key: the one the OpenAI SDK would send, $OPENAI_API_KEY
+    (as vLLM's bench does)."""
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def prefix_cache_counters(base_url: str, since: tuple[float, float] = (0.0, 0.0),
                           at_least: int = 0, timeout_s: float = 10.0) -> tuple[float, float]:
     """The server's prefix cache (queries, hits) counters from /metrics, minus `since`.
@@ -98,10 +106,12 @@ def _pct(xs: list[float], p: float) -> float:
 
 async def run_rate(base_url: str, model: str, reqs: list[Req], rate: float, seed: int,
                    slo_ttft_s: float, slo_tpot_s: float) -> dict[str, Any]:
-    """Send `reqs` at Poisson arrivals of `rate` req/s (inf: all at once); summary figures."""
+    """Send `reqs` at Poisson arrivals of `rate` req/s (inf: all at once); summary figures.
+
+    $OPENAI_API_KEY, if set, goes with every request as the bearer token."""
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits, headers=auth_headers()) as client:
         tasks = []
         start = time.perf_counter()
         for req in reqs:

@@ -10,12 +10,12 @@ import sys
 ENGINE = "--max-model-len 512 --num-tokenizers 1"
 
 
-def bench(tmp_path, workload: str, *flags: str) -> dict:
+def bench(tmp_path, workload: str, *flags: str, env: dict[str, str] | None = None) -> dict:
     out = tmp_path / f"{workload}.json"
     cmd = [sys.executable, "-m", "frontend.cli", "bench", workload, "--random-weights", "tiny-llama",
            "--weights-dir", str(tmp_path.parent / "weights"), "--device", "cpu", "--output-json", str(out),
            "--engine-args", ENGINE, *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["workload"] == workload
@@ -57,8 +57,10 @@ def test_latency_reports_ttft_and_decode_speed_next_to_peer_and_limit(tmp_path):
 
 
 def test_serve_measures_latency_percentiles_per_request_rate(tmp_path):
+    # The server it starts requires a key (PAGODA_API_KEY); the bench sends $OPENAI_API_KEY.
     res = bench(tmp_path, "serve", "--num-prompts", "6", "--input-len", "24", "--output-len", "8",
-                "--request-rate", "20,inf", "--plot", str(tmp_path / "plots"))
+                "--request-rate", "20,inf", "--plot", str(tmp_path / "plots"),
+                env={"PAGODA_API_KEY": "bench-key", "OPENAI_API_KEY": "bench-key"})
     assert [r["request_rate"] for r in res["pagoda"]] == [20.0, "inf"]
     for r in res["pagoda"]:
         assert r["completed"] == 6 and r["failed"] == 0
