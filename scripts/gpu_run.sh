@@ -4,9 +4,10 @@
 # along in .whl/ (copied from the steering repo's device-wheels), runs the tests marked `gpu`,
 # then the benchmarks, and writes JSON and logs to OUTDIR.
 #
-#   scripts/gpu_run.sh OUTDIR [tests|kernels|latency|throughput|prefix|serve ...]
+#   scripts/gpu_run.sh OUTDIR [tests|kernels|latency|throughput|prefix|serve|profile ...]
 #
-# With no step named, every step runs. BENCH_TIMEOUT caps each benchmark (seconds).
+# With no step named, every step but profile runs (the runner alone, torch profiler tables of
+# decode and of a warm prefill step: scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
 # SERVE_PROMPTS / SERVE_RATES narrow workload S (BENCH.md: 400 requests at 1,4,16,inf req/s).
 # PAGODA_GIT_COMMIT names the commit in the JSON where the tree was copied without its history.
 set -uo pipefail
@@ -35,13 +36,25 @@ bench() {
 
 for step in $steps; do
     case $step in
-        tests) timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider -x --durations=10 2>&1 \
-            | tee "$out/pytest_gpu.log" | tail -30 ;;
+        tests) # two processes: the kernel tests beside the model tests (mostly Triton compiling)
+            timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
+                tests/test_kernels_triton.py > "$out/pytest_gpu_kernels.log" 2>&1 &
+            timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+                --ignore tests/test_kernels_triton.py > "$out/pytest_gpu.log" 2>&1
+            wait
+            tail -12 "$out/pytest_gpu_kernels.log" "$out/pytest_gpu.log" ;;
         kernels) bench kernels kernels ;;
         latency) bench latency latency --random-weights llama3-8b --peer "${PEER:-hf}" ;;
         throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" \
             --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192}" ;;
         prefix) bench prefix prefix --random-weights llama3-8b ;;
+        profile) for spec in "qwen3-0.6b 16 600" "qwen3-0.6b 256 600" "llama3-8b 1 512"; do
+                set -- $spec
+                echo "== profile $1 batch $2 prompt $3"
+                timeout "${BENCH_TIMEOUT:-900}" python3 scripts/profile_step.py --shape "$1" --batch "$2" \
+                    --prompt-len "$3" --modes graphs > "$out/profile-$1-b$2.log" 2>&1
+                echo "   exit $? ($(grep -m1 '^{' "$out/profile-$1-b$2.log"))"
+            done ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-400}" \
             --request-rate "${SERVE_RATES:-1,4,16,inf}" --plot "$out" ;;
         *) echo "unknown step $step"; exit 2 ;;
