@@ -57,6 +57,7 @@ class StepBatch:
     sampling: np.ndarray  # [N] indices into the batch of the requests that sample
     staging: _Staging  # the host buffers this step was staged in
     graph_size: int | None = None  # a decode-only batch padded to this captured size
+    mixed_size: int | None = None  # a batch with prefill chunks padded to this many tokens
 
 
 class _Staging:
@@ -96,6 +97,12 @@ class PendingStep:
     result: StepResult | None = None
 
 
+def mixed_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts to capture steps with prefill chunks at: 16, 32, 64, ... and max_tokens."""
+    sizes = [1 << i for i in range(4, max_tokens.bit_length()) if 1 << i < max_tokens]
+    return sizes + [max_tokens] if max_tokens >= 16 else []
+
+
 def cudagraph_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes to capture: 1, 2, 4, then every multiple of 8 up to max_num_seqs."""
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs, 8))
@@ -130,9 +137,17 @@ class ModelRunner:
         # Decode graphs by padded batch size, and what each one reads and writes.
         self.graphs: dict[int, Callable[[], None]] = {}
         self.graph_hidden: dict[int, torch.Tensor] = {}
+        # Graphs of steps with prefill chunks, by padded token count (--cuda-graph-mixed-tokens).
+        self.mixed_graphs: dict[int, Callable[[], None]] = {}
+        self.mixed_graph_hidden: dict[int, torch.Tensor] = {}
+        self._graph_pool: tuple | None = None
         if self.device.type == "cuda":
             self._warm_up_kernels()
             if not config.enforce_eager:
+                if config.cuda_graph_mixed_tokens > 0:  # the larger graphs first, into the shared pool
+                    self.capture_mixed_graphs(
+                        mixed_graph_sizes(min(config.cuda_graph_mixed_tokens, self.max_step_tokens))
+                    )
                 self.capture_decode_graphs(cudagraph_sizes(config.max_num_seqs))
 
     # ---- KV cache -------------------------------------------------------------------
@@ -336,6 +351,9 @@ class ModelRunner:
             if batch.graph_size is not None:
                 self.graphs[batch.graph_size]()
                 hidden = self.graph_hidden[batch.graph_size]
+            elif batch.mixed_size is not None:
+                self.mixed_graphs[batch.mixed_size]()
+                hidden = self.mixed_graph_hidden[batch.mixed_size]
             else:
                 hidden = self.model(batch.input_ids, batch.positions, batch.attn)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
@@ -449,18 +467,23 @@ class ModelRunner:
             # which read the old ones.
             logger.warning("a step of %d tokens of %d requests: beyond the step buffers", num_tokens, num_seqs)
             self._allocate_step_buffers(max(num_tokens, self.max_step_tokens), max(num_seqs, self.max_step_seqs))
-            self.graphs.clear()
-            self.graph_hidden.clear()
+            for graphs in (self.graphs, self.graph_hidden, self.mixed_graphs, self.mixed_graph_hidden):
+                graphs.clear()
         self.num_computed[rows] = end  # what the cache holds once this step ran
         st = self.staging[self.next_staging]
         self.next_staging ^= 1
         host = st.np
 
         num_decodes = int(np.searchsorted(counts > 1, True))
-        graph_size = None
+        graph_size = mixed_size = None
         if num_decodes == num_seqs and self.graphs:
             graph_size = next((s for s in self.graphs if s >= num_seqs), None)
-        padded = graph_size or num_seqs
+        elif num_decodes < num_seqs and self.mixed_graphs:
+            mixed_size = next((s for s in self.mixed_graphs if s >= num_tokens), None)
+        # A decode graph pads with one-token sequences; a mixed graph has every sequence slot,
+        # the unused ones empty, and its padding tokens belong to no sequence.
+        padded = graph_size or (self.max_step_seqs if mixed_size else num_seqs)
+        padded_tokens = graph_size or mixed_size or num_tokens
 
         # Token t belongs to sequence seq[t] and sits at its position start + offset.
         qsl = host["qsl"][: padded + 1]
@@ -480,29 +503,32 @@ class ModelRunner:
         seq_lens[:num_seqs] = end
         sampling = np.flatnonzero(end == self.num_tokens[rows])
         host["logits_idx"][: len(sampling)] = qsl[1:][sampling] - 1
-        if padded > num_seqs:
-            # Padding rows: one token each that writes nowhere and attends to one slot of
-            # block 0 (a finite value); their outputs are never read.
-            pad = slice(num_tokens, num_tokens + padded - num_seqs)
+        if padded_tokens > num_tokens:
+            # Padding tokens write nowhere; their outputs are never read.
+            pad = slice(num_tokens, padded_tokens)
             host["input_ids"][pad] = 0
             host["positions"][pad] = 0
             host["slots"][pad] = -1
+        if padded > num_seqs:
             seq_lens[num_seqs:] = 1
-            qsl[num_seqs + 1 :] = np.arange(num_tokens + 1, num_tokens + 1 + padded - num_seqs)
+            if graph_size:  # one padding token each, attending to one slot of block 0 (finite)
+                qsl[num_seqs + 1 :] = np.arange(num_tokens + 1, num_tokens + 1 + padded - num_seqs)
+            else:  # empty sequences: the kernel skips them
+                qsl[num_seqs + 1 :] = num_tokens
 
         def to_device(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
             return device[:n].copy_(host[:n], non_blocking=True)
 
-        input_ids = to_device(st.input_ids, self.input_ids_gpu, padded if graph_size else num_tokens)
-        positions_d = to_device(st.positions, self.positions_gpu, padded if graph_size else num_tokens)
-        slots_d = to_device(st.slots, self.slots_gpu, padded if graph_size else num_tokens)
+        input_ids = to_device(st.input_ids, self.input_ids_gpu, padded_tokens)
+        positions_d = to_device(st.positions, self.positions_gpu, padded_tokens)
+        slots_d = to_device(st.slots, self.slots_gpu, padded_tokens)
         seq_lens_d = to_device(st.seq_lens, self.seq_lens_gpu, padded)
         qsl_d = to_device(st.qsl, self.qsl_gpu, padded + 1)
         logits_idx = to_device(st.logits_idx, self.logits_idx_gpu, len(sampling))
         packed = to_device(st.tables, self.tables_packed_gpu, num_seqs * max_blocks)
         if prev is not None:
             self._patch_pending_tokens(input_ids, token_rows, positions, prev)
-        if graph_size is not None:
+        if graph_size is not None or mixed_size is not None:
             self.tables_gpu[:num_seqs, :max_blocks] = packed.view(num_seqs, max_blocks)
             tables_d = self.tables_gpu[:padded]
         else:
@@ -524,6 +550,7 @@ class ModelRunner:
             sampling=sampling,
             staging=st,
             graph_size=graph_size,
+            mixed_size=mixed_size,
         )
 
     def _patch_pending_tokens(
@@ -564,6 +591,20 @@ class ModelRunner:
         )
         return self.input_ids_gpu[:size], self.positions_gpu[:size], meta
 
+    def _mixed_inputs(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The static inputs of a graph of `num_tokens` tokens with prefill chunks: every
+        sequence slot (unused ones empty), one attention launch with prefill tiles for all."""
+        seqs = self.max_step_seqs
+        meta = AttentionMetadata(
+            slot_mapping=self.slots_gpu[:num_tokens],
+            block_tables=self.tables_gpu[:seqs],
+            seq_lens=self.seq_lens_gpu[:seqs],
+            query_start_loc=self.qsl_gpu[: seqs + 1],
+            max_seq_len=self.max_model_len,
+            num_decodes=0,
+        )
+        return self.input_ids_gpu[:num_tokens], self.positions_gpu[:num_tokens], meta
+
     @torch.inference_mode()
     def capture_decode_graphs(self, sizes: list[int], capture: bool = True) -> None:
         """Capture the model's forward for decode batches of each size (largest first, one pool).
@@ -572,36 +613,65 @@ class ModelRunner:
         at each replay: the CPU path for testing the padding, and a debugging aid.
         """
         sizes = [s for s in sizes if s <= min(self.max_step_seqs, self.max_step_tokens)]
-        began = time.perf_counter()
-        free_before = torch.cuda.mem_get_info(self.device)[0] if capture else 0
         # Dummy decode inputs: every row reads one slot of block 0 and writes nowhere.
         self.slots_gpu.fill_(-1)
         self.seq_lens_gpu.fill_(1)
         self.qsl_gpu.copy_(torch.arange(self.qsl_gpu.shape[0], dtype=torch.int32))
-        pool = torch.cuda.graph_pool_handle() if capture else None
+        self._capture("decode", sizes, self._decode_inputs, self.graphs, self.graph_hidden, capture)
+
+    @torch.inference_mode()
+    def capture_mixed_graphs(self, sizes: list[int], capture: bool = True) -> None:
+        """Capture the forward of steps with prefill chunks, padded to each token count in sizes."""
+        sizes = [s for s in sizes if s <= self.max_step_tokens]
+        # Dummy inputs: every sequence empty, so attention reads nothing; nothing is written.
+        self.slots_gpu.fill_(-1)
+        self.seq_lens_gpu.fill_(1)
+        self.qsl_gpu.zero_()
+        self._capture("mixed", sizes, self._mixed_inputs, self.mixed_graphs, self.mixed_graph_hidden, capture)
+
+    def _capture(
+        self,
+        kind: str,
+        sizes: list[int],
+        inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
+        graphs: dict[int, Callable[[], None]],
+        hidden: dict[int, torch.Tensor],
+        capture: bool,
+    ) -> None:
+        """One graph per size, largest first, all in one memory pool shared by every kind."""
+        if not sizes:
+            return
+        began = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0] if capture else 0
+        if capture and self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
         for size in sorted(sizes, reverse=True):
-            input_ids, positions, meta = self._decode_inputs(size)
+            args = inputs(size)
             if not capture:
 
-                def run(size: int = size, args: tuple = (input_ids, positions, meta)) -> None:
-                    self.graph_hidden[size] = self.model(*args)
+                def run(size: int = size, args: tuple = args) -> None:
+                    hidden[size] = self.model(*args)
 
-                self.graphs[size] = run
+                graphs[size] = run
                 continue
             for _ in range(2):  # compile the Triton kernels and settle allocations first
-                self.model(input_ids, positions, meta)
+                self.model(*args)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.graph_hidden[size] = self.model(input_ids, positions, meta)
-            self.graphs[size] = graph.replay
-        self.graphs = dict(sorted(self.graphs.items()))
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                hidden[size] = self.model(*args)
+            graphs[size] = graph.replay
+        ordered = dict(sorted(graphs.items()))
+        graphs.clear()
+        graphs.update(ordered)
         if capture:
             torch.cuda.synchronize(self.device)
             used = free_before - torch.cuda.mem_get_info(self.device)[0]
             logger.info(
-                "captured decode CUDA graphs for %d batch sizes (1..%d) in %.1f s, %.2f GiB",
+                "captured %s CUDA graphs for %d sizes (%d..%d) in %.1f s, %.2f GiB",
+                kind,
                 len(sizes),
+                min(sizes),
                 max(sizes),
                 time.perf_counter() - began,
                 used / 2**30,

@@ -36,6 +36,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_queue_len: int = 4096
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # Also capture CUDA graphs for steps with prefill chunks, at token counts 16, 32, ... up
+    # to this many (padded up to the next). 0: such steps run eagerly. Experimental: the
+    # graphs hold their own activations (about one eager step's worth at the largest size).
+    cuda_graph_mixed_tokens: int = 0
     # serving
     host: str = "127.0.0.1"
     port: int = 8000

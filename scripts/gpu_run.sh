@@ -52,7 +52,8 @@ for step in $steps; do
                 set -- $spec
                 echo "== profile $1 batch $2 prompt $3"
                 timeout "${BENCH_TIMEOUT:-900}" python3 scripts/profile_step.py --shape "$1" --batch "$2" \
-                    --prompt-len "$3" --modes graphs > "$out/profile-$1-b$2.log" 2>&1
+                    --prompt-len "$3" --modes graphs --mixed-graph-tokens "${MIXED_GRAPH_TOKENS:-0}" \
+                    > "$out/profile-$1-b$2.log" 2>&1
                 echo "   exit $? ($(grep -m1 '^{' "$out/profile-$1-b$2.log"))"
             done ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-400}" \

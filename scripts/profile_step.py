@@ -77,7 +77,7 @@ def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
     config = EngineConfig(
         model=folder, device=args.device, max_model_len=args.max_model_len, enforce_eager=eager,
         kv_cache_memory_gb=args.kv_gb, max_num_seqs=2 * max(args.batch, 8),
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, cuda_graph_mixed_tokens=args.mixed_graph_tokens,
     )
     began = time.perf_counter()
     runner = ModelRunner(config)
@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--kv-gb", type=float, default=30.0)
     parser.add_argument("--modes", default="eager,graphs")
+    parser.add_argument("--mixed-graph-tokens", type=int, default=0,
+                        help="graphs for prefill steps too, up to this many tokens (--cuda-graph-mixed-tokens)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models-dir", default="/tmp/pagoda-bench-models")
     args = parser.parse_args()

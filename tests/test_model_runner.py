@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpu_worker.loader import embedded_gguf_path
-from gpu_worker.model_runner import ModelRunner
+from gpu_worker.model_runner import ModelRunner, mixed_graph_sizes
 from gpu_worker.sampler import sample
 from protocol.config import EngineConfig
 from protocol.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
@@ -206,6 +206,40 @@ def test_padded_decode_batches_and_decodes_behind_a_prefill_chunk_give_the_same_
         runner.graph_hidden.clear()
     assert replayed == [2, 4]
     assert outputs == {"chunked": expected[0], "decoding": expected[2], "third": expected[1]}
+
+
+def test_mixed_steps_padded_to_a_graph_size_give_the_same_tokens(runner, chat_prompts) -> None:
+    """Steps with prefill chunks run at a padded token count over every sequence slot (the
+    --cuda-graph-mixed-tokens graphs, replayed eagerly here): same tokens as unpadded."""
+    expected = {}
+    for i, prompt in enumerate(chat_prompts):
+        alone = ToyScheduler(runner, seed=40 + i)
+        alone.add("alone", prompt, max_tokens=10)
+        expected[i] = alone.run()["alone"]
+
+    runner.capture_mixed_graphs(mixed_graph_sizes(256), capture=False)
+    try:
+        assert sorted(runner.mixed_graphs) == [16, 32, 64, 128, 256]
+        scheduler = ToyScheduler(runner, seed=50)
+        scheduler.add("decoding", chat_prompts[2], max_tokens=10)
+        scheduler.step()  # the whole prompt: padded up to the next size
+        scheduler.add("chunked", chat_prompts[0], max_tokens=10, chunk=9)
+        for _ in range(2):  # chunks of 9 beside a decode: 10 tokens, padded to 16
+            scheduler.step()
+        scheduler.add("third", chat_prompts[1], max_tokens=10)
+        outputs = scheduler.run()
+        replayed = sorted(runner.mixed_graph_hidden)
+    finally:
+        runner.mixed_graphs.clear()
+        runner.mixed_graph_hidden.clear()
+    assert 16 in replayed and len(replayed) >= 2
+    assert outputs == {"decoding": expected[2], "chunked": expected[0], "third": expected[1]}
+
+
+def test_mixed_graph_sizes_are_powers_of_two_up_to_the_budget() -> None:
+    assert mixed_graph_sizes(8192) == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert mixed_graph_sizes(100) == [16, 32, 64, 100]
+    assert mixed_graph_sizes(8) == []
 
 
 def test_prefix_cache_hit_and_resumed_request_continue_the_same(runner, chat_prompts) -> None:

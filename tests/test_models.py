@@ -348,7 +348,8 @@ def test_llm_on_gpu_profiles_memory_and_matches_transformers(tiny, tokenizer) ->
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, tokenizer) -> None:
     """float32, greedy: decode steps replayed from CUDA graphs (batches padded to a captured
-    size), eager CUDA and the CPU reference path give the same tokens."""
+    size), eager CUDA, the CPU reference path, and prefill steps replayed from graphs too
+    (--cuda-graph-mixed-tokens) give the same tokens."""
     folder, _ = tiny(family)
     prompts = random_prompts(len(tokenizer))
     graphs = make_runner(str(folder), device="cuda")
@@ -358,3 +359,7 @@ def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, 
     del graphs
     assert runner_greedy(make_runner(str(folder), device="cuda", enforce_eager=True), prompts) == tokens
     assert runner_greedy(make_runner(str(folder), device="cpu"), prompts) == tokens
+    # The prefill step (60 tokens) replayed from a graph of 64 tokens over every sequence slot.
+    mixed = make_runner(str(folder), device="cuda", cuda_graph_mixed_tokens=64)
+    assert sorted(mixed.mixed_graphs) == [16, 32, 64]
+    assert runner_greedy(mixed, prompts) == tokens
