@@ -166,14 +166,17 @@ def _small_batches(
     rows = []
     h, d = q.shape[1:]
     kvh = k_cache.shape[2]
-    for b in (1, 4, 16, 64):
-        seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    # With --sweep also short contexts, where a decode step's fixed costs weigh more, and the
+    # config a decode CUDA graph takes (captured with no bound on the context).
+    for b, context in [(b, ctx) for b in (1, 4, 16, 64)] + ([(b, 512) for b in (1, 4, 16, 64)] if sweep else []):
+        seq_lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
         qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
-        nbytes = 2 * b * ctx * kvh * d * 2
-        auto = choose_config(b, b, h, kvh, d, 2, device_limits(q.device), ctx)
+        nbytes = 2 * b * context * kvh * d * 2
+        auto = choose_config(b, b, h, kvh, d, 2, device_limits(q.device), context)
+        in_graph = choose_config(b, b, h, kvh, d, 2, device_limits(q.device))
         configs = [auto]
-        if sweep and b < 64:
-            configs += [replace(auto, num_splits=s) for s in (1, 4, 8, 16, 32) if s != auto.num_splits]
+        if sweep:
+            configs += [replace(auto, num_splits=s) for s in (1, 2, 4, 8, 16, 32) if s != auto.num_splits]
             configs += [AttentionConfig(16, 128, s, 4, 3) for s in (auto.num_splits, 2 * auto.num_splits)]
         for cfg in configs:
             calls = [
@@ -183,9 +186,10 @@ def _small_batches(
                 for i in range(min(16, tables.shape[0] // b))
             ]
             t = timed_in_graph(calls)
-            rows.append({"batch": b, "config": cfg.__dict__, "default": cfg == auto, "seconds": t,
+            rows.append({"batch": b, "context": context, "config": cfg.__dict__, "default": cfg == auto,
+                         "graph_default": cfg == in_graph, "seconds": t,
                          "bytes_per_s": nbytes / t, "fraction_of_copy": nbytes / t / copy_bw})
-            print(f"  batch {b} {cfg} -> {rows[-1]['fraction_of_copy']:.3f} of copy", file=sys.stderr)
+            print(f"  batch {b} context {context} {cfg} -> {rows[-1]['fraction_of_copy']:.3f} of copy", file=sys.stderr)
     return rows
 
 
@@ -314,8 +318,9 @@ def summary(r: dict[str, Any]) -> str:
                      f"({100 * x['fraction_of_copy']:.1f}% of copy)")
     for row in dec.get("small_batches", []):
         if row["default"]:
-            lines.append(f"decode  batch {row['batch']:2d} in a graph, splits {row['config']['num_splits']:2d} "
-                         f"{row['seconds'] * 1e6:7.1f} us  {100 * row['fraction_of_copy']:.1f}% of copy")
+            lines.append(f"decode  batch {row['batch']:2d} context {row['context']} in a graph, splits "
+                         f"{row['config']['num_splits']:2d} {row['seconds'] * 1e6:7.1f} us  "
+                         f"{100 * row['fraction_of_copy']:.1f}% of copy")
     if "mixed_batch" in dec:
         ms = {k: v * 1e3 for k, v in dec["mixed_batch"].items()}
         lines.append(f"mixed   63 decodes + 2048 chunk: one launch {ms['one_launch_seconds']:.3f} ms, decodes apart "
