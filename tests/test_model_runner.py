@@ -332,17 +332,32 @@ def test_launching_the_next_step_before_finishing_this_one_gives_the_same_tokens
 
     one_by_one = collect(runner.execute(plan) for plan in plans)
     assert {r: len(t) for r, t in one_by_one.items()} == max_tokens
-    results, pending = [], None
-    for plan in plans:
-        step = runner.launch(plan)
-        if pending is not None:
-            results.append(runner.finish(pending))
-        pending = step
-    results.append(runner.finish(pending))
+
+    def overlapped() -> list:
+        results, pending = [], None
+        for plan in plans:
+            step = runner.launch(plan)
+            if pending is not None:
+                results.append(runner.finish(pending))
+            pending = step
+        results.append(runner.finish(pending))
+        return results
+
+    results = overlapped()
     assert [r.step_id for r in results] == [p.step_id for p in plans]
     assert collect(results) == one_by_one
     assert runner.requests == {} and runner.unfinished is None
     assert sorted(runner.free_rows) == list(range(len(runner.num_tokens)))
+    # Again with every step padded to a graph's inputs (decode and mixed graphs, replayed
+    # eagerly): the pending tokens are patched into the padded inputs.
+    runner.capture_decode_graphs([4, 8], capture=False)
+    runner.capture_mixed_graphs(mixed_graph_sizes(128), capture=False)
+    try:
+        assert collect(overlapped()) == one_by_one
+        assert runner.graph_hidden and runner.mixed_graph_hidden
+    finally:
+        for graphs in (runner.graphs, runner.graph_hidden, runner.mixed_graphs, runner.mixed_graph_hidden):
+            graphs.clear()
 
 
 def test_runner_reports_its_limits(runner) -> None:
