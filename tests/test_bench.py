@@ -43,6 +43,9 @@ def test_throughput_with_one_peer_runs_that_peer_only(tmp_path):
     res = bench(tmp_path, "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
                 "--peer", "hf-continuous")
     assert res["hf_continuous"]["output_tokens"] == res["pagoda"][0]["requested_output_tokens"] == 12
+    cont = res["hf_continuous"]
+    assert 0 < cont["serving_s"] <= cont["elapsed_s"] and cont["startup_s"] >= 0
+    assert abs(cont["output_tokens_per_s"] * cont["serving_s"] - 12) < 1e-6
     assert res["ratio_to_hf_continuous"] > 0
     assert "hf_static" not in res and "ratio_to_hf_static" not in res
 
