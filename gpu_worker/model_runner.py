@@ -28,6 +28,7 @@ import torch
 from gpu_worker.attention import AttentionMetadata
 from gpu_worker.loader import LoadedModel, ModelLoadError, load_model
 from gpu_worker.sampler import sample
+from gpu_worker.transfer import to_device
 from kernels import warm_up_paged_attention
 from protocol.config import EngineConfig
 from protocol.messages import NewRequestData, SamplingParams, StepPlan, StepResult
@@ -436,8 +437,8 @@ class ModelRunner:
         Done before the step's forward, so a parallel sample's own copy of the partial prompt
         block holds the prompt's K/V before the sample writes its first token into it.
         """
-        src = torch.tensor([s for s, _ in copies]).to(self.device, non_blocking=True)
-        dst = torch.tensor([d for _, d in copies]).to(self.device, non_blocking=True)
+        src = to_device([s for s, _ in copies], self.device)
+        dst = to_device([d for _, d in copies], self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def _prepare_batch(self, num_scheduled: dict[str, int], prev: PendingStep | None) -> StepBatch:
@@ -563,8 +564,8 @@ class ModelRunner:
         if not hit.any():
             return
         assert prev.device_tokens is not None
-        dst = torch.from_numpy(np.flatnonzero(hit)).to(self.device, non_blocking=True)
-        src = torch.from_numpy(self.pending_index[token_rows[hit]]).to(self.device, non_blocking=True)
+        dst = to_device(np.flatnonzero(hit), self.device)
+        src = to_device(self.pending_index[token_rows[hit]], self.device)
         input_ids[dst] = prev.device_tokens[src]
 
     # ---- CUDA graphs ------------------------------------------------------------------

@@ -22,22 +22,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from gpu_worker.transfer import to_device
 from protocol.messages import SamplingParams
 
 # The most alternatives a request may ask logprobs for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
-
-
-def _on(device: torch.device, values: Sequence, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small host list as a tensor on `device`, without waiting for the device.
-
-    `torch.tensor(values, device=cuda)` copies synchronously, which waits for every kernel
-    queued before it: each such call in a step would stall the host until the previous step
-    is done and undo the overlap of steps. A non-blocking copy from (pageable) host memory
-    returns once the driver has staged the values.
-    """
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 class SamplerOutput(NamedTuple):
@@ -80,7 +70,7 @@ def sample(
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
-        rows = _on(logits.device, random_rows)
+        rows = to_device(random_rows, logits.device)
         seeded = {
             j: _position_generator(params[i].seed, num_outputs[i], generators[i], logits.device)
             for j, i in enumerate(random_rows)
@@ -107,8 +97,8 @@ def _apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
     if not entries:
         return logits
     rows, cols, bias = zip(*entries)
-    index = (_on(logits.device, rows), _on(logits.device, cols))
-    return logits.index_put(index, _on(logits.device, bias, logits.dtype), accumulate=True)
+    index = (to_device(rows, logits.device), to_device(cols, logits.device))
+    return logits.index_put(index, to_device(bias, logits.device, logits.dtype), accumulate=True)
 
 
 def _apply_min_tokens(
@@ -125,7 +115,7 @@ def _apply_min_tokens(
     if not banned:
         return logits
     rows, cols = zip(*banned)
-    index = (_on(logits.device, rows), _on(logits.device, cols))
+    index = (to_device(rows, logits.device), to_device(cols, logits.device))
     return logits.index_put(index, torch.full((), float("-inf"), device=logits.device))
 
 
@@ -144,16 +134,16 @@ def _apply_penalties(
     outputs = [token_ids[i][num_prompt_tokens[i] :] for i in rows]
     output_counts = _bincount_rows(outputs, vocab_size, device)
     output_mask = output_counts > 0
-    row_index = _on(device, rows)
+    row_index = to_device(rows, device)
     penalized = logits[row_index]
-    repetition = _on(device, [p.repetition_penalty for p in sub])
+    repetition = to_device([p.repetition_penalty for p in sub], device)
     if any(p.repetition_penalty != 1.0 for p in sub):
         prompts = [token_ids[i][: num_prompt_tokens[i]] for i in rows]
         seen = (_bincount_rows(prompts, vocab_size, device) > 0) | output_mask
         factor = torch.where(seen, repetition[:, None], 1.0)
         penalized = torch.where(penalized > 0, penalized / factor, penalized * factor)
-    frequency = _on(device, [p.frequency_penalty for p in sub])
-    presence = _on(device, [p.presence_penalty for p in sub])
+    frequency = to_device([p.frequency_penalty for p in sub], device)
+    presence = to_device([p.presence_penalty for p in sub], device)
     penalized = penalized - frequency[:, None] * output_counts - presence[:, None] * output_mask
     logits = logits.clone()
     logits[row_index] = penalized
@@ -161,15 +151,17 @@ def _apply_penalties(
 
 
 def _bincount_rows(lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(lists), vocab] counts of each token id in each list, in one scatter."""
+    """[len(lists), vocab] counts of each token id in each list, in one scatter (ids outside
+    the vocabulary dropped on the host: a boolean index on the device would wait for it)."""
     counts = torch.zeros(len(lists), vocab_size, device=device)
-    lengths = torch.tensor([len(t) for t in lists])
-    if int(lengths.sum()) == 0:
+    lengths = np.fromiter((len(t) for t in lists), dtype=np.int64, count=len(lists))
+    if lengths.sum() == 0:
         return counts
-    ids = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in lists])).to(device, non_blocking=True)
-    row_of = torch.repeat_interleave(torch.arange(len(lists)), lengths).to(device, non_blocking=True)
+    ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in lists])
+    row_of = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
     keep = ids < vocab_size
-    return counts.index_put((row_of[keep], ids[keep]), torch.ones_like(ids[keep], dtype=counts.dtype), accumulate=True)
+    ids_d, rows_d = to_device(ids[keep], device), to_device(row_of[keep], device)
+    return counts.index_put((rows_d, ids_d), torch.ones(len(ids_d), dtype=counts.dtype, device=device), accumulate=True)
 
 
 def _sample_random(
@@ -180,18 +172,18 @@ def _sample_random(
     device, vocab_size = logits.device, logits.shape[-1]
     # Which steps apply is decided from the parameters on the host: a test of a device
     # tensor (`(min_p > 0).any()`) would wait for the device.
-    temperature = _on(device, [p.temperature for p in params])
+    temperature = to_device([p.temperature for p in params], device)
     logits = logits / temperature[:, None]
 
     if any(p.min_p > 0 for p in params):
-        min_p = _on(device, [p.min_p for p in params])
+        min_p = to_device([p.min_p for p in params], device)
         probs = logits.softmax(dim=-1)
         too_unlikely = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(too_unlikely, float("-inf"))
 
     if any(0 < p.top_k < vocab_size or p.top_p < 1 for p in params):
-        top_k = _on(device, [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
-        top_p = _on(device, [p.top_p for p in params])
+        top_k = to_device([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], device)
+        top_p = to_device([p.top_p for p in params], device)
         logits = _apply_top_k_top_p(logits, top_k, top_p)
 
     probs = logits.softmax(dim=-1)

@@ -139,10 +139,10 @@ def test_on_cuda_greedy_bias_penalties_and_seeds_match_the_cpu() -> None:
 
 @pytest.mark.gpu
 def test_on_cuda_sampling_never_waits_for_the_device() -> None:
-    """Random sampling with every filter, bias, min_tokens, seeds and logprobs queues its work
-    without a device sync (a sync would stall the host until the previous step finished,
-    undoing the overlap of steps). Penalties are left out: they read the history on the host."""
-    logits = torch.randn(6, 1000, device="cuda")
+    """Random sampling with every filter, penalties, bias, min_tokens, seeds and logprobs
+    queues its work without a device sync (a sync would stall the host until the previous
+    step finished, undoing the overlap of steps)."""
+    logits = torch.randn(7, 1000, device="cuda")
     params = [
         SamplingParams(temperature=0.8, top_k=5),
         SamplingParams(temperature=1.0, top_p=0.9, seed=3),
@@ -150,12 +150,15 @@ def test_on_cuda_sampling_never_waits_for_the_device() -> None:
         SamplingParams(temperature=1.0, logit_bias={7: 100.0}),
         SamplingParams(temperature=0.0, min_tokens=4),
         SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.1),
     ]
-    sample(logits, params, [None] * 6, num_outputs=[0] * 6, eos_token_ids=[EOS])  # warm up, allocations
+    history = [[5, 6, 7, 8, 5]] * 7
+    kw = dict(token_ids=history, num_prompt_tokens=[3] * 7, eos_token_ids=[EOS])
+    sample(logits, params, [None] * 7, **kw)  # warm up: allocations, pinned host blocks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = sample(logits, params, [None] * 6, num_outputs=[0] * 6, eos_token_ids=[EOS])
+        out = sample(logits, params, [None] * 7, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.token_ids[3].item() == 7
