@@ -16,6 +16,7 @@ the decodes moved to the front so the attention kernel gives them decode tiles.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -579,30 +580,20 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         logger.info("attention kernels: %d variants ready in %.1f s", num_variants, time.perf_counter() - began)
 
-    def _decode_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The static inputs of a decode graph of `size` rows: views of the step buffers."""
-        meta = AttentionMetadata(
-            slot_mapping=self.slots_gpu[:size],
-            block_tables=self.tables_gpu[:size],
-            seq_lens=self.seq_lens_gpu[:size],
-            query_start_loc=self.qsl_gpu[: size + 1],
-            # Fixed at capture: the kernel's split of the keys must hold for any context.
-            max_seq_len=self.max_model_len,
-            num_decodes=size,
-        )
-        return self.input_ids_gpu[:size], self.positions_gpu[:size], meta
-
-    def _mixed_inputs(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The static inputs of a graph of `num_tokens` tokens with prefill chunks: every
-        sequence slot (unused ones empty), one attention launch with prefill tiles for all."""
-        seqs = self.max_step_seqs
+    def _graph_inputs(
+        self, num_tokens: int, num_seqs: int, num_decodes: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The static inputs of a graph: views of the step buffers. A decode graph of n rows
+        takes (n, n, n); a graph with prefill chunks takes every sequence slot (unused ones
+        empty) and no decodes, so one attention launch with prefill tiles serves all."""
         meta = AttentionMetadata(
             slot_mapping=self.slots_gpu[:num_tokens],
-            block_tables=self.tables_gpu[:seqs],
-            seq_lens=self.seq_lens_gpu[:seqs],
-            query_start_loc=self.qsl_gpu[: seqs + 1],
+            block_tables=self.tables_gpu[:num_seqs],
+            seq_lens=self.seq_lens_gpu[:num_seqs],
+            query_start_loc=self.qsl_gpu[: num_seqs + 1],
+            # Fixed at capture: the kernel's split of the keys must hold for any context.
             max_seq_len=self.max_model_len,
-            num_decodes=0,
+            num_decodes=num_decodes,
         )
         return self.input_ids_gpu[:num_tokens], self.positions_gpu[:num_tokens], meta
 
@@ -618,7 +609,7 @@ class ModelRunner:
         self.slots_gpu.fill_(-1)
         self.seq_lens_gpu.fill_(1)
         self.qsl_gpu.copy_(torch.arange(self.qsl_gpu.shape[0], dtype=torch.int32))
-        self._capture("decode", sizes, self._decode_inputs, self.graphs, self.graph_hidden, capture)
+        self._capture("decode", sizes, lambda n: self._graph_inputs(n, n, n), self.graphs, self.graph_hidden, capture)
 
     @torch.inference_mode()
     def capture_mixed_graphs(self, sizes: list[int], capture: bool = True) -> None:
@@ -628,7 +619,8 @@ class ModelRunner:
         self.slots_gpu.fill_(-1)
         self.seq_lens_gpu.fill_(1)
         self.qsl_gpu.zero_()
-        self._capture("mixed", sizes, self._mixed_inputs, self.mixed_graphs, self.mixed_graph_hidden, capture)
+        inputs = functools.partial(self._graph_inputs, num_seqs=self.max_step_seqs, num_decodes=0)
+        self._capture("mixed", sizes, inputs, self.mixed_graphs, self.mixed_graph_hidden, capture)
 
     def _capture(
         self,

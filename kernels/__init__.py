@@ -19,7 +19,7 @@ from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.paged_attention import paged_attention_ref
-from kernels.qkv import rope_write_kv_ref, split_qkv
+from kernels.qkv import rope_write_kv_ref
 from kernels.rotary import apply_rotary_ref
 
 _USE_TRITON = os.environ.get("PAGODA_KERNELS", "triton") != "torch"
@@ -147,7 +147,6 @@ __all__ = [
     "rope_write_kv_ref",
     "silu_and_mul",
     "silu_and_mul_ref",
-    "split_qkv",
     "warm_up_paged_attention",
     "write_kv",
     "write_kv_ref",

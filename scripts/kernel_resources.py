@@ -31,29 +31,21 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 def compile_tiling(block_m: int, tile_n: int, warps: int, stages: int, group: int = 4, head_dim: int = 128,
                    splits: int = 1, dtype: str = "bf16"):
-    kernel = attn._paged_attention_kernel
     consts = dict(NUM_HEADS=8 * group, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
                   BLOCK_M=block_m, BLOCK_Q=block_m // group, TILE_N=tile_n, NUM_SPLITS=splits,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
     pointers = dict(q_ptr=dtype, k_cache_ptr=dtype, v_cache_ptr=dtype, out_ptr=dtype, part_out_ptr="fp32",
                     part_lse_ptr="fp32", block_tables_ptr="i32", seq_lens_ptr="i32", query_start_loc_ptr="i32")
-    signature = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
-    # What the launcher sees at run time: 16-byte aligned pointers and strides divisible by 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if n.endswith("_ptr") or n.startswith("stride")}
-    return triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    return compile_kernel(attn._paged_attention_kernel, consts, pointers, floats=("qk_scale",), num_warps=warps,
+                          num_stages=stages, aligned=True)
 
 
-def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num_warps: int = 4, num_stages: int = 3):
-    """Compile `kernel` for sm_90: constexprs given, pointers typed by name, other scalars i32."""
+def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num_warps: int = 4, num_stages: int = 3,
+                   aligned: bool = False):
+    """Compile `kernel` for sm_90: constexprs given, pointers typed by name, other scalars i32.
+
+    aligned: tell the compiler what the launcher sees at run time, 16-byte aligned pointers
+    and strides divisible by 16."""
     signature = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -62,7 +54,9 @@ def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    return triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if n.endswith("_ptr") or n.startswith("stride")} if aligned else None
+    return triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
