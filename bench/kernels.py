@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -139,6 +139,56 @@ def bench_decode(copy_bw: float, sweep: bool) -> dict[str, Any]:
         t = timed(lambda: paged_attention_triton(q, k_cache, v_cache, in_order, seq_lens, qsl, scale, out=out))
         result["triton_blocks_in_order"] = {"seconds": t, "bytes_per_s": nbytes / t}
     return result
+
+
+# Decode at workload T's model (qwen3-0.6b: 16/8 heads, d 128): many sequences of short, uneven
+# contexts, where each program streams few tiles and a launch's fixed costs weigh more than in K.
+T_DECODE_CASES = [(256, "uniform 100..1100"), (256, "600"), (128, "uniform 100..2048"), (64, "uniform 100..2048")]
+T_DECODE_SWEEP = [
+    AttentionConfig(16, tile_n, 1, warps, stages)
+    for tile_n in (32, 64, 128) for warps in (2, 4, 8) for stages in (3, 4, 5)
+] + [AttentionConfig(16, 16, 1, 4, 5), AttentionConfig(16, 16, 1, 2, 3)]
+
+
+def _contexts(spec: str, batch: int, gen: torch.Generator) -> torch.Tensor:
+    if spec.startswith("uniform"):
+        lo, hi = (int(x) for x in spec.split()[1].split(".."))
+        return torch.randint(lo, hi + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    return torch.full((batch,), int(spec), dtype=torch.int32, device="cuda")
+
+
+def bench_t_decode(copy_bw: float, sweep: bool) -> list[dict[str, Any]]:
+    """Decode attention at workload T's shapes, the default config (and with --sweep every tiling
+    of T_DECODE_SWEEP) as a share of the copy bandwidth; no key splits (these batches fill the GPU)."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows: list[dict[str, Any]] = []
+    for batch, spec in T_DECODE_CASES:
+        rows += _t_decode_case(batch, spec, copy_bw, sweep, gen)
+    return rows
+
+
+def _t_decode_case(batch: int, spec: str, copy_bw: float, sweep: bool, gen: torch.Generator) -> list[dict[str, Any]]:
+    h, kvh, d, bs = 16, 8, 128, 16
+    seq_lens = _contexts(spec, batch, gen)
+    k_cache, v_cache, tables = paged_cache(batch, int(seq_lens.max()), kvh, d, bs, gen)
+    q = torch.randn(batch, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    nbytes = 2 * int(seq_lens.sum()) * kvh * d * 2 + 2 * q.numel() * 2
+    default = choose_config(batch, batch, h, kvh, d, 2, device_limits(q.device))
+    rows = []
+    for cfg in [default] + ([c for c in T_DECODE_SWEEP if c != default] if sweep else []):
+        row: dict[str, Any] = {"batch": batch, "contexts": spec, "config": cfg.__dict__, "default": cfg == default}
+        try:
+            t = timed(lambda cfg=cfg: paged_attention_triton(
+                q, k_cache, v_cache, tables, seq_lens, qsl, d**-0.5, out=out, config=cfg))
+            row.update(seconds=t, bytes_per_s=nbytes / t, fraction_of_copy=nbytes / t / copy_bw)
+        except Exception as e:  # a tiling that does not fit is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(f"  T decode batch {batch} contexts {spec} {cfg} -> {row.get('fraction_of_copy', row.get('error'))}",
+              file=sys.stderr)
+    return rows
 
 
 def timed_in_graph(calls: list[Callable[[], Any]]) -> float:
@@ -298,21 +348,31 @@ def bench_prefill(sweep: bool) -> dict[str, Any]:
     return result
 
 
-def run(sweep: bool = False) -> dict[str, Any]:
+SECTIONS = ("decode", "t_decode", "prefill", "pointwise")
+
+
+def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
     from bench.hardware import describe
 
     copy_bw = copy_bandwidth()
     result: dict[str, Any] = {"workload": "K", "machine": describe("cuda"), "copy_bandwidth_bytes_per_s": copy_bw}
-    result["decode"] = bench_decode(copy_bw, sweep)
-    result["prefill"] = bench_prefill(sweep)
-    result["pointwise"] = bench_pointwise(copy_bw)
+    if "decode" in only:
+        result["decode"] = bench_decode(copy_bw, sweep)
+    if "t_decode" in only:
+        result["t_decode"] = bench_t_decode(copy_bw, sweep)
+    if "prefill" in only:
+        result["prefill"] = bench_prefill(sweep)
+    if "pointwise" in only:
+        result["pointwise"] = bench_pointwise(copy_bw)
     return result
 
 
 def summary(r: dict[str, Any]) -> str:
-    dec, pre = r["decode"], r["prefill"]
+    dec, pre = r.get("decode", {}), r.get("prefill", {})
     lines = [f"copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s"]
     for name in ("triton_paged", "sdpa_contiguous"):
+        if name not in dec:
+            continue
         x = dec[name]
         lines.append(f"decode  {name:16s} {x['seconds'] * 1e6:8.1f} us  {x['bytes_per_s'] / 1e12:.2f} TB/s "
                      f"({100 * x['fraction_of_copy']:.1f}% of copy)")
@@ -329,7 +389,11 @@ def summary(r: dict[str, Any]) -> str:
         share = 100 * x["triton_fraction_of_copy"]
         lines.append(f"{name:20s} triton {x['triton_seconds'] * 1e6:7.1f} us ({share:.0f}% of copy), "
                      f"torch {x['torch_seconds'] * 1e6:7.1f} us")
-    for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn"):
+    for row in r.get("t_decode", []):
+        if row["default"] and "seconds" in row:
+            lines.append(f"T decode batch {row['batch']:3d} contexts {row['contexts']:18s} "
+                         f"{row['seconds'] * 1e6:7.1f} us  {100 * row['fraction_of_copy']:.1f}% of copy")
+    for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn") if pre else ():
         x = pre.get(name, {})
         if "seconds" in x:
             lines.append(f"prefill {name:16s} {x['seconds'] * 1e3:8.3f} ms  {x['flops_per_s'] / 1e12:.0f} TFLOP/s")
@@ -342,10 +406,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tilings of the Triton kernel")
     parser.add_argument("--out", help="write the JSON here as well as to stdout")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("workload K needs a CUDA GPU")
-    result = run(args.sweep)
+    only = args.only.split(",")
+    if unknown := set(only) - set(SECTIONS):
+        parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    result = run(args.sweep, only)
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -46,7 +46,12 @@ def sample(
     eos_token_ids: Sequence[int] = (),
     num_outputs: Sequence[int] | None = None,
 ) -> SamplerOutput:
-    """One token per row of `logits` [N, vocab] (fp32), row i sampled with `params[i]`.
+    """One token per row of `logits` [N, vocab], row i sampled with `params[i]`.
+
+    The logits may come in the model's dtype: a batch whose rows all take the plain argmax
+    (greedy, no logprobs, bias, min_tokens or penalties) reads them as they are, since the
+    argmax of bf16 values is the argmax of their exact fp32 copies; anything else is computed
+    in fp32.
 
     `token_ids[i]` is row i's prompt and outputs so far (a list or a 1-d integer array) and
     `num_prompt_tokens[i]` how many of those are prompt: the penalties need them.
@@ -60,6 +65,10 @@ def sample(
         else:
             assert num_prompt_tokens is not None, "token_ids come with num_prompt_tokens"
             num_outputs = [len(t) - p for t, p in zip(token_ids, num_prompt_tokens, strict=True)]
+    if logits.dtype != torch.float32:
+        if all(_plain_argmax(p) for p in params):
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
 
     logits = _apply_logit_bias(logits, params)
@@ -83,6 +92,10 @@ def sample(
     k = min(max(p.logprobs or 0 for p in params), MAX_LOGPROBS, vocab_size)
     top = raw_logprobs.topk(k, dim=-1)
     return SamplerOutput(chosen, raw_logprobs.gather(1, chosen[:, None])[:, 0], top.indices, top.values)
+
+
+def _plain_argmax(p: SamplingParams) -> bool:
+    return p.greedy and p.logprobs is None and not p.logit_bias and p.min_tokens == 0 and not p.needs_history
 
 
 def _position_generator(

@@ -20,6 +20,7 @@ launch depends only on tensor shapes: no host sync, and safe to capture in a CUD
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,25 @@ def device_limits(device: torch.device) -> DeviceLimits:
 # (rows, key tile, warps, pipeline stages). The block-table load ahead of each K/V load makes
 # Triton's pipeliner count two loads per tile, so multi-buffering K/V takes num_stages >= 5.
 _DECODE_TILINGS = [(16, 32, 4, 5), (16, 16, 4, 5), (16, 16, 4, 3)]
+
+
+def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
+    """PAGODA_ATTN_DECODE_TILING=rows,key_tile,warps,stages puts one tiling ahead of the list:
+    for benchmarks comparing tilings inside the whole engine (`bench kernels --sweep` times
+    them alone)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return []
+    try:
+        tiling = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        tiling = ()
+    if len(tiling) != 4 or any(x <= 0 for x in tiling):
+        raise ValueError(f"{name}={value!r}: expected four positive integers rows,key_tile,warps,stages")
+    return [tiling]
+
+
+_DECODE_TILINGS = _tiling_from_env("PAGODA_ATTN_DECODE_TILING") + _DECODE_TILINGS
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
 
 

@@ -42,7 +42,7 @@ for step in $steps; do
             timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
                 --ignore tests/test_kernels_triton.py > "$out/pytest_gpu.log" 2>&1
             wait
-            tail -12 "$out/pytest_gpu_kernels.log" "$out/pytest_gpu.log" ;;
+            tail -n 12 "$out/pytest_gpu_kernels.log" "$out/pytest_gpu.log" ;;
         kernels) bench kernels kernels ;;
         latency) bench latency latency --random-weights llama3-8b --peer "${PEER:-hf}" ;;
         throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" \

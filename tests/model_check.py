@@ -87,7 +87,7 @@ def runner_last_logits(runner: ModelRunner, prompts: list[list[int]]) -> torch.T
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
     )
     hidden = runner.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta)
-    return runner.model.compute_logits(hidden[torch.tensor(starts[1:], device=device) - 1]).cpu()
+    return runner.model.compute_logits(hidden[torch.tensor(starts[1:], device=device) - 1]).float().cpu()
 
 
 def hf_greedy(hf_model: torch.nn.Module, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:

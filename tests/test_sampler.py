@@ -116,6 +116,24 @@ def test_logprobs_are_raw_and_top_ones_sorted_with_the_greedy_token_first() -> N
     torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
 
 
+def test_bf16_logits_give_the_fp32_results() -> None:
+    """The runner hands over logits in the model's dtype: an all-greedy batch takes their argmax
+    as they are, any other batch is computed in fp32; either way the tokens are those of the fp32
+    copy (ties included: bf16 rounds many values together here)."""
+    logits = logits_rows(6, seed=4).to(torch.bfloat16)
+    exact = logits.float()
+    plain = [greedy()] * 6
+    assert sample(logits, plain, [None] * 6).token_ids.tolist() == sample(exact, plain, [None] * 6).token_ids.tolist()
+    mixed = [greedy(), greedy(logprobs=2), greedy(logit_bias={3: 100.0}), greedy(min_tokens=3),
+             SamplingParams(temperature=1.0, seed=5), greedy(repetition_penalty=1.5)]
+    kw = dict(token_ids=[[1, 2, 3]] * 6, num_prompt_tokens=[2] * 6, eos_token_ids=[EOS])
+    ours, ref = sample(logits, mixed, [None] * 6, **kw), sample(exact, mixed, [None] * 6, **kw)
+    assert ours.token_ids.tolist() == ref.token_ids.tolist()
+    assert ours.token_ids[2].item() == 3
+    assert ours.logprobs is not None and ours.logprobs.dtype == torch.float32
+    torch.testing.assert_close(ours.logprobs, ref.logprobs)
+
+
 @pytest.mark.gpu
 def test_on_cuda_greedy_bias_penalties_and_seeds_match_the_cpu() -> None:
     logits = logits_rows(4, seed=2)

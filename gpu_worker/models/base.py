@@ -55,8 +55,9 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden] of the positions that sample -> logits [N, vocab] in fp32."""
-        return nn.functional.linear(hidden, self.output_embeddings()).float()
+        """Hidden states [N, hidden] of the positions that sample -> logits [N, vocab] in the
+        model's dtype (the sampler casts to fp32 only what needs more than an argmax)."""
+        return nn.functional.linear(hidden, self.output_embeddings())
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
