@@ -88,8 +88,9 @@ def all_kernels() -> dict:
     out["reduce_splits"] = compile_kernel(
         attn._reduce_splits_kernel, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=8),
         dict(part_out_ptr="fp32", part_lse_ptr="fp32", out_ptr=bf))
-    for block_m, tile_n, warps, stages in ((16, 32, 4, 5), (128, 64, 8, 5)):
-        out[f"paged_attention {block_m}x{tile_n}"] = compile_tiling(block_m, tile_n, warps, stages)
+    for block_m, tile_n, warps, stages, group in ((16, 32, 4, 5, 4), (16, 64, 4, 5, 2), (128, 64, 8, 5, 4)):
+        out[f"paged_attention {block_m}x{tile_n} group {group}"] = compile_tiling(
+            block_m, tile_n, warps, stages, group=group)
     return out
 
 

@@ -176,6 +176,26 @@ def test_choose_config_splits_small_decode_batches_only() -> None:
 
 
 @in_process
+def test_decode_key_tiles_follow_the_query_group() -> None:
+    """Groups of 2 (qwen3-0.6b) decode with 64-key tiles, groups of 4 (llama3-8b) with 32, as
+    measured on the GPU; prefill takes the same tiles for both; the environment can put one first."""
+    def decode(heads: int, kv_heads: int) -> attn.AttentionConfig:
+        return attn.choose_config(256, 256, heads, kv_heads, 128, 2, attn.H100)
+
+    assert decode(16, 8).tile_n == 64 and decode(32, 8).tile_n == 32
+    assert decode(16, 8).block_m == decode(32, 8).block_m == 16
+    prefill = [attn.choose_config(4096, 1, h, 8, 128, 2, attn.H100) for h in (16, 32)]
+    assert prefill[0] == prefill[1]
+    assert attn._tiling_from_env("PAGODA_TEST_UNSET_TILING") == []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAGODA_TEST_TILING", "16,128,8,3")
+        assert attn._tiling_from_env("PAGODA_TEST_TILING") == [(16, 128, 8, 3)]
+        mp.setenv("PAGODA_TEST_TILING", "16,128")
+        with pytest.raises(ValueError, match="PAGODA_TEST_TILING"):
+            attn._tiling_from_env("PAGODA_TEST_TILING")
+
+
+@in_process
 def test_warm_up_covers_every_config_choose_config_picks() -> None:
     """What `warm_up` compiles ahead is every config a batch of this model can get."""
     rng = random.Random(3)
