@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -32,8 +33,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "pagoda-bench-weights"))
         p.add_argument("--device", default="auto")
         p.add_argument("--peer", choices=["none", "hf", "hf-static", "hf-continuous"], default="none",
-                       help="hf: transformers' static generate and generate_batch (throughput) or "
-                            "generate (latency); hf-static / hf-continuous: only one of the two")
+                       help="hf: transformers' static generate and generate_batch (throughput; serve: "
+                            "offline, on the all-at-once requests) or generate (latency); hf-static / "
+                            "hf-continuous: only one of the two")
         p.add_argument("--output-json")
         p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
         p.add_argument("--seed", type=int, default=0)
@@ -185,7 +187,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:
     from bench.serve import auth_headers, prefix_cache_counters, run_rate
-    from bench.workloads import random_requests
+    from bench.workloads import random_requests, run_hf_continuous, run_hf_static, throughput_limit
 
     rates = [float(x) for x in args.request_rate.split(",")]
     # Fresh prompts for each rate: the server's prefix cache still holds the last rate's, and
@@ -220,10 +222,29 @@ def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: 
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     out: dict[str, Any] = {"pagoda": runs}
+    burst = next((i for i, rate in enumerate(rates) if math.isinf(rate)), None)
     if cost:
         req = req_sets[0][0]
         out["limit_tpot_s_one_stream"] = cost.decode_step_seconds(len(req.prompt_ids) + req.output_len // 2)
         out["limit_ttft_s_one_request"] = cost.prefill_seconds(len(req.prompt_ids))
+        if burst is not None:
+            out["limit_output_tokens_per_s_all_at_once"] = throughput_limit(cost, req_sets[burst])
+            out["ratio_to_limit_all_at_once"] = runs[burst]["output_tokens_per_s"] / out[
+                "limit_output_tokens_per_s_all_at_once"]
+    if args.peer != "none":
+        # transformers has no server on the GPU machines that streams token-id prompts with
+        # ignore_eos, so its engines take the all-at-once rate's requests (else the last rate's)
+        # offline, in this process once the server is gone: a peer without HTTP, the
+        # tokenizers or any arrival process, i.e. its best case for the all-at-once row.
+        reqs = req_sets[burst if burst is not None else -1]
+        for name, fn in (("hf_static", run_hf_static), ("hf_continuous", run_hf_continuous)):
+            if args.peer in ("hf", name.replace("_", "-")):
+                peer = out[name] = fn(model, reqs, device)
+                peer["num_requests"] = len(reqs)
+                peer["requests_per_s"] = len(reqs) / peer.get("serving_s", peer["elapsed_s"])
+                if burst is not None:
+                    out[f"ratio_to_{name}_all_at_once"] = runs[burst]["output_tokens_per_s"] / peer[
+                        "output_tokens_per_s"]
     return out
 
 

@@ -57,7 +57,7 @@ for step in $steps; do
                 echo "   exit $? ($(grep -m1 '^{' "$out/profile-$1-b$2.log"))"
             done ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-400}" \
-            --request-rate "${SERVE_RATES:-1,4,16,inf}" --plot "$out" ;;
+            --request-rate "${SERVE_RATES:-1,4,16,inf}" --plot "$out" --peer "${PEER:-hf}" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done

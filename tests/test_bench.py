@@ -62,9 +62,17 @@ def test_latency_reports_ttft_and_decode_speed_next_to_peer_and_limit(tmp_path):
 def test_serve_measures_latency_percentiles_per_request_rate(tmp_path):
     # The server it starts requires a key (PAGODA_API_KEY); the bench sends $OPENAI_API_KEY.
     res = bench(tmp_path, "serve", "--num-prompts", "6", "--input-len", "24", "--output-len", "8",
-                "--request-rate", "20,inf", "--plot", str(tmp_path / "plots"),
+                "--request-rate", "20,inf", "--plot", str(tmp_path / "plots"), "--peer", "hf-continuous",
                 env={"PAGODA_API_KEY": "bench-key", "OPENAI_API_KEY": "bench-key"})
     assert [r["request_rate"] for r in res["pagoda"]] == [20.0, "inf"]
+    # The peer ran the all-at-once rate's requests offline, every requested token of them.
+    peer = res["hf_continuous"]
+    assert peer["num_requests"] == 6 and peer["output_tokens"] == 48
+    assert abs(peer["requests_per_s"] * peer["serving_s"] - 6) < 1e-6
+    assert res["ratio_to_hf_continuous_all_at_once"] == res["pagoda"][1]["output_tokens_per_s"] / peer[
+        "output_tokens_per_s"]
+    assert "hf_static" not in res
+    assert 0 < res["ratio_to_limit_all_at_once"] < 1
     for r in res["pagoda"]:
         assert r["completed"] == 6 and r["failed"] == 0
         assert r["output_tokens"] == r["requested_output_tokens"] == 48
