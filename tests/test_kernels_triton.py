@@ -196,6 +196,19 @@ def test_decode_key_tiles_follow_the_query_group() -> None:
 
 
 @in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_decode_with_query_groups_of_two_takes_64_key_tiles(dtype: torch.dtype) -> None:
+    """The decode-only batches of a 16/8-head model (qwen3-0.6b) run on 64-key tiles: uneven
+    contexts, some shorter than one tile, some ending inside a cache block."""
+    rng = random.Random(f"group2-{dtype}")
+    seqs = [(rng.randint(1, 200), 1) for _ in range(6)] + [(64, 1), (65, 1)]
+    limits = attn.device_limits(torch.device(DEVICE))
+    config = attn.choose_config(len(seqs), len(seqs), 16, 8, 64, dtype.itemsize, limits)
+    assert config.tile_n == 64
+    assert run_paged_attention(seqs, (16, 8, 64, 16), dtype, seed=rng.randrange(1 << 30)) < TOLERANCE[dtype]
+
+
+@in_process
 def test_warm_up_covers_every_config_choose_config_picks() -> None:
     """What `warm_up` compiles ahead is every config a batch of this model can get."""
     rng = random.Random(3)
@@ -363,6 +376,16 @@ def test_gpu_paged_attention_full_shapes(layout: tuple[int, int, int, int], dtyp
     seqs = random_batch(rng, num_seqs=6, max_ctx=4000, decode_share=0.0)
     seqs += [(rng.randint(1, 4500), 1) for _ in range(40)]
     assert run_paged_attention(seqs, layout, dtype, seed=rng.randrange(1 << 30)) < 1e-2
+
+
+@gpu
+def test_gpu_paged_decode_query_groups_of_two() -> None:
+    """Workload T's decode: qwen3-0.6b's 16/8 heads (64-key tiles), 256 uneven contexts."""
+    rng = random.Random(256)
+    seqs = [(rng.randint(100, 1100), 1) for _ in range(256)]
+    config = attn.choose_config(256, 256, 16, 8, 128, 2, attn.device_limits(torch.device("cuda")))
+    assert config.tile_n == 64 and config.num_splits == 1
+    assert run_paged_attention(seqs, (16, 8, 128, 16), torch.bfloat16, seed=9) < 1e-2
 
 
 @gpu
