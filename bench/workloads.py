@@ -38,7 +38,11 @@ def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict
     from protocol import SchedulerStats
 
     with LLM(model=model, **engine_args) as llm:
-        llm.generate([reqs[0].prompt_ids[:16]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        # Warm up on a prompt as long as the first one (the GEMMs and kernels a step of that size
+        # uses are loaded and chosen before the clock starts, as `vllm bench latency` warms up)
+        # whose tokens are all shifted by one, so that no block of it is a prefix-cache hit later.
+        warm_up = [t + 1 for t in reqs[0].prompt_ids]
+        llm.generate([warm_up], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in reqs]
         before = _settled_stats(llm, SchedulerStats())  # the warm-up's final figures
         start = time.perf_counter()

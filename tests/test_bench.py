@@ -31,6 +31,8 @@ def test_throughput_counts_every_requested_token_with_peer_and_limit(tmp_path):
     for r in res["pagoda"]:
         assert r["output_tokens"] == r["requested_output_tokens"] > 0
         assert r["output_tokens_per_s"] > 0 and r["elapsed_s"] > 0
+        # Random prompts share no block with each other nor with the warm-up request.
+        assert r["prefix_cache_queries"] >= r["prompt_tokens"] and r["prefix_cache_hits"] == 0
     for peer in ("hf_static", "hf_continuous"):
         assert res[peer]["output_tokens"] == res["pagoda"][0]["requested_output_tokens"]
         assert res[peer]["output_tokens_per_s"] > 0
