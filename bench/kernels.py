@@ -301,6 +301,44 @@ def bench_pointwise(copy_bw: float, t: int = 4096) -> dict[str, Any]:
     return result
 
 
+# The decoder's projections at the batch sizes the benchmarks decode at: llama3-8b one stream
+# (workload L) and qwen3-0.6b at 16 and 256 sequences (workload T). (name, in, out).
+GEMM_SHAPES = {
+    "llama3-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096),
+                  ("lm_head", 4096, 128256)],
+    "qwen3-0.6b": [("qkv", 1024, 4096), ("o", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024),
+                   ("lm_head", 1024, 151936)],
+}
+GEMM_BATCHES = {"llama3-8b": (1,), "qwen3-0.6b": (16, 256)}
+
+
+def bench_gemm(copy_bw: float) -> list[dict[str, Any]]:
+    """cuBLAS on the decode projections, replayed in a CUDA graph over enough different weights
+    (>= 256 MB) that none is read from L2, as the model's layers are: `F.linear(x, W)` on the
+    [out, in] weight the model keeps, and `x @ Wt` on an [in, out] copy, as the share of the
+    copy bandwidth the bytes moved reach, to see which layout cuBLAS serves better here."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    return [_gemm_case(model, name, m, k, n, copy_bw, gen)
+            for model, shapes in GEMM_SHAPES.items() for m in GEMM_BATCHES[model] for name, k, n in shapes]
+
+
+def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, gen: torch.Generator) -> dict[str, Any]:
+    copies = min(64, max(2, -(-(256 << 20) // (n * k * 2))))
+    ws = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    nbytes = (n * k + m * k + m * n) * 2
+    row: dict[str, Any] = {"model": model, "name": name, "m": m, "k": k, "n": n, "bytes": nbytes, "copies": copies}
+    t = timed_in_graph([lambda w=w: F.linear(x, w) for w in ws])
+    row.update(linear_seconds=t, linear_fraction_of_copy=nbytes / t / copy_bw)
+    wts = [w.t().contiguous() for w in ws]
+    del ws
+    t = timed_in_graph([lambda wt=wt: x @ wt for wt in wts])
+    row.update(mm_transposed_seconds=t, mm_transposed_fraction_of_copy=nbytes / t / copy_bw)
+    print(f"  gemm {model} {name} m={m}: linear {row['linear_fraction_of_copy']:.3f}, "
+          f"x @ Wt {row['mm_transposed_fraction_of_copy']:.3f} of copy", file=sys.stderr)
+    return row
+
+
 def bench_prefill(sweep: bool) -> dict[str, Any]:
     s = PREFILL
     b, n, h, kvh, d = s["batch"], s["tokens"], s["num_heads"], s["num_kv_heads"], s["head_dim"]
@@ -348,7 +386,7 @@ def bench_prefill(sweep: bool) -> dict[str, Any]:
     return result
 
 
-SECTIONS = ("decode", "t_decode", "prefill", "pointwise")
+SECTIONS = ("decode", "t_decode", "prefill", "pointwise", "gemm")
 
 
 def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -364,6 +402,8 @@ def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
         result["prefill"] = bench_prefill(sweep)
     if "pointwise" in only:
         result["pointwise"] = bench_pointwise(copy_bw)
+    if "gemm" in only:
+        result["gemm"] = bench_gemm(copy_bw)
     return result
 
 
@@ -393,6 +433,10 @@ def summary(r: dict[str, Any]) -> str:
         if row["default"] and "seconds" in row:
             lines.append(f"T decode batch {row['batch']:3d} contexts {row['contexts']:18s} "
                          f"{row['seconds'] * 1e6:7.1f} us  {100 * row['fraction_of_copy']:.1f}% of copy")
+    for row in r.get("gemm", []):
+        lines.append(f"gemm {row['model']:10s} {row['name']:8s} m={row['m']:<3d} F.linear "
+                     f"{row['linear_seconds'] * 1e6:7.1f} us ({100 * row['linear_fraction_of_copy']:.0f}% of copy), "
+                     f"x @ Wt {row['mm_transposed_seconds'] * 1e6:7.1f} us")
     for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn") if pre else ():
         x = pre.get(name, {})
         if "seconds" in x:
