@@ -312,17 +312,23 @@ GEMM_SHAPES = {
 GEMM_BATCHES = {"llama3-8b": (1,), "qwen3-0.6b": (16, 256)}
 
 
-def bench_gemm(copy_bw: float) -> list[dict[str, Any]]:
+SKINNY_SWEEP = [(bn, bk, 4, st) for bn in (16, 32) for bk in (128, 256, 512) for st in (3, 4, 6)]
+
+
+def bench_gemm(copy_bw: float, sweep: bool = False) -> list[dict[str, Any]]:
     """cuBLAS on the decode projections, replayed in a CUDA graph over enough different weights
     (>= 256 MB) that none is read from L2, as the model's layers are: `F.linear(x, W)` on the
     [out, in] weight the model keeps, and `x @ Wt` on an [in, out] copy, as the share of the
     copy bandwidth the bytes moved reach, to see which layout cuBLAS serves better here."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    return [_gemm_case(model, name, m, k, n, copy_bw, gen)
+    return [_gemm_case(model, name, m, k, n, copy_bw, gen, sweep)
             for model, shapes in GEMM_SHAPES.items() for m in GEMM_BATCHES[model] for name, k, n in shapes]
 
 
-def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, gen: torch.Generator) -> dict[str, Any]:
+def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, gen: torch.Generator,
+               sweep: bool) -> dict[str, Any]:
+    from kernels.triton_linear import MAX_ROWS, LinearConfig, default_config, linear_skinny_triton
+
     copies = min(64, max(2, -(-(256 << 20) // (n * k * 2))))
     ws = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -330,12 +336,29 @@ def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, ge
     row: dict[str, Any] = {"model": model, "name": name, "m": m, "k": k, "n": n, "bytes": nbytes, "copies": copies}
     t = timed_in_graph([lambda w=w: F.linear(x, w) for w in ws])
     row.update(linear_seconds=t, linear_fraction_of_copy=nbytes / t / copy_bw)
+    if m <= MAX_ROWS:
+        # Ours (kernels/triton_linear.py) on the same weights, checked against cuBLAS.
+        err = ((linear_skinny_triton(x, ws[0]).float() - F.linear(x, ws[0]).float()).norm()
+               / F.linear(x, ws[0]).float().norm()).item()
+        default = default_config(n, k)
+        swept = [LinearConfig(*spec) for spec in SKINNY_SWEEP] if sweep else []
+        configs = [default] + [c for c in swept if c != default]
+        variants = []
+        for cfg in configs:
+            try:
+                t = timed_in_graph([lambda w=w, cfg=cfg: linear_skinny_triton(x, w, config=cfg) for w in ws])
+                variants.append({"config": cfg.__dict__, "seconds": t, "fraction_of_copy": nbytes / t / copy_bw})
+            except Exception as e:  # a config that does not fit is a result too
+                variants.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        row.update(triton_seconds=variants[0].get("seconds"), triton_fraction_of_copy=variants[0].get(
+            "fraction_of_copy"), triton_rel_err=err, triton_variants=variants)
     wts = [w.t().contiguous() for w in ws]
     del ws
     t = timed_in_graph([lambda wt=wt: x @ wt for wt in wts])
     row.update(mm_transposed_seconds=t, mm_transposed_fraction_of_copy=nbytes / t / copy_bw)
     print(f"  gemm {model} {name} m={m}: linear {row['linear_fraction_of_copy']:.3f}, "
-          f"x @ Wt {row['mm_transposed_fraction_of_copy']:.3f} of copy", file=sys.stderr)
+          f"x @ Wt {row['mm_transposed_fraction_of_copy']:.3f}, triton {row.get('triton_fraction_of_copy')} of copy",
+          file=sys.stderr)
     return row
 
 
@@ -403,7 +426,7 @@ def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
     if "pointwise" in only:
         result["pointwise"] = bench_pointwise(copy_bw)
     if "gemm" in only:
-        result["gemm"] = bench_gemm(copy_bw)
+        result["gemm"] = bench_gemm(copy_bw, sweep)
     return result
 
 
@@ -436,7 +459,8 @@ def summary(r: dict[str, Any]) -> str:
     for row in r.get("gemm", []):
         lines.append(f"gemm {row['model']:10s} {row['name']:8s} m={row['m']:<3d} F.linear "
                      f"{row['linear_seconds'] * 1e6:7.1f} us ({100 * row['linear_fraction_of_copy']:.0f}% of copy), "
-                     f"x @ Wt {row['mm_transposed_seconds'] * 1e6:7.1f} us")
+                     f"x @ Wt {row['mm_transposed_seconds'] * 1e6:7.1f} us"
+                     + (f", triton {row['triton_seconds'] * 1e6:7.1f} us" if row.get("triton_seconds") else ""))
     for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn") if pre else ():
         x = pre.get(name, {})
         if "seconds" in x:

@@ -17,7 +17,7 @@ from torch import nn
 # silu_and_mul(x) and fused_add_rms_norm(x, residual, weight, eps) -> (normed, x + residual):
 # Triton kernels on CUDA, their PyTorch references (kernels/norm.py, rotary.py, activation.py)
 # elsewhere. [kernels issue: the PyTorch bodies that were defined here moved there unchanged]
-from kernels import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: F401 (re-exported)
+from kernels import apply_rotary, fused_add_rms_norm, linear, rms_norm, silu_and_mul  # noqa: F401 (re-exported)
 
 # ---- functions -----------------------------------------------------------------------------
 
@@ -83,7 +83,14 @@ class SiluAndMul(nn.Module):
         return silu_and_mul(x)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear through `kernels.linear` (which may take a Triton kernel for decode-sized inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """One matmul for several projections of the same input (q/k/v, gate/up), stacked by rows.
 
     `output_sizes` are the row counts of the stacked projections, in order; the loader uses

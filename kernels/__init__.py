@@ -17,12 +17,15 @@ import torch
 
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
+from kernels.linear import linear_ref
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.qkv import rope_write_kv_ref
 from kernels.rotary import apply_rotary_ref
 
 _USE_TRITON = os.environ.get("PAGODA_KERNELS", "triton") != "torch"
+# Opt-in until measured against cuBLAS on the GPU (`pagoda bench kernels --only gemm`).
+_SKINNY_LINEAR = os.environ.get("PAGODA_SKINNY_LINEAR", "0") == "1"
 
 
 def _triton(t: torch.Tensor) -> bool:
@@ -134,11 +137,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b), W [out, in]. With PAGODA_SKINNY_LINEAR=1, CUDA inputs of at most 16 rows
+    (decode steps of small batches) take the Triton kernel of kernels/triton_linear.py; all else
+    is `F.linear` (cuBLAS on the GPU)."""
+    if _SKINNY_LINEAR and _triton(x) and x.numel() <= 16 * x.shape[-1] and x.dtype != torch.float32:
+        from kernels.triton_linear import linear_skinny_triton
+
+        return linear_skinny_triton(x, weight, bias)
+    return linear_ref(x, weight, bias)
+
+
 __all__ = [
     "apply_rotary",
     "apply_rotary_ref",
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",
+    "linear",
+    "linear_ref",
     "paged_attention",
     "paged_attention_ref",
     "rms_norm",
@@ -151,3 +167,4 @@ __all__ = [
     "write_kv",
     "write_kv_ref",
 ]
+

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_activation, triton_kv_cache, triton_norm, triton_qkv, triton_rotary  # noqa: E402
+from kernels import triton_activation, triton_kv_cache, triton_linear, triton_norm, triton_qkv, triton_rotary  # noqa: E402
 from kernels import triton_paged_attention as attn  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -88,6 +88,10 @@ def all_kernels() -> dict:
     out["reduce_splits"] = compile_kernel(
         attn._reduce_splits_kernel, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=8),
         dict(part_out_ptr="fp32", part_lse_ptr="fp32", out_ptr=bf))
+    out["skinny_linear"] = compile_kernel(
+        triton_linear._skinny_linear_kernel,
+        dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, DOT_PRECISION="tf32", UPCAST=False),
+        dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf), num_warps=4, num_stages=4, aligned=True)
     for block_m, tile_n, warps, stages, group in ((16, 32, 4, 5, 4), (16, 64, 4, 5, 2), (128, 64, 8, 5, 4)):
         out[f"paged_attention {block_m}x{tile_n} group {group}"] = compile_tiling(
             block_m, tile_n, warps, stages, group=group)

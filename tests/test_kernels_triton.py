@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 from kernels import (  # noqa: E402
     apply_rotary_ref,
     fused_add_rms_norm_ref,
+    linear_ref,
     paged_attention_ref,
     rms_norm_ref,
     rope_write_kv_ref,
@@ -34,6 +35,7 @@ from kernels import (  # noqa: E402
 )
 from kernels import triton_activation as activation  # noqa: E402
 from kernels import triton_kv_cache as kv  # noqa: E402
+from kernels import triton_linear as skinny  # noqa: E402
 from kernels import triton_norm as norm  # noqa: E402
 from kernels import triton_paged_attention as attn  # noqa: E402
 from kernels import triton_qkv as qkv_kernels  # noqa: E402
@@ -209,6 +211,33 @@ def test_paged_decode_with_query_groups_of_two_takes_64_key_tiles(dtype: torch.d
 
 
 @in_process
+@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 100, False), (3, 64, 256, True), (16, 33, 70, True),
+                                                   (7, 16, 512, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_skinny_linear_matches_f_linear(m: int, n: int, k: int, bias: bool, dtype: torch.dtype) -> None:
+    """Rows 1..16, output and input sizes that are not multiples of the tiles, with and without bias."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    ref = linear_ref(x.float(), w.float(), None if b is None else b.float())
+    out = skinny.linear_skinny_triton(x, w, b, config=skinny.LinearConfig(16, 64, 4, 2))
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+
+
+@in_process
+def test_skinny_linear_keeps_leading_dims_and_refuses_many_rows() -> None:
+    x = torch.randn(2, 3, 32).to(DEVICE)
+    w = torch.randn(24, 32).to(DEVICE)
+    out = skinny.linear_skinny_triton(x, w)
+    assert out.shape == (2, 3, 24)
+    assert rel_err(out, linear_ref(x, w)) < 1e-5
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        skinny.linear_skinny_triton(torch.randn(17, 32).to(DEVICE), w)
+
+
+@in_process
 def test_warm_up_covers_every_config_choose_config_picks() -> None:
     """What `warm_up` compiles ahead is every config a batch of this model can get."""
     rng = random.Random(3)
@@ -376,6 +405,18 @@ def test_gpu_paged_attention_full_shapes(layout: tuple[int, int, int, int], dtyp
     seqs = random_batch(rng, num_seqs=6, max_ctx=4000, decode_share=0.0)
     seqs += [(rng.randint(1, 4500), 1) for _ in range(40)]
     assert run_paged_attention(seqs, layout, dtype, seed=rng.randrange(1 << 30)) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 4096, 6144), (1, 14336, 4096), (1, 4096, 128256), (16, 1024, 4096),
+                                           (16, 3072, 1024), (5, 2048, 1024)])
+def test_gpu_skinny_linear_full_shapes(m: int, k: int, n: int) -> None:
+    """The decode projections of llama3-8b (one stream) and qwen3-0.6b (16 sequences), bf16."""
+    gen = torch.Generator(device="cuda").manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+    ref = linear_ref(x.float(), w.float())
+    assert rel_err(skinny.linear_skinny_triton(x, w), ref) < 1e-2
 
 
 @gpu

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import MergedLinear
+from gpu_worker.layers import MergedLinear, linear
 
 
 class ModelConfig(Protocol):
@@ -57,7 +57,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] of the positions that sample -> logits [N, vocab] in the
         model's dtype (the sampler casts to fp32 only what needs more than an argmax)."""
-        return nn.functional.linear(hidden, self.output_embeddings())
+        return linear(hidden, self.output_embeddings())
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from gpu_worker.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
 from gpu_worker.models.base import CausalLM
 from kernels import rope_write_kv
 
@@ -100,7 +100,7 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         # Qwen3: RMSNorm over each head's q and k, before rope.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -128,7 +128,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -185,7 +185,7 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(config)
         # Tied: the output projection is the embedding matrix itself, so no second parameter.
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
