@@ -363,3 +363,26 @@ def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, 
     mixed = make_runner(str(folder), device="cuda", cuda_graph_mixed_tokens=64)
     assert sorted(mixed.mixed_graphs) == [16, 32, 64]
     assert runner_greedy(mixed, prompts) == tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_skinny_linear_in_the_model_on_gpu(family, tiny, tokenizer, monkeypatch) -> None:
+    """PAGODA_SKINNY_LINEAR: a step of at most 16 rows (here 4 prompts of 3 tokens) runs every
+    projection and the lm_head through the Triton kernel; its bf16 logits equal cuBLAS's within
+    bf16 rounding."""
+    import kernels
+
+    folder, _ = tiny(family)
+    prompts = random_prompts(len(tokenizer), lengths=(3, 3, 3, 3))
+    runner = make_runner(str(folder), device="cuda", dtype="bfloat16", enforce_eager=True)
+    cublas = runner_last_logits(runner, prompts)
+    calls = []
+    monkeypatch.setattr(kernels, "_SKINNY_LINEAR", True)
+    from kernels import triton_linear
+
+    real = triton_linear.linear_skinny_triton
+    monkeypatch.setattr(triton_linear, "linear_skinny_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ours = runner_last_logits(runner, prompts)
+    assert len(calls) >= 4 * runner.model.config.num_hidden_layers  # qkv, o, gate_up, down of every layer
+    assert relative_error(ours, cublas) < 2e-2
