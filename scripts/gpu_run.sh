@@ -4,10 +4,12 @@
 # along in .whl/ (copied from the steering repo's device-wheels), runs the tests marked `gpu`,
 # then the benchmarks, and writes JSON and logs to OUTDIR.
 #
-#   scripts/gpu_run.sh OUTDIR [tests|kernels|latency|throughput|prefix|serve|profile ...]
+#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|profile ...]
 #
-# With no step named, every step but profile runs (the runner alone, torch profiler tables of
-# decode and of a warm prefill step: scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
+# With no step named, every step but gemm and profile runs. gemm: cuBLAS and our skinny linear
+# on the decode projections, and decode attention at T's shapes, swept (bench/kernels.py).
+# profile: the runner alone, torch profiler tables of decode and of a warm prefill step
+# (scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
 # SERVE_PROMPTS / SERVE_RATES narrow workload S (BENCH.md: 400 requests at 1,4,16,inf req/s).
 # PAGODA_GIT_COMMIT names the commit in the JSON where the tree was copied without its history.
 set -uo pipefail
@@ -44,6 +46,10 @@ for step in $steps; do
             wait
             tail -n 12 "$out/pytest_gpu_kernels.log" "$out/pytest_gpu.log" ;;
         kernels) bench kernels kernels ;;
+        gemm) echo "== bench kernels --sweep --only gemm,t_decode"  # cuBLAS and ours at the decode projections
+            timeout "${BENCH_TIMEOUT:-900}" python3 -m bench.kernels --sweep --only gemm,t_decode \
+                --out "$out/gemm.json" > /dev/null 2> "$out/gemm.log"
+            echo "   exit $? ($(grep -c 'gemm ' "$out/gemm.log") gemm rows)" ;;
         latency) bench latency latency --random-weights llama3-8b --peer "${PEER:-hf}" ;;
         throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" \
             --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192}" ;;
