@@ -27,7 +27,9 @@ class LinearConfig:
     num_stages: int
 
 
-@triton.jit
+# M (1..16 rows) is not specialized: one compiled variant serves every batch size, so the eager
+# lm_head of a step whose batch differs from the captured graph sizes never compiles mid-serving.
+@triton.jit(do_not_specialize=["M"])
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
