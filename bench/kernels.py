@@ -338,8 +338,8 @@ def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, ge
     row.update(linear_seconds=t, linear_fraction_of_copy=nbytes / t / copy_bw)
     if m <= MAX_ROWS:
         # Ours (kernels/triton_linear.py) on the same weights, checked against cuBLAS.
-        err = ((linear_skinny_triton(x, ws[0]).float() - F.linear(x, ws[0]).float()).norm()
-               / F.linear(x, ws[0]).float().norm()).item()
+        ref = F.linear(x, ws[0]).float()
+        err = ((linear_skinny_triton(x, ws[0]).float() - ref).norm() / ref.norm()).item()
         default = default_config(n, k)
         swept = [LinearConfig(*spec) for spec in SKINNY_SWEEP] if sweep else []
         configs = [default] + [c for c in swept if c != default]

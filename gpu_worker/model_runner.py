@@ -518,16 +518,17 @@ class ModelRunner:
             else:  # empty sequences: the kernel skips them
                 qsl[num_seqs + 1 :] = num_tokens
 
-        def to_device(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
+        def stage(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
+            """The first n values of a pinned staging buffer into its persistent device buffer."""
             return device[:n].copy_(host[:n], non_blocking=True)
 
-        input_ids = to_device(st.input_ids, self.input_ids_gpu, padded_tokens)
-        positions_d = to_device(st.positions, self.positions_gpu, padded_tokens)
-        slots_d = to_device(st.slots, self.slots_gpu, padded_tokens)
-        seq_lens_d = to_device(st.seq_lens, self.seq_lens_gpu, padded)
-        qsl_d = to_device(st.qsl, self.qsl_gpu, padded + 1)
-        logits_idx = to_device(st.logits_idx, self.logits_idx_gpu, len(sampling))
-        packed = to_device(st.tables, self.tables_packed_gpu, num_seqs * max_blocks)
+        input_ids = stage(st.input_ids, self.input_ids_gpu, padded_tokens)
+        positions_d = stage(st.positions, self.positions_gpu, padded_tokens)
+        slots_d = stage(st.slots, self.slots_gpu, padded_tokens)
+        seq_lens_d = stage(st.seq_lens, self.seq_lens_gpu, padded)
+        qsl_d = stage(st.qsl, self.qsl_gpu, padded + 1)
+        logits_idx = stage(st.logits_idx, self.logits_idx_gpu, len(sampling))
+        packed = stage(st.tables, self.tables_packed_gpu, num_seqs * max_blocks)
         if prev is not None:
             self._patch_pending_tokens(input_ids, token_rows, positions, prev)
         if graph_size is not None or mixed_size is not None:

@@ -149,8 +149,8 @@ def _apply_penalties(
     output_mask = output_counts > 0
     row_index = to_device(rows, device)
     penalized = logits[row_index]
-    repetition = to_device([p.repetition_penalty for p in sub], device)
     if any(p.repetition_penalty != 1.0 for p in sub):
+        repetition = to_device([p.repetition_penalty for p in sub], device)
         prompts = [token_ids[i][: num_prompt_tokens[i]] for i in rows]
         seen = (_bincount_rows(prompts, vocab_size, device) > 0) | output_mask
         factor = torch.where(seen, repetition[:, None], 1.0)

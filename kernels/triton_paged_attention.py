@@ -266,9 +266,7 @@ def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
 # Groups of 4 (32/8, workload K) keep 32-key tiles: 64 gave 2.60 against 2.86 TB/s there (H100).
 # Whether the group or the contexts (600 against 4096) makes the difference is not separated.
 _DECODE_TILINGS_GROUP_2 = [(16, 64, 4, 5)] + _DECODE_TILINGS
-_env_decode_tiling = _tiling_from_env("PAGODA_ATTN_DECODE_TILING")
-_DECODE_TILINGS = _env_decode_tiling + _DECODE_TILINGS
-_DECODE_TILINGS_GROUP_2 = _env_decode_tiling + _DECODE_TILINGS_GROUP_2
+_ENV_DECODE_TILING = _tiling_from_env("PAGODA_ATTN_DECODE_TILING")
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
 
 
@@ -281,7 +279,10 @@ def _shared_bytes(block_m: int, tile_n: int, num_stages: int, head_dim: int, ele
 def _tiling(decode: bool, group: int, head_dim: int, elem_size: int, limits: DeviceLimits) -> tuple[int, ...]:
     """(rows, key tile, warps, stages): the first tiling of the list that fits the device."""
     d = max(16, triton.next_power_of_2(head_dim))
-    listed = _PREFILL_TILINGS if not decode else _DECODE_TILINGS_GROUP_2 if group == 2 else _DECODE_TILINGS
+    if decode:
+        listed = _ENV_DECODE_TILING + (_DECODE_TILINGS_GROUP_2 if group == 2 else _DECODE_TILINGS)
+    else:
+        listed = _PREFILL_TILINGS
     tilings = [(max(m, triton.next_power_of_2(group)), *rest) for m, *rest in listed]
     fits = [t for t in tilings if _shared_bytes(t[0], t[1], t[3], d, elem_size) <= limits.shared_mem]
     return (fits or tilings[-1:])[0]
