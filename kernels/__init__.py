@@ -24,8 +24,14 @@ from kernels.qkv import rope_write_kv_ref
 from kernels.rotary import apply_rotary_ref
 
 _USE_TRITON = os.environ.get("PAGODA_KERNELS", "triton") != "torch"
-# Opt-in until measured against cuBLAS on the GPU (`pagoda bench kernels --only gemm`).
-_SKINNY_LINEAR = os.environ.get("PAGODA_SKINNY_LINEAR", "0") == "1"
+# Which projections of at most 16 rows (decode steps of small batches) take the Triton kernel of
+# kernels/triton_linear.py instead of cuBLAS: "auto" those with at most 4,096 outputs (where it
+# beat cuBLAS in `pagoda bench kernels --sweep --only gemm`; docs/BENCHMARKS.md), "1" all of
+# them, "0" none.
+_SKINNY_LINEAR = os.environ.get("PAGODA_SKINNY_LINEAR", "auto")
+if _SKINNY_LINEAR not in ("auto", "0", "1"):
+    raise ValueError(f"PAGODA_SKINNY_LINEAR must be auto, 0 or 1, not {_SKINNY_LINEAR!r}")
+SKINNY_AUTO_MAX_OUT = 4096
 
 
 def _triton(t: torch.Tensor) -> bool:
@@ -137,15 +143,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x W^T takes kernels/triton_linear.py (see _SKINNY_LINEAR): CUDA, 16-bit, <= 16 rows."""
+    if _SKINNY_LINEAR == "0" or not _triton(x) or x.dtype == torch.float32 or x.numel() > 16 * x.shape[-1]:
+        return False
+    return _SKINNY_LINEAR == "1" or weight.shape[0] <= SKINNY_AUTO_MAX_OUT
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b), W [out, in]. With PAGODA_SKINNY_LINEAR=1, CUDA inputs of at most 16 rows
-    (decode steps of small batches) take the Triton kernel of kernels/triton_linear.py; all else
-    is `F.linear` (cuBLAS on the GPU)."""
-    if _SKINNY_LINEAR and _triton(x) and x.numel() <= 16 * x.shape[-1] and x.dtype != torch.float32:
+    """x W^T (+ b), W [out, in]: the Triton kernel for decode-sized inputs where it is the faster
+    (`_skinny`), else `F.linear` (cuBLAS on the GPU)."""
+    if _skinny(x, weight):
         from kernels.triton_linear import linear_skinny_triton
 
         return linear_skinny_triton(x, weight, bias)
     return linear_ref(x, weight, bias)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu_and_mul(x), W, b) for x = [gate, up]: an MLP's activation and down projection,
+    one kernel where the skinny linear applies, else the two."""
+    if _skinny(x, weight):
+        from kernels.triton_linear import linear_skinny_triton
+
+        return linear_skinny_triton(x, weight, bias, silu_mul=True)
+    return linear(silu_and_mul(x), weight, bias)
 
 
 __all__ = [
@@ -162,6 +184,7 @@ __all__ = [
     "rope_write_kv",
     "rope_write_kv_ref",
     "silu_and_mul",
+    "silu_and_mul_linear",
     "silu_and_mul_ref",
     "warm_up_paged_attention",
     "write_kv",
