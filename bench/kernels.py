@@ -352,25 +352,12 @@ def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, ge
                 variants.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         row.update(triton_seconds=variants[0].get("seconds"), triton_fraction_of_copy=variants[0].get(
             "fraction_of_copy"), triton_rel_err=err, triton_variants=variants)
-        if name == "down":
-            # The MLP's activation and down projection: silu_and_mul's kernel then cuBLAS, against
-            # ours with the activation fused (one launch, no intermediate tensor).
-            from kernels.triton_activation import silu_and_mul_triton
-
-            gate_up = torch.randn(m, 2 * k, generator=gen, device="cuda", dtype=torch.bfloat16)
-            moved = (n * k + 2 * m * k + m * n) * 2
-            t_two = timed_in_graph([lambda w=w: F.linear(silu_and_mul_triton(gate_up), w) for w in ws])
-            t_fused = timed_in_graph([lambda w=w: linear_skinny_triton(gate_up, w, silu_mul=True) for w in ws])
-            row.update(silu_then_linear_seconds=t_two, silu_then_linear_fraction_of_copy=moved / t_two / copy_bw,
-                       triton_silu_mul_seconds=t_fused, triton_silu_mul_fraction_of_copy=moved / t_fused / copy_bw)
     wts = [w.t().contiguous() for w in ws]
     del ws
     t = timed_in_graph([lambda wt=wt: x @ wt for wt in wts])
     row.update(mm_transposed_seconds=t, mm_transposed_fraction_of_copy=nbytes / t / copy_bw)
     print(f"  gemm {model} {name} m={m}: linear {row['linear_fraction_of_copy']:.3f}, "
-          f"x @ Wt {row['mm_transposed_fraction_of_copy']:.3f}, triton {row.get('triton_fraction_of_copy')} of copy"
-          + (f"; silu_and_mul + linear {row['silu_then_linear_seconds'] * 1e6:.1f} us, fused "
-             f"{row['triton_silu_mul_seconds'] * 1e6:.1f} us" if "triton_silu_mul_seconds" in row else ""),
+          f"x @ Wt {row['mm_transposed_fraction_of_copy']:.3f}, triton {row.get('triton_fraction_of_copy')} of copy",
           file=sys.stderr)
     return row
 

@@ -17,14 +17,7 @@ from torch import nn
 # silu_and_mul(x) and fused_add_rms_norm(x, residual, weight, eps) -> (normed, x + residual):
 # Triton kernels on CUDA, their PyTorch references (kernels/norm.py, rotary.py, activation.py)
 # elsewhere. [kernels issue: the PyTorch bodies that were defined here moved there unchanged]
-from kernels import (  # noqa: F401 (re-exported)
-    apply_rotary,
-    fused_add_rms_norm,
-    linear,
-    rms_norm,
-    silu_and_mul,
-    silu_and_mul_linear,
-)
+from kernels import apply_rotary, fused_add_rms_norm, linear, rms_norm, silu_and_mul  # noqa: F401 (re-exported)
 
 # ---- functions -----------------------------------------------------------------------------
 
@@ -95,10 +88,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-    def silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """self(silu_and_mul(x)) for x = [gate, up], fused where `kernels.silu_and_mul_linear` can."""
-        return silu_and_mul_linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

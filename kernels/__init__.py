@@ -160,16 +160,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return linear_ref(x, weight, bias)
 
 
-def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(silu_and_mul(x), W, b) for x = [gate, up]: an MLP's activation and down projection,
-    one kernel where the skinny linear applies, else the two."""
-    if _skinny(x, weight):
-        from kernels.triton_linear import linear_skinny_triton
-
-        return linear_skinny_triton(x, weight, bias, silu_mul=True)
-    return linear(silu_and_mul(x), weight, bias)
-
-
 __all__ = [
     "apply_rotary",
     "apply_rotary_ref",
@@ -184,7 +174,6 @@ __all__ = [
     "rope_write_kv",
     "rope_write_kv_ref",
     "silu_and_mul",
-    "silu_and_mul_linear",
     "silu_and_mul_ref",
     "warm_up_paged_attention",
     "write_kv",

@@ -6,10 +6,6 @@ L2) on the tensor cores (rows padded to 16, masked rows never loaded) and writes
 BLOCK_N outputs. No split of `in`: the widest projections of the benchmark models (4,096 ->
 28,672, 14,336 -> 4,096) give 128 or more programs, enough to keep every SM streaming without
 the extra reduction launch cuBLAS's split-K kernels add.
-
-With `silu_mul`, x is the gate/up projection's output [gate | up] and the kernel computes the
-down projection of silu(gate) * up, the activation applied as x is loaded (rounded as
-`silu_and_mul` rounds it): one launch and no intermediate tensor in place of two kernels.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ class LinearConfig:
 @triton.jit(do_not_specialize=["M"])
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
@@ -51,16 +47,7 @@ def _skinny_linear_kernel(
         # Without a mask along k (EVEN_K) Triton pipelines the loop (cp.async into shared memory,
         # num_stages deep); with one it does not, and each tile's load latency shows.
         k_ok = k < K if not EVEN_K else tl.full([BLOCK_K], 1, tl.int1)
-        x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
-        if SILU_MUL:  # x = [gate | up]: silu(gate) * up, each step rounded as silu_and_mul's
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + rows[:, None] * stride_xm + K + k[None, :], mask=x_ok, other=0.0).to(tl.float32)
-            act = gate / (1.0 + tl.exp(-gate))
-            if UPCAST:  # the interpreter truncates fp32 -> bf16: the product stays fp32 for its dot
-                x = act * up
-            else:
-                x = (act.to(x.dtype).to(tl.float32) * up).to(x.dtype)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # Triton's CPU interpreter multiplies bf16 into garbage: widen the rounded operands
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -77,7 +64,7 @@ def _skinny_linear_kernel(
 SHARED_MEMORY_BUDGET = 200 * 1024
 
 
-def default_config(n: int, k: int, silu_mul: bool = False) -> LinearConfig:
+def default_config(n: int, k: int) -> LinearConfig:
     """The tiling for `out` = n, `in` = k, from the sweep of `bench kernels --sweep --only gemm`
     on an H200 (docs/BENCHMARKS.md): 32 outputs per program once there are 4,096 of them
     (128+ programs), else 16; 512-wide key tiles where few outputs meet a long `in` (each
@@ -88,23 +75,17 @@ def default_config(n: int, k: int, silu_mul: bool = False) -> LinearConfig:
         block_k = 512
     else:
         block_k = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), 64)
-    per_stage = ((2 if silu_mul else 1) * MAX_ROWS + block_n) * block_k * 2
+    per_stage = (MAX_ROWS + block_n) * block_k * 2
     num_stages = max(2, min(4, 1 + SHARED_MEMORY_BUDGET // per_stage))
     return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=num_stages)
 
 
 def linear_skinny_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: LinearConfig | None = None,
-    silu_mul: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: LinearConfig | None = None
 ) -> torch.Tensor:
-    """`linear_ref` for x [..., in] of at most MAX_ROWS rows in all; with `silu_mul`,
-    `linear_ref(silu_and_mul_ref(x), ...)` for x [..., 2 * in] = [gate | up]."""
+    """`linear_ref` for x [..., in] of at most MAX_ROWS rows in all."""
     n, k = weight.shape
-    width = 2 * k if silu_mul else k
-    if x.shape[-1] != width:
-        halves = " (gate and up: twice its in-features)" if silu_mul else ""
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {width}{halves}")
-    x2 = x.reshape(-1, width)
+    x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"linear_skinny_triton takes at most {MAX_ROWS} rows, got {m}")
@@ -116,10 +97,10 @@ def linear_skinny_triton(
     if m == 0:
         return out
     out2 = out.view(m, n)
-    cfg = config or default_config(n, k, silu_mul)
+    cfg = config or default_config(n, k)
     _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, weight, bias if bias is not None else weight, out2, m, n, k, x2.stride(0), weight.stride(0),
-        out2.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n,
+        out2.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16,

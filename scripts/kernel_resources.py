@@ -88,16 +88,13 @@ def all_kernels() -> dict:
     out["reduce_splits"] = compile_kernel(
         attn._reduce_splits_kernel, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=8),
         dict(part_out_ptr="fp32", part_lse_ptr="fp32", out_ptr=bf))
-    # The default tilings of llama3-8b's o projection and of its down projection with the
-    # activation fused (kernels/triton_linear.py, default_config).
-    for name, n, k, silu_mul in (("skinny_linear", 4096, 4096, False), ("skinny_linear silu_mul", 4096, 14336, True)):
-        cfg = triton_linear.default_config(n, k, silu_mul)
-        out[name] = compile_kernel(
-            triton_linear._skinny_linear_kernel,
-            dict(HAS_BIAS=False, SILU_MUL=silu_mul, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
-                 DOT_PRECISION="tf32", UPCAST=False),
-            dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            aligned=True)
+    cfg = triton_linear.default_config(4096, 4096)  # llama3-8b's o projection: the largest tiles
+    out["skinny_linear"] = compile_kernel(
+        triton_linear._skinny_linear_kernel,
+        dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
+             DOT_PRECISION="tf32", UPCAST=False),
+        dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        aligned=True)
     for block_m, tile_n, warps, stages, group in ((16, 32, 4, 5, 4), (16, 64, 4, 5, 2), (128, 64, 8, 5, 4)):
         out[f"paged_attention {block_m}x{tile_n} group {group}"] = compile_tiling(
             block_m, tile_n, warps, stages, group=group)

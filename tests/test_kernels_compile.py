@@ -21,8 +21,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ["rope_write_kv norm=True", "rope_write_kv norm=False", "rms_norm add=True", "rms_norm add=False",
-           "rotary", "write_kv", "silu_and_mul", "reduce_splits", "skinny_linear", "skinny_linear silu_mul",
-           "paged_attention 16x32 group 4",
+           "rotary", "write_kv", "silu_and_mul", "reduce_splits", "skinny_linear", "paged_attention 16x32 group 4",
            "paged_attention 16x64 group 2", "paged_attention 128x64 group 4"]
 
 

@@ -226,45 +226,20 @@ def test_skinny_linear_matches_f_linear(m: int, n: int, k: int, bias: bool, dtyp
     assert rel_err(out, ref) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
 
 
-@in_process
-@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 100, False), (4, 24, 64, True), (16, 33, 70, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_skinny_linear_fused_silu_and_mul_matches_the_two_steps(m: int, n: int, k: int, bias: bool,
-                                                                 dtype: torch.dtype) -> None:
-    """silu_mul=True: the down projection of silu(gate) * up from x = [gate | up], against
-    silu_and_mul_ref then linear_ref; in bf16 the activation is rounded to bf16 first, as the
-    two-kernel path rounds it, so both see the same operands."""
-    gen = torch.Generator().manual_seed(m * 100 + n + k)
-    gate_up = (2 * torch.randn(m, 2 * k, generator=gen)).to(DEVICE, dtype)
-    w = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(DEVICE, dtype)
-    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
-    act = silu_and_mul_ref(gate_up)  # in dtype: the rounding the unfused path has
-    ref = linear_ref(act.float(), w.float(), None if b is None else b.float())
-    out = skinny.linear_skinny_triton(gate_up, w, b, config=skinny.LinearConfig(16, 64, 4, 2), silu_mul=True)
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert rel_err(out, ref) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    # Not the linear of the un-activated halves: the activation really was applied.
-    assert rel_err(out, linear_ref(gate_up[:, :k].float(), w.float(), None if b is None else b.float())) > 0.1
-    with pytest.raises(ValueError, match="gate and up"):
-        skinny.linear_skinny_triton(gate_up[:, :k], w, silu_mul=True)
-
-
-@pytest.mark.parametrize(("n", "k", "silu_mul", "tiles"), [
-    (4096, 4096, False, (32, 512, 4)),    # llama3-8b o
-    (4096, 14336, True, (32, 512, 4)),    # llama3-8b down: gate and up tiles, 3 x 64 KB buffered
-    (1024, 3072, True, (16, 512, 4)),     # qwen3-0.6b down
-    (4096, 1024, False, (32, 256, 4)),    # qwen3-0.6b qkv: `in` too short for 512
-    (6144, 4096, False, (32, 256, 4)),    # llama3-8b qkv: many outputs
-    (40, 100, True, (16, 64, 4)),         # nothing divides 100: masked 64-wide tiles
+@pytest.mark.parametrize(("n", "k", "tiles"), [
+    (4096, 4096, (32, 512, 4)),     # llama3-8b o
+    (4096, 14336, (32, 512, 4)),    # llama3-8b down
+    (1024, 3072, (16, 512, 4)),     # qwen3-0.6b down
+    (4096, 1024, (32, 256, 4)),     # qwen3-0.6b qkv: `in` too short for 512
+    (6144, 4096, (32, 256, 4)),     # llama3-8b qkv: many outputs
+    (40, 100, (16, 64, 4)),         # nothing divides 100: masked 64-wide tiles
 ])
-def test_skinny_linear_default_tiling(n: int, k: int, silu_mul: bool, tiles: tuple[int, int, int]) -> None:
+def test_skinny_linear_default_tiling(n: int, k: int, tiles: tuple[int, int, int]) -> None:
     """The sweep's winners (512-wide key tiles where few outputs meet a long `in`), inside the
-    shared memory the pipeliner fills: (stages - 1) buffers of x's tile (twice with the fused
-    activation) and the weight's."""
-    cfg = skinny.default_config(n, k, silu_mul)
+    shared memory the pipeliner fills: (stages - 1) buffers of x's tile and the weight's."""
+    cfg = skinny.default_config(n, k)
     assert (cfg.block_n, cfg.block_k, cfg.num_stages) == tiles
-    per_stage = ((2 if silu_mul else 1) * skinny.MAX_ROWS + cfg.block_n) * cfg.block_k * 2
-    assert (cfg.num_stages - 1) * per_stage <= skinny.SHARED_MEMORY_BUDGET
+    assert (cfg.num_stages - 1) * (skinny.MAX_ROWS + cfg.block_n) * cfg.block_k * 2 <= skinny.SHARED_MEMORY_BUDGET
 
 
 @in_process
@@ -458,18 +433,6 @@ def test_gpu_skinny_linear_full_shapes(m: int, k: int, n: int) -> None:
     w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
     ref = linear_ref(x.float(), w.float())
     assert rel_err(skinny.linear_skinny_triton(x, w), ref) < 1e-2
-
-
-@gpu
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 14336, 4096), (16, 3072, 1024), (3, 3072, 1024)])
-def test_gpu_skinny_linear_fused_silu_and_mul_full_shapes(m: int, k: int, n: int) -> None:
-    """The down projections of llama3-8b (one stream) and qwen3-0.6b with the activation fused,
-    bf16, in the default tiling (512-wide key tiles, the gate and up tiles pipelined)."""
-    gen = torch.Generator(device="cuda").manual_seed(m + k + n)
-    gate_up = 2 * torch.randn(m, 2 * k, generator=gen, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
-    ref = linear_ref(silu_and_mul_ref(gate_up).float(), w.float())
-    assert rel_err(skinny.linear_skinny_triton(gate_up, w, silu_mul=True), ref) < 1e-2
 
 
 @gpu

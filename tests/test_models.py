@@ -371,8 +371,8 @@ def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, 
 def test_skinny_linear_in_the_model_on_gpu(family, mode, tiny, tokenizer, monkeypatch) -> None:
     """PAGODA_SKINNY_LINEAR: a step of at most 16 rows (here 4 prompts of 3 tokens) runs the
     projections through the Triton kernel ("1": every one and the lm_head; "auto": those with at
-    most 4,096 outputs, i.e. all of the tiny model's) with each MLP's activation fused into its
-    down projection; its bf16 logits equal cuBLAS's ("0") within bf16 rounding."""
+    most 4,096 outputs, i.e. all of the tiny model's); its bf16 logits equal cuBLAS's ("0")
+    within bf16 rounding."""
     import kernels
 
     folder, _ = tiny(family)
@@ -385,10 +385,7 @@ def test_skinny_linear_in_the_model_on_gpu(family, mode, tiny, tokenizer, monkey
     from kernels import triton_linear
 
     real = triton_linear.linear_skinny_triton
-    monkeypatch.setattr(triton_linear, "linear_skinny_triton",
-                        lambda *a, **kw: calls.append(kw.get("silu_mul", False)) or real(*a, **kw))
+    monkeypatch.setattr(triton_linear, "linear_skinny_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ours = runner_last_logits(runner, prompts)
-    layers = runner.model.config.num_hidden_layers
-    assert len(calls) >= 4 * layers  # qkv, o, gate_up, down (with the activation) of every layer
-    assert sum(calls) == layers
+    assert len(calls) >= 4 * runner.model.config.num_hidden_layers  # qkv, o, gate_up, down of every layer
     assert relative_error(ours, cublas) < 2e-2

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from gpu_worker.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
 from gpu_worker.models.base import CausalLM
 from kernels import rope_write_kv
 
@@ -131,7 +131,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.silu_and_mul_forward(self.gate_up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
