@@ -179,4 +179,3 @@ __all__ = [
     "write_kv",
     "write_kv_ref",
 ]
-

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_paged_attention import H100, device_limits
+
 MAX_ROWS = 16
 
 
@@ -59,24 +61,26 @@ def _skinny_linear_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Shared memory Triton's pipeliner may fill: (num_stages - 1) buffers of each loaded tile. Hopper
-# lets a block opt in to 227 KB; what layout conversions need comes on top.
-SHARED_MEMORY_BUDGET = 200 * 1024
+# Shared memory Triton's pipeliner may fill: (num_stages - 1) buffers of each loaded tile, with
+# what layout conversions need kept free on top of them (Hopper: 200 of the 227 KB a block may
+# opt in to; less on GPUs with less).
+_SHARED_MEMORY_HEADROOM = 27 * 1024
+SHARED_MEMORY_BUDGET = H100.shared_mem - _SHARED_MEMORY_HEADROOM
 
 
-def default_config(n: int, k: int) -> LinearConfig:
+def default_config(n: int, k: int, shared_mem: int = H100.shared_mem) -> LinearConfig:
     """The tiling for `out` = n, `in` = k, from the sweep of `bench kernels --sweep --only gemm`
     on an H200 (docs/BENCHMARKS.md): 32 outputs per program once there are 4,096 of them
     (128+ programs), else 16; 512-wide key tiles where few outputs meet a long `in` (each
     program streams long rows), else the widest key tile up to 256 that divides `in` (none: 64,
-    masked); four stages, fewer where the tiles would not fit in shared memory."""
+    masked); four stages, fewer where the tiles would not fit in the device's `shared_mem`."""
     block_n = 32 if n >= 4096 else 16
     if n <= 4096 and k >= 2048 and k % 512 == 0:
         block_k = 512
     else:
         block_k = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), 64)
     per_stage = (MAX_ROWS + block_n) * block_k * 2
-    num_stages = max(2, min(4, 1 + SHARED_MEMORY_BUDGET // per_stage))
+    num_stages = max(2, min(4, 1 + (shared_mem - _SHARED_MEMORY_HEADROOM) // per_stage))
     return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=num_stages)
 
 
@@ -97,7 +101,7 @@ def linear_skinny_triton(
     if m == 0:
         return out
     out2 = out.view(m, n)
-    cfg = config or default_config(n, k)
+    cfg = config or default_config(n, k, device_limits(x.device).shared_mem)
     _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, weight, bias if bias is not None else weight, out2, m, n, k, x2.stride(0), weight.stride(0),
         out2.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n,

@@ -91,7 +91,7 @@ def all_kernels() -> dict:
     cfg = triton_linear.default_config(4096, 4096)  # llama3-8b's o projection: the largest tiles
     out["skinny_linear"] = compile_kernel(
         triton_linear._skinny_linear_kernel,
-        dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
+        dict(HAS_BIAS=False, BLOCK_M=triton_linear.MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
              DOT_PRECISION="tf32", UPCAST=False),
         dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         aligned=True)
