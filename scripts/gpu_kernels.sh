@@ -19,7 +19,7 @@ tail -n 1 "$out/env.txt"
 
 start=$SECONDS
 timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
-    tests/test_kernels_triton.py 2>&1 | tee "$out/pytest.log" | tail -n 15
+    tests/kernels/test_triton.py 2>&1 | tee "$out/pytest.log" | tail -n 15
 tests=${PIPESTATUS[0]}
 echo "tests: exit $tests in $((SECONDS - start)) s"
 

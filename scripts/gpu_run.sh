@@ -40,9 +40,9 @@ for step in $steps; do
     case $step in
         tests) # two processes: the kernel tests beside the model tests (mostly Triton compiling)
             timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
-                tests/test_kernels_triton.py > "$out/pytest_gpu_kernels.log" 2>&1 &
+                tests/kernels/test_triton.py > "$out/pytest_gpu_kernels.log" 2>&1 &
             timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-                --ignore tests/test_kernels_triton.py > "$out/pytest_gpu.log" 2>&1
+                --ignore tests/kernels/test_triton.py > "$out/pytest_gpu.log" 2>&1
             wait
             tail -n 12 "$out/pytest_gpu_kernels.log" "$out/pytest_gpu.log" ;;
         kernels) bench kernels kernels ;;

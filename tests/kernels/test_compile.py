@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-# Not imported here: importing triton in the pytest process would make test_kernels_triton.py
+# Not imported here: importing triton in the pytest process would make kernels/test_triton.py
 # (which needs TRITON_INTERPRET set before the first import) rerun itself in a subprocess.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ["rope_write_kv norm=True", "rope_write_kv norm=False", "rms_norm add=True", "rms_norm add=False",
            "rotary", "write_kv", "silu_and_mul", "reduce_splits", "skinny_linear", "paged_attention 16x32 group 4",
            "paged_attention 16x64 group 2", "paged_attention 128x64 group 4"]

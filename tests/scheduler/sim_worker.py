@@ -6,7 +6,7 @@ That catches a wrong prefix hit, a missing copy-on-write, a block reused while s
 and a token scheduled before it is known, in microseconds per step instead of a model's
 milliseconds. `next_token` stands in for greedy decoding: the same context gives the same
 token, so a preempted or prefix-cached request must end with the very tokens it gets alone.
-tests/test_scheduler_runner.py drives the real model runner the same way.
+tests/e2e/test_scheduler_with_runner.py drives the real model runner the same way.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The scheduler and block pool on their own: batching, budgets, stops, preemption, leaks,
-prefix caching, parallel samples and async scheduling (tests/sim_worker.py plays the worker)."""
+prefix caching, parallel samples and async scheduling (tests/scheduler/sim_worker.py plays the worker)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.prefix_cache import extend_block_hashes, hash_block
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
-from tests.sim_worker import SimWorker, next_token, reference_output
+from tests.scheduler.sim_worker import SimWorker, next_token, reference_output
 
 
 def make_scheduler(**kw) -> Scheduler:

@@ -2,7 +2,7 @@
 
 Tiny block pools force preemptions; prompts drawn from a few shared stems force prefix hits;
 n > 1 forces forks with copy-on-write. After every step the block pool must match the block
-tables exactly, and the token-level worker (tests/sim_worker.py) checks that every request
+tables exactly, and the token-level worker (tests/scheduler/sim_worker.py) checks that every request
 reads its own tokens through its block table. At the end every request that was not aborted
 must have produced exactly what it produces alone.
 """
@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from protocol import SamplingParams, StepPlan
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
-from tests.sim_worker import EOS, SimWorker, reference_output
+from tests.scheduler.sim_worker import EOS, SimWorker, reference_output
 
 STEMS = [[1 + (i * 7 + j) % 37 for j in range(40)] for i in range(3)]
 

@@ -40,7 +40,7 @@ from kernels import triton_norm as norm  # noqa: E402
 from kernels import triton_paged_attention as attn  # noqa: E402
 from kernels import triton_qkv as qkv_kernels  # noqa: E402
 from kernels import triton_rotary as rotary  # noqa: E402
-from tests.test_kernels_reference import build_paged_batch  # noqa: E402
+from tests.kernels.test_reference import build_paged_batch  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -62,7 +62,7 @@ in_process = pytest.mark.skipif(
 @pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
 def test_kernels_in_a_fresh_interpreter_process() -> None:
     """The whole module again in a process where nothing imported triton before it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
