@@ -39,8 +39,7 @@ _ids = itertools.count()
 
 @pytest.fixture(scope="module")
 def runner() -> Iterator[ModelRunner]:
-    # One thread: on a shared 2-core machine, two OpenMP threads spinning against other
-    # processes make each step ~10x slower, not faster.
+    # One thread: OpenMP threads spinning against other processes on a small shared machine slow each step down.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield ModelRunner(EngineConfig(num_gpu_blocks_override=96, max_model_len=512))
@@ -92,7 +91,7 @@ def generate(
     last = s.schedule()  # the runner drops the last finished requests
     if last is not None:
         runner.execute(last)
-    assert not runner.requests and s.block_pool.num_free == num_blocks
+    assert not runner.input_batch.requests and s.block_pool.num_free == num_blocks
     return [outputs[rid] for rid in ids], s, plans
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gpu_worker.cuda_graphs import mixed_graph_sizes
 from gpu_worker.loader import embedded_gguf_path
-from gpu_worker.model_runner import ModelRunner, mixed_graph_sizes
-from gpu_worker.sampler import sample
+from gpu_worker.model_runner import ModelRunner
 from protocol.config import EngineConfig
 from protocol.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 
@@ -188,9 +188,9 @@ def test_padded_decode_batches_and_decodes_behind_a_prefill_chunk_give_the_same_
         alone.add("alone", prompt, max_tokens=12)
         expected[i] = alone.run()["alone"]
 
-    runner.capture_decode_graphs([2, 4, 8], capture=False)
+    runner.graphs.capture_decode([2, 4, 8], capture=False)
     try:
-        assert sorted(runner.graphs) == [2, 4, 8]
+        assert sorted(runner.graphs.graphs["decode"]) == [2, 4, 8]
         scheduler = ToyScheduler(runner, seed=30)
         scheduler.add("chunked", chat_prompts[0], max_tokens=12, chunk=5)
         scheduler.add("decoding", chat_prompts[2], max_tokens=12)
@@ -200,10 +200,9 @@ def test_padded_decode_batches_and_decodes_behind_a_prefill_chunk_give_the_same_
             assert scheduler.running["chunked"].outputs == []
         scheduler.add("third", chat_prompts[1], max_tokens=12)
         outputs = scheduler.run()  # ends with decode-only steps of 3 rows (run as 4), then 2
-        replayed = sorted(runner.graph_hidden)
+        replayed = sorted(runner.graphs.hidden["decode"])
     finally:
         runner.graphs.clear()
-        runner.graph_hidden.clear()
     assert replayed == [2, 4]
     assert outputs == {"chunked": expected[0], "decoding": expected[2], "third": expected[1]}
 
@@ -217,9 +216,9 @@ def test_mixed_steps_padded_to_a_graph_size_give_the_same_tokens(runner, chat_pr
         alone.add("alone", prompt, max_tokens=10)
         expected[i] = alone.run()["alone"]
 
-    runner.capture_mixed_graphs(mixed_graph_sizes(256), capture=False)
+    runner.graphs.capture_mixed(mixed_graph_sizes(256), capture=False)
     try:
-        assert sorted(runner.mixed_graphs) == [16, 32, 64, 128, 256]
+        assert sorted(runner.graphs.graphs["mixed"]) == [16, 32, 64, 128, 256]
         scheduler = ToyScheduler(runner, seed=50)
         scheduler.add("decoding", chat_prompts[2], max_tokens=10)
         scheduler.step()  # the whole prompt: padded up to the next size
@@ -228,10 +227,9 @@ def test_mixed_steps_padded_to_a_graph_size_give_the_same_tokens(runner, chat_pr
             scheduler.step()
         scheduler.add("third", chat_prompts[1], max_tokens=10)
         outputs = scheduler.run()
-        replayed = sorted(runner.mixed_graph_hidden)
+        replayed = sorted(runner.graphs.hidden["mixed"])
     finally:
-        runner.mixed_graphs.clear()
-        runner.mixed_graph_hidden.clear()
+        runner.graphs.clear()
     assert 16 in replayed and len(replayed) >= 2
     assert outputs == {"decoding": expected[2], "chunked": expected[0], "third": expected[1]}
 
@@ -346,18 +344,18 @@ def test_launching_the_next_step_before_finishing_this_one_gives_the_same_tokens
     results = overlapped()
     assert [r.step_id for r in results] == [p.step_id for p in plans]
     assert collect(results) == one_by_one
-    assert runner.requests == {} and runner.unfinished is None
-    assert sorted(runner.free_rows) == list(range(len(runner.num_tokens)))
+    batch = runner.input_batch
+    assert batch.requests == {} and batch.unfinished is None
+    assert sorted(batch.free_rows) == list(range(len(batch.num_tokens)))
     # Again with every step padded to a graph's inputs (decode and mixed graphs, replayed
     # eagerly): the pending tokens are patched into the padded inputs.
-    runner.capture_decode_graphs([4, 8], capture=False)
-    runner.capture_mixed_graphs(mixed_graph_sizes(128), capture=False)
+    runner.graphs.capture_decode([4, 8], capture=False)
+    runner.graphs.capture_mixed(mixed_graph_sizes(128), capture=False)
     try:
         assert collect(overlapped()) == one_by_one
-        assert runner.graph_hidden and runner.mixed_graph_hidden
+        assert runner.graphs.hidden["decode"] and runner.graphs.hidden["mixed"]
     finally:
-        for graphs in (runner.graphs, runner.graph_hidden, runner.mixed_graphs, runner.mixed_graph_hidden):
-            graphs.clear()
+        runner.graphs.clear()
 
 
 def test_runner_reports_its_limits(runner) -> None:
@@ -366,7 +364,7 @@ def test_runner_reports_its_limits(runner) -> None:
     assert runner.max_model_len == 1024
     assert runner.eos_token_ids == [2]
     assert runner.max_num_batched_tokens == 2048  # left unset: the CPU's default
-    assert runner.requests == {}
+    assert runner.input_batch.requests == {}
 
 
 def test_sharded_hf_folder_with_llama3_rope_and_untied_head_matches_transformers(tmp_path) -> None:
@@ -406,37 +404,3 @@ def test_sharded_hf_folder_with_llama3_rope_and_untied_head_matches_transformers
     outputs = scheduler.run()
     for i, prompt in enumerate(prompts):
         assert outputs[f"tiny-{i}"] == hf_greedy(hf_tiny, prompt, 24)
-
-
-# ---- the sampler alone -------------------------------------------------------------------
-
-
-def test_greedy_rows_take_the_exact_argmax_beside_random_rows() -> None:
-    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
-    params = [GREEDY, SamplingParams(temperature=1.0), SamplingParams(top_k=1), GREEDY]
-    out = sample(logits, params, [None] * 4)
-    argmax = logits.argmax(-1)
-    assert out.token_ids[[0, 2, 3]].tolist() == argmax[[0, 2, 3]].tolist()
-    assert out.logprobs is None
-
-
-def test_top_p_and_min_p_keep_only_the_likely_tokens() -> None:
-    logits = torch.full((3, 50), -5.0)
-    logits[:, 7] = 5.0  # ~0.996 of the mass
-    logits[:, 8] = 0.0
-    params = [
-        SamplingParams(top_p=0.5),
-        SamplingParams(min_p=0.1),
-        SamplingParams(top_k=2, temperature=100.0, top_p=1.0),
-    ]
-    for _ in range(20):
-        tokens = sample(logits, params, [None] * 3).token_ids.tolist()
-        assert tokens[0] == 7 and tokens[1] == 7 and tokens[2] in (7, 8)
-
-
-def test_logprob_is_that_of_the_chosen_token_under_the_model() -> None:
-    logits = torch.randn(2, 30)
-    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=2.0)]
-    out = sample(logits, params, [None, torch.Generator().manual_seed(3)])
-    expected = logits.log_softmax(-1).gather(1, out.token_ids[:, None])[:, 0]
-    torch.testing.assert_close(out.logprobs, expected)

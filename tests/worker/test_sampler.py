@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import pytest
 import torch
 
-from gpu_worker.sampler import sample
+from gpu_worker.sampler import Sampler, SamplerOutput
+from gpu_worker.sampling_metadata import SamplingColumns
 from protocol import SamplingParams
 
 VOCAB = 32
@@ -18,6 +22,37 @@ def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
 
 def greedy(**kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, **kw)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    token_ids: Sequence[Sequence[int]] | None = None,
+    num_prompt_tokens: Sequence[int] | None = None,
+    eos_token_ids: Sequence[int] = (),
+) -> SamplerOutput:
+    """Row i of `logits` sampled with `params[i]` through the worker's own path: sampling
+    columns holding the rows (with `generators[i]` as row i's, where given), their metadata,
+    the Sampler. `token_ids[i]` is row i's prompt and outputs so far, the first
+    `num_prompt_tokens[i]` of them prompt."""
+    n = len(params)
+    columns = SamplingColumns(n, logits.device, eos_token_ids)
+    for row, p in enumerate(params):
+        columns.add(row, p)
+        if generators[row] is not None and p.seed is not None:
+            columns.generators[row] = generators[row]
+    if token_ids is None:
+        num_outputs, history = np.zeros(n, dtype=np.int64), None
+    else:
+        assert num_prompt_tokens is not None
+        num_outputs = np.array([len(t) - p for t, p in zip(token_ids, num_prompt_tokens, strict=True)])
+
+        def history(row: int) -> tuple[np.ndarray, np.ndarray]:
+            tokens = np.asarray(token_ids[row], dtype=np.int64)
+            return tokens[: num_prompt_tokens[row]], tokens[num_prompt_tokens[row] :]
+
+    return Sampler()(logits, columns.metadata(np.arange(n), num_outputs, history))
 
 
 def test_greedy_equals_top_k_1_at_any_temperature() -> None:
@@ -132,6 +167,37 @@ def test_bf16_logits_give_the_fp32_results() -> None:
     assert ours.token_ids[2].item() == 3
     assert ours.logprobs is not None and ours.logprobs.dtype == torch.float32
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
+
+
+def test_greedy_rows_take_the_exact_argmax_beside_random_rows() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    params = [greedy(), SamplingParams(temperature=1.0), SamplingParams(top_k=1), greedy()]
+    out = sample(logits, params, [None] * 4)
+    argmax = logits.argmax(-1)
+    assert out.token_ids[[0, 2, 3]].tolist() == argmax[[0, 2, 3]].tolist()
+    assert out.logprobs is None
+
+
+def test_top_p_and_min_p_keep_only_the_likely_tokens() -> None:
+    logits = torch.full((3, 50), -5.0)
+    logits[:, 7] = 5.0  # ~0.996 of the mass
+    logits[:, 8] = 0.0
+    params = [
+        SamplingParams(top_p=0.5),
+        SamplingParams(min_p=0.1),
+        SamplingParams(top_k=2, temperature=100.0, top_p=1.0),
+    ]
+    for _ in range(20):
+        tokens = sample(logits, params, [None] * 3).token_ids.tolist()
+        assert tokens[0] == 7 and tokens[1] == 7 and tokens[2] in (7, 8)
+
+
+def test_logprob_is_that_of_the_chosen_token_under_the_model() -> None:
+    logits = torch.randn(2, 30)
+    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=2.0)]
+    out = sample(logits, params, [None, torch.Generator().manual_seed(3)])
+    expected = logits.log_softmax(-1).gather(1, out.token_ids[:, None])[:, 0]
+    torch.testing.assert_close(out.logprobs, expected)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,367 @@
+"""The input batch: every live request's row of host state, and one step's inputs gathered from it.
+
+Each request owns a row of host numpy arrays (its tokens, counts and block table) and of
+sampling columns, so a step's inputs are gathered with numpy fancy indexing into pinned
+staging buffers and copied to persistent device buffers without blocking: no per-token
+Python (vLLM v1's `InputBatch`).
+
+Steps overlap: step n + 1 is prepared and launched before step n's sampled tokens are back on
+the host. Those tokens stay on the device, and step n + 1's decodes take their input ids from
+there (`_patch_pending_tokens`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gpu_worker.attention import AttentionMetadata
+from gpu_worker.cuda_graphs import CudaGraphs, GraphKey
+from gpu_worker.sampling_metadata import SamplingColumns, SamplingMetadata
+from gpu_worker.transfer import to_device
+from protocol.messages import NewRequestData, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepBatch:
+    """One step's flattened inputs (T tokens of B requests, decodes first) on the device."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [N]: the last token of each request that samples
+    rows: np.ndarray  # [B] the requests' rows, in batch order
+    request_ids: list[str]  # [B] in batch order
+    sampling: np.ndarray  # [N] indices into the batch of the requests that sample
+    staging: StagingBuffers  # the host buffers this step was staged in
+    graph: GraphKey | None = None  # the captured graph this step replays, padded to its size
+
+    @property
+    def sampled_rows(self) -> np.ndarray:
+        return self.rows[self.sampling]
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens may still be on their way from the device."""
+
+    step_id: int
+    request_ids: list[str]  # of the requests that sample, in output order
+    rows: np.ndarray  # their rows
+    positions: np.ndarray  # where each sampled token goes in its row
+    device_tokens: torch.Tensor | None = None  # [N], read by the next step's decodes
+    host_tokens: torch.Tensor | None = None  # pinned [N], filled by a non-blocking copy
+    event: torch.cuda.Event | None = None  # recorded after that copy (CUDA only)
+    # [N], [N, k], [N, k] on the host, filled by non-blocking copies like host_tokens
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    rows_to_free: list[int] = field(default_factory=list)  # dropped meanwhile, freed once finished
+    launch_s: float = 0.0
+    idle_s: float = 0.0  # how long the worker waited for this step's plan with nothing running
+    result: StepResult | None = None
+
+
+class StagingBuffers:
+    """One step's pinned host buffers (numpy views for filling them) before their copy to the device."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        self.input_ids = buf(max_tokens, torch.int64)
+        self.positions = buf(max_tokens, torch.int64)
+        self.slots = buf(max_tokens, torch.int64)
+        self.seq_lens = buf(max_seqs, torch.int32)
+        self.qsl = buf(max_seqs + 1, torch.int32)
+        self.logits_idx = buf(max_seqs, torch.int64)
+        self.tables = buf(max_seqs * max_blocks, torch.int32)
+        self.sampled = buf(max_seqs, torch.int64)  # the step's sampled tokens, read back
+        self.np = {name: t.numpy() for name, t in vars(self).items()}
+
+
+class DeviceBuffers:
+    """The persistent device buffers a step's inputs are copied into; captured graphs read them."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
+        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, device=device)
+
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.input_ids = buf(max_tokens, torch.int64)
+        self.positions = buf(max_tokens, torch.int64)
+        self.slots = buf(max_tokens, torch.int64)
+        self.seq_lens = buf(max_seqs, torch.int32)
+        self.qsl = buf(max_seqs + 1, torch.int32)
+        self.logits_idx = buf(max_seqs, torch.int64)
+        # Block tables are staged packed ([B, blocks in use], contiguous) and scattered on the
+        # device into the full-width table that graphs read.
+        self.tables_packed = buf(max_seqs * max_blocks, torch.int32)
+        self.tables = torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device=device)
+
+
+def _stage(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n values of a pinned staging buffer into its persistent device buffer."""
+    return device[:n].copy_(host[:n], non_blocking=True)
+
+
+class InputBatch:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        max_num_batched_tokens: int,
+        device: torch.device,
+        eos_token_ids: list[int],
+    ) -> None:
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.device = device
+        self.requests: dict[str, int] = {}  # request id -> its row
+        self.unfinished: PendingStep | None = None  # the last launched step, until finished
+        self._allocate_rows(max_num_seqs)
+        self.sampling = SamplingColumns(max_num_seqs, device, eos_token_ids)
+        self._allocate_step_buffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs)
+
+    # ---- rows: one per live request ---------------------------------------------------
+
+    def _allocate_rows(self, num_rows: int) -> None:
+        """Per-row host arrays: tokens (prompt + outputs), counts, block tables."""
+        self.token_ids = np.zeros((num_rows, self.max_model_len + 1), dtype=np.int64)
+        self.num_tokens = np.zeros(num_rows, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(num_rows, dtype=np.int64)
+        self.num_computed = np.zeros(num_rows, dtype=np.int64)
+        self.num_row_blocks = np.zeros(num_rows, dtype=np.int64)
+        self.block_table = np.zeros((num_rows, self.max_blocks_per_seq), dtype=np.int32)
+        # A row's newest token may still be on the device (sampled by the unfinished step):
+        # then pending_step is that step's id and pending_index its place in the step's output.
+        self.pending_step = np.full(num_rows, -1, dtype=np.int64)
+        self.pending_index = np.zeros(num_rows, dtype=np.int64)
+        self.free_rows = list(range(num_rows - 1, -1, -1))
+
+    def _grow_rows(self) -> None:
+        """More live requests than rows (e.g. preempted ones not yet dropped): double them."""
+        old = self.num_tokens.shape[0]
+        arrays = ("token_ids", "num_tokens", "num_prompt_tokens", "num_computed", "num_row_blocks", "block_table")
+        for name in arrays:
+            a = getattr(self, name)
+            setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
+        self.pending_step = np.concatenate([self.pending_step, np.full(old, -1, dtype=np.int64)])
+        self.pending_index = np.concatenate([self.pending_index, np.zeros(old, dtype=np.int64)])
+        self.sampling.grow(2 * old)
+        self.free_rows.extend(range(2 * old - 1, old - 1, -1))
+
+    def update(self, plan: StepPlan) -> None:
+        """Apply the plan's differences: requests that left, joined, or got new blocks."""
+        for request_id in plan.finished_request_ids:
+            self.remove_request(request_id)
+        for new in plan.new_requests:
+            self.add_request(new)
+        for cached in plan.cached_requests:
+            row = self.requests[cached.request_id]
+            self._append_blocks(row, cached.new_block_ids)
+            self.num_computed[row] = cached.num_computed_tokens
+
+    def add_request(self, new: NewRequestData) -> None:
+        # A request sent as new again (resumed after preemption) starts over from its data.
+        self.remove_request(new.request_id)
+        if not self.free_rows:
+            self._grow_rows()
+        row = self.free_rows.pop()
+        n = len(new.prompt_token_ids)
+        self.token_ids[row, :n] = new.prompt_token_ids
+        self.num_tokens[row] = n
+        self.num_prompt_tokens[row] = n - new.num_output_tokens
+        self.num_computed[row] = new.num_computed_tokens
+        self.num_row_blocks[row] = 0
+        self._append_blocks(row, new.block_ids)
+        self.sampling.add(row, new.sampling)
+        self.requests[new.request_id] = row
+
+    def remove_request(self, request_id: str) -> None:
+        row = self.requests.pop(request_id, None)
+        if row is None:
+            return
+        self.pending_step[row] = -1
+        self.sampling.remove(row)
+        if self.unfinished is not None:
+            # The unfinished step may still write this row's sampled token: free it after.
+            self.unfinished.rows_to_free.append(row)
+        else:
+            self.free_rows.append(row)
+
+    def _append_blocks(self, row: int, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        start = int(self.num_row_blocks[row])
+        self.block_table[row, start : start + len(block_ids)] = block_ids
+        self.num_row_blocks[row] = start + len(block_ids)
+
+    # ---- sampled tokens -----------------------------------------------------------------
+
+    def sampled(self, step: PendingStep) -> None:
+        """Each of the step's sampling rows has a new token, still on the device: count it."""
+        self.num_tokens[step.rows] += 1
+        self.pending_step[step.rows] = step.step_id
+        self.pending_index[step.rows] = np.arange(len(step.rows))
+        self.unfinished = step
+
+    def tokens_arrived(self, step: PendingStep, token_ids: list[int]) -> None:
+        """The step's tokens are on the host: write them into their rows, free the dropped rows."""
+        self.token_ids[step.rows, step.positions] = token_ids
+        mine = self.pending_step[step.rows] == step.step_id
+        self.pending_step[step.rows[mine]] = -1
+        self.free_rows.extend(step.rows_to_free)
+        if self.unfinished is step:
+            self.unfinished = None
+
+    def sampling_metadata(self, batch: StepBatch) -> SamplingMetadata:
+        rows = batch.sampled_rows
+        return self.sampling.metadata(rows, self.num_tokens[rows] - self.num_prompt_tokens[rows], self._history)
+
+    def needs_history(self, batch: StepBatch) -> bool:
+        """Whether sampling this batch reads every token so far (the penalties do)."""
+        return bool(self.sampling.needs_history[batch.sampled_rows].any())
+
+    def _history(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """A row's (prompt, outputs) token ids; every one of them must be on the host."""
+        num_prompt = self.num_prompt_tokens[row]
+        return self.token_ids[row, :num_prompt], self.token_ids[row, num_prompt : self.num_tokens[row]]
+
+    # ---- one step's inputs ------------------------------------------------------------
+
+    def _allocate_step_buffers(self, max_tokens: int, max_seqs: int) -> None:
+        """Two sets of pinned staging buffers, and the device buffers they are copied into.
+
+        Steps alternate between the two staging sets: while step n's copies may still wait in
+        the stream, step n + 1 is prepared in the other set; step n + 2 reuses the first only
+        after step n has finished (its sampled tokens were read back, so its copies ran).
+        """
+        pin = self.device.type == "cuda"
+        self.staging = [StagingBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, pin) for _ in range(2)]
+        self.next_staging = 0
+        self.buffers = DeviceBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, self.device)
+
+    def prepare(self, num_scheduled: dict[str, int], graphs: CudaGraphs) -> StepBatch:
+        """Gather the scheduled tokens into the step buffers: ids, positions, slots, tables.
+
+        Decodes (one token) go first, in the plan's order, then the prefill chunks. A step that
+        a captured graph can run is padded to the graph's size (`graphs.dispatch`).
+        """
+        request_ids = list(num_scheduled)
+        rows = np.fromiter((self.requests[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
+        counts = np.fromiter(num_scheduled.values(), dtype=np.int64, count=len(request_ids))
+        if ((counts[:-1] > 1) & (counts[1:] == 1)).any():  # a decode after a prefill chunk
+            order = np.argsort(counts > 1, kind="stable")
+            rows, counts = rows[order], counts[order]
+            request_ids = [request_ids[i] for i in order]
+        num_seqs, num_tokens = len(rows), int(counts.sum())
+        start = self.num_computed[rows]
+        end = start + counts
+        bad = (counts < 1) | (end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_row_blocks[rows])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RuntimeError(
+                f"scheduled tokens {start[i]}..{end[i]} of request {request_ids[i]} with "
+                f"{self.num_tokens[rows[i]]} tokens and {self.num_row_blocks[rows[i]]} blocks"
+            )
+        buffers = self.buffers
+        if num_tokens > buffers.max_tokens or num_seqs > buffers.max_seqs:
+            # Beyond the scheduler's limits (not expected): bigger buffers, and no graphs,
+            # which read the old ones.
+            logger.warning("a step of %d tokens of %d requests: beyond the step buffers", num_tokens, num_seqs)
+            self._allocate_step_buffers(max(num_tokens, buffers.max_tokens), max(num_seqs, buffers.max_seqs))
+            buffers = self.buffers
+            graphs.clear()
+        self.num_computed[rows] = end  # what the cache holds once this step ran
+        st = self.staging[self.next_staging]
+        self.next_staging ^= 1
+        host = st.np
+
+        num_decodes = int(np.searchsorted(counts > 1, True))
+        graph = graphs.dispatch(num_seqs, num_tokens, num_decodes)
+        padded, padded_tokens = (graph.num_seqs, graph.num_tokens) if graph else (num_seqs, num_tokens)
+
+        # Token t belongs to sequence seq[t] and sits at its position start + offset.
+        qsl = host["qsl"][: padded + 1]
+        qsl[0] = 0
+        np.cumsum(counts, out=qsl[1 : num_seqs + 1])
+        seq = np.repeat(np.arange(num_seqs), counts)
+        positions = host["positions"][:num_tokens]
+        np.add(np.arange(num_tokens) - qsl[seq], start[seq], out=positions)
+        token_rows = rows[seq]
+        host["input_ids"][:num_tokens] = self.token_ids[token_rows, positions]
+        max_blocks = int(-(-end.max() // self.block_size))
+        tables = host["tables"][: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
+        tables[:] = self.block_table[rows, :max_blocks]
+        slots = host["slots"][:num_tokens]
+        np.add(tables[seq, positions // self.block_size] * self.block_size, positions % self.block_size, out=slots)
+        seq_lens = host["seq_lens"][:padded]
+        seq_lens[:num_seqs] = end
+        sampling = np.flatnonzero(end == self.num_tokens[rows])
+        host["logits_idx"][: len(sampling)] = qsl[1:][sampling] - 1
+        if padded_tokens > num_tokens:
+            # Padding tokens write nowhere; their outputs are never read.
+            pad = slice(num_tokens, padded_tokens)
+            host["input_ids"][pad] = 0
+            host["positions"][pad] = 0
+            host["slots"][pad] = -1
+        if padded > num_seqs:
+            seq_lens[num_seqs:] = 1
+            if graph is not None and graph.kind == "decode":
+                # One padding token each, attending to one slot of block 0 (finite).
+                qsl[num_seqs + 1 :] = np.arange(num_tokens + 1, num_tokens + 1 + padded - num_seqs)
+            else:  # empty sequences: the kernel skips them
+                qsl[num_seqs + 1 :] = num_tokens
+
+        input_ids = _stage(st.input_ids, buffers.input_ids, padded_tokens)
+        positions_d = _stage(st.positions, buffers.positions, padded_tokens)
+        slots_d = _stage(st.slots, buffers.slots, padded_tokens)
+        seq_lens_d = _stage(st.seq_lens, buffers.seq_lens, padded)
+        qsl_d = _stage(st.qsl, buffers.qsl, padded + 1)
+        logits_idx = _stage(st.logits_idx, buffers.logits_idx, len(sampling))
+        packed = _stage(st.tables, buffers.tables_packed, num_seqs * max_blocks)
+        if self.unfinished is not None:
+            self._patch_pending_tokens(input_ids, token_rows, positions, self.unfinished)
+        if graph is not None:
+            buffers.tables[:num_seqs, :max_blocks] = packed.view(num_seqs, max_blocks)
+            tables_d = buffers.tables[:padded]
+        else:
+            tables_d = packed.view(num_seqs, max_blocks)
+        return StepBatch(
+            input_ids=input_ids,
+            positions=positions_d,
+            attn=AttentionMetadata(
+                slot_mapping=slots_d,
+                block_tables=tables_d,
+                seq_lens=seq_lens_d,
+                query_start_loc=qsl_d,
+                max_seq_len=int(end.max()),
+                num_decodes=num_decodes,
+            ),
+            logits_indices=logits_idx,
+            rows=rows,
+            request_ids=request_ids,
+            sampling=sampling,
+            staging=st,
+            graph=graph,
+        )
+
+    def _patch_pending_tokens(
+        self, input_ids: torch.Tensor, token_rows: np.ndarray, positions: np.ndarray, prev: PendingStep
+    ) -> None:
+        """Tokens the unfinished step sampled are not on the host yet: take them on the device."""
+        waiting = self.pending_step[token_rows]
+        assert ((waiting == -1) | (waiting == prev.step_id)).all(), "only the last step may be unfinished"
+        hit = (waiting == prev.step_id) & (positions == self.num_tokens[token_rows] - 1)
+        if not hit.any():
+            return
+        assert prev.device_tokens is not None
+        dst = to_device(np.flatnonzero(hit), self.device)
+        src = to_device(self.pending_index[token_rows[hit]], self.device)
+        input_ids[dst] = prev.device_tokens[src]
