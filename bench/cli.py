@@ -23,7 +23,8 @@ from typing import Any
 WORKLOADS = ("throughput", "latency", "serve", "prefix", "kernels")
 
 
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`bench` and one subparser per workload, under `sub` (the `pagoda` command's subparsers)."""
     bench = sub.add_parser("bench", help="benchmarks (BENCH.md workloads)")
     wsub = bench.add_subparsers(dest="workload", required=True)
     for name in WORKLOADS:
@@ -59,6 +60,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--prefix-len", type=int, default=2048)
             p.add_argument("--suffix-len", type=int, default=128)
             p.add_argument("--output-len", type=int, default=64)
+    return bench
 
 
 def _lens(v: list[int]) -> tuple[int, int]:
@@ -72,7 +74,7 @@ def _device(arg: str) -> str:
 
 
 def _engine_args(args: argparse.Namespace, device: str, **extra: Any) -> dict[str, Any]:
-    from frontend.cli import add_engine_args
+    from protocol.config import add_engine_args
 
     p = argparse.ArgumentParser()
     add_engine_args(p)
@@ -199,7 +201,7 @@ def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: 
     if base_url is None:
         port = 8400 + os.getpid() % 500
         flags = [f"--model={model}", f"--port={port}", f"--device={device}", *args.engine_args.split()]
-        proc = subprocess.Popen([sys.executable, "-m", "frontend.cli", "serve", *flags])
+        proc = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", *flags])
         base_url = f"http://127.0.0.1:{port}"
         _wait_ready(base_url, proc)
     try:

@@ -1,6 +1,6 @@
-"""The API frontend, the `pagoda` CLI and the offline `LLM` API.
+"""The API frontend and the offline `LLM` API (the `pagoda` command is the `pagoda` package).
 
-`LLM` is imported lazily so the CLI and the other processes do not pay for it.
+`LLM` is imported lazily so the `pagoda` command and the other processes do not pay for it.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -1,8 +1,8 @@
 """The HTTP face of Pagoda: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`.
 
 Routes validate the request, hand a `TokenizeRequest` to the `EngineClient` and answer the
-outputs as one JSON body or as SSE chunks in OpenAI's exact format. A client that goes away
-aborts its request: the engine stops generating for nobody.
+outputs as one JSON body or as SSE chunks (`frontend.sse`) in OpenAI's exact format. A client
+that goes away aborts its request: the engine stops generating for nobody.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import msgspec
 import pydantic
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from frontend.engine_client import EngineClient, EngineError
-from frontend.errors import APIError, error_body, error_response, install_error_handlers
+from frontend.engine_client import EngineClient
+from frontend.errors import APIError, error_response, install_error_handlers
 from frontend.metrics import CONTENT_TYPE, Metrics
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from frontend.openai_responses import ChatFormatter, CompletionFormatter, ModelCard, ModelList, ResponseFormatter
+from frontend.sse import sse_response
 from protocol import EngineConfig
 from protocol.messages import TextOutput, TokenizeRequest
 
@@ -33,7 +34,6 @@ T = TypeVar("T")
 RequestModel = TypeVar("RequestModel", bound=pydantic.BaseModel)
 
 _encoder = msgspec.json.Encoder()
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def run_frontend(config: EngineConfig) -> None:
@@ -223,7 +223,7 @@ async def _serve(
     first = await _unless_disconnected(request, anext(outputs))
     if first is None:
         return Response(status_code=499)
-    return StreamingResponse(_sse(fmt, first, outputs), media_type="text/event-stream", headers=SSE_HEADERS)
+    return sse_response(fmt, first, outputs)
 
 
 async def _collect(outputs: AsyncIterator[TextOutput], fmt: ResponseFormatter) -> bool:
@@ -232,26 +232,3 @@ async def _collect(outputs: AsyncIterator[TextOutput], fmt: ResponseFormatter) -
         async for out in outputs:
             fmt.add(out)
     return True
-
-
-async def _sse(
-    fmt: ResponseFormatter, first: TextOutput, outputs: AsyncIterator[TextOutput]
-) -> AsyncIterator[bytes]:
-    async with aclosing(outputs):
-        try:
-            for chunk in fmt.opening():
-                yield _event(chunk)
-            if chunk := fmt.chunk(first):
-                yield _event(chunk)
-            async for out in outputs:
-                if chunk := fmt.chunk(out):
-                    yield _event(chunk)
-            if fmt.include_usage:
-                yield _event(fmt.usage_chunk())
-        except EngineError as e:
-            yield b"data: " + _encoder.encode(error_body(e.message, e.error_type, e.param)) + b"\n\n"
-    yield b"data: [DONE]\n\n"
-
-
-def _event(chunk: msgspec.Struct) -> bytes:
-    return b"data: " + _encoder.encode(chunk) + b"\n\n"

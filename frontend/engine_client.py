@@ -19,7 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from protocol import Codec, EngineConfig, bind_router
+from protocol import Decoder, EngineConfig, bind_router, encode
 from protocol.messages import (
     Abort,
     ErrorReply,
@@ -87,7 +87,7 @@ class EngineClient:
         if not config.frontend_addr:
             raise ValueError("config.frontend_addr is empty: call EngineConfig.with_addresses() first")
         self.config = config
-        self._codec = Codec(FrontendInbound)
+        self._from_tokenizers = Decoder(FrontendInbound)
         self._dead_after_s = DEAD_AFTER_HEARTBEATS * config.heartbeat_interval_s
         self._members: dict[bytes, _Tokenizer] = {}
         self._requests: dict[str, _Pending] = {}
@@ -243,7 +243,7 @@ class EngineClient:
         makes it fail at once too (ROUTER_MANDATORY), and that peer is then declared dead.
         """
         assert self._socket is not None
-        future = self._socket.send_multipart([identity, self._codec.encode(msg)])
+        future = self._socket.send_multipart([identity, encode(msg)])
         if future.done():
             error = future.exception()
             if isinstance(error, zmq.ZMQError):
@@ -263,7 +263,7 @@ class EngineClient:
                 logger.warning("dropping a message of %d frames (expected 2)", len(frames))
                 continue
             identity, payload = frames
-            msg = self._codec.decode(payload)
+            msg = self._from_tokenizers.decode(payload)
             if msg is None:
                 continue
             try:

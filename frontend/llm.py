@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from frontend.engine_client import EngineClient
-from frontend.supervisor import ProcessGroup
+from frontend.processes import ProcessGroup
 from protocol import ChatMessage, EngineConfig, SamplingParams, SchedulerStats, TextOutput, TokenizeRequest
 
 

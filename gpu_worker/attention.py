@@ -1,7 +1,7 @@
 """The paged attention layer and the per-step metadata it reads.
 
 The model runner builds one `AttentionMetadata` per step and binds each layer's slice of the
-KV pool once; a model's attention only hands this layer its new q, k and v.
+KV pool once; a family's attention only hands this layer its fused QKV projection.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import paged_attention, write_kv
+from gpu_worker.layers import RMSNorm
+from kernels import paged_attention, rope_write_kv, write_kv
+from kernels.qkv import split_qkv
 
 
 @dataclass
@@ -22,33 +24,70 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
     query_start_loc: torch.Tensor  # [B + 1] int32: sequence b owns tokens [qsl[b], qsl[b+1])
-    # Optional host-side hints for the GPU kernel (kernels issue): a bound on seq_lens (splits
-    # long contexts less when they are short), and how many leading sequences are decodes
-    # (one query each; the kernel then gives them decode tiles and the rest prefill tiles).
+    # Optional host-side hints for the GPU kernel: a bound on seq_lens (splits long contexts
+    # less when they are short), and how many leading sequences are decodes (one query each;
+    # the kernel then gives them decode tiles and the rest prefill tiles).
     max_seq_len: int | None = None
     num_decodes: int = 0
 
 
 class Attention(nn.Module):
-    """Store this step's K/V in the paged cache, then attend over each sequence's context."""
+    """Everything between a layer's QKV projection and its output projection.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    Takes the fused projection [T, (heads + 2 kv_heads) d], stores this step's K/V at their
+    cache slots, attends over each sequence's context and returns [T, heads d]. Given rotary
+    cos/sin, it first rotates q and k, after RMS-normalizing each of their heads when
+    `qk_norm_eps` is given (Qwen3); on the GPU that is one kernel with the K/V write.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+        qk_norm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = scale
+        self.scale = head_dim**-0.5 if scale is None else scale
+        # Held here because the fused kernel applies them; the family maps the checkpoint's names.
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         # Views into the runner's KV pool, bound after allocation: not parameters, not buffers.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, heads, d], k and v [T, kv_heads, d] -> [T, heads, d]."""
-        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.attend(q, meta)
+    def forward(
+        self,
+        qkv: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """qkv [T, (heads + 2 kv_heads) d] -> [T, heads d]; cos_sin: two [T, d] tables, or None
+        for a model without rotary embedding."""
+        if cos_sin is None:
+            q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            q = self._norm_rope_write_kv(qkv, *cos_sin, meta.slot_mapping)
+        return self._attend(q, meta).flatten(1)
 
-    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention alone, for a layer that already wrote this step's K/V (`rope_write_kv`)."""
+    def _norm_rope_write_kv(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> torch.Tensor:
+        """q normed and rotated [T, heads, d]; k (normed, rotated) and v written to the cache."""
+        if self.q_norm is None or self.k_norm is None:
+            norms = (None, None, 0.0)
+        else:
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        return rope_write_kv(
+            qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache, slot_mapping, *norms
+        )
+
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return paged_attention(
             q,
             self.k_cache,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gpu_worker.model_source import ModelLoadError
+from tokenizer_svc.model_source import ModelLoadError
 
 # What reading a damaged or foreign file raises, turned into one ModelLoadError line.
 READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError)

@@ -68,6 +68,10 @@ class CudaGraphs:
         size = next((s for s in self.graphs["mixed"] if s >= num_tokens), None)
         return None if size is None else GraphKey("mixed", size, self.mixed_num_seqs)
 
+    def sizes(self, kind: str) -> list[int]:
+        """The captured sizes of a kind ("decode": batch sizes, "mixed": token counts), ascending."""
+        return list(self.graphs[kind])
+
     def replay(self, key: GraphKey) -> torch.Tensor:
         """Run the graph; its output hidden states [padded tokens, hidden]."""
         self.graphs[key.kind][key.num_tokens]()

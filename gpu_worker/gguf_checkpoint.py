@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gpu_worker.checkpoint import READ_ERRORS, Checkpoint
-from gpu_worker.model_source import ModelLoadError
+from tokenizer_svc.model_source import ModelLoadError
 
 # llama.cpp's architecture name -> the Hugging Face architecture and model_type it maps onto.
 # (llama.cpp converts Mistral and SmolLM2 as "llama".)

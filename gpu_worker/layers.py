@@ -1,7 +1,7 @@
 """The small layers the model families share: norms, rotary embedding, activations, linears.
 
-Each computation is a plain function (`rms_norm`, `apply_rotary`, `silu_and_mul`, ...) that
-its module calls, so a Triton kernel from `kernels/` replaces the PyTorch version in one line.
+Each module's computation is a function from `kernels` (`rms_norm`, `linear`, ...), which runs
+the Triton kernel on CUDA tensors and its PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# rms_norm(x, weight, eps), apply_rotary(x, cos, sin) (x [T, heads, d], cos/sin [T, d], neox),
-# silu_and_mul(x) and fused_add_rms_norm(x, residual, weight, eps) -> (normed, x + residual):
-# Triton kernels on CUDA, their PyTorch references (kernels/norm.py, rotary.py, activation.py)
-# elsewhere. [kernels issue: the PyTorch bodies that were defined here moved there unchanged]
-from kernels import apply_rotary, fused_add_rms_norm, linear, rms_norm, silu_and_mul  # noqa: F401 (re-exported)
+from kernels import fused_add_rms_norm, linear, rms_norm
 
-# ---- functions -----------------------------------------------------------------------------
+# ---- activations ---------------------------------------------------------------------------
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -38,29 +34,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def activation_name(hf: dict, default: str) -> str:
-    """The config's `activation_function`, checked against the ones implemented."""
-    name = hf.get("activation_function", default)
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-    return name
-
-
-class MultiHeadShape:
-    """Head layout of a config without grouped-query attention (every head has its own K/V)."""
-
-    hidden_size: int
-    num_attention_heads: int
-
-    @property
-    def num_key_value_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
 # ---- modules -------------------------------------------------------------------------------
 
 
@@ -76,11 +49,6 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual) in one pass: the residual stream's add fused in."""
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
 
 
 class Linear(nn.Linear):

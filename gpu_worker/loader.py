@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from gpu_worker.checkpoint import Checkpoint, read_hf_folder
 from gpu_worker.gguf_checkpoint import read_gguf
-from gpu_worker.model_source import ModelLoadError, embedded_gguf_path, resolve_model_path
+from gpu_worker.model_config import build_model_config
 from gpu_worker.models import MODEL_REGISTRY
 from gpu_worker.models.base import CausalLM
 from protocol.config import EMBEDDED_MODEL_NAME, EngineConfig
+from tokenizer_svc.model_source import ModelLoadError, embedded_gguf_path, resolve_model_path
 
 __all__ = ["LoadedModel", "ModelLoadError", "embedded_gguf_path", "load_model", "read_checkpoint", "resolve_dtype"]
 
@@ -59,7 +60,7 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
             f"{name}: architecture {architecture} is not supported (supported: {', '.join(MODEL_REGISTRY)})"
         )
     try:
-        model_config = model_class.config_class.from_hf(hf_config)
+        model_config = build_model_config(model_class, hf_config)
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{name}: config.json does not fit {architecture}: {e!r}") from None
     dtype = resolve_dtype(config.dtype, device, checkpoint.dtype)

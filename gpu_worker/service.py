@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from protocol import Codec, EngineConfig, Heartbeat, Hello, Shutdown, StepPlan, connect_dealer
+from protocol import Decoder, EngineConfig, Heartbeat, Hello, Shutdown, StepPlan, connect_dealer, encode
 from protocol.messages import WorkerInbound
 
 if TYPE_CHECKING:
-    from gpu_worker.model_runner import ModelRunner, PendingStep
+    from gpu_worker.input_batch import PendingStep
+    from gpu_worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pagoda.worker")
 
@@ -22,10 +23,9 @@ logger = logging.getLogger("pagoda.worker")
 def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: threading.Event) -> None:
     """Beats from a thread with its own socket, so a long step does not look like a death."""
     sock = connect_dealer(ctx, config.scheduler_addr, f"{member_id}.hb")
-    codec = Codec(WorkerInbound)
     try:
         while not stop.wait(config.heartbeat_interval_s):
-            sock.send(codec.encode(Heartbeat(member_id, ready=True)))
+            sock.send(encode(Heartbeat(member_id, ready=True)))
     finally:
         sock.close()
 
@@ -42,7 +42,7 @@ def _plan_arrives_first(sock: zmq.Socket, runner: ModelRunner, step: PendingStep
 
 def run_worker(config: EngineConfig, rank: int = 0) -> None:
     from gpu_worker.model_runner import ModelRunner
-    from gpu_worker.model_source import ModelLoadError
+    from tokenizer_svc.model_source import ModelLoadError
 
     member_id = f"worker-{rank}"
     try:
@@ -53,9 +53,9 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
         raise SystemExit(1) from None
     ctx = zmq.Context()
     sock = connect_dealer(ctx, config.scheduler_addr, member_id)
-    codec = Codec(WorkerInbound)
+    from_scheduler = Decoder(WorkerInbound)
     sock.send(
-        codec.encode(
+        encode(
             Hello(
                 role="worker",
                 member_id=member_id,
@@ -83,7 +83,7 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
     def answer(step: PendingStep) -> None:
         result = runner.finish(step)
         if rank == 0:
-            sock.send(codec.encode(result))
+            sock.send(encode(result))
 
     try:
         while True:
@@ -93,7 +93,7 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
                 idle_since = time.perf_counter()
             frame = sock.recv()
             received = time.perf_counter()
-            msg = codec.decode(frame)
+            msg = from_scheduler.decode(frame)
             if isinstance(msg, Shutdown):
                 if pending is not None:
                     answer(pending)

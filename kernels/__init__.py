@@ -125,15 +125,6 @@ def fused_add_rms_norm(
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotary embedding of x [T, heads, d] with per-token cos/sin [T, d]."""
-    if _triton(x):
-        from kernels.triton_rotary import apply_rotary_triton
-
-        return apply_rotary_triton(x, cos, sin)
-    return apply_rotary_ref(x, cos, sin)
-
-
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = [gate, up] on the last dim."""
     if _triton(x):
@@ -161,7 +152,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 __all__ = [
-    "apply_rotary",
     "apply_rotary_ref",
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",

@@ -70,7 +70,7 @@ SHARED_MEMORY_BUDGET = H100.shared_mem - _SHARED_MEMORY_HEADROOM
 
 def default_config(n: int, k: int, shared_mem: int = H100.shared_mem) -> LinearConfig:
     """The tiling for `out` = n, `in` = k, from the sweep of `bench kernels --sweep --only gemm`
-    on an H200 (docs/BENCHMARKS.md): 32 outputs per program once there are 4,096 of them
+    (docs/BENCHMARKS.md): 32 outputs per program once there are 4,096 of them
     (128+ programs), else 16; 512-wide key tiles where few outputs meet a long `in` (each
     program streams long rows), else the widest key tile up to 256 that divides `in` (none: 64,
     masked); four stages, fewer where the tiles would not fit in the device's `shared_mem`."""

@@ -260,11 +260,7 @@ def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
     return [tiling]
 
 
-# Query groups of 2 (qwen3-0.6b's 16/8 heads, workload T) stream 64-key tiles faster: on an H200
-# 0.826 of copy against 0.806 at batch 256 over contexts of 100..1100, 0.773 against 0.714 at
-# batch 128 over 100..2048, and T's output tok/s +2.2% and +2.9% in two runs of the engine.
-# Groups of 4 (32/8, workload K) keep 32-key tiles: 64 gave 2.60 against 2.86 TB/s there (H100).
-# Whether the group or the contexts (600 against 4096) makes the difference is not separated.
+# Query groups of 2 (qwen3-0.6b's 16/8 heads) stream 64-key tiles faster; groups of 4 keep 32.
 _DECODE_TILINGS_GROUP_2 = [(16, 64, 4, 5)] + _DECODE_TILINGS
 _ENV_DECODE_TILING = _tiling_from_env("PAGODA_ATTN_DECODE_TILING")
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]

@@ -1,9 +1,16 @@
-"""`EngineConfig`: one Struct, built from CLI flags or `PAGODA_*` variables, given to every process."""
+"""`EngineConfig`: one Struct, built from CLI flags or `PAGODA_*` variables, given to every process.
+
+Every field is a flag (`max_num_seqs` -> `--max-num-seqs`, as vLLM names them) and a `PAGODA_*`
+environment variable (`PAGODA_MAX_NUM_SEQS`); a flag wins over the variable.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
+import types
+import typing
 
 import msgspec
 
@@ -84,3 +91,44 @@ def encode_config(config: EngineConfig) -> str:
 
 def decode_config(text: str) -> EngineConfig:
     return msgspec.json.decode(text, type=EngineConfig)
+
+
+def _field_type(annotation: typing.Any) -> type:
+    """The scalar type behind `int | None` and the like."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per `EngineConfig` field, its default from `PAGODA_<FIELD>` when that is set."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in msgspec.structs.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        var = "PAGODA_" + f.name.upper()
+        env = os.environ.get(var)
+        typ = _field_type(hints[f.name])
+        if typ is bool:
+            default = f.default if env is None else env.lower() in ("1", "true", "yes", "on")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        try:
+            default = f.default if env is None else typ(env)
+        except ValueError:
+            raise SystemExit(f"pagoda: {var}={env!r} is not a valid {typ.__name__}") from None
+        parser.add_argument(flag, type=typ, default=default, metavar=f.name.upper())
+    parser.add_argument("--config-json", help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The configuration: whole from --config-json or $PAGODA_ENGINE_CONFIG (how `pagoda serve`
+    hands it to its children), else from the flags and PAGODA_* variables."""
+    if args.config_json:
+        return decode_config(args.config_json)
+    if os.environ.get("PAGODA_SUPERVISED") and os.environ.get("PAGODA_ENGINE_CONFIG"):
+        return decode_config(os.environ["PAGODA_ENGINE_CONFIG"])
+    values = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(EngineConfig)}
+    try:
+        return EngineConfig(**values)
+    except (TypeError, msgspec.ValidationError) as e:
+        raise SystemExit(f"pagoda: invalid configuration: {e}") from None

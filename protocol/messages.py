@@ -257,7 +257,7 @@ class TextBatch(msgspec.Struct, tag=True):
     outputs: list[TextOutput]
 
 
-# ---- the union each socket accepts -----------------------------------------------------
+# ---- the union each socket accepts: what its `protocol.sockets.Decoder` is built on ----
 
 FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply
 TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown

@@ -1,4 +1,4 @@
-"""ZeroMQ helpers: hubs bind ROUTER, pool members connect DEALER; msgpack codecs per socket."""
+"""ZeroMQ helpers: hubs bind ROUTER, pool members connect DEALER; `encode` to send, a `Decoder` per inbound socket."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import msgspec
 import zmq
 
 logger = logging.getLogger(__name__)
+
+# One encoder for every socket: any message encodes the same whoever receives it.
+_encoder = msgspec.msgpack.Encoder()
 
 
 def bind_router(ctx: zmq.Context, addr: str) -> zmq.Socket:
@@ -32,15 +35,16 @@ def connect_dealer(ctx: zmq.Context, addr: str, identity: str) -> zmq.Socket:
     return sock
 
 
-class Codec:
-    """Encodes any protocol message; decodes only the union a socket accepts."""
+def encode(msg: msgspec.Struct) -> bytes:
+    """The frame that carries `msg` to any socket."""
+    return _encoder.encode(msg)
+
+
+class Decoder:
+    """Reads the frames arriving on one socket: only the union of messages that socket accepts."""
 
     def __init__(self, accepts: Any) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(accepts)
-
-    def encode(self, msg: msgspec.Struct) -> bytes:
-        return self._encoder.encode(msg)
 
     def decode(self, frame: bytes) -> Any | None:
         """The message, or None for a malformed or unexpected frame (logged, never raised)."""

@@ -141,7 +141,6 @@ class Scheduler:
         ]
 
         # Running requests first, oldest first; preempt from the newest end when blocks run out.
-        # A victim is never one already scheduled: those sit before `i`, victims at the end.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -150,13 +149,7 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, budget)
-            blocks = self.kv.allocate_slots(req, num_new)
-            while blocks is None:
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-                blocks = self.kv.allocate_slots(req, num_new)
+            blocks = self._allocate_or_preempt(req, num_new)
             if blocks is None:
                 break
             new_blocks[req.request_id] = blocks
@@ -217,19 +210,6 @@ class Scheduler:
         req.is_new_to_worker = True
         self.running.append(req)
 
-    def _preempt(self, req: Request) -> None:
-        """Free a running request's blocks and queue it to be recomputed from its tokens."""
-        self.running.remove(req)
-        self.kv.free(req)
-        req.num_computed_tokens = 0
-        req.num_stale_tokens += req.num_output_placeholders
-        req.num_output_placeholders = 0
-        req.status = RequestStatus.PREEMPTED
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self._finished_for_worker.append(req.request_id)
-        self.waiting.appendleft(req)
-
     def _make_plan(
         self, scheduled: dict[str, int], new_blocks: dict[str, list[int]], copies: list[tuple[int, int]]
     ) -> StepPlan:
@@ -269,6 +249,36 @@ class Scheduler:
         )
         self._finished_for_worker = []
         return plan
+
+    # ---- preemption --------------------------------------------------------------------
+
+    def _allocate_or_preempt(self, req: Request, num_new: int) -> list[int] | None:
+        """Blocks for `req`'s next `num_new` tokens, preempting the newest running requests for them.
+
+        None when `req` itself was the newest and was preempted. A victim is never a request
+        already scheduled this step: those sit before `req` in `running`, victims at the end.
+        """
+        blocks = self.kv.allocate_slots(req, num_new)
+        while blocks is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return None
+            blocks = self.kv.allocate_slots(req, num_new)
+        return blocks
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's blocks and queue it to be recomputed from its tokens."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_stale_tokens += req.num_output_placeholders
+        req.num_output_placeholders = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._finished_for_worker.append(req.request_id)
+        self.waiting.appendleft(req)
 
     # ---- results -----------------------------------------------------------------------
 

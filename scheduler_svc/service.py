@@ -20,7 +20,7 @@ import zmq
 
 from protocol import (
     Abort,
-    Codec,
+    Decoder,
     EngineConfig,
     EngineReady,
     EngineRequest,
@@ -34,6 +34,7 @@ from protocol import (
     TokenBatch,
     TokenOutput,
     bind_router,
+    encode,
 )
 from protocol.messages import SchedulerInbound
 from scheduler_svc.request import Request
@@ -47,7 +48,7 @@ class SchedulerService:
         self.config = config
         self.ctx = zmq.Context()
         self.sock = bind_router(self.ctx, config.scheduler_addr)
-        self.codec = Codec(SchedulerInbound)
+        self.from_members = Decoder(SchedulerInbound)  # tokenizers and workers, on the one ROUTER
         self.scheduler: Scheduler | None = None
         self.engine_ready: EngineReady | None = None
         self.workers: dict[int, str] = {}  # rank -> member id
@@ -71,7 +72,7 @@ class SchedulerService:
 
     def _send(self, member_id: str, msg: msgspec.Struct) -> bool:
         try:
-            self.sock.send_multipart([member_id.encode(), self.codec.encode(msg)])
+            self.sock.send_multipart([member_id.encode(), encode(msg)])
             return True
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the member is gone
             # At shutdown the workers may have stopped first (the same signal reached them).
@@ -274,7 +275,7 @@ class SchedulerService:
                             sender, frame = self.sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        msg = self.codec.decode(frame)
+                        msg = self.from_members.decode(frame)
                         if msg is not None:
                             self._handle(sender.decode(errors="replace"), msg)
                 self._maybe_schedule()

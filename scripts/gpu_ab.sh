@@ -7,7 +7,8 @@
 #   scripts/gpu_ab.sh OUTDIR .bench/base [ROUNDS]                          # on the GPU machine
 #
 # Writes OUTDIR/{t,l}-{a,b}-N.json (a: the other tree, b: this one) and prints one line per
-# run; the tree's own CLI is used (`python -m pagoda`, or `python -m frontend.cli` before it).
+# run. A_COMMIT and B_COMMIT name the trees' commits in the JSON. Each tree runs its own CLI
+# (`python -m pagoda`, or `python -m frontend.cli` in trees older than the pagoda/ package).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_ab.sh OUTDIR OTHER_TREE [ROUNDS]}
 other=$(cd "${2:?usage: scripts/gpu_ab.sh OUTDIR OTHER_TREE [ROUNDS]}" && pwd)
@@ -22,11 +23,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONUNBUFFERED=1 PAGODA_CACHE_DIR=/tmp/pagoda-cache
 
-bench() {  # tree name workload args...
-    local tree=$1 name=$2; shift 2
+bench() {  # tree name commit workload args...
+    local tree=$1 name=$2 commit=$3; shift 3
     local cli="frontend.cli"
     [ -f "$tree/pagoda/__main__.py" ] && cli="pagoda"
-    (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout "${BENCH_TIMEOUT:-400}" python3 -m $cli bench "$@" \
+    (cd "$tree" && PAGODA_GIT_COMMIT=$commit PYTHONPATH=/tmp/site:$tree timeout "${BENCH_TIMEOUT:-400}" python3 -m $cli bench "$@" \
         --output-json "$out/$name.json" > "$out/$name.log" 2>&1)
     echo "$name exit $? $(python3 - "$out/$name.json" <<'EOF'
 import json, sys
@@ -47,9 +48,10 @@ EOF
 
 for i in $(seq 1 "$rounds"); do
     for side in a b; do
-        tree=$other; [ $side = b ] && tree=$here
-        bench "$tree" "t-$side-$i" throughput --random-weights qwen3-0.6b --peer none \
+        tree=$other commit=${A_COMMIT:-}
+        [ $side = b ] && tree=$here commit=${B_COMMIT:-}
+        bench "$tree" "t-$side-$i" "$commit" throughput --random-weights qwen3-0.6b --peer none \
             --engine-args "--max-num-batched-tokens 8192"
-        bench "$tree" "l-$side-$i" latency --random-weights llama3-8b --peer none
+        bench "$tree" "l-$side-$i" "$commit" latency --random-weights llama3-8b --peer none
     done
 done

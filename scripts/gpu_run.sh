@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 bench() {
     local name=$1; shift
     echo "== bench $name: $*"
-    timeout "${BENCH_TIMEOUT:-900}" python3 -m frontend.cli bench "$@" --output-json "$out/$name.json" \
+    timeout "${BENCH_TIMEOUT:-900}" python3 -m pagoda bench "$@" --output-json "$out/$name.json" \
         > "$out/$name.log" 2>&1
     echo "   exit $? ($(tail -c 300 "$out/$name.log" | tr '\n' ' '))"
 }

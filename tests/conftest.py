@@ -70,7 +70,7 @@ def start_server(tmp_dir: str, *args: str, timeout: float = 300) -> Server:
     port = free_port()
     step_log = os.path.join(tmp_dir, f"steps-{port}.jsonl")
     log_path = os.path.join(tmp_dir, f"server-{port}.log")
-    cmd = [sys.executable, "-m", "frontend.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "pagoda", "serve", "--port", str(port),
            "--step-log", step_log, "--log-level", "info", *args]
     log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

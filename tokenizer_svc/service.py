@@ -12,38 +12,32 @@ import os
 import time
 from typing import Any
 
-import jinja2
 import msgspec
 import zmq
 
 from protocol import (
     Abort,
-    Codec,
+    Decoder,
     EngineConfig,
     EngineReady,
     EngineRequest,
     ErrorReply,
     Heartbeat,
     Hello,
-    SamplingParams,
     SchedulerStats,
     Shutdown,
     TextBatch,
     TokenBatch,
     TokenizeRequest,
     connect_dealer,
+    encode,
 )
 from protocol.messages import TokenizerFromFrontend, TokenizerFromScheduler
 from tokenizer_svc.output_processor import OutputProcessor
+from tokenizer_svc.tokenization import RequestRejected, tokenize_request
 from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
 
 logger = logging.getLogger("pagoda.tokenizer")
-
-
-class RequestRejected(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
 
 
 class TokenizerService:
@@ -54,76 +48,12 @@ class TokenizerService:
         self.ctx = zmq.Context()
         self.frontend = connect_dealer(self.ctx, config.frontend_addr, member_id)
         self.scheduler = connect_dealer(self.ctx, config.scheduler_addr, member_id)
-        self.from_frontend = Codec(TokenizerFromFrontend)
-        self.from_scheduler = Codec(TokenizerFromScheduler)
+        self.from_frontend = Decoder(TokenizerFromFrontend)
+        self.from_scheduler = Decoder(TokenizerFromScheduler)
         self.engine: EngineReady | None = None
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats: SchedulerStats | None = None
         self._stopping = False
-
-    # ---- tokenization ------------------------------------------------------------------
-
-    def tokenize(self, req: TokenizeRequest) -> list[int]:
-        if req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-            vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in ids):
-                raise RequestRejected(f"prompt token ids must be in [0, {vocab})", "prompt")
-        elif req.messages is not None:
-            if self.tokenizer.chat_template is None:
-                raise RequestRejected(
-                    "This model has no chat template; pass one with --chat-template.", "messages"
-                )
-            messages = [msgspec.structs.asdict(m) for m in req.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages,
-                    tokenize=False,
-                    add_generation_prompt=req.add_generation_prompt,
-                    continue_final_message=req.continue_final_message,
-                )
-            except (jinja2.TemplateError, ValueError) as e:
-                # The template's own checks (roles must alternate, ...) are the client's to fix.
-                raise RequestRejected(f"The chat template rejected the messages: {e}", "messages") from None
-            # The template already wrote the special tokens it wants.
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt)
-        else:
-            raise RequestRejected("either a prompt or messages is required", "prompt")
-        if not ids:
-            raise RequestRejected("the prompt is empty", "messages" if req.messages is not None else "prompt")
-        return ids
-
-    def _check_token_ids(self, sampling: SamplingParams) -> None:
-        vocab = len(self.tokenizer)
-        if any(t >= vocab for t in sampling.logit_bias):
-            raise RequestRejected(f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias")
-        if any(t >= vocab for t in sampling.stop_token_ids):
-            raise RequestRejected(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
-
-    def _check_length(self, req: TokenizeRequest, ids: list[int]) -> int:
-        """The request's max_tokens, after checking prompt + max_tokens against max_model_len."""
-        assert self.engine is not None
-        limit = self.engine.max_model_len
-        param = "messages" if req.messages is not None else "prompt"
-        max_tokens = req.sampling.max_tokens
-        if len(ids) >= limit:
-            raise RequestRejected(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{len(ids)} tokens. Please reduce the length of the {param}.",
-                param,
-            )
-        if max_tokens is None:
-            return limit - len(ids)
-        if len(ids) + max_tokens > limit:
-            raise RequestRejected(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in the {param}, {max_tokens} in the "
-                f"completion). Please reduce the length of the {param} or of max_tokens.",
-                "max_tokens",
-            )
-        return max_tokens
 
     # ---- messages from the frontend ----------------------------------------------------
 
@@ -131,9 +61,7 @@ class TokenizerService:
         try:
             if self.engine is None:
                 raise RequestRejected("The engine is not ready yet.", None, 503)
-            ids = self.tokenize(req)
-            self._check_token_ids(req.sampling)
-            max_tokens = self._check_length(req, ids)
+            ids, max_tokens = tokenize_request(self.tokenizer, req, self.engine.max_model_len)
         except RequestRejected as e:
             self._send_frontend(ErrorReply(req.request_id, e.status, e.message, param=e.param))
             return
@@ -147,23 +75,20 @@ class TokenizerService:
         if req.echo:
             prompt_text = req.prompt if req.prompt is not None else self.tokenizer.decode(ids)
         self.outputs.add_request(req.request_id, ids, sampling, prompt_text)
-        self.scheduler.send(
-            self.from_scheduler.encode(
-                EngineRequest(req.request_id, ids, sampling, self.member_id, req.arrival_time or time.time())
-            )
-        )
+        engine_request = EngineRequest(req.request_id, ids, sampling, self.member_id, req.arrival_time or time.time())
+        self.scheduler.send(encode(engine_request))
 
     def _on_abort(self, msg: Abort) -> None:
         for rid in msg.request_ids:
             self.outputs.forget(rid)
-        self.scheduler.send(self.from_scheduler.encode(msg))
+        self.scheduler.send(encode(msg))
 
     # ---- messages from the scheduler ---------------------------------------------------
 
     def _on_tokens(self, batch: TokenBatch) -> None:
         texts, aborts = self.outputs.process(batch.outputs)
         for abort in aborts:
-            self.scheduler.send(self.from_scheduler.encode(abort))
+            self.scheduler.send(encode(abort))
         if texts:
             self._send_frontend(TextBatch(texts))
 
@@ -178,18 +103,18 @@ class TokenizerService:
     # ---- the loop ----------------------------------------------------------------------
 
     def _send_frontend(self, msg: msgspec.Struct) -> None:
-        self.frontend.send(self.from_frontend.encode(msg))
+        self.frontend.send(encode(msg))
 
     def _heartbeat(self) -> None:
         hb = Heartbeat(self.member_id, load=len(self.outputs), ready=self.engine is not None)
-        self.scheduler.send(self.from_scheduler.encode(hb))
+        self.scheduler.send(encode(hb))
         hb.stats = self.stats
         self._send_frontend(hb)
 
     def run(self) -> None:
         hello = Hello(role="tokenizer", member_id=self.member_id, pid=os.getpid())
         self._send_frontend(hello)
-        self.scheduler.send(self.from_scheduler.encode(hello))
+        self.scheduler.send(encode(hello))
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.scheduler, zmq.POLLIN)
@@ -210,13 +135,15 @@ class TokenizerService:
             self.scheduler.close()
             self.ctx.term()
 
-    def _drain(self, sock: zmq.Socket, codec: Codec) -> None:
+    def _drain(self, sock: zmq.Socket, inbound: Decoder) -> None:
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = codec.decode(frame)
+            msg = inbound.decode(frame)
+            if msg is None:
+                continue
             try:
                 self._dispatch(msg)
             except Exception:

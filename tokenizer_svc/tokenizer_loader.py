@@ -14,6 +14,7 @@ import tempfile
 from typing import Any
 
 from protocol import EngineConfig
+from tokenizer_svc.chat_template import read_chat_template
 
 logger = logging.getLogger("pagoda.tokenizer")
 
@@ -48,8 +49,9 @@ def _load_gguf_tokenizer(path: str) -> Any:
 
 def load_tokenizer(config: EngineConfig) -> Any:
     """The tokenizer of `--tokenizer`, else of `--model` (at `--revision`): a folder, a GGUF file
-    (its embedded vocabulary) or a hub id in the Hugging Face cache, resolved as the worker does."""
-    from gpu_worker.model_source import ModelLoadError, resolve_model_path
+    (its embedded vocabulary) or a hub id in the Hugging Face cache, resolved as the worker does;
+    `--chat-template`, if given, replaces the chat template it ships with."""
+    from tokenizer_svc.model_source import ModelLoadError, resolve_model_path
 
     # --revision is the model's; a separate --tokenizer is read at its default revision (vLLM's rule).
     source, revision = (config.tokenizer, None) if config.tokenizer else (config.model, config.revision)
@@ -71,9 +73,5 @@ def load_tokenizer(config: EngineConfig) -> Any:
         hint = "" if config.tokenizer else "; pass one with --tokenizer"
         raise TokenizerLoadError(f"cannot load a tokenizer from {str(path)!r}: {reason}{hint}") from None
     if config.chat_template:
-        template = config.chat_template
-        if os.path.isfile(template):
-            with open(template) as f:
-                template = f.read()
-        tok.chat_template = template
+        tok.chat_template = read_chat_template(config.chat_template)
     return tok

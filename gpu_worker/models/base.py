@@ -1,9 +1,11 @@
 """What every model family shares: the runner's interface and loading Hugging Face-named weights.
 
-A family's module keeps Hugging Face's parameter names, except that projections of one input
-are stacked into a `MergedLinear` (q/k/v, gate/up), so a layer does two matmuls where it would
-do five. The class says which checkpoint names feed which stacked rows, which names it skips,
-and which weights are stored transposed (GPT-2's Conv1D); `load_weights` does the rest.
+A family's module keeps Hugging Face's parameter names, with two exceptions: projections of
+one input are stacked into a `MergedLinear` (q/k/v, gate/up), so a layer does two matmuls where
+it would do five; and Qwen3's q/k norms live in the `Attention` layer, whose fused kernel
+applies them. The class says which checkpoint names feed which stacked rows or moved modules,
+which names it skips, and which weights are stored transposed (GPT-2's Conv1D); `load_weights`
+does the rest.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import MergedLinear, linear
+from gpu_worker.layers import MergedLinear
+from kernels import linear
 
 
 class ModelConfig(Protocol):
@@ -32,13 +35,30 @@ class ModelConfig(Protocol):
     def from_hf(cls, hf: dict) -> Any: ...
 
 
+class MultiHeadShape:
+    """Head layout of a config without grouped-query attention (every head has its own K/V)."""
+
+    hidden_size: int
+    num_attention_heads: int
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
 class CausalLM(nn.Module):
-    config_class: ClassVar[type]
+    config_class: ClassVar[type[ModelConfig]]
     # The base model's prefix in full checkpoints; checkpoints of the base model alone (the
     # hub's gpt2 and opt-125m) leave it out, and it is added back.
     base_prefix: ClassVar[str] = "model."
     # Our stacked parameter -> the Hugging Face projections it holds, in row order.
     stacked_params: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Our module -> the Hugging Face module whose weights it holds under another path.
+    moved_modules: ClassVar[dict[str, str]] = {}
     # Checkpoint names ending so are buffers we compute ourselves (rope tables, causal masks).
     ignored_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
     # Weights stored [in, out] (Conv1D) rather than nn.Linear's [out, in].
@@ -76,7 +96,7 @@ class CausalLM(nn.Module):
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue  # the same tensor as the embedding
-            target, shard = self._stacked_target(name)
+            target, shard = self._our_name(name)
             if target not in params and self.base_prefix + target in params:
                 target = self.base_prefix + target
             if target not in params:
@@ -96,7 +116,10 @@ class CausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
 
-    def _stacked_target(self, name: str) -> tuple[str, int | None]:
+    def _our_name(self, name: str) -> tuple[str, int | None]:
+        """Our parameter for checkpoint tensor `name`, and its row block if it is stacked."""
+        for ours, hf_key in self.moved_modules.items():
+            name = name.replace(f".{hf_key}.", f".{ours}.")
         for ours, parts in self.stacked_params.items():
             for shard, hf_key in enumerate(parts):
                 if f".{hf_key}." in name:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import ACTIVATIONS, MultiHeadShape, activation_name
-from gpu_worker.models.base import CausalLM
+from gpu_worker.layers import ACTIVATIONS
+from gpu_worker.models.base import CausalLM, MultiHeadShape
 
 
 @dataclass
@@ -31,9 +31,7 @@ class GPT2Config(MultiHeadShape):
 
     @classmethod
     def from_hf(cls, hf: dict) -> GPT2Config:
-        activation = activation_name(hf, "gelu_new")
-        if not hf.get("scale_attn_weights", True):
-            raise ValueError("scale_attn_weights=False is not supported")
+        """From a Hugging Face config.json dict (`gpu_worker.model_config` checks it first)."""
         hidden = hf["n_embd"]
         return cls(
             vocab_size=hf["vocab_size"],
@@ -43,7 +41,7 @@ class GPT2Config(MultiHeadShape):
             num_attention_heads=hf["n_head"],
             max_position_embeddings=hf.get("n_positions", 1024),
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            activation=activation,
+            activation=hf.get("activation_function", "gelu_new"),
             scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
         )
@@ -52,18 +50,16 @@ class GPT2Config(MultiHeadShape):
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
         self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        scale = self.head_dim**-0.5
+        scale = config.head_dim**-0.5
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
-        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale)
+        self.attn = Attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim, scale)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        return self.c_proj(self.attn(q, k, v, meta).flatten(1))
+        qkv = self.c_attn(x)
+        return self.c_proj(self.attn(qkv, meta))
 
 
 class GPT2MLP(nn.Module):

@@ -9,18 +9,16 @@ paged KV cache.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from gpu_worker.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from gpu_worker.model_config import rope_parameters
 from gpu_worker.models.base import CausalLM
-from kernels import rope_write_kv
-
-logger = logging.getLogger(__name__)
+from kernels import silu_and_mul
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,9 +44,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """From a Hugging Face config.json dict (transformers 4 or 5 spelling of rope)."""
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        RotaryEmbedding.scaling_type(rope)  # fail at load time on a scaling we lack
+        """From a Hugging Face config.json dict (`gpu_worker.model_config` checks it first)."""
+        rope = rope_parameters(hf)
         model_type = hf.get("model_type")
         num_heads = hf["num_attention_heads"]
         # Llama and Qwen3 put `attention_bias` on all four projections; Qwen2 has q/k/v bias
@@ -64,7 +61,7 @@ class LlamaConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            max_position_embeddings=_positions_within_window(hf),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             rope_scaling=rope or None,
             qkv_bias=model_type == "qwen2" or attention_bias,
@@ -74,53 +71,20 @@ class LlamaConfig:
         )
 
 
-def _positions_within_window(hf: dict) -> int:
-    """max_position_embeddings, capped at the sliding window where one is in use.
-
-    Sliding-window attention is not implemented; below the window it is exactly full
-    attention, so capping the context keeps every answer exact (Mistral-7B v0.1: 4096).
-    """
-    max_positions = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    if hf.get("model_type") in ("qwen2", "qwen3"):
-        uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in (hf.get("layer_types") or [])
-    else:
-        uses_window = window is not None
-    if uses_window and window and window < max_positions:
-        logger.warning("sliding window attention is not supported: the context is capped at the window, %d", window)
-        return window
-    return max_positions
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
-        # Qwen3: RMSNorm over each head's q and k, before rope.
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        # Qwen3 RMS-normalizes each head of q and k before rope.
+        qk_norm_eps = config.rms_norm_eps if config.qk_norm else None
+        self.attn = Attention(heads, kv_heads, head_dim, qk_norm_eps=qk_norm_eps)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata) -> torch.Tensor:
-        # Split, q/k norms, rotary and the K/V write: one kernel on the GPU.
-        q = rope_write_kv(
-            self.qkv_proj(x),
-            self.num_heads,
-            self.num_kv_heads,
-            *cos_sin,
-            self.attn.k_cache,
-            self.attn.v_cache,
-            meta.slot_mapping,
-            self.q_norm.weight if self.q_norm is not None else None,
-            self.k_norm.weight if self.k_norm is not None else None,
-            self.q_norm.eps if self.q_norm is not None else 0.0,
-        )
-        return self.o_proj(self.attn.attend(q, meta).flatten(1))
+        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attn(qkv, meta, cos_sin))
 
 
 class LlamaMLP(nn.Module):
@@ -178,6 +142,7 @@ class LlamaForCausalLM(CausalLM):
         "qkv_proj": ("q_proj", "k_proj", "v_proj"),
         "gate_up_proj": ("gate_proj", "up_proj"),
     }
+    moved_modules = {"attn.q_norm": "q_norm", "attn.k_norm": "k_norm"}
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()

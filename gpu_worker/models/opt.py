@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import ACTIVATIONS, MergedLinear, MultiHeadShape, activation_name
-from gpu_worker.models.base import CausalLM
+from gpu_worker.layers import ACTIVATIONS, MergedLinear
+from gpu_worker.models.base import CausalLM, MultiHeadShape
 
 # OPT's position table starts 2 rows in: fairseq reserved them for padding.
 POSITION_OFFSET = 2
@@ -38,7 +38,7 @@ class OPTConfig(MultiHeadShape):
 
     @classmethod
     def from_hf(cls, hf: dict) -> OPTConfig:
-        activation = activation_name(hf, "relu")
+        """From a Hugging Face config.json dict (`gpu_worker.model_config` checks it first)."""
         hidden = hf["hidden_size"]
         pre_ln = hf.get("do_layer_norm_before", True)
         return cls(
@@ -53,7 +53,7 @@ class OPTConfig(MultiHeadShape):
             final_layer_norm=pre_ln and not hf.get("_remove_final_layer_norm", False),
             layer_norm_affine=hf.get("layer_norm_elementwise_affine", True),
             enable_bias=hf.get("enable_bias", True),
-            activation=activation,
+            activation=hf.get("activation_function", "relu"),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
         )
 
@@ -61,16 +61,14 @@ class OPTConfig(MultiHeadShape):
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
         hidden = config.hidden_size
         self.qkv_proj = MergedLinear(hidden, [hidden] * 3, bias=config.enable_bias)
         self.out_proj = nn.Linear(hidden, hidden, bias=config.enable_bias)
-        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        return self.out_proj(self.attn(q, k, v, meta).flatten(1))
+        qkv = self.qkv_proj(x)
+        return self.out_proj(self.attn(qkv, meta))
 
 
 class OPTDecoderLayer(nn.Module):

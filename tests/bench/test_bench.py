@@ -12,7 +12,7 @@ ENGINE = "--max-model-len 512 --num-tokenizers 1"
 
 def bench(tmp_path, workload: str, *flags: str, env: dict[str, str] | None = None) -> dict:
     out = tmp_path / f"{workload}.json"
-    cmd = [sys.executable, "-m", "frontend.cli", "bench", workload, "--random-weights", "tiny-llama",
+    cmd = [sys.executable, "-m", "pagoda", "bench", workload, "--random-weights", "tiny-llama",
            "--weights-dir", str(tmp_path.parent / "weights"), "--device", "cpu", "--output-json", str(out),
            "--engine-args", ENGINE, *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})

@@ -123,7 +123,7 @@ def test_each_role_is_its_own_process_and_sigterm_leaves_none(tmp_path):
     srv = start_server(str(tmp_path), "--num-tokenizers", "2")
     try:
         kids = child_pids(srv.proc.pid)
-        roles = sorted(_cmdline(p).split("frontend.cli ")[1].split()[0] for p in kids)
+        roles = sorted(_cmdline(p).split("-m pagoda ")[1].split()[0] for p in kids)
         assert roles == ["frontend", "scheduler", "tokenizer", "tokenizer", "worker"]
         assert len(set(kids)) == 5 and srv.proc.pid not in kids
         srv.proc.send_signal(signal.SIGTERM)

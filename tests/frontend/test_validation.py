@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from frontend.api_server import build_app
 from frontend.engine_client import EngineClient, EngineError
-from protocol import Codec, EngineConfig, connect_dealer
+from protocol import Decoder, EngineConfig, connect_dealer, encode
 from protocol.messages import (
     Abort,
     ErrorReply,
@@ -55,7 +55,7 @@ class FakeTokenizer:
         self.config, self.member_id, self.ready, self.script = config, member_id, ready, script
         self.received: list[Any] = []
         self._outbox: queue.Queue[bytes] = queue.Queue()
-        self._codec = Codec(TokenizerFromFrontend)
+        self._from_frontend = Decoder(TokenizerFromFrontend)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,7 +68,7 @@ class FakeTokenizer:
         self._thread.join(5)
 
     def send(self, msg: msgspec.Struct) -> None:
-        self._outbox.put(self._codec.encode(msg))
+        self._outbox.put(encode(msg))
 
     def send_raw(self, frame: bytes) -> None:
         self._outbox.put(frame)
@@ -79,20 +79,20 @@ class FakeTokenizer:
     def _run(self) -> None:
         ctx = zmq.Context()
         sock = connect_dealer(ctx, self.config.frontend_addr, self.member_id)
-        sock.send(self._codec.encode(Hello(role="tokenizer", member_id=self.member_id, pid=os.getpid())))
+        sock.send(encode(Hello(role="tokenizer", member_id=self.member_id, pid=os.getpid())))
         next_beat = 0.0
         while not self._stop.is_set():
             if time.monotonic() >= next_beat:
-                sock.send(self._codec.encode(Heartbeat(self.member_id, ready=self.ready)))
+                sock.send(encode(Heartbeat(self.member_id, ready=self.ready)))
                 next_beat = time.monotonic() + self.config.heartbeat_interval_s
             while not self._outbox.empty():
                 sock.send(self._outbox.get_nowait())
             if sock.poll(10):
-                msg = self._codec.decode(sock.recv())
+                msg = self._from_frontend.decode(sock.recv())
                 self.received.append(msg)
                 if self.script is not None and isinstance(msg, TokenizeRequest):
                     for reply in self.script(msg):
-                        sock.send(self._codec.encode(reply))
+                        sock.send(encode(reply))
         sock.close(linger=0)
         ctx.term()
 

@@ -1,16 +1,9 @@
-"""The scheduler and block pool on their own: batching, budgets, stops, preemption, leaks,
-prefix caching, parallel samples and async scheduling (tests/scheduler/sim_worker.py plays the worker)."""
+"""The scheduler on its own: batching, budgets, stops, preemption, leaks, prefix caching,
+parallel samples and async scheduling (tests/scheduler/sim_worker.py plays the worker)."""
 
-import os
-import subprocess
-import sys
 from collections import deque
 
-import pytest
-
 from protocol import SamplingParams, StepResult
-from scheduler_svc.block_pool import BlockPool
-from scheduler_svc.prefix_cache import extend_block_hashes, hash_block
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
 from tests.scheduler.sim_worker import SimWorker, next_token, reference_output
@@ -46,18 +39,6 @@ def assert_pool_consistent(s: Scheduler) -> None:
     for b in range(s.block_pool.num_blocks):
         assert s.block_pool.ref_counts[b] == held.get(b, 0)
     assert s.block_pool.num_free == s.block_pool.num_blocks - len(held)
-
-
-def test_block_pool_refcounts_and_double_free():
-    pool = BlockPool(4)
-    a = pool.allocate(2)
-    pool.share(a)
-    pool.free(a)
-    assert pool.num_free == 2
-    pool.free(a)
-    assert pool.num_free == 4
-    with pytest.raises(AssertionError):
-        pool.free(a)
 
 
 def test_requests_join_and_leave_the_running_batch_every_step():
@@ -152,8 +133,6 @@ def test_result_for_an_aborted_request_is_ignored():
 
 # ---- prefix caching --------------------------------------------------------------------
 
-KEYS = ("model", None)
-
 
 def drain(s: Scheduler, worker: SimWorker, depth: int = 1) -> dict[tuple[str, int], list[int]]:
     """Run steps (up to `depth` in flight) until no work is left; the tokens each sample got."""
@@ -166,25 +145,6 @@ def drain(s: Scheduler, worker: SimWorker, depth: int = 1) -> dict[tuple[str, in
             outputs.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
         assert_pool_consistent(s)
     return outputs
-
-
-def test_block_hash_chains_the_whole_prefix_and_the_extra_keys():
-    first = hash_block(None, [1, 2], KEYS)
-    assert first == hash_block(None, [1, 2], KEYS)
-    assert first != hash_block(None, [1, 2], ("another-model", None))
-    assert first != hash_block(None, [1, 2], ("model", "an-adapter"))
-    # Equal tokens after different prefixes are different blocks.
-    assert hash_block(first, [3, 4], KEYS) != hash_block(hash_block(None, [9, 9], KEYS), [3, 4], KEYS)
-    hashes: list[bytes] = []
-    extend_block_hashes(hashes, [1, 2, 3, 4, 5], 2, KEYS)
-    assert hashes == [first, hash_block(first, [3, 4], KEYS)]  # the partial block [5] is not hashed
-
-
-def test_block_hash_is_the_same_in_another_process():
-    code = "from scheduler_svc.prefix_cache import hash_block; print(hash_block(None, [1, 2], ('model', None)).hex())"
-    env = {**os.environ, "PYTHONHASHSEED": "random"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == hash_block(None, [1, 2], KEYS).hex()
 
 
 def test_a_request_sharing_a_prefix_reuses_its_full_blocks_and_computes_only_the_rest():
@@ -225,22 +185,6 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
         plan = s.schedule()
         assert plan.new_requests[0].num_computed_tokens == expected_hit
         assert plan.num_scheduled_tokens["b"] == prompt_len - expected_hit
-
-
-def test_cached_blocks_without_users_are_evicted_least_recently_freed_first():
-    pool = BlockPool(3)
-    blocks = pool.allocate(3)
-    hashes = [bytes([i]) * 32 for i in range(3)]
-    for b, h in zip(blocks, hashes):
-        assert pool.cache_block(b, h)
-    for b in (blocks[0], blocks[2], blocks[1]):
-        pool.free([b])
-    assert pool.num_free == 3 and all(pool.lookup(h) is not None for h in hashes)
-    assert pool.allocate(1) == [blocks[0]] and pool.lookup(hashes[0]) is None
-    pool.share([blocks[1]])  # a hit takes the most recently freed block back, uncopied
-    assert pool.num_free == 1 and pool.ref_counts[blocks[1]] == 1
-    assert pool.allocate(1) == [blocks[2]] and pool.lookup(hashes[2]) is None
-    assert pool.lookup(hashes[1]) == blocks[1]
 
 
 def test_with_prefix_caching_off_nothing_is_cached_or_counted():

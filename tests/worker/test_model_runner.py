@@ -190,7 +190,7 @@ def test_padded_decode_batches_and_decodes_behind_a_prefill_chunk_give_the_same_
 
     runner.graphs.capture_decode([2, 4, 8], capture=False)
     try:
-        assert sorted(runner.graphs.graphs["decode"]) == [2, 4, 8]
+        assert runner.graphs.sizes("decode") == [2, 4, 8]
         scheduler = ToyScheduler(runner, seed=30)
         scheduler.add("chunked", chat_prompts[0], max_tokens=12, chunk=5)
         scheduler.add("decoding", chat_prompts[2], max_tokens=12)
@@ -218,7 +218,7 @@ def test_mixed_steps_padded_to_a_graph_size_give_the_same_tokens(runner, chat_pr
 
     runner.graphs.capture_mixed(mixed_graph_sizes(256), capture=False)
     try:
-        assert sorted(runner.graphs.graphs["mixed"]) == [16, 32, 64, 128, 256]
+        assert runner.graphs.sizes("mixed") == [16, 32, 64, 128, 256]
         scheduler = ToyScheduler(runner, seed=50)
         scheduler.add("decoding", chat_prompts[2], max_tokens=10)
         scheduler.step()  # the whole prompt: padded up to the next size

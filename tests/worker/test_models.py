@@ -11,6 +11,7 @@ quantization are compared with transformers reading the same file. bf16 logits s
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 from gpu_worker.loader import ModelLoadError, resolve_dtype
-from gpu_worker.model_source import resolve_model_path
+from gpu_worker.model_config import build_model_config
+from gpu_worker.models import MODEL_REGISTRY
 from protocol.config import EngineConfig
 from tests.conftest import start_server
 from tests.model_check import (
@@ -45,6 +47,7 @@ from tests.tiny_models import (
     family_config,
     tiny_tokenizer,
 )
+from tokenizer_svc.model_source import resolve_model_path
 from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
 
 FP32_LOGITS_RTOL = 1e-4
@@ -234,7 +237,7 @@ def test_pagoda_serve_exits_1_with_one_line_for_an_unsupported_architecture(tiny
     shutil.copytree(folder, falcon)
     config = (falcon / "config.json").read_text().replace("Qwen3ForCausalLM", "FalconForCausalLM")
     (falcon / "config.json").write_text(config)
-    cmd = [sys.executable, "-m", "frontend.cli", "serve", "--model", str(falcon), "--num-tokenizers", "1",
+    cmd = [sys.executable, "-m", "pagoda", "serve", "--model", str(falcon), "--num-tokenizers", "1",
            "--port", "0", "--kv-cache-memory-gb", "0.05"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
@@ -276,6 +279,39 @@ def test_missing_corrupt_and_unsupported_checkpoints_say_what_is_wrong(tiny, tmp
     assert "rope scaling 'yarn' is not supported" in load_error(str(broken))
 
     assert "does not exist" in load_error(str(tmp_path / "nowhere"))
+
+
+def hf_config(family: str, **changes: object) -> dict:
+    """The config.json dict of a tiny `family` model, with `changes`."""
+    return {**family_config(family, 320)[1].to_dict(), **changes}
+
+
+def context_length(family: str, **changes: object) -> int:
+    return build_model_config(MODEL_REGISTRY["LlamaForCausalLM"], hf_config(family, **changes)).max_position_embeddings
+
+
+def test_a_sliding_window_in_use_caps_the_context(caplog) -> None:
+    """Below the window, sliding-window attention is full attention: the context stops there."""
+    hf = hf_config("mistral", sliding_window=64)
+    with caplog.at_level(logging.WARNING):
+        config = build_model_config(MODEL_REGISTRY["MistralForCausalLM"], hf)
+    assert config.max_position_embeddings == 64 and "the context is capped at the window, 64" in caplog.text
+    assert hf["max_position_embeddings"] == 256  # the checkpoint's own dict is left alone
+    assert context_length("mistral", sliding_window=4096) == 256
+    # Qwen configs name a window that only use_sliding_window or a sliding layer switch on.
+    assert context_length("qwen2", sliding_window=64) == 256
+    assert context_length("qwen2", sliding_window=64, use_sliding_window=True) == 64
+    assert context_length("qwen3", sliding_window=64, layer_types=["sliding_attention", "full_attention"]) == 64
+
+
+def test_config_features_not_implemented_fail_the_load_with_one_line() -> None:
+    gpt2, llama = MODEL_REGISTRY["GPT2LMHeadModel"], MODEL_REGISTRY["LlamaForCausalLM"]
+    with pytest.raises(ValueError, match=r"^activation 'swish' is not supported \(supported: gelu_new, "):
+        build_model_config(gpt2, hf_config("gpt2", activation_function="swish"))
+    with pytest.raises(ValueError, match="^scale_attn_weights=False is not supported$"):
+        build_model_config(gpt2, hf_config("gpt2", scale_attn_weights=False))
+    with pytest.raises(ValueError, match=r"^rope scaling 'yarn' is not supported \(supported: default, "):
+        build_model_config(llama, hf_config("llama", rope_parameters={"rope_type": "yarn"}))
 
 
 def test_hub_id_resolves_in_the_cache_or_says_how_to_download(tiny, tmp_path, monkeypatch) -> None:
@@ -353,7 +389,8 @@ def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, 
     folder, _ = tiny(family)
     prompts = random_prompts(len(tokenizer))
     graphs = make_runner(str(folder), device="cuda")
-    assert graphs.graphs and len(prompts) not in graphs.graphs  # so the batch is padded
+    decode_sizes = graphs.graphs.sizes("decode")
+    assert decode_sizes and len(prompts) not in decode_sizes  # so the batch is padded
     assert graphs.max_num_batched_tokens == 8192  # left unset: the GPU's default
     tokens = runner_greedy(graphs, prompts)
     del graphs
@@ -361,7 +398,7 @@ def test_runner_greedy_with_cuda_graphs_and_eager_equals_cpu_fp32(family, tiny, 
     assert runner_greedy(make_runner(str(folder), device="cpu"), prompts) == tokens
     # The prefill step (60 tokens) replayed from a graph of 64 tokens over every sequence slot.
     mixed = make_runner(str(folder), device="cuda", cuda_graph_mixed_tokens=64)
-    assert sorted(mixed.mixed_graphs) == [16, 32, 64]
+    assert mixed.graphs.sizes("mixed") == [16, 32, 64]
     assert runner_greedy(mixed, prompts) == tokens
 
 

@@ -1,28 +1,22 @@
-"""`pagoda serve`: start every process, wait until all are ready, stop them all on a signal.
+"""The engine's member processes, started and stopped together: used by the offline LLM and by `pagoda serve`.
 
-Each child is a separate OS process (`python -m frontend.cli <role>`, its configuration in
-`$PAGODA_ENGINE_CONFIG`), so
-the very same processes run under docker compose or Kubernetes. The children are told by the
-kernel (PR_SET_PDEATHSIG) to stop if the supervisor dies, so nothing is ever orphaned.
+Each member is a separate OS process (`python -m pagoda <role>`, its configuration in
+`$PAGODA_ENGINE_CONFIG`), so the very same processes run under docker compose or Kubernetes.
+The kernel stops them (PR_SET_PDEATHSIG) if their parent dies, so nothing is ever orphaned.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from protocol import EngineConfig, encode_config
-
-logger = logging.getLogger("pagoda.supervisor")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,7 +24,7 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the supervisor's own signal handling still stops children
+    except OSError:  # not Linux: the parent's own signal handling still stops its children
         pass
 
 
@@ -45,7 +39,7 @@ class ProcessGroup:
     def _spawn(self, name: str, role: str, *extra: str) -> None:
         # The configuration goes in the environment, not on the command line: a command line
         # is visible to every user of the machine (`ps`), and it may hold the API key.
-        cmd = [sys.executable, "-m", "frontend.cli", role, *extra]
+        cmd = [sys.executable, "-m", "pagoda", role, *extra]
         env = dict(os.environ, PAGODA_SUPERVISED="1", PAGODA_ENGINE_CONFIG=encode_config(self.config))
         self.procs[name] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
 
@@ -86,53 +80,3 @@ class ProcessGroup:
                 p.kill()
                 p.wait()
         shutil.rmtree(self.config.run_dir, ignore_errors=True)
-
-
-def _http_ready(url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    return check
-
-
-class _Stop(Exception):
-    pass
-
-
-def serve(config: EngineConfig) -> int:
-    """Run the whole server until SIGINT or SIGTERM; the exit status of `pagoda serve`."""
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s [supervisor] %(message)s",
-                        datefmt="%H:%M:%S")
-    config = config.with_addresses()
-    group = ProcessGroup(config)
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise _Stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    status = 0
-    try:
-        group.start()
-        logger.info("started %s", ", ".join(f"{n} (pid {p})" for n, p in group.pids().items()))
-        base = f"http://{config.host}:{config.port}"
-        group.wait_until(_http_ready(base + "/ready"), timeout_s=900)
-        print(f"Pagoda is serving {config.model_name} at {base}/v1", flush=True)
-        while not (dead := group.dead()):
-            time.sleep(0.5)
-        logger.error("%s exited; stopping every process", ", ".join(dead))
-        status = 1
-    except _Stop:
-        logger.info("stopping")
-    except RuntimeError as e:
-        logger.error("%s", e)
-        status = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        group.stop()
-    return status

@@ -1,7 +1,8 @@
 """Where a model's files are: the embedded GGUF, a local path, or a hub id in the Hugging Face cache.
 
-The worker (weights) and the tokenizers (vocabulary) both resolve `--model` here, so they
-always read the same snapshot. This module imports neither torch nor transformers: a
+The tokenizers (vocabulary) and the worker (weights) both resolve `--model` here, so they
+always read the same snapshot. It lives with the tokenizer pool, which resolves the model
+first, and the worker imports it from there. It imports neither torch nor transformers: a
 tokenizer process pays only for what it uses.
 
 Pagoda reads the Hugging Face cache and never downloads by itself: N tokenizer processes and

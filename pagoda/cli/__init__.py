@@ -1,0 +1,1 @@
+"""The `pagoda` subcommands, one module per group, gathered by `pagoda.cli.main`."""
