@@ -1,4 +1,4 @@
-"""`pagoda bench {throughput,latency,serve,prefix,kernels}`: one workload of BENCH.md per run.
+"""`pagoda bench {throughput,latency,serve,prefix,kernels}`: one workload of docs/BENCHMARKS.md per run.
 
 Every run measures the machine first (copy bandwidth, matrix rate), runs Pagoda, optionally
 the `transformers` peer on the same weights (`--peer hf`), and prints each figure with its
@@ -25,7 +25,7 @@ WORKLOADS = ("throughput", "latency", "serve", "prefix", "kernels")
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`bench` and one subparser per workload, under `sub` (the `pagoda` command's subparsers)."""
-    bench = sub.add_parser("bench", help="benchmarks (BENCH.md workloads)")
+    bench = sub.add_parser("bench", help="benchmarks (the workloads of docs/BENCHMARKS.md)")
     wsub = bench.add_subparsers(dest="workload", required=True)
     for name in WORKLOADS:
         p = wsub.add_parser(name)

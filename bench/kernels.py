@@ -1,4 +1,4 @@
-"""Workload K of ../shared/BENCH.md: the attention kernels against the machine and PyTorch.
+"""Workload K (docs/BENCHMARKS.md): the attention kernels against the machine and PyTorch.
 
     python -m bench.kernels [--sweep] [--out results.json]
 

@@ -1,4 +1,4 @@
-"""Model shapes of ../shared/BENCH.md, built with random weights so no download is needed.
+"""The benchmark model shapes (docs/BENCHMARKS.md), built with random weights so no download is needed.
 
 The weights are made once, saved as a Hugging Face folder (safetensors, bf16 on a GPU) with a
 word-level tokenizer over the whole vocabulary, and both Pagoda and the `transformers` peer

@@ -1,4 +1,4 @@
-"""The offline workloads of BENCH.md: T (throughput), L (latency), P (prefix caching).
+"""The offline workloads of docs/BENCHMARKS.md: T (throughput), L (latency), P (prefix caching).
 
 Each runs Pagoda through the offline `LLM` API (the same processes as `pagoda serve`), and,
 with `--peer hf`, Hugging Face `transformers` on the very same weights and requests.

@@ -21,7 +21,7 @@ from gpu_worker.attention import AttentionMetadata
 from kernels import warm_up_paged_attention
 
 if TYPE_CHECKING:
-    from gpu_worker.input_batch import DeviceBuffers
+    from gpu_worker.input_batch import StepBuffers
     from gpu_worker.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class GraphKey(NamedTuple):
 
 
 class CudaGraphs:
-    def __init__(self, model: CausalLM, buffers: Callable[[], DeviceBuffers], max_model_len: int) -> None:
+    def __init__(self, model: CausalLM, buffers: Callable[[], StepBuffers], max_model_len: int) -> None:
         self.model = model
         self.buffers = buffers  # the input batch's current device buffers
         self.max_model_len = max_model_len
@@ -89,7 +89,7 @@ class CudaGraphs:
         b = self.buffers()
         meta = AttentionMetadata(
             slot_mapping=b.slots[:num_tokens],
-            block_tables=b.tables[:num_seqs],
+            block_tables=b.full_tables[:num_seqs],
             seq_lens=b.seq_lens[:num_seqs],
             query_start_loc=b.qsl[: num_seqs + 1],
             # Fixed at capture: the kernel's split of the keys must hold for any context.

@@ -38,7 +38,7 @@ class StepBatch:
     rows: np.ndarray  # [B] the requests' rows, in batch order
     request_ids: list[str]  # [B] in batch order
     sampling: np.ndarray  # [N] indices into the batch of the requests that sample
-    staging: StagingBuffers  # the host buffers this step was staged in
+    staging: StepBuffers  # the pinned host buffers this step was staged in
     graph: GraphKey | None = None  # the captured graph this step replays, padded to its size
 
     @property
@@ -65,30 +65,16 @@ class PendingStep:
     result: StepResult | None = None
 
 
-class StagingBuffers:
-    """One step's pinned host buffers (numpy views for filling them) before their copy to the device."""
+class StepBuffers:
+    """A step's flat inputs, each sized for the largest step, on one device.
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+    Pinned on the host (with numpy views) they are where a step is staged; on the device they
+    persist, so a captured graph reads the very same memory at every replay.
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device, pin: bool) -> None:
         def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(n, dtype=dtype, pin_memory=pin)
-
-        self.input_ids = buf(max_tokens, torch.int64)
-        self.positions = buf(max_tokens, torch.int64)
-        self.slots = buf(max_tokens, torch.int64)
-        self.seq_lens = buf(max_seqs, torch.int32)
-        self.qsl = buf(max_seqs + 1, torch.int32)
-        self.logits_idx = buf(max_seqs, torch.int64)
-        self.tables = buf(max_seqs * max_blocks, torch.int32)
-        self.sampled = buf(max_seqs, torch.int64)  # the step's sampled tokens, read back
-        self.np = {name: t.numpy() for name, t in vars(self).items()}
-
-
-class DeviceBuffers:
-    """The persistent device buffers a step's inputs are copied into; captured graphs read them."""
-
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
-        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(n, dtype=dtype, device=device)
+            return torch.zeros(n, dtype=dtype, device=device, pin_memory=pin)
 
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.input_ids = buf(max_tokens, torch.int64)
@@ -97,10 +83,12 @@ class DeviceBuffers:
         self.seq_lens = buf(max_seqs, torch.int32)
         self.qsl = buf(max_seqs + 1, torch.int32)
         self.logits_idx = buf(max_seqs, torch.int64)
-        # Block tables are staged packed ([B, blocks in use], contiguous) and scattered on the
-        # device into the full-width table that graphs read.
-        self.tables_packed = buf(max_seqs * max_blocks, torch.int32)
-        self.tables = torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device=device)
+        self.tables = buf(max_seqs * max_blocks, torch.int32)  # packed: [B, blocks in use], contiguous
+        self.sampled = buf(max_seqs, torch.int64)  # on the host: the step's sampled tokens, read back
+        if device.type == "cpu":
+            self.np = {name: t.numpy() for name, t in vars(self).items() if isinstance(t, torch.Tensor)}
+        # On the device the packed tables are scattered into the full-width table graphs read.
+        self.full_tables = torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device=device)
 
 
 def _stage(host: torch.Tensor, device: torch.Tensor, n: int) -> torch.Tensor:
@@ -243,9 +231,10 @@ class InputBatch:
         after step n has finished (its sampled tokens were read back, so its copies ran).
         """
         pin = self.device.type == "cuda"
-        self.staging = [StagingBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, pin) for _ in range(2)]
+        cpu = torch.device("cpu")
+        self.staging = [StepBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, cpu, pin) for _ in range(2)]
         self.next_staging = 0
-        self.buffers = DeviceBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, self.device)
+        self.buffers = StepBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, self.device, pin=False)
 
     def prepare(self, num_scheduled: dict[str, int], graphs: CudaGraphs) -> StepBatch:
         """Gather the scheduled tokens into the step buffers: ids, positions, slots, tables.
@@ -325,12 +314,12 @@ class InputBatch:
         seq_lens_d = _stage(st.seq_lens, buffers.seq_lens, padded)
         qsl_d = _stage(st.qsl, buffers.qsl, padded + 1)
         logits_idx = _stage(st.logits_idx, buffers.logits_idx, len(sampling))
-        packed = _stage(st.tables, buffers.tables_packed, num_seqs * max_blocks)
+        packed = _stage(st.tables, buffers.tables, num_seqs * max_blocks)
         if self.unfinished is not None:
             self._patch_pending_tokens(input_ids, token_rows, positions, self.unfinished)
         if graph is not None:
-            buffers.tables[:num_seqs, :max_blocks] = packed.view(num_seqs, max_blocks)
-            tables_d = buffers.tables[:padded]
+            buffers.full_tables[:num_seqs, :max_blocks] = packed.view(num_seqs, max_blocks)
+            tables_d = buffers.full_tables[:padded]
         else:
             tables_d = packed.view(num_seqs, max_blocks)
         return StepBatch(

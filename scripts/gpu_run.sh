@@ -10,7 +10,7 @@
 # on the decode projections, and decode attention at T's shapes, swept (bench/kernels.py).
 # profile: the runner alone, torch profiler tables of decode and of a warm prefill step
 # (scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
-# SERVE_PROMPTS / SERVE_RATES narrow workload S (BENCH.md: 400 requests at 1,4,16,inf req/s).
+# SERVE_PROMPTS / SERVE_RATES narrow workload S (docs/BENCHMARKS.md: 400 requests at 1,4,16,inf req/s).
 # PAGODA_GIT_COMMIT names the commit in the JSON where the tree was copied without its history.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUTDIR [steps...]}

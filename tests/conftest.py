@@ -1,4 +1,4 @@
-"""Fixtures that start the real server (`pagoda serve`) on loopback."""
+"""Shared fixtures: the real server (`pagoda serve`) on loopback, and tiny random models of every family."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -104,3 +106,30 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+# ---- tiny random models of every family (tests/tiny_models.py) -------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tests.tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tokenizer):
+    """(family, init) -> (folder, transformers model), each built once."""
+    from tests.tiny_models import WIDE_INIT, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple[str, float], tuple[Path, Any]] = {}
+
+    def get(family: str, init: float = WIDE_INIT) -> tuple[Path, Any]:
+        if (family, init) not in built:
+            folder = root / f"{family}-{init}"
+            built[family, init] = (folder, build_tiny_model(family, folder, tokenizer, init=init))
+        return built[family, init]
+
+    return get

@@ -8,6 +8,7 @@ float noise could flip.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -153,3 +154,14 @@ def _spread_norm_weights(model: PreTrainedModel) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name or name.endswith("ln_f.weight") or name.endswith("ln_f.bias"):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+
+
+def fake_hub_cache(root: Path, repo_id: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
+    """A Hugging Face cache holding `repo_id` at the given commits, with branch/tag refs."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    for commit, folder in snapshots.items():
+        shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    for ref, commit in refs.items():
+        (repo / "refs" / ref).write_text(commit)
+    return root

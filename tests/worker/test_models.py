@@ -2,9 +2,8 @@
 
 Each family runs through the `ModelRunner` (paged KV cache, shuffled block tables, one batched
 prefill of mixed-length prompts then batched decodes): greedy tokens identical to
-`transformers.generate`, last-position logits within 1e-4. Two families also run through the
-whole pipeline (`LLM` on a hub id from the cache; `pagoda serve` with --tokenizer and
---served-model-name), which costs ~10 s of process start-up each. GGUF files of every listed
+`transformers.generate`, last-position logits within 1e-4 (tests/e2e/test_serve_models.py runs
+two families through every process). GGUF files of every listed
 quantization are compared with transformers reading the same file. bf16 logits stay within
 2e-2 of fp32 on models of a trained model's weight scale.
 """
@@ -13,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -26,7 +23,6 @@ from gpu_worker.loader import ModelLoadError, resolve_dtype
 from gpu_worker.model_config import build_model_config
 from gpu_worker.models import MODEL_REGISTRY
 from protocol.config import EngineConfig
-from tests.conftest import start_server
 from tests.model_check import (
     MAX_TOKENS,
     hf_greedy,
@@ -42,10 +38,8 @@ from tests.tiny_models import (
     FAMILIES,
     LLAMA3_ROPE,
     REAL_INIT,
-    WIDE_INIT,
-    build_tiny_model,
+    fake_hub_cache,
     family_config,
-    tiny_tokenizer,
 )
 from tokenizer_svc.model_source import resolve_model_path
 from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
@@ -62,26 +56,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    """(family, init) -> (folder, transformers model), each built once."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[tuple[str, float], tuple[Path, PreTrainedModel]] = {}
-
-    def get(family: str, init: float = WIDE_INIT) -> tuple[Path, PreTrainedModel]:
-        if (family, init) not in built:
-            folder = root / f"{family}-{init}"
-            built[family, init] = (folder, build_tiny_model(family, folder, tokenizer, init=init))
-        return built[family, init]
-
-    return get
 
 
 def assert_matches_transformers(model: str, hf_model: PreTrainedModel, vocab_size: int) -> None:
@@ -167,82 +141,6 @@ def test_gguf_llama3_rope_freqs_match_the_hugging_face_model(tiny, tokenizer, tm
     head_dim = hf_model.config.head_dim
     write_gguf(hf_model, path, "llama", [Q.F32], eos_token_id=0, rope_freqs=llama3_rope_freqs(LLAMA3_ROPE, head_dim))
     assert_matches_transformers(str(path), hf_model, len(tokenizer))
-
-
-# ---- the whole pipeline ----------------------------------------------------------------------
-
-
-def fake_hub_cache(root: Path, repo_id: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
-    """A Hugging Face cache holding `repo_id` at the given commits, with branch/tag refs."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    for commit, folder in snapshots.items():
-        shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    for ref, commit in refs.items():
-        (repo / "refs" / ref).write_text(commit)
-    return root
-
-
-def test_llm_serves_a_hub_id_from_the_cache_at_the_asked_revision(tokenizer, tmp_path) -> None:
-    from frontend import LLM, SamplingParams
-
-    main = build_tiny_model("llama", tmp_path / "main", tokenizer, seed=1)
-    v2 = build_tiny_model("llama", tmp_path / "v2", tokenizer, seed=2)
-    cache = fake_hub_cache(
-        tmp_path / "hub", "tiny-org/tiny-llama", {"a" * 40: tmp_path / "main", "b" * 40: tmp_path / "v2"},
-        {"main": "a" * 40, "v2": "b" * 40},
-    )
-    prompts = random_prompts(len(tokenizer))
-    expected = hf_greedy(v2, prompts)
-    assert expected != hf_greedy(main, prompts)
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_CACHE", str(cache))
-        with LLM("tiny-org/tiny-llama", revision="v2", kv_cache_memory_gb=0.05) as llm:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == expected
-
-
-def test_pagoda_serve_honours_tokenizer_served_name_and_dtype(tiny, tokenizer, tmp_path) -> None:
-    import openai
-
-    folder, hf_model = tiny("gpt2")
-    weights_only = tmp_path / "weights"
-    weights_only.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(folder / name, weights_only)
-    server = start_server(
-        str(tmp_path), "--model", str(weights_only), "--tokenizer", str(folder), "--served-model-name", "tiny-gpt2",
-        "--dtype", "float32", "--kv-cache-memory-gb", "0.05", "--num-tokenizers", "1",
-    )
-    try:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["tiny-gpt2"]
-        prompts = random_prompts(len(tokenizer), (5, 21))
-        for prompt, expected in zip(prompts, hf_greedy(hf_model, prompts)):
-            out = client.completions.create(
-                model="tiny-gpt2", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
-                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-            )
-            assert [int(t.removeprefix("token_id:")) for t in out.choices[0].logprobs.tokens] == expected
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model=str(weights_only), prompt="hi", max_tokens=1)
-    finally:
-        server.stop()
-
-
-def test_pagoda_serve_exits_1_with_one_line_for_an_unsupported_architecture(tiny, tmp_path) -> None:
-    folder, _ = tiny("qwen3")
-    falcon = tmp_path / "falcon"
-    shutil.copytree(folder, falcon)
-    config = (falcon / "config.json").read_text().replace("Qwen3ForCausalLM", "FalconForCausalLM")
-    (falcon / "config.json").write_text(config)
-    cmd = [sys.executable, "-m", "pagoda", "serve", "--model", str(falcon), "--num-tokenizers", "1",
-           "--port", "0", "--kv-cache-memory-gb", "0.05"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    assert "architecture FalconForCausalLM is not supported (supported: LlamaForCausalLM," in proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 # ---- user errors -----------------------------------------------------------------------------
