@@ -6,8 +6,8 @@ the budget), then starts the parallel samples whose prompt is computed, then adm
 requests in arrival order while the budget, `max_num_seqs` and the free blocks allow. A
 waiting request first takes the longest cached prefix of full blocks (prefix caching) and
 computes only the rest. A long prompt is computed in chunks over several steps. When a
-running request needs a block and none is free, the newest running request is preempted:
-its blocks are freed and it is recomputed later from its tokens (which the scheduler owns).
+running request needs a block and none is free, the newest running request is preempted
+(preemption.py): its blocks are freed and it is recomputed later from its tokens.
 
 Async scheduling: the service may plan step n+1 before step n's result is back. A request
 whose step in flight samples a token holds a placeholder for it; the worker knows that token,
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from protocol import CachedRequestData, NewRequestData, StepPlan, StepResult, TokenOutput
 from protocol.messages import Logprobs
 from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.preemption import allocate_or_preempt, preempt
 from scheduler_svc.request import Request, RequestStatus
 
 
@@ -100,8 +101,10 @@ class Scheduler:
 
     def reset_worker(self) -> None:
         """The worker restarted and lost every request and all K/V: recompute from the tokens."""
-        for req in list(self.running):
-            self._preempt(req)
+        preempted = list(self.running)
+        for req in preempted:
+            preempt(self.kv, self.running, req)
+        self._requeue(preempted)
         for req in self.requests.values():
             req.num_output_placeholders = 0
             req.num_stale_tokens = 0  # the steps that would have sampled them are lost
@@ -149,7 +152,8 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, budget)
-            blocks = self._allocate_or_preempt(req, num_new)
+            blocks, preempted = allocate_or_preempt(self.kv, self.running, req, num_new)
+            self._requeue(preempted)
             if blocks is None:
                 break
             new_blocks[req.request_id] = blocks
@@ -250,35 +254,12 @@ class Scheduler:
         self._finished_for_worker = []
         return plan
 
-    # ---- preemption --------------------------------------------------------------------
-
-    def _allocate_or_preempt(self, req: Request, num_new: int) -> list[int] | None:
-        """Blocks for `req`'s next `num_new` tokens, preempting the newest running requests for them.
-
-        None when `req` itself was the newest and was preempted. A victim is never a request
-        already scheduled this step: those sit before `req` in `running`, victims at the end.
-        """
-        blocks = self.kv.allocate_slots(req, num_new)
-        while blocks is None:
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is req:
-                return None
-            blocks = self.kv.allocate_slots(req, num_new)
-        return blocks
-
-    def _preempt(self, req: Request) -> None:
-        """Free a running request's blocks and queue it to be recomputed from its tokens."""
-        self.running.remove(req)
-        self.kv.free(req)
-        req.num_computed_tokens = 0
-        req.num_stale_tokens += req.num_output_placeholders
-        req.num_output_placeholders = 0
-        req.status = RequestStatus.PREEMPTED
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self._finished_for_worker.append(req.request_id)
-        self.waiting.appendleft(req)
+    def _requeue(self, preempted: list[Request]) -> None:
+        """Preempted requests go back to the front of the queue; the worker forgets them."""
+        for req in preempted:
+            self.num_preemptions += 1
+            self._finished_for_worker.append(req.request_id)
+            self.waiting.appendleft(req)
 
     # ---- results -----------------------------------------------------------------------
 
