@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,23 +33,69 @@ from protocol import EngineConfig
 from protocol.messages import TextOutput, TokenizeRequest
 
 T = TypeVar("T")
+logger = logging.getLogger("pagoda.frontend")
 RequestModel = TypeVar("RequestModel", bound=pydantic.BaseModel)
 
 _encoder = msgspec.json.Encoder()
+
+# The largest body a prompt filling the whole context could need: 64 bytes a token covers text
+# with JSON escapes and token-id lists alike; below 1 MiB refusing saves nothing.
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_BYTES = 1 << 20
+DRAIN_MAX_BYTES = 64 << 20  # past this a refused upload is cut off, not read to its end
+DEFAULT_CONTEXT = 131072  # until a tokenizer has told the frontend the model's context
+
+
+def _max_body_bytes(client: EngineClient, config: EngineConfig) -> int:
+    context = client.max_model_len or config.max_model_len or DEFAULT_CONTEXT
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * context)
 
 
 def run_frontend(config: EngineConfig) -> None:
     """Serve the API on `config.host:config.port` until the process is told to stop."""
     client = EngineClient(config)
     app = build_app(config, client)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        loop="uvloop",
-        log_level=config.log_level,
+    server_config = uvicorn.Config(
+        app, host=config.host, port=config.port, loop="uvloop", log_level=config.log_level,
         timeout_graceful_shutdown=5,
     )
+    _DrainingServer(server_config, client, config.shutdown_timeout).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM or SIGINT, drain before stopping: new requests get 503 (and /health 503)
+    while the port stays open, the running ones have `timeout_s` to finish, the rest then end
+    with an error; then uvicorn shuts down as usual. A second SIGINT stops at once."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient, timeout_s: float) -> None:
+        super().__init__(config)
+        self.client, self.timeout_s = client, timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self.client.draining and sig == signal.SIGTERM:
+            return  # Ctrl-C started the drain and the supervisor's SIGTERM followed: keep draining
+        if self.client.draining or self._loop is None:
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            return
+        self.client.draining = True
+        # A signal handler may run in the middle of the loop's own code: hand over safely.
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        began = time.monotonic()
+        running = self.client.num_in_flight
+        logger.info("draining: %d requests running, up to %g s (--shutdown-timeout)", running, self.timeout_s)
+        while self.client.num_in_flight and time.monotonic() - began < self.timeout_s:
+            await asyncio.sleep(0.05)
+        if left := self.client.fail_all("The server stopped before this request finished (--shutdown-timeout)."):
+            logger.warning("%d requests did not finish within %g s", left, self.timeout_s)
+            await asyncio.sleep(0.5)  # their error events go out before the connections close
+        self.should_exit = True
 
 
 def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
@@ -67,8 +115,13 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
     metrics = Metrics(client, config.model_name)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        # 200 only while a request can be served now: a ready tokenizer whose scheduler has a
+        # worker. The body names the members, so a probe's log says which one is missing.
+        serving = client.serving
+        status = "ok" if serving else "draining" if client.draining else "unavailable"
+        body = {"status": status, "tokenizers": client.members()}
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     @app.get("/ready")
     async def ready() -> Response:
@@ -93,7 +146,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = await _parse(request, CompletionRequest)
+        req = await _parse(request, CompletionRequest, _max_body_bytes(client, config))
         _check_model(req.model, config)
         req.check()
         prompt_text, prompt_ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
@@ -112,7 +165,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await _parse(request, ChatCompletionRequest)
+        req = await _parse(request, ChatCompletionRequest, _max_body_bytes(client, config))
         _check_model(req.model, config)
         req.check()
         treq = TokenizeRequest(
@@ -160,12 +213,35 @@ def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
-async def _parse(request: Request, model: type[RequestModel]) -> RequestModel:
+async def _parse(request: Request, model: type[RequestModel], max_bytes: int) -> RequestModel:
     """Validate the body whatever its Content-Type, so `curl -d` without a header works too."""
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(await _read_body(request, max_bytes))
     except pydantic.ValidationError as e:
         raise APIError.from_validation(e.errors()) from None
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, or a 413 before any parsing or tokenizing when it is larger than any prompt
+    the model could take: one huge request must not stall the processes serving the others."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            # Read what is left (discarded, up to a bound) so the client gets the answer rather
+            # than a reset connection in the middle of its upload.
+            async for rest in request.stream():
+                size += len(rest)
+                if size > DRAIN_MAX_BYTES:
+                    break
+            raise APIError(
+                413,
+                f"The request body is larger than {max_bytes} bytes: more than any prompt that fits the "
+                f"model's context could take.",
+                code="request_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _check_model(name: str | None, config: EngineConfig) -> None:

@@ -26,6 +26,7 @@ from protocol.messages import (
     FrontendInbound,
     Heartbeat,
     Hello,
+    Logprobs,
     SchedulerStats,
     TextBatch,
     TextOutput,
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # A tokenizer not heard from for this many heartbeat intervals is declared dead.
 DEAD_AFTER_HEARTBEATS = 5
+# How long a request whose tokenizer died waits for another one before it fails.
+REROUTE_WAIT_S = 30.0
 # What a client told the queue is full should wait before it tries again.
 RETRY_AFTER_S = 1
 
@@ -70,14 +73,61 @@ class _Tokenizer:
     identity: bytes
     pid: int
     last_seen: float
-    ready: bool = False
+    ready: bool = False  # it knows the engine's limits: it can take requests
+    serving: bool = False  # and they run now: the scheduler has a worker
+    load: int = 0  # requests it holds, by its own count
     in_flight: set[str] = field(default_factory=set)
 
 
 @dataclass
+class _Sent:
+    """How much of one sample its consumer has, and how much of that the owner has re-sent."""
+
+    chars: int = 0
+    tokens: int = 0
+    echoed: bool = False
+    finished: bool = False
+    seen_chars: int = 0
+    seen_tokens: int = 0
+
+
+@dataclass
 class _Pending:
-    owner: bytes
+    owner: bytes | None  # None while it waits for a ready tokenizer (its own died)
+    request: TokenizeRequest
     queue: asyncio.Queue[TextOutput | EngineError] = field(default_factory=asyncio.Queue)
+    sent: dict[int, _Sent] = field(default_factory=dict)  # by sample index
+    parked_at: float = 0.0  # when it started to wait for a tokenizer
+
+    def resumed(self, out: TextOutput) -> TextOutput | None:
+        """`out` less what the consumer already has: after a reroute the new tokenizer sends
+        each sample's text and tokens again from the start. None if nothing is left."""
+        sent = self.sent.setdefault(out.index, _Sent())
+        if sent.finished:
+            return None
+        skip_chars = max(0, sent.chars - sent.seen_chars)
+        skip_tokens = max(0, sent.tokens - sent.seen_tokens)
+        sent.seen_chars += len(out.text)
+        sent.seen_tokens += len(out.token_ids)
+        if skip_chars or skip_tokens:
+            out.text = out.text[skip_chars:]
+            out.token_ids = out.token_ids[skip_tokens:]
+            if out.logprobs is not None:
+                out.logprobs = _drop_logprobs(out.logprobs, skip_tokens)
+        if sent.echoed:
+            out.prompt_text = None
+        sent.chars = max(sent.chars, sent.seen_chars)
+        sent.tokens = max(sent.tokens, sent.seen_tokens)
+        sent.echoed = sent.echoed or out.prompt_text is not None
+        sent.finished = out.finish_reason is not None
+        trimmed = skip_chars or skip_tokens
+        if trimmed and not out.text and not out.token_ids and out.finish_reason is None and out.prompt_text is None:
+            return None
+        return out
+
+    def rerouted(self) -> None:
+        for sent in self.sent.values():
+            sent.seen_chars = sent.seen_tokens = 0
 
 
 class EngineClient:
@@ -91,11 +141,14 @@ class EngineClient:
         self._dead_after_s = DEAD_AFTER_HEARTBEATS * config.heartbeat_interval_s
         self._members: dict[bytes, _Tokenizer] = {}
         self._requests: dict[str, _Pending] = {}
+        self._parked: list[str] = []  # requests whose tokenizer died, waiting for a ready one
         self._ctx: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # The latest scheduler figures any tokenizer passed on (for /metrics).
         self.scheduler_stats = SchedulerStats()
+        self.max_model_len: int | None = None  # the engine's context, once a tokenizer knows it
+        self.draining = False  # stopping: new requests are refused, running ones finish
         # Requests sent to each tokenizer since start, by member id (for /metrics).
         self.requests_routed: Counter[str] = Counter()
 
@@ -135,6 +188,24 @@ class EngineClient:
         """True once at least one live tokenizer reports that the engine behind it is up."""
         # list() first: the offline API reads this from another thread than the loop's.
         return any(m.ready for m in list(self._members.values()))
+
+    @property
+    def serving(self) -> bool:
+        """True while a request can run now: a ready tokenizer whose scheduler has a worker."""
+        return not self.draining and any(m.ready and m.serving for m in list(self._members.values()))
+
+    def fail_all(self, message: str) -> int:
+        """End every request in flight with a 503 `message` (and abort it down); how many."""
+        for pending in self._requests.values():
+            pending.queue.put_nowait(EngineError.unavailable(message))
+        return len(self._requests)
+
+    def members(self) -> dict[str, dict[str, object]]:
+        """Each live tokenizer's state, by member id (for /health)."""
+        return {
+            _name(ident): {"pid": m.pid, "ready": m.ready, "serving": m.serving, "requests": len(m.in_flight)}
+            for ident, m in list(self._members.items())
+        }
 
     @property
     def num_tokenizers_live(self) -> int:
@@ -186,6 +257,11 @@ class EngineClient:
             raise RuntimeError("EngineClient.generate() called before start()")
         if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already in flight")
+        if self.draining:
+            raise EngineError(
+                503, "The server is shutting down; retry on another replica or after it restarts.",
+                "server_error", headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         # Checked here, with no await before the request is counted in flight, so that a
         # burst of requests cannot all pass the check before any of them is counted.
         if max_waiting is not None and self.num_waiting_estimate >= max_waiting:
@@ -197,7 +273,7 @@ class EngineClient:
             )
         member = self._pick_tokenizer()
         rid = req.request_id
-        pending = _Pending(owner=member.identity)
+        pending = _Pending(owner=member.identity, request=req)
         self._requests[rid] = pending
         member.in_flight.add(rid)
         self.requests_routed[_name(member.identity)] += 1
@@ -218,8 +294,12 @@ class EngineClient:
                     return
         finally:
             self._forget(rid)
-            if not finished and pending.owner in self._members:
-                self._send(pending.owner, Abort([rid]))
+            if not finished:
+                # Through its tokenizer, or any live one if it waited for a new one: every
+                # tokenizer passes an Abort on to the scheduler.
+                owner = pending.owner if pending.owner in self._members else next(iter(self._members), None)
+                if owner is not None:
+                    self._send(owner, Abort([rid]))
 
     def _pick_tokenizer(self) -> _Tokenizer:
         candidates = [m for m in self._members.values() if m.ready]
@@ -231,7 +311,7 @@ class EngineClient:
 
     def _forget(self, request_id: str) -> None:
         pending = self._requests.pop(request_id, None)
-        if pending is not None:
+        if pending is not None and pending.owner is not None:
             member = self._members.get(pending.owner)
             if member is not None:
                 member.in_flight.discard(request_id)
@@ -277,7 +357,9 @@ class EngineClient:
         if isinstance(msg, Hello):
             if member is not None and member.pid not in (0, msg.pid):
                 # A restarted tokenizer has forgotten the requests its predecessor owned.
-                self._fail_requests(member, "The tokenizer serving this request restarted.")
+                logger.warning("tokenizer %s restarted (pid %d)", _name(identity), msg.pid)
+                del self._members[identity]
+                self._reroute(member)
                 member = None
             if member is None:
                 logger.info("tokenizer %s (pid %d) joined", _name(identity), msg.pid)
@@ -291,9 +373,13 @@ class EngineClient:
             member = self._members[identity] = _Tokenizer(identity, pid=0, last_seen=now)
         member.last_seen = now
         if isinstance(msg, Heartbeat):
-            member.ready = msg.ready
+            member.ready, member.serving, member.load = msg.ready, msg.serving, msg.load
+            if msg.max_model_len:
+                self.max_model_len = msg.max_model_len
             if msg.stats is not None:
                 self.scheduler_stats = msg.stats
+            if member.ready and self._parked:
+                self._place_parked()
         elif isinstance(msg, TextBatch):
             for out in msg.outputs:
                 self._deliver(identity, out.request_id, out)
@@ -310,6 +396,8 @@ class EngineClient:
                 "dropping a reply for %s from %s, which does not own it", request_id, _name(identity)
             )
             return
+        if isinstance(item, TextOutput) and (item := pending.resumed(item)) is None:
+            return  # its consumer has all of it already (a resumed request's first outputs)
         pending.queue.put_nowait(item)
 
     # ---- liveness ------------------------------------------------------------------------
@@ -320,25 +408,56 @@ class EngineClient:
             cutoff = time.monotonic() - self._dead_after_s
             for identity in [i for i, m in self._members.items() if m.last_seen < cutoff]:
                 self._declare_dead(identity, f"silent for over {self._dead_after_s:g}s")
+            self._place_parked()
 
     def _declare_dead(self, identity: bytes, why: str) -> None:
         member = self._members.pop(identity, None)
         if member is None:
             return
         logger.warning("tokenizer %s is dead: %s", _name(identity), why)
-        self._fail_requests(member, "The tokenizer serving this request stopped responding.")
+        self._reroute(member)
 
-    def _fail_requests(self, member: _Tokenizer, message: str) -> None:
-        orphans = list(member.in_flight)
-        member.in_flight.clear()
-        for rid in orphans:
+    def _reroute(self, member: _Tokenizer) -> None:
+        """The requests of a tokenizer that died go on through another one.
+
+        The new tokenizer tokenizes each again (the same ids), the scheduler hands it the
+        request and every output token so far, and `_Pending.resumed` drops what the client
+        already has, so the stream goes on where it stopped. Nothing is sent to the dead
+        member: an Abort passed on by one that was only stalled would stop the request.
+        """
+        now = time.monotonic()
+        for rid in sorted(member.in_flight):
             pending = self._requests.get(rid)
             if pending is not None:
-                pending.queue.put_nowait(EngineError.unavailable(message))
-        if orphans:
-            # Best effort: a tokenizer that was only stalled, or restarted under the same id,
-            # passes this on so the scheduler stops generating for requests failed here.
-            self._send(member.identity, Abort(orphans))
+                pending.owner, pending.parked_at = None, now
+                self._parked.append(rid)
+        member.in_flight.clear()
+        if self._parked:
+            logger.warning("%d requests of tokenizer %s go on elsewhere", len(self._parked), _name(member.identity))
+            self._place_parked()
+
+    def _place_parked(self) -> None:
+        """Send each parked request to a ready tokenizer; fail those that waited too long."""
+        parked, self._parked = self._parked, []
+        now = time.monotonic()
+        for rid in parked:
+            pending = self._requests.get(rid)
+            if pending is None or pending.owner is not None:
+                continue  # finished (its client left) while it waited
+            candidates = [m for m in self._members.values() if m.ready]
+            if not candidates:
+                if now - pending.parked_at > REROUTE_WAIT_S:
+                    msg = f"No tokenizer came back within {REROUTE_WAIT_S:g} s to go on with this request."
+                    pending.queue.put_nowait(EngineError.unavailable(msg))
+                else:
+                    self._parked.append(rid)
+                continue
+            member = min(candidates, key=lambda m: (len(m.in_flight), m.identity))
+            pending.owner = member.identity
+            pending.rerouted()
+            member.in_flight.add(rid)
+            self.requests_routed[_name(member.identity)] += 1
+            self._send(member.identity, msgspec.structs.replace(pending.request, resume=True))
 
 
 def _log_send_failure(future: asyncio.Future[object]) -> None:
@@ -349,3 +468,11 @@ def _log_send_failure(future: asyncio.Future[object]) -> None:
 def _name(identity: bytes) -> str:
     """A member's zmq identity is its member id (`tokenizer-0`)."""
     return identity.decode(errors="replace")
+
+
+def _drop_logprobs(logprobs: Logprobs, n: int) -> Logprobs:
+    """`logprobs` without its first `n` tokens' entries."""
+    return Logprobs(
+        logprobs.token_logprobs[n:], logprobs.top_token_ids[n:], logprobs.top_logprobs[n:],
+        logprobs.tokens[n:], logprobs.top_tokens[n:],
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from frontend.engine_client import EngineClient
-from frontend.processes import ProcessGroup
+from frontend.processes import GaveUp, ProcessGroup
 from protocol import ChatMessage, EngineConfig, SamplingParams, SchedulerStats, TextOutput, TokenizeRequest
 
 
@@ -56,6 +57,8 @@ class RequestOutput:
 
 Prompt = str | list[int]
 
+logger = logging.getLogger("pagoda.llm")
+
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
@@ -67,6 +70,8 @@ class LLM:
         self._thread.start()
         self._client = EngineClient(self.config)
         self._closed = False
+        self._monitor_stop = threading.Event()
+        self._monitor: threading.Thread | None = None
         try:
             self._call(self._client.start())
             self._group.start()
@@ -74,7 +79,20 @@ class LLM:
         except BaseException:
             self.shutdown()
             raise
+        # Members that die from now on are restarted, as under `pagoda serve`.
+        self._group.restarts_enabled = True
+        self._monitor = threading.Thread(target=self._supervise, name="pagoda-llm-supervisor", daemon=True)
+        self._monitor.start()
         atexit.register(self.shutdown)
+
+    def _supervise(self) -> None:
+        while not self._monitor_stop.wait(0.1):
+            try:
+                self._group.supervise()
+            except GaveUp as e:
+                logger.error("%s", e)
+                self._group.stop()
+                return
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -175,6 +193,10 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        # No restarts while the members stop on purpose.
+        self._monitor_stop.set()
+        if self._monitor is not None:
+            self._monitor.join()
         try:
             if self._loop.is_running():
                 self._call(self._client.close())

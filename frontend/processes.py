@@ -1,24 +1,51 @@
-"""The engine's member processes, started and stopped together: used by the offline LLM and by `pagoda serve`.
+"""The engine's member processes, started, restarted and stopped together: used by the offline
+LLM and by `pagoda serve`.
 
 Each member is a separate OS process (`python -m pagoda <role>`, its configuration in
 `$PAGODA_ENGINE_CONFIG`), so the very same processes run under docker compose or Kubernetes.
 The kernel stops them (PR_SET_PDEATHSIG) if their parent dies, so nothing is ever orphaned.
+
+Once the engine has been ready, a member that dies is started again (same role, arguments and
+environment) after a backoff, and says hello to its hubs again; the scheduler is the exception
+(members cannot rejoin a new one yet), and so is a member that dies too often. Either stops
+everything (`GaveUp`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from protocol import EngineConfig, encode_config
 
+logger = logging.getLogger("pagoda.processes")
+
 _PR_SET_PDEATHSIG = 1
+
+# The restart policy: the first restart waits BACKOFF_START_S, each next one twice as long up
+# to BACKOFF_MAX_S; a member that stayed up STABLE_AFTER_S starts over at BACKOFF_START_S.
+# More than MAX_RESTARTS restarts of one member within RESTART_WINDOW_S: give up.
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+# Roles whose death restarts cannot fix yet: members do not rejoin a new scheduler.
+NOT_RESTARTED = frozenset({"scheduler"})
+
+
+class GaveUp(RuntimeError):
+    """A member died in a way a restart does not fix: every process must stop."""
 
 
 def _die_with_parent() -> None:
@@ -28,35 +55,67 @@ def _die_with_parent() -> None:
         pass
 
 
+def describe_exit(returncode: int) -> str:
+    """'was killed by SIGKILL' or 'exited with status 1'."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+@dataclass
+class _Member:
+    role: str
+    args: tuple[str, ...]
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff_s: float = 0.0  # the backoff of its latest restart; 0 before the first
+    deaths: deque[float] = field(default_factory=deque)  # deaths that were restarted, within the window
+    restart_at: float | None = None  # dead, and due to start again at this time
+
+
 class ProcessGroup:
-    """The child processes of one engine, started and stopped together."""
+    """The child processes of one engine, started, restarted and stopped together."""
 
     def __init__(self, config: EngineConfig, with_frontend: bool = True) -> None:
         self.config = config
         self.with_frontend = with_frontend
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.members: dict[str, _Member] = {}
+        # Off until the engine was ready once: a death during start-up (a model that cannot
+        # load) is the user's to fix, and restarting it would only repeat it.
+        self.restarts_enabled = False
+        self._stopped = False
+        self._lock = threading.Lock()  # the offline LLM supervises from a thread
 
-    def _spawn(self, name: str, role: str, *extra: str) -> None:
+    def _spawn(self, name: str) -> None:
+        member = self.members[name]
         # The configuration goes in the environment, not on the command line: a command line
         # is visible to every user of the machine (`ps`), and it may hold the API key.
-        cmd = [sys.executable, "-m", "pagoda", role, *extra]
+        cmd = [sys.executable, "-m", "pagoda", member.role, *member.args]
         env = dict(os.environ, PAGODA_SUPERVISED="1", PAGODA_ENGINE_CONFIG=encode_config(self.config))
-        self.procs[name] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        member.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        member.started_at = time.monotonic()
+
+    def _add(self, name: str, role: str, *args: str) -> None:
+        self.members[name] = _Member(role, args)
+        self._spawn(name)
 
     def start(self) -> None:
-        self._spawn("scheduler", "scheduler")
+        self._add("scheduler", "scheduler")
         for rank in range(self.config.tensor_parallel_size):
-            self._spawn(f"worker-{rank}", "worker", "--rank", str(rank))
+            self._add(f"worker-{rank}", "worker", "--rank", str(rank))
         for i in range(self.config.num_tokenizers):
-            self._spawn(f"tokenizer-{i}", "tokenizer", "--member-id", f"tokenizer-{i}")
+            self._add(f"tokenizer-{i}", "tokenizer", "--member-id", f"tokenizer-{i}")
         if self.with_frontend:
-            self._spawn("frontend", "frontend")
+            self._add("frontend", "frontend")
 
     def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.items()}
+        return {name: m.proc.pid for name, m in self.members.items() if m.proc is not None}
 
     def dead(self) -> list[str]:
-        return [name for name, p in self.procs.items() if p.poll() is not None]
+        return [name for name, m in self.members.items() if m.proc is not None and m.proc.poll() is not None]
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -67,16 +126,69 @@ class ProcessGroup:
                 raise RuntimeError(f"not ready after {timeout_s:.0f} s")
             time.sleep(0.2)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every child, then SIGKILL whatever is still there after `timeout_s`."""
-        for p in self.procs.values():
+    def supervise(self) -> None:
+        """Notice dead members and start each again once its backoff is over; call it often.
+
+        Raises `GaveUp` for a death restarts cannot fix (during start-up, the scheduler's, or
+        past the restart rate): the caller then stops everything.
+        """
+        with self._lock:
+            if self._stopped:
+                return
+            now = time.monotonic()
+            for name, m in self.members.items():
+                assert m.proc is not None
+                if m.restart_at is None and m.proc.poll() is not None:
+                    self._on_death(name, m, now)
+                if m.restart_at is not None and now >= m.restart_at:
+                    m.restart_at = None
+                    self._spawn(name)
+                    logger.info("%s restarted (pid %d)", name, m.proc.pid)
+
+    def _on_death(self, name: str, m: _Member, now: float) -> None:
+        assert m.proc is not None
+        how = f"{name} (pid {m.proc.pid}) {describe_exit(m.proc.returncode)}"
+        if not self.restarts_enabled:
+            raise GaveUp(f"{how} during start-up (see the log above); stopping every process")
+        if m.role in NOT_RESTARTED:
+            raise GaveUp(f"{how}: a scheduler death is not survivable yet (members cannot rejoin a new "
+                         "scheduler); stopping every process")
+        while m.deaths and now - m.deaths[0] > RESTART_WINDOW_S:
+            m.deaths.popleft()
+        if len(m.deaths) >= MAX_RESTARTS:
+            raise GaveUp(f"{how}: past the restart rate ({MAX_RESTARTS} restarts within "
+                         f"{RESTART_WINDOW_S:.0f} s already); stopping every process")
+        up_s = now - m.started_at
+        stable = m.backoff_s == 0.0 or up_s >= STABLE_AFTER_S
+        m.backoff_s = BACKOFF_START_S if stable else min(2 * m.backoff_s, BACKOFF_MAX_S)
+        m.deaths.append(now)
+        m.restart_at = now + m.backoff_s
+        logger.warning("%s after %.1f s up; restarting it in %.1f s (restart %d within %.0f s)",
+                       how, up_s, m.backoff_s, len(m.deaths), RESTART_WINDOW_S)
+
+    def stop(self, timeout_s: float = 10.0, drain_s: float = 0.0) -> None:
+        """SIGTERM every child, then SIGKILL whatever is still there after `timeout_s`.
+
+        With `drain_s`, the frontend is stopped first and given that long to drain (refusing
+        new requests while the running ones finish), with the rest still serving it.
+        """
+        with self._lock:
+            self._stopped = True
+            frontend = self.members.get("frontend")
+            if drain_s > 0 and frontend is not None and frontend.proc is not None:
+                self._terminate([frontend.proc], drain_s + 5.0)  # + its own shutdown after the drain
+            self._terminate([m.proc for m in self.members.values() if m.proc is not None], timeout_s)
+            shutil.rmtree(self.config.run_dir, ignore_errors=True)
+
+    @staticmethod
+    def _terminate(procs: list[subprocess.Popen], timeout_s: float) -> None:
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for p in self.procs.values():
+        for p in procs:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        shutil.rmtree(self.config.run_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import Decoder, EngineConfig, Heartbeat, Hello, Shutdown, StepPlan, connect_dealer, encode
 from protocol.messages import WorkerInbound
@@ -19,15 +20,50 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pagoda.worker")
 
+# Heartbeat intervals without a connection to the scheduler before the worker exits 1.
+HUB_LOST_AFTER_HEARTBEATS = 10
+
 
 def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: threading.Event) -> None:
-    """Beats from a thread with its own socket, so a long step does not look like a death."""
+    """Beats from a thread with its own socket, so a long step does not look like a death.
+
+    It also watches that socket's connection: once it drops, the scheduler is gone or was
+    restarted, and a new one never heard this worker's hello. So the process exits 1 when the
+    connection comes back, or when it stays away for `HUB_LOST_AFTER_HEARTBEATS` beats: a
+    restart (the supervisor's, or compose's `restart:`) then says hello again.
+    """
     sock = connect_dealer(ctx, config.scheduler_addr, f"{member_id}.hb")
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    interval = config.heartbeat_interval_s
+    lost_at: float | None = None
+    next_beat = time.monotonic() + interval
     try:
-        while not stop.wait(config.heartbeat_interval_s):
-            sock.send(encode(Heartbeat(member_id, ready=True)))
+        while not stop.is_set():
+            if monitor.poll(min(100, max(1, int(1000 * (next_beat - time.monotonic()))))):
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_DISCONNECTED and lost_at is None:
+                    lost_at = time.monotonic()
+                    # Debug only: at a normal shutdown the scheduler goes first, and this is no news.
+                    logger.debug("%s lost its connection to the scheduler at %s", member_id, config.scheduler_addr)
+                elif event == zmq.EVENT_CONNECTED and lost_at is not None:
+                    _exit_unjoined(member_id, "the scheduler is back, maybe a new one that never heard its hello")
+            now = time.monotonic()
+            if lost_at is not None and now - lost_at > HUB_LOST_AFTER_HEARTBEATS * interval:
+                _exit_unjoined(member_id, f"cannot reach the scheduler at {config.scheduler_addr} for "
+                                          f"{now - lost_at:.0f} s")
+            if now >= next_beat:
+                sock.send(encode(Heartbeat(member_id, ready=True)))
+                next_beat = now + interval
     finally:
+        sock.disable_monitor()
+        monitor.close()
         sock.close()
+
+
+def _exit_unjoined(member_id: str, why: str) -> None:
+    """Exit 1 at once, from the heartbeat thread, whatever the main loop is doing."""
+    logger.error("%s: %s; exiting so that a restart says hello again", member_id, why)
+    os._exit(1)
 
 
 def _plan_arrives_first(sock: zmq.Socket, runner: ModelRunner, step: PendingStep) -> bool:

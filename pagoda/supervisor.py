@@ -1,7 +1,9 @@
-"""`pagoda serve`: start every process, wait until all are ready, stop them all on a signal.
+"""`pagoda serve`: start every process, wait until all are ready, restart members that die,
+stop them all on a signal.
 
-If any member dies, the rest are stopped and the command exits 1: restarting members is left
-to docker compose or Kubernetes, where a restarted member says hello again.
+A member that dies after the server was ready is restarted with backoff and says hello again
+(`frontend.processes` has the policy). A death during start-up, the scheduler's death, or a
+member dying past the restart rate stops everything, and the command exits 1.
 """
 
 from __future__ import annotations
@@ -47,24 +49,26 @@ def serve(config: EngineConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     status = 0
+    draining = False
     try:
         group.start()
         logger.info("started %s", ", ".join(f"{n} (pid {p})" for n, p in group.pids().items()))
         base = f"http://{config.host}:{config.port}"
         group.wait_until(_http_ready(base + "/ready"), timeout_s=900)
         print(f"Pagoda is serving {config.model_name} at {base}/v1", flush=True)
-        while not (dead := group.dead()):
-            time.sleep(0.5)
-        logger.error("%s exited; stopping every process", ", ".join(dead))
-        status = 1
+        group.restarts_enabled = True
+        while True:
+            group.supervise()
+            time.sleep(0.1)
     except _Stop:
-        logger.info("stopping")
-    except RuntimeError as e:
+        logger.info("stopping: the frontend drains first (up to %g s, --shutdown-timeout)", config.shutdown_timeout)
+        draining = True
+    except RuntimeError as e:  # processes.GaveUp too: one line saying which member and why
         logger.error("%s", e)
         status = 1
     finally:
         # A second Ctrl-C must not cut the shutdown short and leave members behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        group.stop()
+        group.stop(drain_s=config.shutdown_timeout if draining else 0.0)
     return status

@@ -56,6 +56,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     frontend_addr: str = ""
     scheduler_addr: str = ""
     heartbeat_interval_s: float = 1.0
+    # Steps in flight and no result for this long: the worker group is declared hung and its
+    # requests wait for the next one. Generous, since a CPU step of a long prompt takes seconds.
+    step_timeout_s: float = 60.0
+    # SIGTERM: new requests get 503 while the running ones have this many seconds to finish;
+    # the rest then end with an error. Keep compose's stop_grace_period above it.
+    shutdown_timeout: float = 30.0
     log_level: str = "info"
     step_log: str | None = None  # a JSON line per scheduled step, for tests and debugging
 

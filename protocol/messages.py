@@ -84,19 +84,27 @@ class SchedulerStats(msgspec.Struct, tag=True):
 class Heartbeat(msgspec.Struct, tag=True):
     member_id: str
     load: int = 0
-    ready: bool = False
+    ready: bool = False  # the member can take requests (a tokenizer: it knows the engine's limits)
     # A tokenizer passes on the latest scheduler figures it has, so the frontend needs no
     # socket to the scheduler.
     stats: SchedulerStats | None = None
+    # A tokenizer: requests run now (a worker group is attached), not just wait for one.
+    serving: bool = False
+    max_model_len: int = 0  # a tokenizer: the engine's context, once known (0: not yet)
 
 
 class EngineReady(msgspec.Struct, tag=True):
-    """Scheduler -> tokenizers: a worker is attached; these are the limits to check against."""
+    """Scheduler -> tokenizers: the limits to check requests against, and whether they run now.
+
+    Sent when a worker group attaches (serving) and again when it is lost (not serving): the
+    requests then wait, and run again once a worker is back.
+    """
 
     max_model_len: int
     num_blocks: int
     block_size: int
     eos_token_ids: list[int] = []
+    serving: bool = True
 
 
 # ---- requests --------------------------------------------------------------------------
@@ -114,6 +122,9 @@ class TokenizeRequest(msgspec.Struct, tag=True, omit_defaults=True):
     arrival_time: float = 0.0
     continue_final_message: bool = False  # chat: extend the last (assistant) message
     echo: bool = False  # send the prompt's text back in the first output's `prompt_text`
+    # Sent again because its tokenizer died: the scheduler hands the new one the request and
+    # its tokens so far, and the frontend drops what its client already has.
+    resume: bool = False
 
 
 class EngineRequest(msgspec.Struct, tag=True):
@@ -124,6 +135,9 @@ class EngineRequest(msgspec.Struct, tag=True):
     sampling: SamplingParams
     reply_to: str
     arrival_time: float = 0.0
+    # The request may already run (its tokenizer died): adopt it, and send `reply_to` every
+    # output token so far; a request the scheduler does not hold starts as new.
+    resume: bool = False
 
 
 class Abort(msgspec.Struct, tag=True):

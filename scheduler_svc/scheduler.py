@@ -85,6 +85,14 @@ class Scheduler:
             self.samples[request.request_id] = samples
             self.pending_forks[samples[0].request_id] = samples[1:]
 
+    def adopt(self, request_id: str, reply_to: str) -> list[Request]:
+        """A live request's samples (those finished too, while others run), from now on
+        answering to `reply_to`: its tokenizer died. Empty if the request is not live."""
+        samples = self.samples.get(request_id) or [r for r in [self.requests.get(request_id)] if r is not None]
+        for req in samples:
+            req.reply_to = reply_to
+        return samples
+
     def abort(self, request_ids: list[str], indices: list[int] | None = None) -> list[Request]:
         """Finish these requests now: every sample, or only sample `indices[k]` of `request_ids[k]`.
 

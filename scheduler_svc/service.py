@@ -42,6 +42,10 @@ from scheduler_svc.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger("pagoda.scheduler")
 
+# A worker whose heartbeats stop for this many intervals is dead (they beat from a thread, so
+# a long step does not silence them).
+WORKER_SILENT_HEARTBEATS = 5
+
 
 class SchedulerService:
     def __init__(self, config: EngineConfig) -> None:
@@ -52,6 +56,11 @@ class SchedulerService:
         self.scheduler: Scheduler | None = None
         self.engine_ready: EngineReady | None = None
         self.workers: dict[int, str] = {}  # rank -> member id
+        # When each attached worker's heartbeat thread last beat, and when a result last came
+        # or steps went out with none in flight (the step timeout counts from there).
+        self.workers_heard: dict[str, float] = {}
+        self._progress_at = 0.0
+        self.worker_ids: set[str] = set()  # every worker that ever said hello
         self.tokenizers: dict[str, float] = {}  # member id -> last heard
         self.max_steps_in_flight = 2 if config.async_scheduling else 1
         # Step ids sent to the workers whose results have not come back, oldest first, and
@@ -75,8 +84,10 @@ class SchedulerService:
             self.sock.send_multipart([member_id.encode(), encode(msg)])
             return True
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the member is gone
-            # At shutdown the workers may have stopped first (the same signal reached them).
-            log = logger.debug if isinstance(msg, Shutdown) else logger.warning
+            # At shutdown the workers may have stopped first (the same signal reached them);
+            # a member already known to be gone is not worth a line per step.
+            known = member_id in self.tokenizers or member_id in self.workers.values()
+            log = logger.warning if known and not isinstance(msg, Shutdown) else logger.debug
             log("cannot reach %s: %s", member_id, e)
             return False
 
@@ -88,6 +99,8 @@ class SchedulerService:
         elif isinstance(msg, Heartbeat):
             if msg.member_id in self.tokenizers:
                 self.tokenizers[msg.member_id] = time.monotonic()
+            elif msg.member_id in self.worker_ids and sender == f"{msg.member_id}.hb":
+                self._on_worker_heartbeat(msg.member_id)
         elif isinstance(msg, EngineRequest):
             self._on_request(sender, msg)
         elif isinstance(msg, Abort):
@@ -95,6 +108,15 @@ class SchedulerService:
                 self.scheduler.abort(msg.request_ids, msg.indices)
         elif isinstance(msg, StepResult):
             self._on_result(msg)
+
+    def _on_worker_heartbeat(self, member: str) -> None:
+        if member in self.workers_heard:
+            self.workers_heard[member] = time.monotonic()
+        else:
+            # A member of a lost group that woke up (a restarted one says hello before it
+            # beats): it must exit, so that it is restarted and rejoins with a hello.
+            logger.warning("%s beats after its group was lost: telling it to stop", member)
+            self._send(member, Shutdown("worker group lost: restart and say hello"))
 
     def _on_hello(self, sender: str, msg: Hello) -> None:
         if msg.role == "tokenizer":
@@ -107,6 +129,8 @@ class SchedulerService:
             logger.warning("hello from unknown role %r dropped", msg.role)
             return
         self.workers[msg.rank] = sender
+        self.workers_heard[sender] = time.monotonic()
+        self.worker_ids.add(sender)
         logger.info(
             "worker %s (rank %d, pid %d) joined: %d KV blocks of %d tokens, max_model_len %d",
             sender, msg.rank, msg.pid, msg.num_blocks, self.config.block_size, msg.max_model_len,
@@ -119,6 +143,8 @@ class SchedulerService:
             logger.warning("the KV pool holds only %d tokens: max_model_len lowered to that", max_model_len)
         if self.scheduler is not None:
             # A restarted worker lost every request's KV; the scheduler still has the tokens.
+            if self.scheduler.num_running:
+                logger.info("%d running requests start over from their tokens", self.scheduler.num_running)
             self.scheduler.reset_worker()
             self.steps_in_flight.clear()
             self._step_log_lines.clear()
@@ -149,6 +175,20 @@ class SchedulerService:
         if self.scheduler is None:
             self._send(sender, ErrorReply(msg.request_id, 503, "The engine is not ready yet.", "service_unavailable"))
             return
+        if msg.resume and (live := self.scheduler.adopt(msg.request_id, msg.reply_to)):
+            # Its tokenizer died: the new one rebuilds the text from every output token so far.
+            catch_up = [
+                TokenOutput(
+                    r.parent_id, list(r.output_token_ids), r.status.value if r.status.finished else None,
+                    r.num_prompt_tokens, r.index,
+                )
+                for r in live
+                if r.output_token_ids or r.status.finished
+            ]
+            logger.info("%s now answers for %s (%d samples)", msg.reply_to, msg.request_id, len(live))
+            if catch_up:
+                self._send(msg.reply_to, TokenBatch(catch_up))
+            return
         max_tokens = msg.sampling.max_tokens
         if max_tokens is None:
             max_tokens = self.scheduler.config.max_model_len - len(msg.prompt_token_ids)
@@ -164,6 +204,7 @@ class SchedulerService:
             logger.warning("dropping the result of step %d, which is not in flight", result.step_id)
             return
         self.steps_in_flight.popleft()
+        self._progress_at = time.monotonic()
         self.worker_busy_s += result.execute_s
         if self._had_work:
             self.worker_idle_s += result.idle_s
@@ -174,8 +215,10 @@ class SchedulerService:
         for reply_to, out in update.outputs:
             batches[reply_to].append(out)
         for reply_to, outs in batches.items():
-            if not self._send(reply_to, TokenBatch(outs)):
-                self.scheduler.abort([o.request_id for o in outs])
+            # A tokenizer that died loses these; its requests go on, and the frontend hands
+            # them to another tokenizer, to which `_on_request` sends every token so far.
+            if not self._send(reply_to, TokenBatch(outs)) and self.tokenizers.pop(reply_to, None) is not None:
+                logger.warning("tokenizer %s is gone; its requests keep running for its successor", reply_to)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -187,11 +230,52 @@ class SchedulerService:
             plan = self.scheduler.schedule()
             if plan is None:
                 return
-            for rank in sorted(self.workers):
-                self._send(self.workers[rank], plan)
+            unreachable = [m for _, m in sorted(self.workers.items()) if not self._send(m, plan)]
+            if unreachable:
+                self._lose_workers(f"{', '.join(unreachable)} cannot be reached", gone=unreachable)
+                return
             if self.step_log is not None:
                 self._step_log_lines[plan.step_id] = self._plan_log_line(plan)
+            if not self.steps_in_flight:
+                self._progress_at = time.monotonic()  # the step timeout counts from here
             self.steps_in_flight.append(plan.step_id)
+
+    def _check_workers(self) -> None:
+        """Declare the worker group lost when a member is silent or its steps never come back."""
+        if not self.workers:
+            return
+        now = time.monotonic()
+        silent_after = WORKER_SILENT_HEARTBEATS * self.config.heartbeat_interval_s
+        silent = [m for m, heard in self.workers_heard.items() if now - heard > silent_after]
+        if silent:
+            self._lose_workers(f"{', '.join(silent)} silent for over {silent_after:g} s", gone=silent)
+        elif self.steps_in_flight and now - self._progress_at > self.config.step_timeout_s:
+            self._lose_workers(f"no step result for over {self.config.step_timeout_s:g} s (--step-timeout-s)")
+
+    def _lose_workers(self, reason: str, gone: list[str] | None = None) -> None:
+        """The worker group died or hangs: its requests wait, to be recomputed from their
+        tokens once a worker says hello again; tokenizers hear that nothing runs meanwhile.
+
+        `gone`: members taken for dead, not told to stop: their identity may already be a
+        restarted member's, whose hello is on its way.
+        """
+        running = self.scheduler.num_running if self.scheduler is not None else 0
+        logger.warning("lost the worker group (%s): %d running requests wait for a worker to say hello",
+                       reason, running)
+        # The others exit (a hung one when it wakes up) and are restarted, to rejoin with a hello.
+        for member in self.workers.values():
+            if member not in (gone or []):
+                self._send(member, Shutdown(f"worker group lost: {reason}"))
+        self.workers.clear()
+        self.workers_heard.clear()
+        self.steps_in_flight.clear()
+        self._step_log_lines.clear()
+        if self.scheduler is not None:
+            self.scheduler.reset_worker()
+        if self.engine_ready is not None:
+            self.engine_ready = msgspec.structs.replace(self.engine_ready, serving=False)
+            for tok in self.tokenizers:
+                self._send(tok, self.engine_ready)
 
     def _plan_log_line(self, plan: StepPlan) -> dict[str, Any]:
         s = self.scheduler
@@ -278,6 +362,7 @@ class SchedulerService:
                         msg = self.from_members.decode(frame)
                         if msg is not None:
                             self._handle(sender.decode(errors="replace"), msg)
+                self._check_workers()
                 self._maybe_schedule()
                 self._send_stats()
                 self._log_stats()

@@ -75,7 +75,9 @@ class TokenizerService:
         if req.echo:
             prompt_text = req.prompt if req.prompt is not None else self.tokenizer.decode(ids)
         self.outputs.add_request(req.request_id, ids, sampling, prompt_text)
-        engine_request = EngineRequest(req.request_id, ids, sampling, self.member_id, req.arrival_time or time.time())
+        engine_request = EngineRequest(
+            req.request_id, ids, sampling, self.member_id, req.arrival_time or time.time(), resume=req.resume
+        )
         self.scheduler.send(encode(engine_request))
 
     def _on_abort(self, msg: Abort) -> None:
@@ -98,6 +100,8 @@ class TokenizerService:
         self.outputs.eos_token_ids = set(msg.eos_token_ids)
         if first:
             logger.info("%s: engine ready, max_model_len %d", self.member_id, msg.max_model_len)
+        elif not msg.serving:
+            logger.warning("%s: the engine lost its worker; requests wait for it", self.member_id)
         self._heartbeat()
 
     # ---- the loop ----------------------------------------------------------------------
@@ -108,8 +112,14 @@ class TokenizerService:
     def _heartbeat(self) -> None:
         hb = Heartbeat(self.member_id, load=len(self.outputs), ready=self.engine is not None)
         self.scheduler.send(encode(hb))
-        hb.stats = self.stats
+        hb.stats, hb.serving = self.stats, self._serving
+        hb.max_model_len = self.engine.max_model_len if self.engine is not None else 0
         self._send_frontend(hb)
+
+    @property
+    def _serving(self) -> bool:
+        """Requests run now: the scheduler has a worker group."""
+        return self.engine is not None and self.engine.serving
 
     def run(self) -> None:
         hello = Hello(role="tokenizer", member_id=self.member_id, pid=os.getpid())
@@ -162,7 +172,8 @@ class TokenizerService:
         elif isinstance(msg, SchedulerStats):
             # The scheduler throttles these; pass each on at once so /metrics is current.
             self.stats = msg
-            self._send_frontend(Heartbeat(self.member_id, len(self.outputs), self.engine is not None, msg))
+            ready = self.engine is not None
+            self._send_frontend(Heartbeat(self.member_id, len(self.outputs), ready, msg, self._serving))
         elif isinstance(msg, ErrorReply):
             self.outputs.forget(msg.request_id)
             self._send_frontend(msg)

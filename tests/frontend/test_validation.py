@@ -20,6 +20,7 @@ import pytest
 import zmq
 from fastapi.testclient import TestClient
 
+from frontend import engine_client
 from frontend.api_server import build_app
 from frontend.engine_client import EngineClient, EngineError
 from protocol import Decoder, EngineConfig, connect_dealer, encode
@@ -53,6 +54,7 @@ class FakeTokenizer:
         script: Script | None = None,
     ) -> None:
         self.config, self.member_id, self.ready, self.script = config, member_id, ready, script
+        self.serving = ready  # the scheduler behind it has a worker
         self.received: list[Any] = []
         self._outbox: queue.Queue[bytes] = queue.Queue()
         self._from_frontend = Decoder(TokenizerFromFrontend)
@@ -83,7 +85,7 @@ class FakeTokenizer:
         next_beat = 0.0
         while not self._stop.is_set():
             if time.monotonic() >= next_beat:
-                sock.send(encode(Heartbeat(self.member_id, ready=self.ready)))
+                sock.send(encode(Heartbeat(self.member_id, ready=self.ready, serving=self.serving)))
                 next_beat = time.monotonic() + self.config.heartbeat_interval_s
             while not self._outbox.empty():
                 sock.send(self._outbox.get_nowait())
@@ -255,8 +257,9 @@ def test_valid_request_with_no_live_tokenizer_is_a_503(api: TestClient) -> None:
     assert_openai_error(api.post("/v1/completions", json={"prompt": [1, 2, 3], "stream": True}), 503)
 
 
-def test_health_is_200_while_ready_is_503_without_a_tokenizer(api: TestClient) -> None:
-    assert api.get("/health").status_code == 200
+def test_health_and_ready_are_503_without_a_tokenizer(api: TestClient) -> None:
+    health = api.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "unavailable", "tokenizers": {}}
     assert_openai_error(api.get("/ready"), 503)
 
 
@@ -275,7 +278,7 @@ def test_api_key_is_required_on_v1_routes_only(config: EngineConfig) -> None:
         error = assert_openai_error(api.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
         assert error["code"] == "invalid_api_key"
         assert api.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert api.get("/health").status_code == 200
+        assert api.get("/health").status_code == 503  # open to probes: no tokenizer, not 401
 
 
 # ---- the API with a fake tokenizer ---------------------------------------------------------
@@ -288,6 +291,26 @@ def test_ready_turns_200_once_a_tokenizer_reports_ready(config: EngineConfig, ap
         assert api.get("/ready").status_code == 503
         tok.ready = True
         wait_for(lambda: api.get("/ready").status_code == 200)
+    finally:
+        tok.stop()
+
+
+def test_health_is_200_only_while_a_tokenizer_can_serve_and_names_the_members(
+    config: EngineConfig, api: TestClient
+) -> None:
+    tok = FakeTokenizer(config, ready=False).start()
+    try:
+        wait_for(lambda: "tokenizer-0" in api.get("/health").json()["tokenizers"])
+        assert api.get("/health").status_code == 503
+        tok.ready = tok.serving = True
+        wait_for(lambda: api.get("/health").status_code == 200)
+        body = api.get("/health").json()
+        assert body["status"] == "ok" and body["tokenizers"]["tokenizer-0"]["serving"] is True
+        tok.serving = False  # its scheduler lost the worker: requests would wait, not run
+        wait_for(lambda: api.get("/health").status_code == 503)
+        assert api.get("/health").json()["tokenizers"]["tokenizer-0"] == {
+            "pid": os.getpid(), "ready": True, "serving": False, "requests": 0
+        }
     finally:
         tok.stop()
 
@@ -556,7 +579,41 @@ def test_malformed_frames_are_dropped_and_the_client_goes_on(config: EngineConfi
         tok.stop()
 
 
-def test_dead_tokenizer_fails_its_requests_with_503(config: EngineConfig) -> None:
+def test_a_dead_tokenizers_request_goes_on_through_another_with_only_the_missing_text(config: EngineConfig) -> None:
+    def partial(req: TokenizeRequest) -> list[msgspec.Struct]:
+        return [TextBatch([out(req.request_id, "Hel")])]
+
+    def replay(req: TokenizeRequest) -> list[msgspec.Struct]:
+        # The new owner rebuilds the sample's text from its first token, as a tokenizer does.
+        rid = req.request_id
+        return [TextBatch([out(rid, "Hello")]), TextBatch([out(rid, " world", "stop", 3)])]
+
+    first = FakeTokenizer(config, "tokenizer-0", script=partial).start()
+    second = FakeTokenizer(config, "tokenizer-1", script=replay)
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        task = asyncio.create_task(collect(client))
+        await async_wait_for(lambda: len(first.requests()) == 1)
+        second.start()
+        await async_wait_for(lambda: client.num_tokenizers_ready == 2)
+        first.stop()  # silent from now on: declared dead after 5 heartbeats
+        outputs = await task
+        assert [o.text for o in outputs] == ["Hel", "lo", " world"]
+        assert sum(len(o.token_ids) for o in outputs) == len("Hello world")  # no token twice
+        assert [r.resume for r in second.requests()] == [True]
+        assert client.tokenizer_loads() == {"tokenizer-1": 0}
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        second.stop()
+
+
+def test_a_dead_tokenizers_request_fails_with_503_when_none_comes_back(
+    config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_client, "REROUTE_WAIT_S", 0.3)
     tok = FakeTokenizer(config).start()  # never answers
 
     async def scenario(client: EngineClient) -> None:
@@ -564,7 +621,7 @@ def test_dead_tokenizer_fails_its_requests_with_503(config: EngineConfig) -> Non
         task = asyncio.create_task(collect(client))
         await async_wait_for(lambda: len(tok.requests()) == 1)
         tok.stop()  # no more heartbeats
-        with pytest.raises(EngineError) as caught:
+        with pytest.raises(EngineError, match="No tokenizer came back") as caught:
             await task
         assert caught.value.status == 503
         assert not client.ready and client.num_tokenizers_live == 0
@@ -574,17 +631,18 @@ def test_dead_tokenizer_fails_its_requests_with_503(config: EngineConfig) -> Non
     run_with_client(config, scenario)
 
 
-def test_restarted_tokenizer_fails_the_requests_it_forgot(config: EngineConfig) -> None:
-    tok = FakeTokenizer(config).start()
+def test_a_restarted_tokenizer_is_sent_the_requests_it_forgot_again(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config, script=lambda req: hello_world(req) if req.resume else []).start()
 
     async def scenario(client: EngineClient) -> None:
         await client.wait_ready(5)
         task = asyncio.create_task(collect(client))
         await async_wait_for(lambda: len(tok.requests()) == 1)
         tok.send(Hello(role="tokenizer", member_id=tok.member_id, pid=os.getpid() + 1))
-        with pytest.raises(EngineError) as caught:
-            await task
-        assert caught.value.status == 503 and client.num_tokenizers_live == 1
+        outputs = await task
+        assert "".join(o.text for o in outputs) == "Hello world"
+        assert [r.resume for r in tok.requests()] == [False, True]
+        assert client.num_tokenizers_live == 1
 
     try:
         run_with_client(config, scenario)

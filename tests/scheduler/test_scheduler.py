@@ -318,5 +318,7 @@ def test_a_restarted_worker_gets_every_request_again_and_no_stale_cache():
     plan = s.schedule()
     assert plan.finished_request_ids == []
     assert [(r.request_id, r.num_computed_tokens, len(r.prompt_token_ids)) for r in plan.new_requests] == [("a", 0, 41)]
+    # Its one output counts as an output, not a prompt token: seeds and penalties go on from it.
+    assert plan.new_requests[0].num_output_tokens == 1
     update = s.update(SimWorker(64, 16).execute(plan))
     assert [o.new_token_ids for _, o in update.outputs] == [[next_token(s.requests["a"].all_token_ids[:41], None)]]
