@@ -161,7 +161,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         fmt = CompletionFormatter(
             treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
         )
-        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config.max_queue_len)
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -179,7 +179,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         fmt = ChatFormatter(
             treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
         )
-        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config.max_queue_len)
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config)
 
     app.include_router(v1)
     return app
@@ -286,9 +286,10 @@ async def _serve(
     treq: TokenizeRequest,
     fmt: ResponseFormatter,
     streaming: bool,
-    max_waiting: int,
+    config: EngineConfig,
 ) -> Response:
-    outputs = metrics.track(client.generate(treq, max_waiting), treq.arrival_time, treq.sampling.n)
+    limits = (config.max_num_queued_reqs, config.max_num_queued_tokens)
+    outputs = metrics.track(client.generate(treq, *limits), treq.arrival_time, treq.sampling.n)
     if not streaming:
         done = await _unless_disconnected(request, _collect(outputs, fmt))
         if done is None:

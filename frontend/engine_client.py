@@ -9,6 +9,7 @@ background thread for the offline `LLM` API.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -98,6 +99,7 @@ class _Pending:
     queue: asyncio.Queue[TextOutput | EngineError] = field(default_factory=asyncio.Queue)
     sent: dict[int, _Sent] = field(default_factory=dict)  # by sample index
     parked_at: float = 0.0  # when it started to wait for a tokenizer
+    tokens: int = 0  # its prompt's length, estimated before tokenizing (admission)
 
     def resumed(self, out: TextOutput) -> TextOutput | None:
         """`out` less what the consumer already has: after a reroute the new tokenizer sends
@@ -142,6 +144,7 @@ class EngineClient:
         self._members: dict[bytes, _Tokenizer] = {}
         self._requests: dict[str, _Pending] = {}
         self._parked: list[str] = []  # requests whose tokenizer died, waiting for a ready one
+        self._tokens_in_flight = 0  # the estimated prompt tokens of every request in flight
         self._ctx: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -229,6 +232,12 @@ class EngineClient:
         stats = self.scheduler_stats
         return max(stats.num_waiting, len(self._requests) - stats.num_running)
 
+    def waiting_tokens_estimate(self) -> int:
+        """Prompt tokens of the requests not running yet: those in flight but for the oldest
+        `num_running` (the scheduler admits in arrival order; at most max_num_seqs to skip)."""
+        oldest = itertools.islice(self._requests.values(), self.scheduler_stats.num_running)
+        return self._tokens_in_flight - sum(p.tokens for p in oldest)
+
     def tokenizer_loads(self) -> dict[str, int]:
         """In-flight requests per live tokenizer, by member id."""
         return {_name(ident): len(m.in_flight) for ident, m in list(self._members.items())}
@@ -245,11 +254,14 @@ class EngineClient:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def generate(self, req: TokenizeRequest, max_waiting: int | None = None) -> AsyncIterator[TextOutput]:
+    async def generate(
+        self, req: TokenizeRequest, max_waiting: int | None = None, max_waiting_tokens: int | None = None
+    ) -> AsyncIterator[TextOutput]:
         """Yield the request's outputs until each of its `n` samples has finished.
 
         Raises `EngineError` when the engine rejects the request or its tokenizer dies, and a
-        503 (with Retry-After) when `max_waiting` requests or more are already waiting. A
+        503 (with Retry-After) when `max_waiting` requests or more are already waiting, or when
+        this one's prompt would take the tokens waiting past `max_waiting_tokens`. A
         consumer that stops early (client gone: `GeneratorExit` or `CancelledError`) aborts
         the request all the way down.
         """
@@ -265,16 +277,15 @@ class EngineClient:
         # Checked here, with no await before the request is counted in flight, so that a
         # burst of requests cannot all pass the check before any of them is counted.
         if max_waiting is not None and self.num_waiting_estimate >= max_waiting:
-            raise EngineError(
-                503,
-                f"The server is overloaded: {max_waiting} requests are already waiting. Retry shortly.",
-                "server_error",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise _overloaded(f"{max_waiting} requests are already waiting")
+        tokens = estimate_prompt_tokens(req)
+        if max_waiting_tokens is not None and self.waiting_tokens_estimate() + tokens > max_waiting_tokens:
+            raise _overloaded(f"the prompts waiting would pass {max_waiting_tokens} tokens")
         member = self._pick_tokenizer()
         rid = req.request_id
-        pending = _Pending(owner=member.identity, request=req)
+        pending = _Pending(owner=member.identity, request=req, tokens=tokens)
         self._requests[rid] = pending
+        self._tokens_in_flight += tokens
         member.in_flight.add(rid)
         self.requests_routed[_name(member.identity)] += 1
         finished = False
@@ -311,6 +322,8 @@ class EngineClient:
 
     def _forget(self, request_id: str) -> None:
         pending = self._requests.pop(request_id, None)
+        if pending is not None:
+            self._tokens_in_flight -= pending.tokens
         if pending is not None and pending.owner is not None:
             member = self._members.get(pending.owner)
             if member is not None:
@@ -475,4 +488,20 @@ def _drop_logprobs(logprobs: Logprobs, n: int) -> Logprobs:
     return Logprobs(
         logprobs.token_logprobs[n:], logprobs.top_token_ids[n:], logprobs.top_logprobs[n:],
         logprobs.tokens[n:], logprobs.top_tokens[n:],
+    )
+
+
+def estimate_prompt_tokens(req: TokenizeRequest) -> int:
+    """A prompt's length in tokens before tokenizing it: exact for token ids, a quarter of its
+    UTF-8 bytes for text (about what BPE vocabularies give English; admission only)."""
+    if req.prompt_token_ids is not None:
+        return len(req.prompt_token_ids)
+    text = req.prompt or "".join(m.content or "" for m in req.messages or [])
+    return len(text.encode()) // 4 + 1
+
+
+def _overloaded(why: str) -> EngineError:
+    return EngineError(
+        503, f"The server is overloaded: {why}. Retry shortly.", "server_error",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
     )

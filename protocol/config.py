@@ -40,7 +40,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # Plan step n+1 while the worker runs step n (at most 2 steps in flight), so the worker
     # does not wait on the scheduler between steps; off: one step at a time.
     async_scheduling: bool = True
-    max_queue_len: int = 4096
+    # Admission (vLLM's max_num_queued_reqs): past this many requests waiting, or this many
+    # prompt tokens waiting (estimated before tokenizing), new ones get 503 with Retry-After.
+    max_num_queued_reqs: int = 4096
+    max_num_queued_tokens: int = 1 << 20
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     # Also capture CUDA graphs for steps with prefill chunks, at token counts 16, 32, ... up

@@ -364,7 +364,7 @@ def pool(tmp_path_factory):
     os.environ["PAGODA_API_KEY"] = KEY  # the env var, not --api-key: both must work
     try:
         srv = start_server(str(tmp), "--max-model-len", "512", "--num-tokenizers", "4", "--max-num-seqs", "8",
-                           "--max-queue-len", "66", "--chat-template", str(template))
+                           "--max-num-queued-reqs", "66", "--chat-template", str(template))
     finally:
         del os.environ["PAGODA_API_KEY"]
     yield srv

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -665,6 +665,43 @@ def test_tokenizer_that_is_not_ready_gets_no_requests(config: EngineConfig) -> N
     finally:
         tok.stop()
     assert tok.requests() == []
+
+
+def test_prompt_tokens_waiting_past_the_cap_are_a_503_before_any_tokenizing(config: EngineConfig) -> None:
+    tok = FakeTokenizer(config).start()  # never answers: every request stays waiting
+
+    def ids(rid: str, n: int) -> TokenizeRequest:
+        return TokenizeRequest(rid, SamplingParams(max_tokens=4), prompt_token_ids=[5] * n)
+
+    async def scenario(client: EngineClient) -> None:
+        await client.wait_ready(5)
+        waiting = [asyncio.create_task(consume(client.generate(ids(f"r{i}", 400), None, 1000))) for i in range(2)]
+        await async_wait_for(lambda: client.num_in_flight == 2)
+        assert client.waiting_tokens_estimate() == 800
+        with pytest.raises(EngineError) as caught:
+            await anext(client.generate(ids("big", 201), None, 1000))
+        assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
+        assert "1000 tokens" in caught.value.message
+        # A text prompt is estimated from its bytes: 4000 bytes are about 1000 tokens.
+        text = TokenizeRequest("text", SamplingParams(max_tokens=4), prompt="abcd" * 1000)
+        with pytest.raises(EngineError, match="overloaded"):
+            await anext(client.generate(text, None, 1000))
+        small = asyncio.create_task(consume(client.generate(ids("small", 200), None, 1000)))
+        await async_wait_for(lambda: client.num_in_flight == 3)
+        for task in [*waiting, small]:
+            task.cancel()
+        await asyncio.gather(*waiting, small, return_exceptions=True)
+        assert client.waiting_tokens_estimate() == 0
+        assert [r.request_id for r in tok.requests()] == ["r0", "r1", "small"]  # the refused never left
+
+    try:
+        run_with_client(config, scenario)
+    finally:
+        tok.stop()
+
+
+async def consume(outputs: AsyncIterator[TextOutput]) -> list[TextOutput]:
+    return [o async for o in outputs]
 
 
 def test_a_full_queue_is_a_503_with_retry_after(config: EngineConfig) -> None:
