@@ -235,8 +235,14 @@ class EngineClient:
     def waiting_tokens_estimate(self) -> int:
         """Prompt tokens of the requests not running yet: those in flight but for the oldest
         `num_running` (the scheduler admits in arrival order; at most max_num_seqs to skip)."""
-        oldest = itertools.islice(self._requests.values(), self.scheduler_stats.num_running)
+        # Clamped: the figure comes off the wire, and islice raises on a negative or huge count.
+        running = max(0, min(self.scheduler_stats.num_running, len(self._requests)))
+        oldest = itertools.islice(self._requests.values(), running)
         return self._tokens_in_flight - sum(p.tokens for p in oldest)
+
+    def tokenizer_held(self) -> dict[str, int]:
+        """Requests each live tokenizer holds, by its own count (its heartbeat's `load`)."""
+        return {_name(ident): m.load for ident, m in list(self._members.items())}
 
     def tokenizer_loads(self) -> dict[str, int]:
         """In-flight requests per live tokenizer, by member id."""

@@ -56,6 +56,15 @@ class _EngineCollector(Collector):
             counter = CounterMetricFamily(f"pagoda:{name}", doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        # What each process still holds: all 0 when the server is idle (the soak checks it).
+        held = GaugeMetricFamily(
+            "pagoda:requests_held", "Requests a process holds state for, by process.", labels=["model_name", "process"]
+        )
+        held.add_metric([self.model_name, "frontend"], self.client.num_in_flight)
+        held.add_metric([self.model_name, "scheduler"], s.num_held)
+        for tokenizer, count in sorted(self.client.tokenizer_held().items()):
+            held.add_metric([self.model_name, tokenizer], count)
+        yield held
         routed = CounterMetricFamily(
             "pagoda:tokenizer_requests", "Requests sent to each tokenizer.", labels=["model_name", "tokenizer"]
         )

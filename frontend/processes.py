@@ -6,9 +6,8 @@ Each member is a separate OS process (`python -m pagoda <role>`, its configurati
 The kernel stops them (PR_SET_PDEATHSIG) if their parent dies, so nothing is ever orphaned.
 
 Once the engine has been ready, a member that dies is started again (same role, arguments and
-environment) after a backoff, and says hello to its hubs again; the scheduler is the exception
-(members cannot rejoin a new one yet), and so is a member that dies too often. Either stops
-everything (`GaveUp`).
+environment) after a backoff, and says hello to its hubs again (a restarted scheduler's members
+reconnect to it and rejoin); a member that dies too often stops everything (`GaveUp`).
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-# Roles whose death restarts cannot fix yet: members do not rejoin a new scheduler.
-NOT_RESTARTED = frozenset({"scheduler"})
 
 
 class GaveUp(RuntimeError):
@@ -129,8 +126,8 @@ class ProcessGroup:
     def supervise(self) -> None:
         """Notice dead members and start each again once its backoff is over; call it often.
 
-        Raises `GaveUp` for a death restarts cannot fix (during start-up, the scheduler's, or
-        past the restart rate): the caller then stops everything.
+        Raises `GaveUp` for a death restarts cannot fix (during start-up, or past the restart
+        rate): the caller then stops everything.
         """
         with self._lock:
             if self._stopped:
@@ -150,9 +147,6 @@ class ProcessGroup:
         how = f"{name} (pid {m.proc.pid}) {describe_exit(m.proc.returncode)}"
         if not self.restarts_enabled:
             raise GaveUp(f"{how} during start-up (see the log above); stopping every process")
-        if m.role in NOT_RESTARTED:
-            raise GaveUp(f"{how}: a scheduler death is not survivable yet (members cannot rejoin a new "
-                         "scheduler); stopping every process")
         while m.deaths and now - m.deaths[0] > RESTART_WINDOW_S:
             m.deaths.popleft()
         if len(m.deaths) >= MAX_RESTARTS:

@@ -49,5 +49,15 @@ async def _events(
     yield b"data: [DONE]\n\n"
 
 
+# JSON leaves U+0085, U+2028 and U+2029 unescaped, but readers that split lines as
+# str.splitlines does (httpx's `aiter_lines`, for one) end an event's line at them, cutting
+# its JSON in two. Escaped, each event is one line for every client.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def _event(payload: object) -> bytes:
-    return b"data: " + _encoder.encode(payload) + b"\n\n"
+    data = _encoder.encode(payload)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"

@@ -66,7 +66,7 @@ def apply_logit_bias(logits: torch.Tensor, bias: tuple[list[int], list[int], lis
     """Add each (row, token, bias) entry; token ids outside the vocabulary are ignored."""
     if bias is None:
         return logits
-    entries = [(r, t, b) for r, t, b in zip(*bias) if t < logits.shape[1]]
+    entries = [(r, t, b) for r, t, b in zip(*bias) if 0 <= t < logits.shape[1]]
     if not entries:
         return logits
     rows, cols, values = zip(*entries)
@@ -78,7 +78,7 @@ def apply_min_tokens(logits: torch.Tensor, banned: tuple[list[int], list[int]] |
     """Ban each (row, token): EOS and the stop tokens of rows below their `min_tokens`."""
     if banned is None:
         return logits
-    entries = [(r, t) for r, t in zip(*banned) if t < logits.shape[1]]
+    entries = [(r, t) for r, t in zip(*banned) if 0 <= t < logits.shape[1]]
     if not entries:
         return logits
     rows, cols = zip(*entries)

@@ -101,6 +101,7 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
                 max_model_len=runner.max_model_len,
                 eos_token_ids=list(runner.eos_token_ids),
                 max_num_batched_tokens=runner.max_num_batched_tokens,
+                vocab_size=runner.model.config.vocab_size,
             )
         )
     )

@@ -2,8 +2,8 @@
 stop them all on a signal.
 
 A member that dies after the server was ready is restarted with backoff and says hello again
-(`frontend.processes` has the policy). A death during start-up, the scheduler's death, or a
-member dying past the restart rate stops everything, and the command exits 1.
+(`frontend.processes` has the policy). A death during start-up or a member dying past the
+restart rate stops everything, and the command exits 1.
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ class Hello(msgspec.Struct, tag=True):
     max_model_len: int = 0
     eos_token_ids: list[int] = []
     max_num_batched_tokens: int = 0  # the step budget, resolved for the worker's device
+    # The model's embedding rows: the scheduler refuses token ids outside them, which would
+    # crash the worker (0: not said, only negative ids are refused).
+    vocab_size: int = 0
 
 
 class SchedulerStats(msgspec.Struct, tag=True):
@@ -79,6 +82,9 @@ class SchedulerStats(msgspec.Struct, tag=True):
     # scheduler had work: the idle fraction is idle / (idle + busy) over a run.
     worker_busy_s: float = 0.0
     worker_idle_s: float = 0.0
+    # Requests the scheduler holds any state for (samples, and the parent of n > 1 samples,
+    # finished or not): 0 when idle, or a request's state was left behind.
+    num_held: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -105,6 +111,9 @@ class EngineReady(msgspec.Struct, tag=True):
     block_size: int
     eos_token_ids: list[int] = []
     serving: bool = True
+    # Unique to one scheduler process: a tokenizer that reconnected tells a restarted scheduler,
+    # which lost every request, from the same one after a dropped connection.
+    scheduler_id: str = ""
 
 
 # ---- requests --------------------------------------------------------------------------
@@ -138,6 +147,14 @@ class EngineRequest(msgspec.Struct, tag=True):
     # The request may already run (its tokenizer died): adopt it, and send `reply_to` every
     # output token so far; a request the scheduler does not hold starts as new.
     resume: bool = False
+    # Re-submitted to a restarted scheduler, which lost every request: each sample's output
+    # tokens so far, by index, to continue from as after a preemption (empty: none yet).
+    output_token_ids: list[list[int]] = []
+    # Samples (n > 1) that already finished, by index, with their finish reason: not run again.
+    finished_samples: dict[int, str] = {}
+    # The `EngineReady.scheduler_id` it was sent to: another scheduler drops it (sent to its dead
+    # predecessor, it arrives through the reconnected socket; the tokenizer re-submits it). "": any.
+    scheduler_id: str = ""
 
 
 class Abort(msgspec.Struct, tag=True):

@@ -72,18 +72,49 @@ class Scheduler:
 
     # ---- requests in and out -----------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request; one with `sampling.n` > 1 runs as n samples sharing its prompt."""
+    def add_request(
+        self, request: Request, outputs_so_far: list[list[int]] | None = None, finished: dict[int, str] | None = None
+    ) -> None:
+        """Queue a request; one with `sampling.n` > 1 runs as n samples sharing its prompt.
+
+        `outputs_so_far` (by sample index) and `finished` (index -> finish reason): a request
+        re-submitted after a scheduler restart. Each sample continues from its outputs as if
+        back from a preemption (prompt + outputs computed again; seeds, penalties, min_tokens
+        and max_tokens count the outputs); samples run on their own, as their tokens differ.
+        """
         samples = request.split_samples()
         for s in samples:
             if s.request_id in self.requests or s.parent_id in self.samples:
                 raise ValueError(f"duplicate request id {request.request_id!r}")
+        if outputs_so_far or finished:
+            self._add_resumed(request.request_id, samples, outputs_so_far or [], finished or {})
+            return
         for s in samples:
             self.requests[s.request_id] = s
         self.waiting.append(samples[0])
         if len(samples) > 1:
             self.samples[request.request_id] = samples
             self.pending_forks[samples[0].request_id] = samples[1:]
+
+    def _add_resumed(
+        self, parent_id: str, samples: list[Request], outputs: list[list[int]], finished: dict[int, str]
+    ) -> None:
+        reasons = {s.value: s for s in RequestStatus if s.finished}
+        if any(r not in reasons for r in finished.values()):
+            raise ValueError(f"finish reasons must be one of {sorted(reasons)}")
+        longest = max((len(o) for i, o in enumerate(outputs) if i not in finished), default=0)
+        if longest >= samples[0].max_tokens or samples[0].num_prompt_tokens + longest >= self.config.max_model_len:
+            raise ValueError("a sample's outputs so far already reach max_tokens or the context")
+        for s in samples:
+            if s.index < len(outputs):
+                s.output_token_ids = list(outputs[s.index])
+            if s.index in finished:
+                s.status = reasons[finished[s.index]]  # kept only to answer `adopt`
+                continue
+            self.requests[s.request_id] = s
+            self.waiting.append(s)
+        if len(samples) > 1 and not all(s.status.finished for s in samples):
+            self.samples[parent_id] = samples
 
     def adopt(self, request_id: str, reply_to: str) -> list[Request]:
         """A live request's samples (those finished too, while others run), from now on

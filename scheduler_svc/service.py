@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import defaultdict, deque
 from typing import Any
 
@@ -53,9 +54,12 @@ class SchedulerService:
         self.ctx = zmq.Context()
         self.sock = bind_router(self.ctx, config.scheduler_addr)
         self.from_members = Decoder(SchedulerInbound)  # tokenizers and workers, on the one ROUTER
+        # Tells tokenizers that reconnect whether this is a new scheduler, which holds none of their requests.
+        self.scheduler_id = uuid.uuid4().hex
         self.scheduler: Scheduler | None = None
         self.engine_ready: EngineReady | None = None
         self.workers: dict[int, str] = {}  # rank -> member id
+        self.vocab_size = 0  # rank 0's, from its hello: token ids outside it are refused
         # When each attached worker's heartbeat thread last beat, and when a result last came
         # or steps went out with none in flight (the step timeout counts from there).
         self.workers_heard: dict[str, float] = {}
@@ -104,7 +108,9 @@ class SchedulerService:
         elif isinstance(msg, EngineRequest):
             self._on_request(sender, msg)
         elif isinstance(msg, Abort):
-            if self.scheduler is not None:
+            if msg.indices is not None and len(msg.indices) != len(msg.request_ids):
+                logger.warning("dropping an abort of %d ids with %d indices", len(msg.request_ids), len(msg.indices))
+            elif self.scheduler is not None:
                 self.scheduler.abort(msg.request_ids, msg.indices)
         elif isinstance(msg, StepResult):
             self._on_result(msg)
@@ -128,6 +134,14 @@ class SchedulerService:
         if msg.role != "worker":
             logger.warning("hello from unknown role %r dropped", msg.role)
             return
+        if sender != f"worker-{msg.rank}" or msg.rank >= self.config.tensor_parallel_size or min(
+            msg.rank, msg.num_blocks - 1, msg.max_model_len - 1, msg.vocab_size
+        ) < 0:
+            # A worker's identity is its rank's and it has a KV pool: any other hello would hand
+            # the step loop (and every request) to a peer that never runs a step.
+            logger.warning("dropping a worker hello from %r: rank %d, %d KV blocks, max_model_len %d",
+                           sender, msg.rank, msg.num_blocks, msg.max_model_len)
+            return
         self.workers[msg.rank] = sender
         self.workers_heard[sender] = time.monotonic()
         self.worker_ids.add(sender)
@@ -137,6 +151,7 @@ class SchedulerService:
         )
         if msg.rank != 0:
             return
+        self.vocab_size = msg.vocab_size
         max_model_len = msg.max_model_len
         if msg.num_blocks * self.config.block_size < max_model_len:
             max_model_len = msg.num_blocks * self.config.block_size
@@ -167,11 +182,16 @@ class SchedulerService:
             num_blocks=msg.num_blocks,
             block_size=self.config.block_size,
             eos_token_ids=msg.eos_token_ids,
+            scheduler_id=self.scheduler_id,
         )
         for tok in self.tokenizers:
             self._send(tok, self.engine_ready)
 
     def _on_request(self, sender: str, msg: EngineRequest) -> None:
+        if msg.scheduler_id and msg.scheduler_id != self.scheduler_id:
+            # Queued for this scheduler's dead predecessor; its tokenizer re-submits it once this one is ready.
+            logger.info("dropping %s, sent to a previous scheduler", msg.request_id)
+            return
         if self.scheduler is None:
             self._send(sender, ErrorReply(msg.request_id, 503, "The engine is not ready yet.", "service_unavailable"))
             return
@@ -189,18 +209,25 @@ class SchedulerService:
             if catch_up:
                 self._send(msg.reply_to, TokenBatch(catch_up))
             return
+        if (error := _unrunnable(msg, self.scheduler.config, self.vocab_size)) is not None:
+            # Its tokenizer checks all this; a request that was not checked must neither crash
+            # the worker (ids outside the embedding, positions past the context) nor stall the queue.
+            logger.warning("refusing request %r: %s", msg.request_id, error)
+            self._send(sender, ErrorReply(msg.request_id, 400, error, param="prompt"))
+            return
         max_tokens = msg.sampling.max_tokens
         if max_tokens is None:
             max_tokens = self.scheduler.config.max_model_len - len(msg.prompt_token_ids)
         req = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.reply_to, max_tokens, msg.arrival_time)
         try:
-            self.scheduler.add_request(req)
+            # Outputs so far: re-submitted by its tokenizer after this scheduler's predecessor died.
+            self.scheduler.add_request(req, msg.output_token_ids, msg.finished_samples)
         except ValueError as e:
             self._send(sender, ErrorReply(msg.request_id, 400, str(e), param="request_id"))
 
     def _on_result(self, result: StepResult) -> None:
-        assert self.scheduler is not None
-        if not self.steps_in_flight or result.step_id != self.steps_in_flight[0]:
+        # A restarted scheduler gets the results its predecessor's worker still had queued: none is in flight.
+        if self.scheduler is None or not self.steps_in_flight or result.step_id != self.steps_in_flight[0]:
             logger.warning("dropping the result of step %d, which is not in flight", result.step_id)
             return
         self.steps_in_flight.popleft()
@@ -320,6 +347,7 @@ class SchedulerService:
             num_steps=s.num_steps,
             worker_busy_s=self.worker_busy_s,
             worker_idle_s=self.worker_idle_s,
+            num_held=len(s.requests) + len(s.samples) + len(s.pending_forks),
         )
 
     def _send_stats(self) -> None:
@@ -356,12 +384,21 @@ class SchedulerService:
                     # Drain everything that arrived before planning, so a step sees all new requests.
                     while True:
                         try:
-                            sender, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        if len(frames) != 2:  # a member sends one frame; anything else is garbage
+                            logger.warning("dropping a message of %d frames (expected 2)", len(frames))
+                            continue
+                        sender, frame = frames
                         msg = self.from_members.decode(frame)
-                        if msg is not None:
+                        if msg is None:
+                            continue
+                        try:
                             self._handle(sender.decode(errors="replace"), msg)
+                        except Exception:
+                            # One bad message must not end the scheduler, and with it every request.
+                            logger.exception("failed to handle %s from %r", type(msg).__name__, sender)
                 self._check_workers()
                 self._maybe_schedule()
                 self._send_stats()
@@ -371,6 +408,26 @@ class SchedulerService:
                 self._send(member, Shutdown("scheduler stopping"))
             self.sock.close()
             self.ctx.term()
+
+
+def _unrunnable(msg: EngineRequest, config: SchedulerConfig, vocab_size: int) -> str | None:
+    """Why the worker could not run `msg`, or None."""
+    prompt, max_tokens = msg.prompt_token_ids, msg.sampling.max_tokens
+    if not prompt:
+        return "the prompt is empty"
+    if any(not 0 <= t < (vocab_size or 2**64) for ids in (prompt, *msg.output_token_ids) for t in ids):
+        return f"token ids must be in [0, {vocab_size or 'the vocabulary size'})"
+    if len(prompt) + max(1, max_tokens or 0) > config.max_model_len:
+        return f"the prompt and max_tokens take more than the context of {config.max_model_len} tokens"
+    # Each sample holds a KV block of its own when it runs: more than the pool has is no real
+    # request, and an n of billions would stall this loop making them.
+    if not 1 <= msg.sampling.n <= config.num_blocks:
+        return f"n must be between 1 and {config.num_blocks}"
+    # The worker keeps these in int64 columns.
+    p = msg.sampling
+    if any(not -(2**63) <= v < 2**63 for v in (p.top_k, p.min_tokens, p.logprobs or 0)):
+        return "top_k, min_tokens and logprobs must fit in 64-bit signed integers"
+    return None
 
 
 def run_scheduler(config: EngineConfig) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol import Abort, Logprobs, SamplingParams, TextOutput, TokenOutput
+from protocol import Abort, EngineRequest, Logprobs, SamplingParams, TextOutput, TokenOutput
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
 from tokenizer_svc.stop_strings import StopStringMatcher
 
@@ -17,23 +17,31 @@ from tokenizer_svc.stop_strings import StopStringMatcher
 class _Sample:
     """One of a request's `n` parallel samples."""
 
-    __slots__ = ("detok", "stop", "num_output_tokens", "finished", "echoed")
+    __slots__ = ("detok", "stop", "output_token_ids", "finish_reason", "echoed")
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, sampling.skip_special_tokens)
         self.stop = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output) if sampling.stop else None
-        self.num_output_tokens = 0
-        self.finished = False
+        # Every token received, so a restarted scheduler can continue the sample exactly.
+        self.output_token_ids: list[int] = []
+        self.finish_reason: str | None = None
         self.echoed = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class _Request:
-    __slots__ = ("prompt_token_ids", "sampling", "prompt_text", "samples", "num_finished")
+    __slots__ = ("prompt_token_ids", "sampling", "prompt_text", "arrival_time", "samples", "num_finished")
 
-    def __init__(self, prompt_token_ids: list[int], sampling: SamplingParams, prompt_text: str | None) -> None:
+    def __init__(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, prompt_text: str | None, arrival_time: float
+    ) -> None:
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
         self.prompt_text = prompt_text
+        self.arrival_time = arrival_time
         self.samples: dict[int, _Sample] = {}
         self.num_finished = 0
 
@@ -49,13 +57,35 @@ class OutputProcessor:
         return len(self.requests)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, prompt_text: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        prompt_text: str | None = None,
+        arrival_time: float = 0.0,
     ) -> None:
         """Track a request; `prompt_text` (echo) goes out with each sample's first output."""
-        self.requests[request_id] = _Request(prompt_token_ids, sampling, prompt_text)
+        self.requests[request_id] = _Request(prompt_token_ids, sampling, prompt_text, arrival_time)
 
     def forget(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+
+    def resubmission(self, request_id: str, reply_to: str, scheduler_id: str) -> EngineRequest:
+        """The request as a restarted scheduler must get it to continue each sample exactly
+        where this tokenizer's text is: the prompt, every sample's outputs so far, which finished."""
+        req = self.requests[request_id]
+        samples = [req.samples.get(i) for i in range(req.sampling.n)]
+        return EngineRequest(
+            request_id,
+            req.prompt_token_ids,
+            req.sampling,
+            reply_to,
+            req.arrival_time,
+            resume=True,
+            output_token_ids=[list(s.output_token_ids) if s is not None else [] for s in samples],
+            finished_samples={i: s.finish_reason for i, s in enumerate(samples) if s is not None and s.finished},
+            scheduler_id=scheduler_id,
+        )
 
     def process(self, outputs: list[TokenOutput]) -> tuple[list[TextOutput], list[Abort]]:
         """The text outputs for the frontend, and the aborts the scheduler must get (stop strings)."""
@@ -74,7 +104,7 @@ class OutputProcessor:
             texts.append(text)
             if text.finish_reason is None:
                 continue
-            sample.finished = True
+            sample.finish_reason = text.finish_reason
             req.num_finished += 1
             if out.finish_reason is None:  # finished here, by a stop string: the scheduler goes on
                 indices = [out.index] if req.sampling.n > 1 else None
@@ -86,7 +116,7 @@ class OutputProcessor:
     def _process_one(self, out: TokenOutput, req: _Request, sample: _Sample) -> TextOutput:
         sp = req.sampling
         ids = out.new_token_ids
-        sample.num_output_tokens += len(ids)
+        sample.output_token_ids += ids
         finish_reason, stop_reason = out.finish_reason, None
         text_ids = ids
         if finish_reason == "stop" and ids:
@@ -99,7 +129,7 @@ class OutputProcessor:
         text = sample.detok.add(text_ids, final=final)
         if sample.stop is not None:
             # vLLM matches stop strings only once min_tokens are out.
-            text, hit = sample.stop.feed(text, final=final, check=sample.num_output_tokens > sp.min_tokens)
+            text, hit = sample.stop.feed(text, final=final, check=len(sample.output_token_ids) > sp.min_tokens)
             if hit is not None:
                 finish_reason, stop_reason = "stop", hit
         prompt_text = None
@@ -111,7 +141,7 @@ class OutputProcessor:
             list(ids),
             finish_reason,
             len(req.prompt_token_ids),
-            sample.num_output_tokens,
+            len(sample.output_token_ids),
             out.index,
             self._with_token_texts(out.logprobs, ids),
             stop_reason,

@@ -1,14 +1,16 @@
 """Members killed under load with a real SIGKILL: `pagoda serve` restarts them and no request is
-lost; past its restart rate, or when the scheduler dies, it stops everything and exits 1.
+lost; past its restart rate it stops everything and exits 1.
 
 On a tiny random Llama (tests/tiny_models.py), whose wide init leaves greedy tokens no near-ties
-and whose worker restarts in seconds on 2 CPU cores.
+and whose worker restarts in seconds on 2 CPU cores; the scheduler's death also under the
+streams of tests/e2e/streams.py on the embedded model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import httpx
 import openai
 
 from tests.conftest import Server, child_pids, start_server
+from tests.e2e.streams import member_pid, run_streams
 
 MODEL = "tiny-llama"
 NUM_STREAMS = 8
@@ -161,7 +164,9 @@ def test_a_worker_silent_for_5_heartbeats_is_declared_lost_and_its_streams_compl
         server.stop()
 
 
-def test_a_killed_tokenizer_and_frontend_are_restarted_and_a_killed_scheduler_stops_everything(tiny, tmp_path):
+def test_a_killed_tokenizer_frontend_and_scheduler_are_restarted_and_a_request_sent_meanwhile_is_served(
+    tiny, tmp_path
+):
     server = _start(tiny, tmp_path, "--num-tokenizers", "2")
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -171,11 +176,14 @@ def test_a_killed_tokenizer_and_frontend_are_restarted_and_a_killed_scheduler_st
         return bool(text)
 
     try:
-        for role in ("tokenizer", "frontend"):
+        for role in ("tokenizer", "frontend", "scheduler"):
             before = _pids(server, role)
             victim = next(p for p in before if role != "tokenizer" or b"tokenizer-0" in _cmdline(p))
             started = time.monotonic()
             os.kill(victim, signal.SIGKILL)
+            if role == "scheduler":
+                # Sent while it is down: a tokenizer holds it until the new scheduler answers.
+                assert served()
             (new,) = _wait_for(f"a new {role}", lambda r=role, b=before: _pids(server, r) - b)
             if role == "tokenizer":  # it rejoined both hubs
                 for hub in ("frontend", "scheduler"):
@@ -185,11 +193,33 @@ def test_a_killed_tokenizer_and_frontend_are_restarted_and_a_killed_scheduler_st
             assert served()
             print(f"\n{role} killed: /ready and serving again {time.monotonic() - started:.2f} s later")
             assert f"(pid {victim}) was killed by SIGKILL" in server.log()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
 
-        (scheduler,) = _pids(server, "scheduler")
-        os.kill(scheduler, signal.SIGKILL)
-        assert server.proc.wait(30) == 1
-        assert "a scheduler death is not survivable yet" in server.log()
+
+def test_a_killed_scheduler_is_restarted_and_streams_resubmitted_by_the_tokenizers_end_with_the_undisturbed_text(
+    tmp_path,
+):
+    server = start_server(str(tmp_path), "--num-tokenizers", "2", "--max-model-len", "512")
+    try:
+        expected, _ = asyncio.run(run_streams(server))
+        assert all(len(t) > 40 for t in expected)
+        victim = member_pid(server, "scheduler")
+
+        async def kill() -> None:
+            os.kill(victim, signal.SIGKILL)
+
+        texts, recovery_s = asyncio.run(run_streams(server, kill))
+        print(f"\nscheduler killed under {len(texts)} streams: all had text again {recovery_s:.2f} s later")
+        assert texts == expected
+        log = server.log()
+        assert f"scheduler (pid {victim}) was killed by SIGKILL" in log
+        # Every stream was live at the kill, and went again to the new scheduler with its outputs so far.
+        resubmitted = re.findall(r"a new scheduler answered after [\d.]+ s; (\d+) live requests re-submitted", log)
+        assert sum(map(int, resubmitted)) == len(texts)
+        again, _ = asyncio.run(run_streams(server))
+        assert again == expected
     finally:
         server.stop()
 

@@ -3,6 +3,8 @@ parallel samples and async scheduling (tests/scheduler/sim_worker.py plays the w
 
 from collections import deque
 
+import pytest
+
 from protocol import SamplingParams, StepResult
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
@@ -322,3 +324,40 @@ def test_a_restarted_worker_gets_every_request_again_and_no_stale_cache():
     assert plan.new_requests[0].num_output_tokens == 1
     update = s.update(SimWorker(64, 16).execute(plan))
     assert [o.new_token_ids for _, o in update.outputs] == [[next_token(s.requests["a"].all_token_ids[:41], None)]]
+
+
+# ---- re-submitted after a scheduler restart ----------------------------------------------
+
+
+def test_a_request_resubmitted_with_its_outputs_so_far_ends_as_if_never_interrupted():
+    prompt = list(range(10, 30))
+    full = reference_output(prompt, 3, 10, 1024, ignore_eos=True)
+    s, worker = make_scheduler(), SimWorker(64, 16)
+    s.add_request(Request("a", prompt, SamplingParams(max_tokens=10, seed=3, ignore_eos=True), "tok", 10), [full[:4]])
+    plan = s.schedule()
+    # Recomputed as after a preemption: prompt and outputs, the outputs counted as such.
+    (new,) = plan.new_requests
+    assert new.prompt_token_ids == prompt + full[:4] and new.num_output_tokens == 4
+    assert plan.num_scheduled_tokens == {"a": 24}
+    outputs = [t for _, o in s.update(worker.execute(plan)).outputs for t in o.new_token_ids]
+    outputs += drain(s, worker)[("a", 0)]
+    assert outputs == full[4:]  # max_tokens counts the 4 it had
+    assert s.block_pool.num_free == 64
+
+
+def test_a_resubmitted_parallel_request_runs_its_unfinished_samples_each_from_its_own_outputs():
+    prompt = list(range(10, 42))
+    ref = [reference_output(prompt, 1 + i, 6, 1024, ignore_eos=True) for i in range(3)]
+    s, worker = make_scheduler(), SimWorker(64, 16)
+    req = Request("p", prompt, SamplingParams(n=3, max_tokens=6, seed=1, ignore_eos=True), "tok", 6)
+    s.add_request(req, [ref[0], ref[1][:2], []], {0: "length"})
+    assert [r.status.value for r in s.adopt("p", "tok")] == ["length", "waiting", "waiting"]
+    assert drain(s, worker) == {("p", 1): ref[1][2:], ("p", 2): ref[2]}
+    assert not s.requests and not s.samples and s.block_pool.num_free == 64
+
+
+def test_a_resubmitted_request_whose_outputs_reach_max_tokens_is_refused():
+    s = make_scheduler()
+    with pytest.raises(ValueError, match="max_tokens"):
+        s.add_request(make_request("a", 5, max_tokens=3), [[7, 7, 7]])
+    assert not s.requests and not s.waiting

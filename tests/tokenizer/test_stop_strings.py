@@ -108,3 +108,15 @@ def test_echo_and_logprob_token_texts(tokenizer) -> None:
     assert out.prompt_text == "Say:" and out.text == " yes"
     assert out.logprobs is not None and "".join(out.logprobs.tokens) == " yes"
     assert out.logprobs.top_tokens == [[t] for t in out.logprobs.tokens]
+
+
+def test_a_resubmission_carries_each_samples_outputs_so_far_and_which_finished(tokenizer) -> None:
+    proc = OutputProcessor(tokenizer)
+    proc.add_request("r", [1, 2, 3], SamplingParams(n=3, max_tokens=8, stop=["world"]), arrival_time=5.0)
+    hello, world = tokenizer.encode("hello"), tokenizer.encode("hello world")
+    proc.process([TokenOutput("r", hello, None, 3, 0), TokenOutput("r", world, None, 3, 1)])
+    again = proc.resubmission("r", "tokenizer-1", "scheduler-2")
+    # Sample 1 stopped on its stop string (the scheduler may never have heard); sample 2 had nothing yet.
+    assert again.output_token_ids == [hello, world, []] and again.finished_samples == {1: "stop"}
+    assert again.prompt_token_ids == [1, 2, 3] and again.reply_to == "tokenizer-1"
+    assert again.arrival_time == 5.0 and again.resume and again.scheduler_id == "scheduler-2"
