@@ -20,6 +20,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from frontend.pending import Pending, estimate_prompt_tokens
 from protocol import Decoder, EngineConfig, bind_router, encode
 from protocol.messages import (
     Abort,
@@ -27,7 +28,6 @@ from protocol.messages import (
     FrontendInbound,
     Heartbeat,
     Hello,
-    Logprobs,
     SchedulerStats,
     TextBatch,
     TextOutput,
@@ -80,58 +80,6 @@ class _Tokenizer:
     in_flight: set[str] = field(default_factory=set)
 
 
-@dataclass
-class _Sent:
-    """How much of one sample its consumer has, and how much of that the owner has re-sent."""
-
-    chars: int = 0
-    tokens: int = 0
-    echoed: bool = False
-    finished: bool = False
-    seen_chars: int = 0
-    seen_tokens: int = 0
-
-
-@dataclass
-class _Pending:
-    owner: bytes | None  # None while it waits for a ready tokenizer (its own died)
-    request: TokenizeRequest
-    queue: asyncio.Queue[TextOutput | EngineError] = field(default_factory=asyncio.Queue)
-    sent: dict[int, _Sent] = field(default_factory=dict)  # by sample index
-    parked_at: float = 0.0  # when it started to wait for a tokenizer
-    tokens: int = 0  # its prompt's length, estimated before tokenizing (admission)
-
-    def resumed(self, out: TextOutput) -> TextOutput | None:
-        """`out` less what the consumer already has: after a reroute the new tokenizer sends
-        each sample's text and tokens again from the start. None if nothing is left."""
-        sent = self.sent.setdefault(out.index, _Sent())
-        if sent.finished:
-            return None
-        skip_chars = max(0, sent.chars - sent.seen_chars)
-        skip_tokens = max(0, sent.tokens - sent.seen_tokens)
-        sent.seen_chars += len(out.text)
-        sent.seen_tokens += len(out.token_ids)
-        if skip_chars or skip_tokens:
-            out.text = out.text[skip_chars:]
-            out.token_ids = out.token_ids[skip_tokens:]
-            if out.logprobs is not None:
-                out.logprobs = _drop_logprobs(out.logprobs, skip_tokens)
-        if sent.echoed:
-            out.prompt_text = None
-        sent.chars = max(sent.chars, sent.seen_chars)
-        sent.tokens = max(sent.tokens, sent.seen_tokens)
-        sent.echoed = sent.echoed or out.prompt_text is not None
-        sent.finished = out.finish_reason is not None
-        trimmed = skip_chars or skip_tokens
-        if trimmed and not out.text and not out.token_ids and out.finish_reason is None and out.prompt_text is None:
-            return None
-        return out
-
-    def rerouted(self) -> None:
-        for sent in self.sent.values():
-            sent.seen_chars = sent.seen_tokens = 0
-
-
 class EngineClient:
     """Sends `TokenizeRequest`s to the tokenizer pool and streams back their `TextOutput`s."""
 
@@ -142,7 +90,7 @@ class EngineClient:
         self._from_tokenizers = Decoder(FrontendInbound)
         self._dead_after_s = DEAD_AFTER_HEARTBEATS * config.heartbeat_interval_s
         self._members: dict[bytes, _Tokenizer] = {}
-        self._requests: dict[str, _Pending] = {}
+        self._requests: dict[str, Pending] = {}
         self._parked: list[str] = []  # requests whose tokenizer died, waiting for a ready one
         self._tokens_in_flight = 0  # the estimated prompt tokens of every request in flight
         self._ctx: zmq.asyncio.Context | None = None
@@ -289,7 +237,7 @@ class EngineClient:
             raise _overloaded(f"the prompts waiting would pass {max_waiting_tokens} tokens")
         member = self._pick_tokenizer()
         rid = req.request_id
-        pending = _Pending(owner=member.identity, request=req, tokens=tokens)
+        pending = Pending(owner=member.identity, request=req, tokens=tokens)
         self._requests[rid] = pending
         self._tokens_in_flight += tokens
         member.in_flight.add(rid)
@@ -440,7 +388,7 @@ class EngineClient:
         """The requests of a tokenizer that died go on through another one.
 
         The new tokenizer tokenizes each again (the same ids), the scheduler hands it the
-        request and every output token so far, and `_Pending.resumed` drops what the client
+        request and every output token so far, and `Pending.resumed` drops what the client
         already has, so the stream goes on where it stopped. Nothing is sent to the dead
         member: an Abort passed on by one that was only stalled would stop the request.
         """
@@ -487,23 +435,6 @@ def _log_send_failure(future: asyncio.Future[object]) -> None:
 def _name(identity: bytes) -> str:
     """A member's zmq identity is its member id (`tokenizer-0`)."""
     return identity.decode(errors="replace")
-
-
-def _drop_logprobs(logprobs: Logprobs, n: int) -> Logprobs:
-    """`logprobs` without its first `n` tokens' entries."""
-    return Logprobs(
-        logprobs.token_logprobs[n:], logprobs.top_token_ids[n:], logprobs.top_logprobs[n:],
-        logprobs.tokens[n:], logprobs.top_tokens[n:],
-    )
-
-
-def estimate_prompt_tokens(req: TokenizeRequest) -> int:
-    """A prompt's length in tokens before tokenizing it: exact for token ids, a quarter of its
-    UTF-8 bytes for text (about what BPE vocabularies give English; admission only)."""
-    if req.prompt_token_ids is not None:
-        return len(req.prompt_token_ids)
-    text = req.prompt or "".join(m.content or "" for m in req.messages or [])
-    return len(text.encode()) // 4 + 1
 
 
 def _overloaded(why: str) -> EngineError:
