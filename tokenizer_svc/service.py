@@ -62,6 +62,7 @@ class TokenizerService:
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats: SchedulerStats | None = None
         self._stopping = False
+        self._next_beat = 0.0  # when the next heartbeat is due
         # From the scheduler connection's drop until a scheduler answers with `EngineReady`:
         # requests are held, and a new scheduler (another `scheduler_id`) gets every live one again.
         self._scheduler_lost_at: float | None = None
@@ -202,21 +203,17 @@ class TokenizerService:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.scheduler, zmq.POLLIN)
         poller.register(self.scheduler_monitor, zmq.POLLIN)
-        interval = self.config.heartbeat_interval_s
-        next_beat = time.monotonic() + interval
+        self._next_beat = time.monotonic() + self.config.heartbeat_interval_s
         try:
             while not self._stopping:
-                events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+                events = dict(poller.poll(max(0.0, self._next_beat - time.monotonic()) * 1000))
                 if self.scheduler in events:
                     self._drain(self.scheduler, self.from_scheduler)
                 if self.scheduler_monitor in events:
                     self._on_scheduler_events()
                 if self.frontend in events:
                     self._drain(self.frontend, self.from_frontend)
-                if time.monotonic() >= next_beat:
-                    self._fail_waiting_requests()
-                    self._heartbeat()
-                    next_beat = time.monotonic() + interval
+                self._beat_if_due()
         finally:
             self.frontend.close()
             self.scheduler.disable_monitor()
@@ -238,6 +235,15 @@ class TokenizerService:
             except Exception:
                 # A bug with one request must not take the pool member down with it.
                 logger.exception("%s: failed to handle %s", self.member_id, type(msg).__name__)
+            # A burst of long prompts keeps this loop busy for seconds: beat meanwhile, so a
+            # busy member is not taken for a dead one.
+            self._beat_if_due()
+
+    def _beat_if_due(self) -> None:
+        if time.monotonic() >= self._next_beat:
+            self._fail_waiting_requests()
+            self._heartbeat()
+            self._next_beat = time.monotonic() + self.config.heartbeat_interval_s
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, TokenizeRequest):
