@@ -38,12 +38,9 @@ class StepBatch:
     rows: np.ndarray  # [B] the requests' rows, in batch order
     request_ids: list[str]  # [B] in batch order
     sampling: np.ndarray  # [N] indices into the batch of the requests that sample
+    sampled_rows: np.ndarray  # [N] their rows: rows[sampling]
     staging: StepBuffers  # the pinned host buffers this step was staged in
     graph: GraphKey | None = None  # the captured graph this step replays, padded to its size
-
-    @property
-    def sampled_rows(self) -> np.ndarray:
-        return self.rows[self.sampling]
 
 
 @dataclass
@@ -337,6 +334,7 @@ class InputBatch:
             rows=rows,
             request_ids=request_ids,
             sampling=sampling,
+            sampled_rows=rows[sampling],
             staging=st,
             graph=graph,
         )
