@@ -1,4 +1,4 @@
-"""`pagoda bench {throughput,latency,serve,prefix,kernels}`: one workload of docs/BENCHMARKS.md per run.
+"""`pagoda bench {throughput,latency,serve,prefix,kernels,faults}`: one workload of docs/BENCHMARKS.md per run.
 
 Every run measures the machine first (copy bandwidth, matrix rate), runs Pagoda, optionally
 the `transformers` peer on the same weights (`--peer hf`), and prints each figure with its
@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any
 
-WORKLOADS = ("throughput", "latency", "serve", "prefix", "kernels")
+WORKLOADS = ("throughput", "latency", "serve", "prefix", "kernels", "faults")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,13 +41,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--engine-args", default="", help="extra `pagoda serve` flags, one string")
-        if name in ("throughput", "serve", "prefix"):
-            p.add_argument("--num-prompts", type=int, default={"throughput": 256, "serve": 400, "prefix": 64}[name])
-        if name in ("throughput", "latency", "serve"):
+        if name in ("throughput", "serve", "prefix", "faults"):
+            p.add_argument("--num-prompts", type=int,
+                           default={"throughput": 256, "serve": 400, "prefix": 64, "faults": 256}[name])
+        if name in ("throughput", "latency", "serve", "faults"):
             p.add_argument("--input-len", type=int, nargs="+", help="N, or MIN MAX for uniform lengths",
-                           default={"throughput": [100, 1024], "latency": [512], "serve": [1024]}[name])
+                           default={"throughput": [100, 1024], "latency": [512], "serve": [1024],
+                                    "faults": [256]}[name])
             p.add_argument("--output-len", type=int, nargs="+",
-                           default={"throughput": [100, 1024], "latency": [256], "serve": [128]}[name])
+                           default={"throughput": [100, 1024], "latency": [256], "serve": [128],
+                                    "faults": [256]}[name])
         if name == "throughput":
             p.add_argument("--max-num-seqs", type=int, nargs="+", default=[256],
                            help="one run per value (throughput against batch size)")
@@ -56,6 +59,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
             p.add_argument("--request-rate", default="1,4,16,inf", help="comma-separated req/s; inf: all at once")
             p.add_argument("--slo-ttft-ms", type=float, default=2000)
             p.add_argument("--slo-tpot-ms", type=float, default=100)
+        if name == "faults":
+            p.add_argument("--kill", choices=["worker", "tokenizer", "scheduler"], default="worker",
+                           help="the member that gets SIGKILL mid-load")
+            p.add_argument("--kill-after", type=int, default=16, help="once every stream has this many tokens")
+            p.add_argument("--server-log", help="where the server's output goes (default: a temporary file)")
         if name == "prefix":
             p.add_argument("--prefix-len", type=int, default=2048)
             p.add_argument("--suffix-len", type=int, default=128)
@@ -185,6 +193,8 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             results["limit_ttft_s_all_cached"] = cost.prefill_seconds(len(reqs[0].prompt_ids), args.prefix_len)
     elif args.workload == "serve":
         results.update(_serve(args, model, vocab, device, cost))
+    elif args.workload == "faults":
+        results.update(_faults(args, model, vocab, device))
 
 
 def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:
@@ -199,11 +209,7 @@ def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: 
     proc = None
     base_url = args.base_url
     if base_url is None:
-        port = 8400 + os.getpid() % 500
-        flags = [f"--model={model}", f"--port={port}", f"--device={device}", *args.engine_args.split()]
-        proc = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", *flags])
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_ready(base_url, proc)
+        proc, base_url = _start_server(args, model, device)
     try:
         import httpx
 
@@ -247,6 +253,44 @@ def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: 
                 if burst is not None:
                     out[f"ratio_to_{name}_all_at_once"] = runs[burst]["output_tokens_per_s"] / peer[
                         "output_tokens_per_s"]
+    return out
+
+
+def _start_server(args: argparse.Namespace, model: str, device: str,
+                  log: Any = None) -> tuple[subprocess.Popen, str]:
+    """`pagoda serve` on `model`, ready; its output to `log` (a file) if given."""
+    port = 8400 + os.getpid() % 500
+    flags = [f"--model={model}", f"--port={port}", f"--device={device}", *args.engine_args.split()]
+    proc = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", *flags], stdout=log, stderr=log)
+    base_url = f"http://127.0.0.1:{port}"
+    _wait_ready(base_url, proc)
+    return proc, base_url
+
+
+def _faults(args: argparse.Namespace, model: str, vocab: int, device: str) -> dict[str, Any]:
+    import httpx
+
+    from bench.faults import LogWatcher, run_faults
+    from bench.serve import auth_headers
+    from bench.workloads import random_requests
+
+    reqs = random_requests(args.num_prompts, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
+    log_path = args.server_log or tempfile.mktemp(prefix="pagoda-faults-", suffix=".log")
+    with open(log_path, "w") as log:
+        watcher = LogWatcher(log_path)
+        watcher.start()
+        began = time.monotonic()
+        proc, base_url = _start_server(args, model, device, log)
+        try:
+            out = {"startup_s": time.monotonic() - began, "server_log": log_path}
+            served = httpx.get(base_url + "/v1/models", headers=auth_headers()).json()["data"][0]["id"]
+            out.update(run_faults(base_url, served, reqs, proc.pid, watcher, args.kill, args.kill_after))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out_code = proc.wait(120)
+            watcher.stop()
+        out["server_exit_code"] = out_code
+        out["restarts_logged"] = [line for _, line in watcher.lines if "restart" in line][:10]
     return out
 
 

@@ -4,9 +4,10 @@
 # along in .whl/ (copied from the steering repo's device-wheels), runs the tests marked `gpu`,
 # then the benchmarks, and writes JSON and logs to OUTDIR.
 #
-#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|profile ...]
+#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|faults|profile ...]
 #
-# With no step named, every step but gemm and profile runs. gemm: cuBLAS and our skinny linear
+# With no step named, every step but gemm, faults and profile runs. faults: kill -9 the worker
+# (FAULTS_KILL: or tokenizer, scheduler) under 256 streams on the llama3-8b shape (bench/faults.py). gemm: cuBLAS and our skinny linear
 # on the decode projections, and decode attention at T's shapes, swept (bench/kernels.py).
 # profile: the runner alone, torch profiler tables of decode and of a warm prefill step
 # (scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
@@ -64,6 +65,8 @@ for step in $steps; do
             done ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-400}" \
             --request-rate "${SERVE_RATES:-1,4,16,inf}" --plot "$out" --peer "${PEER:-hf}" ;;
+        faults) bench faults faults --random-weights llama3-8b --num-prompts "${FAULTS_PROMPTS:-256}" \
+            --kill "${FAULTS_KILL:-worker}" --server-log "$out/faults-server.log" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done

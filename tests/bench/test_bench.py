@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENGINE = "--max-model-len 512 --num-tokenizers 1"
 
 
@@ -103,3 +105,19 @@ def test_kernels_reports_bandwidth_and_flops(tmp_path):
     assert 0 < res["decode"]["fraction_of_copy"] < 1.5
     assert res["decode"]["bytes_per_s"] > 0 and res["decode"]["sdpa_contiguous_bytes_per_s"] > 0
     assert res["prefill"]["flops_per_s"] > 0 and res["prefill"]["sdpa_flops_per_s"] > 0
+
+
+def test_faults_kills_the_worker_mid_load_and_every_stream_ends_with_the_undisturbed_text(tmp_path):
+    res = bench(tmp_path, "faults", "--num-prompts", "8", "--input-len", "16", "--output-len", "48",
+                "--kill-after", "8", "--server-log", str(tmp_path / "server.log"))
+    killed = res["killed"]
+    assert res["lost"] == 0 and killed["completed"] == res["cold"]["completed"] == res["warm"]["completed"] == 8
+    assert res["killed_vs_warm"]["identical"] == res["cold_vs_warm"]["identical"] == 8
+    # The restarted worker's way back, in order, and the first token after the kill after it.
+    steps = killed["milestones_s"]
+    assert 0 < steps["restarted"] <= steps["model_loaded"] <= steps["worker_ready"] <= steps["joined"]
+    assert killed["re_prefill_s"] > 0
+    assert steps["joined"] + killed["re_prefill_s"] == pytest.approx(killed["recovery_s"])
+    assert killed["recovery_s"] < killed["after_kill_s"]
+    assert killed["killed_pid"] > 0 and res["server_exit_code"] == 0
+    assert any("killed by SIGKILL" in line for line in res["restarts_logged"])
