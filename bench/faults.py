@@ -7,10 +7,11 @@ complete, and its text is compared with the `warm` run's, the undisturbed run ma
 same conditions (`cold` against `warm` says how much of a difference, if any, is the numerics
 of a different batch and a cached prefix rather than the kill).
 
-Recovery: from the kill to the first token after it of the stream that waited longest, and
+Recovery: from the kill to the end of the longest stall of the stream that waited longest, and
 the steps between, from the server's log as it is written (each line stamped when it is seen):
-the member restarted, its model loaded, the KV cache sized, kernels warmed up, CUDA graphs
-captured, its hello to the scheduler, then the re-prefill of every running request.
+the member restarted, its imports and device set up (loading), its model loaded, the KV cache
+sized, kernels warmed up, CUDA graphs captured, its hello to the scheduler, then the re-prefill
+of every running request.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bench.workloads import Req
 # The server log's lines that mark a restarted worker's way back, in the order they come.
 MILESTONES = {
     "restarted": r"worker-0 restarted \(pid",
+    "loading": r"\[worker-0\].* loading ",
     "model_loaded": r"\[worker-0\].* loaded ",
     "kv_sized": r"\[worker-0\].* KV cache",
     "kernels_ready": r"\[worker-0\].* attention kernels: ",
@@ -191,16 +193,23 @@ def run_faults(base_url: str, model: str, reqs: list[Req], root_pid: int, log: L
                      "errors": sorted(set(failed))[:5]}
         print(f"{name}: {len(streams) - len(failed)}/{len(streams)} completed in {elapsed:.1f} s", flush=True)
         if killed_at is not None:
-            waits = [min((t for t in s.token_times if t > killed_at), default=float("nan")) - killed_at
-                     for s in streams]
+            # A stream's stall: the longest gap between its tokens from the kill on (tokens
+            # already on their way still arrive just after it); it resumed at the gap's end.
+            resumed = []
+            for st in streams:
+                times = [killed_at] + [t for t in st.token_times if t > killed_at]
+                gaps = [(b - a, b) for a, b in zip(times, times[1:])]
+                resumed.append(max(gaps)[1] - killed_at if gaps else 0.0)
             out[name]["killed_pid"] = pid
-            out[name]["recovery_s"] = max(waits)
+            out[name]["recovery_s"] = max(resumed)
+            out[name]["resumed_s"] = {"min": min(resumed), "max": max(resumed)}
             steps = {k: log.first_after(killed_at, rx) for k, rx in MILESTONES.items()}
             out[name]["milestones_s"] = steps
             if steps["joined"] is not None:
                 # From the hello to the last stream's next token: every running request's
-                # prompt and outputs so far prefilled again, then one step.
-                out[name]["re_prefill_s"] = max(waits) - steps["joined"]
+                # prompt and outputs so far prefilled again, then one step. (A log line is
+                # stamped up to a poll, 20 ms, late.)
+                out[name]["re_prefill_s"] = max(0.0, max(resumed) - steps["joined"])
             out[name]["kill_at_s"] = killed_at - start
             out[name]["after_kill_s"] = end - killed_at
     out["cold_vs_warm"] = _compare(runs["cold"], runs["warm"])

@@ -9,6 +9,8 @@ architecture, a damaged file) is a `ModelLoadError` with a one-line message.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,11 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     """Load `config.model` (None: the embedded GGUF; a .gguf file; a folder; a hub id in the cache)
     at `config.revision`, in `config.dtype`, onto `device`."""
     name = config.model or EMBEDDED_MODEL_NAME
+    began = time.perf_counter()
+    torch.empty(1, device=device)  # the device's context, timed apart from the weights
+    logger.info("loading %s (process up %.1f s, device set up in %.1f s)", name, _process_age_s(),
+                time.perf_counter() - began)
+    began = time.perf_counter()
     checkpoint = read_checkpoint(config.model, config.revision)
     hf_config = checkpoint.hf_config
     architecture = (hf_config.get("architectures") or ["(none given)"])[0]
@@ -74,7 +81,8 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     except ValueError as e:
         raise ModelLoadError(f"{name}: {e}") from None
     module.eval()
-    logger.info("loaded %s (%s) in %s on %s", name, architecture, str(dtype).removeprefix("torch."), device)
+    logger.info("loaded %s (%s) in %s on %s in %.1f s", name, architecture, str(dtype).removeprefix("torch."),
+                device, time.perf_counter() - began)
     return LoadedModel(
         model=module,
         num_layers=model_config.num_hidden_layers,
@@ -95,6 +103,18 @@ def read_checkpoint(model: str | None, revision: str | None = None) -> Checkpoin
             raise ModelLoadError(f"model file {path} is not a .gguf file (for Hugging Face weights, give the folder)")
         return read_gguf(str(path))
     return read_hf_folder(path)
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (imports and device set-up come before a load)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:

@@ -7,7 +7,7 @@
 #   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|faults|profile ...]
 #
 # With no step named, every step but gemm, faults and profile runs. faults: kill -9 the worker
-# (FAULTS_KILL: or tokenizer, scheduler) under 256 streams on the llama3-8b shape (bench/faults.py). gemm: cuBLAS and our skinny linear
+# (FAULTS_KILL: any of worker tokenizer scheduler) under 256 streams on the llama3-8b shape (bench/faults.py). gemm: cuBLAS and our skinny linear
 # on the decode projections, and decode attention at T's shapes, swept (bench/kernels.py).
 # profile: the runner alone, torch profiler tables of decode and of a warm prefill step
 # (scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
@@ -65,8 +65,11 @@ for step in $steps; do
             done ;;
         serve) bench serve serve --random-weights llama3-8b --num-prompts "${SERVE_PROMPTS:-400}" \
             --request-rate "${SERVE_RATES:-1,4,16,inf}" --plot "$out" --peer "${PEER:-hf}" ;;
-        faults) bench faults faults --random-weights llama3-8b --num-prompts "${FAULTS_PROMPTS:-256}" \
-            --kill "${FAULTS_KILL:-worker}" --server-log "$out/faults-server.log" ;;
+        faults) for kill in ${FAULTS_KILL:-worker}; do  # FAULTS_DTYPE: float32 shows the replay is exact
+                tag=faults-$kill-${FAULTS_DTYPE:-auto}
+                bench "$tag" faults --random-weights llama3-8b --num-prompts "${FAULTS_PROMPTS:-256}" --kill "$kill" \
+                    --server-log "$out/$tag-server.log" --engine-args "--dtype ${FAULTS_DTYPE:-auto}"
+            done ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ENGINE = "--max-model-len 512 --num-tokenizers 1"
 
 
@@ -113,11 +111,13 @@ def test_faults_kills_the_worker_mid_load_and_every_stream_ends_with_the_undistu
     killed = res["killed"]
     assert res["lost"] == 0 and killed["completed"] == res["cold"]["completed"] == res["warm"]["completed"] == 8
     assert res["killed_vs_warm"]["identical"] == res["cold_vs_warm"]["identical"] == 8
-    # The restarted worker's way back, in order, and the first token after the kill after it.
+    # The restarted worker's way back, in order.
     steps = killed["milestones_s"]
-    assert 0 < steps["restarted"] <= steps["model_loaded"] <= steps["worker_ready"] <= steps["joined"]
-    assert killed["re_prefill_s"] > 0
-    assert steps["joined"] + killed["re_prefill_s"] == pytest.approx(killed["recovery_s"])
+    order = ("restarted", "loading", "model_loaded", "worker_ready", "joined")
+    assert 0 < steps["restarted"] and [steps[k] for k in order] == sorted(steps[k] for k in order)
+    # Every stream stalled from the kill until the new worker had said hello.
+    assert steps["joined"] - 0.1 < killed["resumed_s"]["min"] <= killed["resumed_s"]["max"] == killed["recovery_s"]
+    assert killed["re_prefill_s"] >= 0
     assert killed["recovery_s"] < killed["after_kill_s"]
     assert killed["killed_pid"] > 0 and res["server_exit_code"] == 0
     assert any("killed by SIGKILL" in line for line in res["restarts_logged"])
