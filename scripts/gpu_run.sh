@@ -68,7 +68,7 @@ for step in $steps; do
         faults) for kill in ${FAULTS_KILL:-worker}; do  # FAULTS_DTYPE: float32 shows the replay is exact
                 tag=faults-$kill-${FAULTS_DTYPE:-auto}
                 bench "$tag" faults --random-weights llama3-8b --num-prompts "${FAULTS_PROMPTS:-256}" --kill "$kill" \
-                    --server-log "$out/$tag-server.log" --engine-args "--dtype ${FAULTS_DTYPE:-auto}"
+                    --server-log "$out/$tag-server.log" --engine-args "--dtype ${FAULTS_DTYPE:-auto}" ${FAULTS_ARGS:-}
             done ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
