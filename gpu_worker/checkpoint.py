@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gpu_worker.weight_source import WeightSource
 from tokenizer_svc.model_source import ModelLoadError
 
 # What reading a damaged or foreign file raises, turned into one ModelLoadError line.
@@ -30,7 +31,7 @@ class Checkpoint:
     hf_config: dict
     eos_token_ids: list[int]
     num_tensors: int | None  # for the progress bar; None when unknown before reading
-    tensors: Iterator[tuple[str, torch.Tensor]]  # Hugging Face names
+    tensors: Iterator[tuple[str, torch.Tensor | WeightSource]]  # Hugging Face names
     dtype: torch.dtype | None = None  # the dtype the weights are stored in; None if quantized
 
 
@@ -98,11 +99,12 @@ def _count_tensors(files: list[Path]) -> int:
     return count
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, WeightSource]]:
+    """Each tensor unread: the model reads the slice its rank keeps (gpu_worker/weight_source.py)."""
     for file in files:
         with _reading(file), safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, WeightSource(f.get_slice(name))
 
 
 def _iter_torch_bin(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

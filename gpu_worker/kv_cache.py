@@ -13,6 +13,7 @@ import torch
 
 from gpu_worker.attention import AttentionMetadata
 from gpu_worker.loader import LoadedModel, ModelLoadError
+from gpu_worker.parallel import min_over_ranks
 from gpu_worker.transfer import to_device
 from protocol.config import EngineConfig
 
@@ -47,6 +48,8 @@ class KVCache:
             num_blocks = int(gb * 2**30 // bytes_per_block)
         else:
             num_blocks = int(self._profile_free_gpu_memory() // bytes_per_block)
+        # The ranks of a tensor-parallel group hold the same block ids: the smallest pool of any.
+        num_blocks = min_over_ranks(num_blocks, self.device)
         max_concurrency = num_blocks * self.block_size / self.max_model_len
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at %d tokens: %.2fx",

@@ -1,4 +1,5 @@
-"""The small layers the model families share: norms, rotary embedding, activations, linears.
+"""The small layers the model families share: norms, rotary embedding, activations, linears,
+and the tensor-parallel linears and embeddings (gpu_worker/parallel.py says how they split).
 
 Each module's computation is a function from `kernels` (`rms_norm`, `linear`, ...), which runs
 the Triton kernel on CUDA tensors and its PyTorch reference elsewhere.
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.parallel import all_reduce, shard, tp
+from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm
 
 # ---- activations ---------------------------------------------------------------------------
@@ -52,22 +55,131 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `kernels.linear` (which may take a Triton kernel for decode-sized inputs)."""
+    """nn.Linear through `kernels.linear` (which may take a Triton kernel for decode-sized inputs),
+    whole on every rank."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
-    """One matmul for several projections of the same input (q/k/v, gate/up), stacked by rows.
+    """Column-parallel: one matmul for one or several projections of the same input (q/k/v,
+    gate/up), stacked by rows, each rank holding its slice of every projection's rows.
 
-    `output_sizes` are the row counts of the stacked projections, in order; the loader uses
-    them to place each checkpoint tensor in its rows.
+    `output_sizes` are the full projections' row counts, in order. `shards` says which rows of
+    each this rank keeps, (start, size) per projection; by default the rank's equal part.
+    The output stays split: the next layer (attention, the activation, a row-parallel
+    projection) works on this rank's part.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(output_sizes), bias=bias)
-        self.output_sizes = output_sizes
+    def __init__(
+        self, in_features: int, output_sizes: list[int], bias: bool, shards: list[tuple[int, int]] | None = None
+    ) -> None:
+        rank = tp().rank
+        if shards is None:
+            shards = [(rank * n, n) for n in (shard(n, "a projection's output size") for n in output_sizes)]
+        super().__init__(in_features, sum(size for _, size in shards), bias=bias)
+        self.full_sizes = output_sizes
+        self.shards = shards
+        self.output_sizes = [size for _, size in shards]  # this rank's rows of each projection
+
+    def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
+        """Checkpoint rows -> this rank's rows: of projection `part`, or of each projection
+        when the checkpoint holds them stacked in one tensor (part None; GPT-2's c_attn)."""
+        param = getattr(self, name)
+        dest = param.data.split(self.output_sizes, dim=0)
+        rows = sum(self.full_sizes) if part is None else self.full_sizes[part]
+        check_shape(src, (rows, *param.shape[1:]), name)
+        offset = 0
+        for i, (start, size) in enumerate(self.shards):
+            if part is None or i == part:
+                base = offset if part is None else 0
+                dest[i].copy_(src.rows(base + start, base + start + size))
+            offset += self.full_sizes[i]
+
+
+class HeadSplit:
+    """Which attention heads a rank keeps: an equal part of the query heads, and of the KV
+    heads, or, with fewer KV heads than ranks, the one KV head its query heads read (each
+    KV head then held by tp / kv_heads ranks, vLLM's replication)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        rank, size = tp().rank, tp().size
+        self.num_heads = shard(num_heads, "the number of attention heads")
+        if num_kv_heads >= size:
+            self.num_kv_heads = shard(num_kv_heads, "the number of KV heads")
+            kv_start = rank * self.num_kv_heads
+        else:
+            if size % num_kv_heads:
+                raise ValueError(f"tensor_parallel_size {size} is not a multiple of the {num_kv_heads} KV heads")
+            self.num_kv_heads = 1
+            kv_start = rank * num_kv_heads // size
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.full_sizes = [q_size, kv_size, kv_size]
+        kv = (kv_start * head_dim, self.num_kv_heads * head_dim)
+        self.shards = [(rank * self.num_heads * head_dim, self.num_heads * head_dim), kv, kv]
+
+
+class RowParallelLinear(Linear):
+    """Row-parallel: each rank holds a slice of the input columns, multiplies its part of a
+    column-parallel output, and the partial sums are added by an all-reduce (the bias once)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(shard(in_features, "a projection's input size"), out_features, bias=bias)
+
+    def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
+        if name == "bias":
+            check_shape(src, (self.out_features,), name)
+            self.bias.data.copy_(src.full())
+            return
+        check_shape(src, (self.out_features, self.in_features * tp().size), name)
+        start = tp().rank * self.in_features
+        self.weight.data.copy_(src.cols(start, start + self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(linear(x, self.weight, self.bias if tp().rank == 0 else None))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The token embedding, each rank holding a slice of the vocabulary's rows (the last slice
+    padded with zero rows); a token outside the slice embeds to zeros, and an all-reduce
+    gives every rank the whole embedding. Its weight doubles as a tied LM head's."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.rows = -(-num_embeddings // tp().size)  # ceil
+        self.start = tp().rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim))
+
+    def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
+        check_shape(src, (self.num_embeddings, self.weight.shape[1]), name)
+        stop = min(self.start + self.rows, self.num_embeddings)
+        self.weight.data[max(0, stop - self.start) :].zero_()
+        if stop > self.start:
+            self.weight.data[: stop - self.start].copy_(src.rows(self.start, stop))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if tp().size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        inside = (local >= 0) & (local < self.rows)
+        out = F.embedding(torch.where(inside, local, 0), self.weight)
+        return all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """An untied LM head: [vocab, hidden] split by vocabulary rows like the embedding; the
+    model's `compute_logits` gathers the ranks' logits."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+
+
+def check_shape(src: WeightSource, expected: tuple[int, ...], name: str) -> None:
+    """ValueError unless the checkpoint tensor (whole, before slicing) has the expected shape."""
+    if tuple(src.shape) != tuple(expected):
+        raise ValueError(f"has shape {tuple(src.shape)}, expected {tuple(expected)} (for {name})")
 
 
 class RotaryEmbedding(nn.Module):

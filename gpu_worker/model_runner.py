@@ -18,6 +18,7 @@ from gpu_worker.cuda_graphs import CudaGraphs, cudagraph_sizes, mixed_graph_size
 from gpu_worker.input_batch import InputBatch, PendingStep, StepBatch
 from gpu_worker.kv_cache import KVCache
 from gpu_worker.loader import ModelLoadError, load_model
+from gpu_worker.parallel import init_tensor_parallel
 from gpu_worker.sampler import Sampler, SamplerOutput
 from protocol.config import EngineConfig
 from protocol.messages import StepPlan, StepResult
@@ -28,7 +29,11 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         self.device = resolve_device(config.device, rank)
+        # Every rank seeds alike: they sample the same tokens from the same gathered logits.
         torch.manual_seed(config.seed)
+        init_tensor_parallel(
+            rank, config.tensor_parallel_size, config.distributed_init_method, self.device, config.step_timeout_s
+        )
         loaded = load_model(config, self.device)
         self.model = loaded.model
         self.eos_token_ids = loaded.eos_token_ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import tempfile
 import types
 import typing
@@ -22,6 +23,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     revision: str | None = None
     served_model_name: str | None = None
     dtype: str = "auto"
+    # "auto": the checkpoint's weights; "dummy" (vLLM's name): random weights made on the device
+    # at load, only config.json read, for benchmarks of shapes too large to save.
+    load_format: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
     chat_template: str | None = None
@@ -45,6 +49,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_num_queued_reqs: int = 4096
     max_num_queued_tokens: int = 1 << 20
     tensor_parallel_size: int = 1
+    # Where the ranks of a tensor-parallel worker group meet (torch.distributed's init_method,
+    # tcp://HOST:PORT, HOST being rank 0's); empty: `pagoda serve` picks a free local port.
+    distributed_init_method: str = ""
     enforce_eager: bool = False
     # Also capture CUDA graphs for steps with prefill chunks, at token counts 16, 32, ... up
     # to this many (padded up to the next). 0: such steps run eagerly. Experimental: the
@@ -81,6 +88,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             run_dir=run_dir,
             frontend_addr=self.frontend_addr or f"ipc://{run_dir}/frontend.sock",
             scheduler_addr=self.scheduler_addr or f"ipc://{run_dir}/scheduler.sock",
+            distributed_init_method=self.distributed_init_method
+            or (f"tcp://127.0.0.1:{_free_port()}" if self.tensor_parallel_size > 1 else ""),
         )
 
     @property
@@ -92,6 +101,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def encode_config(config: EngineConfig) -> str:

@@ -59,6 +59,7 @@ class SchedulerService:
         self.scheduler: Scheduler | None = None
         self.engine_ready: EngineReady | None = None
         self.workers: dict[int, str] = {}  # rank -> member id
+        self._rank0_hello: Hello | None = None  # rank 0's, of the group now joining or serving
         self.vocab_size = 0  # rank 0's, from its hello: token ids outside it are refused
         # When each attached worker's heartbeat thread last beat, and when a result last came
         # or steps went out with none in flight (the step timeout counts from there).
@@ -142,6 +143,11 @@ class SchedulerService:
             logger.warning("dropping a worker hello from %r: rank %d, %d KV blocks, max_model_len %d",
                            sender, msg.rank, msg.num_blocks, msg.max_model_len)
             return
+        size = self.config.tensor_parallel_size
+        if size > 1 and self.workers.get(msg.rank) == sender:
+            # A rank said hello again: it was restarted, and its peers, which shared a process
+            # group with its predecessor, cannot go on: the whole group starts over.
+            self._lose_workers(f"{sender} restarted", gone=[sender])
         self.workers[msg.rank] = sender
         self.workers_heard[sender] = time.monotonic()
         self.worker_ids.add(sender)
@@ -149,8 +155,12 @@ class SchedulerService:
             "worker %s (rank %d, pid %d) joined: %d KV blocks of %d tokens, max_model_len %d",
             sender, msg.rank, msg.pid, msg.num_blocks, self.config.block_size, msg.max_model_len,
         )
-        if msg.rank != 0:
-            return
+        if msg.rank == 0:
+            self._rank0_hello = msg
+        if len(self.workers) < size or self._rank0_hello is None:
+            return  # a plan goes to every rank of the group, or to none
+        # The group is whole: rank 0 speaks for it (every rank holds the same KV pool size).
+        msg = self._rank0_hello
         self.vocab_size = msg.vocab_size
         max_model_len = msg.max_model_len
         if msg.num_blocks * self.config.block_size < max_model_len:
@@ -251,7 +261,7 @@ class SchedulerService:
 
     def _maybe_schedule(self) -> None:
         """Send plans until `max_steps_in_flight` are out or there is nothing to run."""
-        if self.scheduler is None or 0 not in self.workers:
+        if self.scheduler is None or len(self.workers) < self.config.tensor_parallel_size:
             return
         while len(self.steps_in_flight) < self.max_steps_in_flight:
             plan = self.scheduler.schedule()
@@ -295,6 +305,7 @@ class SchedulerService:
                 self._send(member, Shutdown(f"worker group lost: {reason}"))
         self.workers.clear()
         self.workers_heard.clear()
+        self._rank0_hello = None
         self.steps_in_flight.clear()
         self._step_log_lines.clear()
         if self.scheduler is not None:

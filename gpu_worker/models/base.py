@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import MergedLinear
+from gpu_worker.layers import MergedLinear, check_shape
+from gpu_worker.parallel import all_gather_last_dim, tp
+from gpu_worker.weight_source import WeightSource
 from kernels import linear
 
 
@@ -76,14 +78,20 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] of the positions that sample -> logits [N, vocab] in the
-        model's dtype (the sampler casts to fp32 only what needs more than an argmax)."""
-        return linear(hidden, self.output_embeddings())
+        model's dtype (the sampler casts to fp32 only what needs more than an argmax). Under
+        tensor parallelism each rank computes its vocabulary slice and every rank gets all of
+        them, so every rank samples the same tokens."""
+        logits = linear(hidden, self.output_embeddings())
+        if tp().size == 1:
+            return logits
+        return all_gather_last_dim(logits)[:, : self.config.vocab_size]
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors into the parameters (stacking, transposing as declared).
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | WeightSource]]) -> None:
+        """Copy Hugging Face-named tensors into the parameters (stacking, transposing as declared),
+        each rank reading only its slice of a tensor-parallel layer's weights.
 
         Raises ValueError on an unknown name, a wrong shape or a parameter left unloaded, so
         a checkpoint that does not fit never runs as garbage or uninitialized memory.
@@ -101,17 +109,23 @@ class CausalLM(nn.Module):
                 target = self.base_prefix + target
             if target not in params:
                 raise ValueError(f"unexpected weight {name} (a variant this model does not support?)")
-            if name.endswith(self.transposed_suffixes) and tensor.dim() == 2:
-                tensor = tensor.t()
-            rows = params[target].data
-            if shard is not None:
-                module = modules[target.rpartition(".")[0]]
-                assert isinstance(module, MergedLinear)
-                rows = rows.split(module.output_sizes, dim=0)[shard]
-            if rows.shape != tensor.shape:
-                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
-            rows.copy_(tensor)
-            loaded[target].add(shard or 0)
+            src = tensor if isinstance(tensor, WeightSource) else WeightSource(tensor)
+            if name.endswith(self.transposed_suffixes):
+                src = src.t()
+            module_name, _, param_name = target.rpartition(".")
+            module = modules[module_name]
+            try:
+                if hasattr(module, "load_param"):  # a tensor-parallel layer reads its slice
+                    module.load_param(param_name, src, shard)
+                else:
+                    check_shape(src, tuple(params[target].shape), param_name)
+                    params[target].data.copy_(src.full())
+            except ValueError as e:
+                raise ValueError(f"weight {name} {e}") from None
+            if shard is None and isinstance(module, MergedLinear):
+                loaded[target].update(range(len(module.output_sizes)))  # stacked in one tensor
+            else:
+                loaded[target].add(shard or 0)
         missing = [name for name in params if len(loaded[name]) < self._num_shards(name, modules)]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import ACTIVATIONS
+from gpu_worker.layers import (
+    ACTIVATIONS,
+    HeadSplit,
+    MergedLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from gpu_worker.models.base import CausalLM, MultiHeadShape
 
 
@@ -50,12 +57,15 @@ class GPT2Config(MultiHeadShape):
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        scale = config.head_dim**-0.5
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        split = HeadSplit(heads, heads, head_dim)
+        # q, k and v stacked in one checkpoint tensor: each rank reads its heads of each.
+        self.c_attn = MergedLinear(config.hidden_size, split.full_sizes, bias=True, shards=split.shards)
+        self.c_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias=True)
+        scale = head_dim**-0.5
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
-        self.attn = Attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim, scale)
+        self.attn = Attention(split.num_heads, split.num_kv_heads, head_dim, scale)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.c_attn(x)
@@ -65,8 +75,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.c_fc = MergedLinear(config.hidden_size, [config.intermediate_size], bias=True)
+        self.c_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=True)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +99,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -113,7 +123,7 @@ class GPT2LMHeadModel(CausalLM):
         self.config = config
         self.transformer = GPT2Model(config)
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from gpu_worker.layers import (
+    HeadSplit,
+    MergedLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from gpu_worker.model_config import rope_parameters
 from gpu_worker.models.base import CausalLM
 from kernels import silu_and_mul
@@ -75,12 +83,12 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
+        split = HeadSplit(heads, kv_heads, head_dim)
+        self.qkv_proj = MergedLinear(config.hidden_size, split.full_sizes, bias=config.qkv_bias, shards=split.shards)
+        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=config.o_bias)
         # Qwen3 RMS-normalizes each head of q and k before rope.
         qk_norm_eps = config.rms_norm_eps if config.qk_norm else None
-        self.attn = Attention(heads, kv_heads, head_dim, qk_norm_eps=qk_norm_eps)
+        self.attn = Attention(split.num_heads, split.num_kv_heads, head_dim, qk_norm_eps=qk_norm_eps)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -92,7 +100,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -121,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
@@ -150,7 +158,7 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(config)
         # Tied: the output projection is the embedding matrix itself, so no second parameter.
         self.lm_head = (
-            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import ACTIVATIONS, MergedLinear
+from gpu_worker.layers import (
+    ACTIVATIONS,
+    HeadSplit,
+    MergedLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from gpu_worker.models.base import CausalLM, MultiHeadShape
 
 # OPT's position table starts 2 rows in: fairseq reserved them for padding.
@@ -61,10 +68,11 @@ class OPTConfig(MultiHeadShape):
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.qkv_proj = MergedLinear(hidden, [hidden] * 3, bias=config.enable_bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=config.enable_bias)
-        self.attn = Attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        split = HeadSplit(heads, heads, config.head_dim)
+        self.qkv_proj = MergedLinear(hidden, split.full_sizes, bias=config.enable_bias, shards=split.shards)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=config.enable_bias)
+        self.attn = Attention(split.num_heads, split.num_kv_heads, config.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -78,8 +86,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_ln = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_affine)
-        self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.fc1 = MergedLinear(hidden, [config.ffn_dim], bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, hidden, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_affine)
         self.act = ACTIVATIONS[config.activation]
 
@@ -95,7 +103,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
         hidden, embed = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         self.project_in = nn.Linear(embed, hidden, bias=False) if embed != hidden else None
         self.project_out = nn.Linear(hidden, embed, bias=False) if embed != hidden else None
@@ -133,7 +141,7 @@ class OPTForCausalLM(CausalLM):
         self.config = config
         self.model = OPTModel(config)
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else ParallelLMHead(config.word_embed_proj_dim, config.vocab_size)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
