@@ -30,7 +30,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     for name in WORKLOADS:
         p = wsub.add_parser(name)
         p.add_argument("--model", help="a model folder, hub id or GGUF file")
-        p.add_argument("--random-weights", metavar="SHAPE", help="qwen3-0.6b, llama3-8b or tiny-llama")
+        p.add_argument("--random-weights", metavar="SHAPE",
+                       help="qwen3-0.6b, llama3-8b, tiny-llama, or llama3-70b (config only: its weights are "
+                            "made at load, --load-format dummy; no peer)")
         p.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "pagoda-bench-weights"))
         p.add_argument("--device", default="auto")
         p.add_argument("--peer", choices=["none", "hf", "hf-static", "hf-continuous"], default="none",
@@ -118,6 +120,8 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     )
 
     device = _device(args.device)
+    if args.workload != "kernels" and args.random_weights:
+        _config_only_shape(args)
     report.update({"workload": args.workload, "args": dict(vars(args)), "env": hardware.describe(device)})
     hw = hardware.measure(device)
     report["hardware"] = hw
@@ -195,6 +199,21 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         results.update(_serve(args, model, vocab, device, cost))
     elif args.workload == "faults":
         results.update(_faults(args, model, vocab, device))
+
+
+def _config_only_shape(args: argparse.Namespace) -> None:
+    """A shape saved without weights runs on weights made at load: `--load-format dummy` is
+    added to the engine args (unless they name a load format), and a peer, which would need
+    the weights, is refused."""
+    from bench.shapes import CONFIG_ONLY
+
+    if args.random_weights not in CONFIG_ONLY:
+        return
+    if args.peer != "none":
+        raise SystemExit(f"pagoda bench: --random-weights {args.random_weights} has no saved weights for the "
+                         f"transformers peer (Pagoda makes them at load, --load-format dummy); use --peer none")
+    if not any(a.startswith("--load-format") for a in args.engine_args.split()):
+        args.engine_args = f"{args.engine_args} --load-format dummy".strip()
 
 
 def _serve(args: argparse.Namespace, model: str, vocab: int, device: str, cost: Any) -> dict[str, Any]:

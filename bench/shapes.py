@@ -3,6 +3,10 @@
 The weights are made once, saved as a Hugging Face folder (safetensors, bf16 on a GPU) with a
 word-level tokenizer over the whole vocabulary, and both Pagoda and the `transformers` peer
 load that same folder: the very same weights on both sides.
+
+Shapes too large to save (CONFIG_ONLY: llama3-70b, 141 GB in bf16) get a folder with only
+config.json and the tokenizer; Pagoda makes their weights on the GPUs (`--load-format dummy`),
+and there is no peer, which would need the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
         rms_norm_eps=1e-5,
     ),
+    # Llama 3 70B (config only: random weights made at load, --load-format dummy).
+    "llama3-70b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=8192, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, intermediate_size=28672,
+        vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    ),
     # Small shapes for CPU runs and CI.
     "tiny-llama": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
@@ -32,6 +43,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
     ),
 }
+# Shapes whose folder holds no weights, only config.json and the tokenizer: too large to save.
+CONFIG_ONLY: frozenset[str] = frozenset({"llama3-70b"})
 
 
 def _write_tokenizer(folder: str, vocab_size: int) -> None:
@@ -47,50 +60,83 @@ def _write_tokenizer(folder: str, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
-def make_random_model(shape: str, root: str, device: str, seed: int = 0) -> str:
-    """The folder of `shape` with random weights under `root`, made on `device` if missing."""
+def make_random_model(shape: str, root: str, device: str, seed: int = 0, weights: bool | None = None) -> str:
+    """The folder of `shape` with random weights under `root`, made on `device` if missing.
+
+    `weights` False (the default for CONFIG_ONLY shapes): config.json and the tokenizer only,
+    for `--load-format dummy`; a folder that already has weights is returned as it is.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if weights is None:
+        weights = shape not in CONFIG_ONLY
     folder = os.path.join(root, shape)
     if os.path.exists(os.path.join(folder, "model.safetensors.index.json")) or os.path.exists(
         os.path.join(folder, "model.safetensors")
     ):
         return folder
+    marker = os.path.join(folder, "bench_shape.json")
+    if not weights and os.path.exists(marker) and os.path.exists(os.path.join(folder, "config.json")):
+        return folder
     spec = dict(SHAPES[shape])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     config.eos_token_id = spec["vocab_size"] - 1
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
+    if weights:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(folder)
+        del model
+    else:
+        config.dtype = dtype  # what `--dtype auto` runs the dummy weights in, as for saved ones
+        config.save_pretrained(folder)
     _write_tokenizer(folder, spec["vocab_size"])
-    with open(os.path.join(folder, "bench_shape.json"), "w") as f:
-        json.dump({"shape": shape, "seed": seed}, f)
-    del model
+    with open(marker, "w") as f:
+        json.dump({"shape": shape, "seed": seed, "weights": weights}, f)
     return folder
 
 
 def model_bytes_and_params(folder: str) -> tuple[int, int]:
-    """Bytes and parameter count of the weights, read from the safetensors headers."""
+    """Bytes and parameter count of the weights, read from the safetensors headers; for a
+    folder without them (a CONFIG_ONLY shape), counted from config.json."""
     from safetensors import safe_open
 
+    files = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
+    if not files:
+        return config_bytes_and_params(folder)
     total_bytes = total_params = 0
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "pt") as f:
-                for key in f.keys():
-                    t = f.get_slice(key)
-                    n = 1
-                    for d in t.get_shape():
-                        n *= d
-                    total_params += n
-                    total_bytes += n * (2 if t.get_dtype() in ("BF16", "F16") else 4)
+    for name in files:
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                total_params += n
+                total_bytes += n * (2 if t.get_dtype() in ("BF16", "F16") else 4)
     return total_bytes, total_params
+
+
+def config_bytes_and_params(folder: str) -> tuple[int, int]:
+    """Bytes and parameter count of the model config.json describes: the transformers model
+    built on the meta device (no memory), tied weights counted once as in a saved file; bytes
+    in config.json's dtype (2 a parameter for bf16/fp16, else 4)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return params * (2 if dtype in (torch.bfloat16, torch.float16) else 4), params
 
 
 def kv_bytes_per_token(folder: str, kv_dtype_bytes: int) -> int:

@@ -159,6 +159,21 @@ class ProcessGroup:
         m.restart_at = now + m.backoff_s
         logger.warning("%s after %.1f s up; restarting it in %.1f s (restart %d within %.0f s)",
                        how, up_s, m.backoff_s, len(m.deaths), RESTART_WINDOW_S)
+        if m.role == "worker":
+            self._stop_group_of(name)
+
+    def _stop_group_of(self, name: str) -> None:
+        """A rank's death is its worker group's: the other ranks shared a process group with
+        it and would wait in their next collective (NCCL) or fail in it (gloo). They are
+        killed now, and restarted like any dead member, so the whole group says hello again."""
+        peers = [m.proc for n, m in self.members.items()
+                 if m.role == "worker" and n != name and m.proc is not None and m.proc.poll() is None
+                 and m.restart_at is None]
+        for proc in peers:
+            proc.kill()
+        if peers:
+            logger.warning("%s died: stopping the other ranks of its worker group (pids %s)",
+                           name, ", ".join(str(p.pid) for p in peers))
 
     def stop(self, timeout_s: float = 10.0, drain_s: float = 0.0) -> None:
         """SIGTERM every child, then SIGKILL whatever is still there after `timeout_s`.

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from gpu_worker.checkpoint import Checkpoint, read_hf_folder
+from gpu_worker.dummy_weights import LOAD_FORMATS, fill_dummy_weights, read_config_only
 from gpu_worker.gguf_checkpoint import read_gguf
 from gpu_worker.model_config import build_model_config
 from gpu_worker.models import MODEL_REGISTRY
@@ -53,12 +54,16 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     """Load `config.model` (None: the embedded GGUF; a .gguf file; a folder; a hub id in the cache)
     at `config.revision`, in `config.dtype`, onto `device`."""
     name = config.model or EMBEDDED_MODEL_NAME
+    if config.load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"load_format {config.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    dummy = config.load_format == "dummy"  # random weights made on the device; only config.json read
     began = time.perf_counter()
     torch.empty(1, device=device)  # the device's context, timed apart from the weights
     logger.info("loading %s (process up %.1f s, device set up in %.1f s)", name, _process_age_s(),
                 time.perf_counter() - began)
     began = time.perf_counter()
-    checkpoint = read_checkpoint(config.model, config.revision)
+    read = read_config_only if dummy else read_checkpoint
+    checkpoint = read(config.model, config.revision)
     hf_config = checkpoint.hf_config
     architecture = (hf_config.get("architectures") or ["(none given)"])[0]
     model_class = MODEL_REGISTRY.get(architecture)
@@ -75,18 +80,21 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     with torch.device("meta"):
         module = model_class(model_config)
     module = module.to(dtype).to_empty(device=device)
-    tensors = tqdm(checkpoint.tensors, total=checkpoint.num_tensors, desc=f"Loading {name}")
-    try:
-        module.load_weights(tensors)
-    except ValueError as e:
-        raise ModelLoadError(f"{name}: {e}") from None
+    if dummy:
+        fill_dummy_weights(module, config.seed)
+    else:
+        tensors = tqdm(checkpoint.tensors, total=checkpoint.num_tensors, desc=f"Loading {name}")
+        try:
+            module.load_weights(tensors)
+        except ValueError as e:
+            raise ModelLoadError(f"{name}: {e}") from None
     module.eval()
-    logger.info("loaded %s (%s) in %s on %s in %.1f s", name, architecture, str(dtype).removeprefix("torch."),
-                device, time.perf_counter() - began)
+    logger.info("loaded %s (%s) in %s on %s in %.1f s%s", name, architecture, str(dtype).removeprefix("torch."),
+                device, time.perf_counter() - began, " (dummy weights)" if dummy else "")
     return LoadedModel(
         model=module,
         num_layers=model_config.num_hidden_layers,
-        num_kv_heads=model_config.num_key_value_heads,
+        num_kv_heads=module.attention_layers()[0].num_kv_heads,  # this rank's
         head_dim=model_config.head_dim,
         max_position_embeddings=model_config.max_position_embeddings,
         eos_token_ids=checkpoint.eos_token_ids,

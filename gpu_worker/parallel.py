@@ -29,6 +29,8 @@ class TensorParallel:
 
 
 _state = TensorParallel()
+# all_gather_into_tensor's newer name (torch 2.13 warns on the old one; older ones lack the new).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def tp() -> TensorParallel:
@@ -43,7 +45,7 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     waiting forever, and exits, so that its worker group restarts (docs/ARCHITECTURE.md, Faults).
     """
     global _state
-    if size > 1:
+    if size > 1 and not dist.is_initialized():  # (a second runner in one process: tests)
         if not init_method:
             raise ValueError("tensor_parallel_size > 1 needs distributed_init_method (tcp://HOST:PORT of rank 0)")
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -76,7 +78,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((_state.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x)  # the ranks' tensors end to end along dim 0
+    _all_gather_single(out, x)  # the ranks' tensors end to end along dim 0
     return out.view(_state.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], _state.size * x.shape[-1])
 
 

@@ -4,13 +4,19 @@
 # along in .whl/ (copied from the steering repo's device-wheels), runs the tests marked `gpu`,
 # then the benchmarks, and writes JSON and logs to OUTDIR.
 #
-#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|faults|profile ...]
+#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|faults|profile
+#                              |tp-latency|tp-70b|tp-throughput ...]
 #
-# With no step named, every step but gemm, faults and profile runs. faults: kill -9 the worker
+# With no step named, every step but gemm, faults, profile and the tp-* steps runs. faults: kill -9 the worker
 # (FAULTS_KILL: any of worker tokenizer scheduler) under 256 streams on the llama3-8b shape (bench/faults.py). gemm: cuBLAS and our skinny linear
 # on the decode projections, and decode attention at T's shapes, swept (bench/kernels.py).
 # profile: the runner alone, torch profiler tables of decode and of a warm prefill step
 # (scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
+# Tensor parallel (nvidia-h200-x2 / -x4 machines; a size needing more GPUs than are visible is
+# skipped with a line saying so): tp-latency: L on llama3-8b at TP=1, 2 and 4, no peer;
+# tp-70b: llama3-70b on weights made at load (--load-format dummy, no peer) at TP=2 and 4,
+# L at batch 1 and 64 prompts of 512 in / 256 out at --max-num-seqs 64 (the batch-64 figure);
+# tp-throughput: workload T as the throughput step, at TP=2. One JSON each, named -tpN.
 # SERVE_PROMPTS / SERVE_RATES narrow workload S (docs/BENCHMARKS.md: 400 requests at 1,4,16,inf req/s).
 # PAGODA_GIT_COMMIT names the commit in the JSON where the tree was copied without its history.
 set -uo pipefail
@@ -28,6 +34,12 @@ else
 fi
 export PYTHONUNBUFFERED=1 PAGODA_CACHE_DIR=/tmp/pagoda-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    ngpu=${#visible[@]}
+else
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+fi
 
 bench() {
     local name=$1; shift
@@ -35,6 +47,13 @@ bench() {
     timeout "${BENCH_TIMEOUT:-900}" python3 -m pagoda bench "$@" --output-json "$out/$name.json" \
         > "$out/$name.log" 2>&1
     echo "   exit $? ($(tail -c 300 "$out/$name.log" | tr '\n' ' '))"
+}
+
+# fits NAME TP: whether TP GPUs are visible; if not, a line saying NAME is skipped.
+fits() {
+    (( $2 <= ngpu )) && return 0
+    echo "== $1: skipped (tensor parallel size $2 needs $2 GPUs, $ngpu visible)"
+    return 1
 }
 
 for step in $steps; do
@@ -70,6 +89,20 @@ for step in $steps; do
                 bench "$tag" faults --random-weights llama3-8b --num-prompts "${FAULTS_PROMPTS:-256}" --kill "$kill" \
                     --server-log "$out/$tag-server.log" --engine-args "--dtype ${FAULTS_DTYPE:-auto}" ${FAULTS_ARGS:-}
             done ;;
+        tp-latency) for tp in 1 2 4; do
+                fits "tp-latency-tp$tp" "$tp" || continue
+                bench "tp-latency-tp$tp" latency --random-weights llama3-8b --engine-args "--tensor-parallel-size $tp"
+            done ;;
+        tp-70b) for tp in 2 4; do  # 141 GB of bf16 weights: from 2 GPUs
+                fits "tp-70b-tp$tp" "$tp" || continue
+                bench "tp-70b-latency-tp$tp" latency --random-weights llama3-70b \
+                    --engine-args "--tensor-parallel-size $tp"
+                bench "tp-70b-throughput-tp$tp" throughput --random-weights llama3-70b --num-prompts 64 \
+                    --input-len 512 --output-len 256 --max-num-seqs 64 --engine-args "--tensor-parallel-size $tp"
+            done ;;
+        tp-throughput) fits tp-throughput-tp2 2 \
+            && bench tp-throughput-tp2 throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out/tp2" \
+                --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192} --tensor-parallel-size 2" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done

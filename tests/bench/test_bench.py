@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENGINE = "--max-model-len 512 --num-tokenizers 1"
 
 
@@ -121,3 +123,62 @@ def test_faults_kills_the_worker_mid_load_and_every_stream_ends_with_the_undistu
     assert killed["recovery_s"] < killed["after_kill_s"]
     assert killed["killed_pid"] > 0 and res["server_exit_code"] == 0
     assert any("killed by SIGKILL" in line for line in res["restarts_logged"])
+
+
+def test_config_only_shapes_save_no_weights_and_are_sized_from_their_config(tmp_path):
+    from bench.limits import ModelCost
+    from bench.shapes import CONFIG_ONLY, make_random_model, model_bytes_and_params
+
+    saved = make_random_model("tiny-llama", str(tmp_path / "saved"), "cpu")
+    bare = make_random_model("tiny-llama", str(tmp_path / "bare"), "cpu", weights=False)
+    assert any(name.endswith(".safetensors") for name in os.listdir(saved))
+    assert not any(name.endswith(".safetensors") for name in os.listdir(bare))
+    assert {"config.json", "tokenizer.json"} <= set(os.listdir(bare))
+    assert make_random_model("tiny-llama", str(tmp_path / "bare"), "cpu", weights=False) == bare  # kept
+    # The count from config.json is the count of the saved file's tensors.
+    assert model_bytes_and_params(bare) == model_bytes_and_params(saved)
+    hw = {"copy_bandwidth_bytes_per_s": 1e10, "matmul_flops_per_s": 1e12}
+    assert ModelCost.of(bare, hw, 4) == ModelCost.of(saved, hw, 4)
+
+    assert "llama3-70b" in CONFIG_ONLY
+    big = make_random_model("llama3-70b", str(tmp_path / "big"), "cuda")  # no weights: nothing made on a GPU
+    assert not any(name.endswith(".safetensors") for name in os.listdir(big))
+    assert model_bytes_and_params(big) == (2 * 70_553_706_496, 70_553_706_496)  # Llama 3 70B, bf16
+
+
+def test_a_config_only_shape_adds_load_format_dummy_and_refuses_a_peer():
+    from bench.cli import _config_only_shape
+    from pagoda.cli.main import build_parser
+
+    def args(*flags: str):
+        return build_parser().parse_args(["bench", "latency", "--random-weights", *flags])
+
+    a = args("llama3-70b", "--engine-args", "--tensor-parallel-size 2")
+    _config_only_shape(a)
+    assert a.engine_args == "--tensor-parallel-size 2 --load-format dummy"
+    a = args("llama3-8b", "--engine-args", "--load-format dummy")  # a saved shape: the user's choice stands
+    _config_only_shape(a)
+    assert a.engine_args == "--load-format dummy"
+    a = args("llama3-8b")
+    _config_only_shape(a)
+    assert a.engine_args == ""
+    a = args("llama3-70b", "--peer", "hf")
+    with pytest.raises(SystemExit, match="has no saved weights for the transformers peer"):
+        _config_only_shape(a)
+
+
+def test_a_config_only_shape_runs_on_dummy_weights_with_limits_from_its_config(tmp_path, monkeypatch):
+    from bench import cli, shapes
+    from pagoda.cli.main import build_parser
+
+    monkeypatch.setattr(shapes, "CONFIG_ONLY", frozenset({"tiny-llama"}))
+    args = build_parser().parse_args(
+        ["bench", "latency", "--random-weights", "tiny-llama", "--weights-dir", str(tmp_path / "weights"),
+         "--device", "cpu", "--engine-args", ENGINE, "--input-len", "16", "--output-len", "8"])
+    report: dict = {}
+    cli._run(args, report)
+    assert not any(name.endswith(".safetensors") for name in os.listdir(tmp_path / "weights" / "tiny-llama"))
+    assert report["args"]["engine_args"] == ENGINE + " --load-format dummy"
+    res = report["results"]
+    assert all(r["output_tokens"] == r["requested_output_tokens"] == 8 for r in res["pagoda"]["runs"])
+    assert res["limit"]["decode_tokens_per_s"] > res["pagoda"]["decode_tokens_per_s"] > 0

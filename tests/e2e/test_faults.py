@@ -289,3 +289,21 @@ def test_a_worker_whose_scheduler_went_away_exits_1_when_one_is_back_so_a_restar
             p.wait()
         for f in logs.values():
             f.close()
+
+
+def test_a_killed_rank_takes_its_tensor_parallel_group_down_and_every_stream_completes(tiny, tmp_path):
+    server = _start(tiny, tmp_path, "--num-tokenizers", "1", "--tensor-parallel-size", "2")
+    try:
+        ranks = _pids(server, "worker")
+        (rank1,) = [p for p in ranks if b"--rank\x001\x00" in _cmdline(p)]
+        recovery_s = _disturbed_streams(server, lambda: os.kill(rank1, signal.SIGKILL))
+        print(f"\nrank 1 of 2 killed: first token after the kill {recovery_s:.2f} s later")
+        # Both ranks were replaced: rank 0 shared a process group with the dead one.
+        new_ranks = _wait_for("both ranks back", lambda: p if len(p := _pids(server, "worker")) == 2 else None)
+        assert not new_ranks & ranks
+        log = server.log()
+        assert f"worker-1 (pid {rank1}) was killed by SIGKILL" in log
+        assert "worker-1 died: stopping the other ranks of its worker group" in log
+        assert "worker worker-1 (rank 1" in log.split("stopping the other ranks")[1]
+    finally:
+        server.stop()
