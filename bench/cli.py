@@ -136,7 +136,11 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             report["results"] = run_cpu(hw["copy_bandwidth_bytes_per_s"])
         return
     if args.random_weights:
-        model = make_random_model(args.random_weights, args.weights_dir, device, args.seed)
+        # Weights made at load and no peer to share them: nothing but config.json is written.
+        flags = args.engine_args.replace("=", " ").split()
+        dummy = "--load-format" in flags and flags[flags.index("--load-format") + 1] == "dummy"
+        weights = False if dummy and args.peer == "none" else None
+        model = make_random_model(args.random_weights, args.weights_dir, device, args.seed, weights=weights)
     elif args.model:
         model = args.model
     else:
