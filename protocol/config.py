@@ -49,6 +49,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_num_queued_reqs: int = 4096
     max_num_queued_tokens: int = 1 << 20
     tensor_parallel_size: int = 1
+    # Worker groups (model replicas) joined to the one scheduler; `pagoda serve` starts this
+    # many, each of tensor_parallel_size ranks on its own GPUs (vLLM's --data-parallel-size).
+    data_parallel_size: int = 1
     # Where the ranks of a tensor-parallel worker group meet (torch.distributed's init_method,
     # tcp://HOST:PORT, HOST being rank 0's); empty: `pagoda serve` picks a free local port.
     distributed_init_method: str = ""
@@ -61,6 +64,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_key_file: str = ""  # the API key read from this file (a mounted secret) instead
+    # ZeroMQ over tcp://: CURVE keys from `pagoda keys generate DIR`: the public keys of every
+    # role (DIR/public) and this process's own secret key file. Without them tcp:// refuses to
+    # start unless insecure_transport is set; ipc:// (one machine, a 0700 folder) needs none.
+    curve_public_keys_dir: str = ""
+    curve_secret_key_file: str = ""
+    insecure_transport: bool = False
     num_tokenizers: int = 2
     run_dir: str = ""
     frontend_addr: str = ""

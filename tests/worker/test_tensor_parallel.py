@@ -190,3 +190,20 @@ def test_each_rank_reads_its_rows_its_columns_and_its_vocabulary_slice(as_rank):
     stacked = MergedLinear(4, [2, 2, 2], bias=False)
     stacked.load_param("weight", WeightSource(weight.t().contiguous()).t(), None)
     assert torch.equal(stacked.weight, weight[[1, 3, 5]])
+
+
+def test_safetensors_weights_reach_the_layers_unread_and_are_read_by_slice(tiny):
+    from safetensors.torch import load_file
+
+    from gpu_worker.checkpoint import read_hf_folder
+
+    folder, _ = tiny("llama")
+    whole = load_file(str(folder / "model.safetensors"))
+    checkpoint = read_hf_folder(folder)
+    for name, src in checkpoint.tensors:
+        assert isinstance(src, WeightSource), name  # a slice handle, not a tensor read whole
+        tensor = whole[name]
+        assert src.shape == tuple(tensor.shape)
+        if tensor.dim() == 2:
+            assert torch.equal(src.rows(1, 3), tensor[1:3]) and torch.equal(src.cols(2, 5), tensor[:, 2:5])
+            assert torch.equal(src.t().rows(2, 5), tensor[:, 2:5].t())
