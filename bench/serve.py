@@ -87,7 +87,7 @@ def prefix_cache_counters(base_url: str, since: tuple[float, float] = (0.0, 0.0)
     deadline = time.monotonic() + timeout_s
     while True:
         values = {"pagoda:prefix_cache_queries": 0.0, "pagoda:prefix_cache_hits": 0.0}
-        for family in text_string_to_metric_families(httpx.get(base_url + "/metrics").text):
+        for family in text_string_to_metric_families(httpx.get(base_url + "/metrics", headers=auth_headers()).text):
             if family.name in values:
                 values[family.name] = sum(s.value for s in family.samples)
         queries = values["pagoda:prefix_cache_queries"] - since[0]

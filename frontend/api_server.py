@@ -8,21 +8,21 @@ that goes away aborts its request: the engine stops generating for nobody.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from typing import TypeVar
 
 import msgspec
 import pydantic
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from frontend.auth import ApiKeyError, RequireApiKey, read_api_key
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, error_response, install_error_handlers
 from frontend.metrics import CONTENT_TYPE, Metrics
@@ -54,7 +54,10 @@ def _max_body_bytes(client: EngineClient, config: EngineConfig) -> int:
 def run_frontend(config: EngineConfig) -> None:
     """Serve the API on `config.host:config.port` until the process is told to stop."""
     client = EngineClient(config)
-    app = build_app(config, client)
+    try:
+        app = build_app(config, client)
+    except ApiKeyError as e:
+        raise SystemExit(f"pagoda frontend: {e}") from None
     server_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="uvloop", log_level=config.log_level,
         timeout_graceful_shutdown=5,
@@ -99,7 +102,9 @@ class _DrainingServer(uvicorn.Server):
 
 
 def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
-    """The FastAPI app; its lifespan starts and closes `client`."""
+    """The FastAPI app; its lifespan starts and closes `client`. Raises ApiKeyError when the
+    key's file cannot be read."""
+    api_key = read_api_key(config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +116,8 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
 
     app = FastAPI(title="Pagoda", lifespan=lifespan)
     install_error_handlers(app)
+    if api_key:  # every route but /health and /ready (frontend/auth.py)
+        app.add_middleware(RequireApiKey, api_key=api_key)
     started = int(time.time())
     metrics = Metrics(client, config.model_name)
 
@@ -138,7 +145,7 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(config.api_key))])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models() -> Response:
@@ -186,31 +193,6 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
 
 
 # ---- request handling ------------------------------------------------------------------
-
-
-def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    expected = api_key.encode() if api_key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(
-                401,
-                "You didn't provide an API key. Send it in an Authorization header: "
-                "'Authorization: Bearer YOUR_KEY'.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(token.strip().encode(), expected):
-            raise APIError(
-                401,
-                "Incorrect API key provided.",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
 
 
 async def _parse(request: Request, model: type[RequestModel], max_bytes: int) -> RequestModel:

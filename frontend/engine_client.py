@@ -110,7 +110,7 @@ class EngineClient:
         if self._socket is not None:
             return
         self._ctx = zmq.asyncio.Context()
-        self._socket = bind_router(self._ctx, self.config.frontend_addr)
+        self._socket = bind_router(self._ctx, self.config.frontend_addr, self.config)
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="engine-client-recv"),
             asyncio.create_task(self._liveness_loop(), name="engine-client-liveness"),

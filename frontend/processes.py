@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import EngineConfig, encode_config
+from protocol.messages import worker_id
 
 logger = logging.getLogger("pagoda.processes")
 
@@ -101,8 +102,9 @@ class ProcessGroup:
 
     def start(self) -> None:
         self._add("scheduler", "scheduler")
-        for rank in range(self.config.tensor_parallel_size):
-            self._add(f"worker-{rank}", "worker", "--rank", str(rank))
+        for group in range(self.config.data_parallel_size):
+            for rank in range(self.config.tensor_parallel_size):
+                self._add(worker_id(group, rank), "worker", "--group", str(group), "--rank", str(rank))
         for i in range(self.config.num_tokenizers):
             self._add(f"tokenizer-{i}", "tokenizer", "--member-id", f"tokenizer-{i}")
         if self.with_frontend:
@@ -166,9 +168,10 @@ class ProcessGroup:
         """A rank's death is its worker group's: the other ranks shared a process group with
         it and would wait in their next collective (NCCL) or fail in it (gloo). They are
         killed now, and restarted like any dead member, so the whole group says hello again."""
+        group = self.members[name].args[1]  # ("--group", G, "--rank", R)
         peers = [m.proc for n, m in self.members.items()
-                 if m.role == "worker" and n != name and m.proc is not None and m.proc.poll() is None
-                 and m.restart_at is None]
+                 if m.role == "worker" and m.args[1] == group and n != name and m.proc is not None
+                 and m.proc.poll() is None and m.restart_at is None]
         for proc in peers:
             proc.kill()
         if peers:

@@ -20,6 +20,9 @@ from protocol.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
+# Left free on the GPU beyond the largest step's activations (the CUDA graphs' pool, Triton's
+# kernels, allocator slack).
+HEADROOM_BYTES = 1 << 30
 
 
 class KVCache:
@@ -100,8 +103,13 @@ class KVCache:
         del scratch, hidden
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free - torch.cuda.memory_reserved(device)
-        return total * self.config.gpu_memory_utilization - used_by_others - peak
+        # vLLM's meaning: this process may use gpu_memory_utilization of the GPU, its weights
+        # and activations included (other processes' memory is not this process's to count)...
+        share = total * self.config.gpu_memory_utilization - peak
+        # ... and no more than the GPU has left: other processes, e.g. another worker group
+        # sharing this GPU with half the memory each, keep what they hold.
+        activations = peak - torch.cuda.memory_allocated(device)
+        return min(share, free - activations - HEADROOM_BYTES)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: copy each (source, destination) block, all layers, K and V.

@@ -18,21 +18,24 @@ from gpu_worker.cuda_graphs import CudaGraphs, cudagraph_sizes, mixed_graph_size
 from gpu_worker.input_batch import InputBatch, PendingStep, StepBatch
 from gpu_worker.kv_cache import KVCache
 from gpu_worker.loader import ModelLoadError, load_model
-from gpu_worker.parallel import init_tensor_parallel
+from gpu_worker.parallel import group_init_method, init_tensor_parallel
 from gpu_worker.sampler import Sampler, SamplerOutput
 from protocol.config import EngineConfig
 from protocol.messages import StepPlan, StepResult
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0, group: int = 0) -> None:
         self.config = config
         self.rank = rank
-        self.device = resolve_device(config.device, rank)
+        # Group G's ranks take GPUs G * tp ... G * tp + tp - 1 (all of them share GPUs modulo
+        # the count, e.g. two groups on one GPU with half its memory each).
+        self.device = resolve_device(config.device, group * config.tensor_parallel_size + rank)
         # Every rank seeds alike: they sample the same tokens from the same gathered logits.
         torch.manual_seed(config.seed)
         init_tensor_parallel(
-            rank, config.tensor_parallel_size, config.distributed_init_method, self.device, config.step_timeout_s
+            rank, config.tensor_parallel_size, group_init_method(config.distributed_init_method, group),
+            self.device, config.step_timeout_s,
         )
         loaded = load_model(config, self.device)
         self.model = loaded.model
@@ -154,10 +157,11 @@ class ModelRunner:
         return step.result
 
 
-def resolve_device(device: str, rank: int) -> torch.device:
-    """The device for `device`, where "auto" is this rank's GPU if CUDA is available, else the CPU."""
+def resolve_device(device: str, index: int) -> torch.device:
+    """The device for `device`, where "auto" is GPU `index` (modulo the count) if CUDA is
+    available, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cuda", index % torch.cuda.device_count())
     return torch.device(device)

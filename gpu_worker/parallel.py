@@ -58,6 +58,15 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     _state = TensorParallel(rank, size)
 
 
+def group_init_method(init_method: str, group: int) -> str:
+    """Worker group G meets at the port of `init_method` plus G (each group is a process group
+    of its own: its rank 0 hosts it)."""
+    if group == 0 or not init_method:
+        return init_method
+    head, _, port = init_method.rpartition(":")
+    return f"{head}:{int(port) + group}"
+
+
 def set_tensor_parallel(rank: int, size: int) -> None:
     """The rank and size the layers are built for, without a process group (tests that build
     one rank's modules to inspect their shapes)."""

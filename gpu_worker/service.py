@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from protocol import Decoder, EngineConfig, Heartbeat, Hello, Shutdown, StepPlan, connect_dealer, encode
-from protocol.messages import WorkerInbound
+from protocol.messages import WorkerInbound, worker_id
 
 if TYPE_CHECKING:
     from gpu_worker.input_batch import PendingStep
@@ -24,7 +25,9 @@ logger = logging.getLogger("pagoda.worker")
 HUB_LOST_AFTER_HEARTBEATS = 10
 
 
-def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: threading.Event) -> None:
+def _heartbeats(
+    ctx: zmq.Context, config: EngineConfig, member_id: str, stop: threading.Event, drain: _Drain
+) -> None:
     """Beats from a thread with its own socket, so a long step does not look like a death.
 
     It also watches that socket's connection: once it drops, the scheduler is gone or was
@@ -32,7 +35,7 @@ def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: th
     connection comes back, or when it stays away for `HUB_LOST_AFTER_HEARTBEATS` beats: a
     restart (the supervisor's, or compose's `restart:`) then says hello again.
     """
-    sock = connect_dealer(ctx, config.scheduler_addr, f"{member_id}.hb")
+    sock = connect_dealer(ctx, config.scheduler_addr, f"{member_id}.hb", config)
     monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     interval = config.heartbeat_interval_s
     lost_at: float | None = None
@@ -52,12 +55,37 @@ def _heartbeats(ctx: zmq.Context, config: EngineConfig, member_id: str, stop: th
                 _exit_unjoined(member_id, f"cannot reach the scheduler at {config.scheduler_addr} for "
                                           f"{now - lost_at:.0f} s")
             if now >= next_beat:
-                sock.send(encode(Heartbeat(member_id, ready=True)))
+                sock.send(encode(Heartbeat(member_id, ready=True, draining=drain.began is not None)))
                 next_beat = now + interval
+            if drain.began is not None and now - drain.began > config.shutdown_timeout + 10 * interval:
+                _exit_unjoined(member_id, "draining and never told to stop")
     finally:
         sock.disable_monitor()
         monitor.close()
         sock.close()
+
+
+def _drain_on_sigterm(member_id: str) -> _Drain:
+    """A worker stopped on its own (compose or Kubernetes scaling a service down) drains: its
+    heartbeats say so, the scheduler places no new request on its group, and once the group's
+    running requests have ended it sends Shutdown and the worker exits 0. A second SIGTERM
+    exits at once. Under `pagoda serve` (supervised) everything stops together: no drain."""
+    drain = _Drain()
+    if os.environ.get("PAGODA_SUPERVISED"):
+        return drain
+
+    def handler(signum: int, frame: object) -> None:
+        if drain.began is not None:
+            raise SystemExit(0)
+        logger.info("%s: SIGTERM: draining (its group takes no new request)", member_id)
+        drain.began = time.monotonic()
+
+    signal.signal(signal.SIGTERM, handler)
+    return drain
+
+
+class _Drain:
+    began: float | None = None  # when SIGTERM came
 
 
 def _exit_unjoined(member_id: str, why: str) -> None:
@@ -76,19 +104,19 @@ def _plan_arrives_first(sock: zmq.Socket, runner: ModelRunner, step: PendingStep
         time.sleep(20e-6)
 
 
-def run_worker(config: EngineConfig, rank: int = 0) -> None:
+def run_worker(config: EngineConfig, rank: int = 0, group: int = 0) -> None:
     from gpu_worker.model_runner import ModelRunner
     from tokenizer_svc.model_source import ModelLoadError
 
-    member_id = f"worker-{rank}"
+    member_id = worker_id(group, rank)
     try:
-        runner = ModelRunner(config, rank=rank)
+        runner = ModelRunner(config, rank=rank, group=group)
     except ModelLoadError as e:
         # The user's mistake, said in one line; the supervisor then stops the rest and exits 1.
         logger.error("%s", e)
         raise SystemExit(1) from None
     ctx = zmq.Context()
-    sock = connect_dealer(ctx, config.scheduler_addr, member_id)
+    sock = connect_dealer(ctx, config.scheduler_addr, member_id, config)
     from_scheduler = Decoder(WorkerInbound)
     sock.send(
         encode(
@@ -102,12 +130,14 @@ def run_worker(config: EngineConfig, rank: int = 0) -> None:
                 eos_token_ids=list(runner.eos_token_ids),
                 max_num_batched_tokens=runner.max_num_batched_tokens,
                 vocab_size=runner.model.config.vocab_size,
+                group=group,
             )
         )
     )
     logger.info("%s (pid %d) ready: %d KV blocks", member_id, os.getpid(), runner.num_blocks)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeats, args=(ctx, config, member_id, stop), daemon=True)
+    drain = _drain_on_sigterm(member_id)
+    beat = threading.Thread(target=_heartbeats, args=(ctx, config, member_id, stop, drain), daemon=True)
     beat.start()
     # When the worker last had no step on the device: the time until the next plan arrives is
     # its idle time, which async scheduling exists to hide (reported in each result).

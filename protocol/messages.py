@@ -66,6 +66,12 @@ class Hello(msgspec.Struct, tag=True):
     # The model's embedding rows: the scheduler refuses token ids outside them, which would
     # crash the worker (0: not said, only negative ids are refused).
     vocab_size: int = 0
+    group: int = 0  # a worker's group: the model replica (data parallel) its rank belongs to
+
+
+def worker_id(group: int, rank: int) -> str:
+    """A worker's member id (its socket identity): worker-R in group 0, worker-gG-R in group G."""
+    return f"worker-{rank}" if group == 0 else f"worker-g{group}-{rank}"
 
 
 class SchedulerStats(msgspec.Struct, tag=True):
@@ -97,6 +103,9 @@ class Heartbeat(msgspec.Struct, tag=True):
     # A tokenizer: requests run now (a worker group is attached), not just wait for one.
     serving: bool = False
     max_model_len: int = 0  # a tokenizer: the engine's context, once known (0: not yet)
+    # A worker that got SIGTERM on its own (a scaled-down service): its group takes no new
+    # request, ends its running ones, and is then told to stop.
+    draining: bool = False
 
 
 class EngineReady(msgspec.Struct, tag=True):

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from typing import Any
 
 import msgspec
@@ -37,9 +37,11 @@ from protocol import (
     bind_router,
     encode,
 )
-from protocol.messages import SchedulerInbound
+from protocol.messages import SchedulerInbound, worker_id
+from scheduler_svc.admission import unrunnable
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
+from scheduler_svc.worker_group import WorkerGroup, place, summed_stats, take_live
 
 logger = logging.getLogger("pagoda.scheduler")
 
@@ -52,31 +54,21 @@ class SchedulerService:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.ctx = zmq.Context()
-        self.sock = bind_router(self.ctx, config.scheduler_addr)
+        self.sock = bind_router(self.ctx, config.scheduler_addr, config)
         self.from_members = Decoder(SchedulerInbound)  # tokenizers and workers, on the one ROUTER
         # Tells tokenizers that reconnect whether this is a new scheduler, which holds none of their requests.
         self.scheduler_id = uuid.uuid4().hex
-        self.scheduler: Scheduler | None = None
+        # The worker groups (model replicas) by group id, each with its own Scheduler.
+        self.groups: dict[int, WorkerGroup] = {}
         self.engine_ready: EngineReady | None = None
-        self.workers: dict[int, str] = {}  # rank -> member id
-        self._rank0_hello: Hello | None = None  # rank 0's, of the group now joining or serving
-        self.vocab_size = 0  # rank 0's, from its hello: token ids outside it are refused
-        # When each attached worker's heartbeat thread last beat, and when a result last came
-        # or steps went out with none in flight (the step timeout counts from there).
-        self.workers_heard: dict[str, float] = {}
-        self._progress_at = 0.0
+        self.vocab_size = 0  # from a worker's hello: token ids outside it are refused
         self.worker_ids: set[str] = set()  # every worker that ever said hello
         self.tokenizers: dict[str, float] = {}  # member id -> last heard
         self.max_steps_in_flight = 2 if config.async_scheduling else 1
-        # Step ids sent to the workers whose results have not come back, oldest first, and
-        # the step-log line of each, written once its result (and the worker's timing) is in.
-        self.steps_in_flight: deque[int] = deque()
-        self._step_log_lines: dict[int, dict[str, Any]] = {}
-        # The worker's time, from each result; a wait only counts as idle if the scheduler had
+        # The workers' time, from each result; a wait only counts as idle if the group had
         # work when the previous step came back (not while the server had nothing to do).
         self.worker_busy_s = 0.0
         self.worker_idle_s = 0.0
-        self._had_work = False
         self.step_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
         self._last_stats = 0.0
         self._sent_stats: SchedulerStats | None = None
@@ -91,7 +83,7 @@ class SchedulerService:
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the member is gone
             # At shutdown the workers may have stopped first (the same signal reached them);
             # a member already known to be gone is not worth a line per step.
-            known = member_id in self.tokenizers or member_id in self.workers.values()
+            known = member_id in self.tokenizers or any(member_id in g.workers.values() for g in self.groups.values())
             log = logger.warning if known and not isinstance(msg, Shutdown) else logger.debug
             log("cannot reach %s: %s", member_id, e)
             return False
@@ -105,20 +97,32 @@ class SchedulerService:
             if msg.member_id in self.tokenizers:
                 self.tokenizers[msg.member_id] = time.monotonic()
             elif msg.member_id in self.worker_ids and sender == f"{msg.member_id}.hb":
-                self._on_worker_heartbeat(msg.member_id)
+                self._on_worker_heartbeat(msg.member_id, msg.draining)
         elif isinstance(msg, EngineRequest):
             self._on_request(sender, msg)
         elif isinstance(msg, Abort):
             if msg.indices is not None and len(msg.indices) != len(msg.request_ids):
                 logger.warning("dropping an abort of %d ids with %d indices", len(msg.request_ids), len(msg.indices))
-            elif self.scheduler is not None:
-                self.scheduler.abort(msg.request_ids, msg.indices)
+            else:
+                for s in self._schedulers():  # a request lives in one group; others ignore its id
+                    s.abort(msg.request_ids, msg.indices)
         elif isinstance(msg, StepResult):
-            self._on_result(msg)
+            self._on_result(sender, msg)
 
-    def _on_worker_heartbeat(self, member: str) -> None:
-        if member in self.workers_heard:
-            self.workers_heard[member] = time.monotonic()
+    def _schedulers(self) -> list[Scheduler]:
+        return [g.scheduler for g in self.groups.values() if g.scheduler is not None]
+
+    def _group_of(self, member: str) -> WorkerGroup | None:
+        return next((g for g in self.groups.values() if member in g.heard), None)
+
+    def _on_worker_heartbeat(self, member: str, draining: bool) -> None:
+        if (group := self._group_of(member)) is not None:
+            group.heard[member] = time.monotonic()
+            if draining and group.draining_since is None:
+                group.draining_since = time.monotonic()
+                running = group.scheduler.num_running if group.scheduler is not None else 0
+                logger.info("worker %s drains (%s got SIGTERM): no new request; %d running end first",
+                            group.name, member, running)
         else:
             # A member of a lost group that woke up (a restarted one says hello before it
             # beats): it must exit, so that it is restarted and rejoins with a hello.
@@ -135,46 +139,47 @@ class SchedulerService:
         if msg.role != "worker":
             logger.warning("hello from unknown role %r dropped", msg.role)
             return
-        if sender != f"worker-{msg.rank}" or msg.rank >= self.config.tensor_parallel_size or min(
-            msg.rank, msg.num_blocks - 1, msg.max_model_len - 1, msg.vocab_size
+        if sender != worker_id(msg.group, msg.rank) or msg.rank >= self.config.tensor_parallel_size or min(
+            msg.group, msg.rank, msg.num_blocks - 1, msg.max_model_len - 1, msg.vocab_size
         ) < 0:
-            # A worker's identity is its rank's and it has a KV pool: any other hello would hand
-            # the step loop (and every request) to a peer that never runs a step.
-            logger.warning("dropping a worker hello from %r: rank %d, %d KV blocks, max_model_len %d",
-                           sender, msg.rank, msg.num_blocks, msg.max_model_len)
+            # A worker's identity is its group's and rank's and it has a KV pool: any other
+            # hello would hand the step loop (and requests) to a peer that never runs a step.
+            logger.warning("dropping a worker hello from %r: group %d, rank %d, %d KV blocks, max_model_len %d",
+                           sender, msg.group, msg.rank, msg.num_blocks, msg.max_model_len)
             return
-        size = self.config.tensor_parallel_size
-        if size > 1 and self.workers.get(msg.rank) == sender:
+        group = self.groups.setdefault(msg.group, WorkerGroup(msg.group, self.config.tensor_parallel_size))
+        if group.size > 1 and group.workers.get(msg.rank) == sender:
             # A rank said hello again: it was restarted, and its peers, which shared a process
             # group with its predecessor, cannot go on: the whole group starts over.
-            self._lose_workers(f"{sender} restarted", gone=[sender])
-        self.workers[msg.rank] = sender
-        self.workers_heard[sender] = time.monotonic()
+            self._lose_group(group, f"{sender} restarted", gone=[sender])
+        group.workers[msg.rank] = sender
+        group.heard[sender] = time.monotonic()
         self.worker_ids.add(sender)
         logger.info(
             "worker %s (rank %d, pid %d) joined: %d KV blocks of %d tokens, max_model_len %d",
             sender, msg.rank, msg.pid, msg.num_blocks, self.config.block_size, msg.max_model_len,
         )
         if msg.rank == 0:
-            self._rank0_hello = msg
-        if len(self.workers) < size or self._rank0_hello is None:
+            group.rank0_hello = msg
+        if not group.whole:
             return  # a plan goes to every rank of the group, or to none
         # The group is whole: rank 0 speaks for it (every rank holds the same KV pool size).
-        msg = self._rank0_hello
+        msg = group.rank0_hello
+        assert msg is not None
         self.vocab_size = msg.vocab_size
         max_model_len = msg.max_model_len
         if msg.num_blocks * self.config.block_size < max_model_len:
             max_model_len = msg.num_blocks * self.config.block_size
             logger.warning("the KV pool holds only %d tokens: max_model_len lowered to that", max_model_len)
-        if self.scheduler is not None:
+        if group.scheduler is not None:
             # A restarted worker lost every request's KV; the scheduler still has the tokens.
-            if self.scheduler.num_running:
-                logger.info("%d running requests start over from their tokens", self.scheduler.num_running)
-            self.scheduler.reset_worker()
-            self.steps_in_flight.clear()
-            self._step_log_lines.clear()
-        if self.scheduler is None:
-            self.scheduler = Scheduler(
+            if group.scheduler.num_running:
+                logger.info("%d running requests start over from their tokens", group.scheduler.num_running)
+            group.scheduler.reset_worker()
+            group.steps_in_flight.clear()
+            group.step_log_lines.clear()
+        else:
+            group.scheduler = Scheduler(
                 SchedulerConfig(
                     num_blocks=msg.num_blocks,
                     block_size=self.config.block_size,
@@ -187,25 +192,42 @@ class SchedulerService:
                     model_name=self.config.model_name,
                 )
             )
-        self.engine_ready = EngineReady(
-            max_model_len=max_model_len,
-            num_blocks=msg.num_blocks,
-            block_size=self.config.block_size,
-            eos_token_ids=msg.eos_token_ids,
-            scheduler_id=self.scheduler_id,
-        )
-        for tok in self.tokenizers:
-            self._send(tok, self.engine_ready)
+        if len(self.groups) > 1:
+            logger.info("worker %s serves (%d of %d groups)", group.name,
+                        sum(g.serving for g in self.groups.values()), len(self.groups))
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell the tokenizers what the engine can serve now: the smallest context of the groups
+        serving (every group serves the same model; a smaller KV pool may cap it), or, with
+        none serving, that requests wait."""
+        serving = [g for g in self.groups.values() if g.serving]
+        if not serving:
+            if self.engine_ready is not None:
+                self.engine_ready = msgspec.structs.replace(self.engine_ready, serving=False)
+        else:
+            hellos = [g.rank0_hello for g in serving if g.rank0_hello is not None and g.scheduler is not None]
+            self.engine_ready = EngineReady(
+                max_model_len=min(g.scheduler.config.max_model_len for g in serving if g.scheduler is not None),
+                num_blocks=sum(h.num_blocks for h in hellos),
+                block_size=self.config.block_size,
+                eos_token_ids=hellos[0].eos_token_ids,
+                scheduler_id=self.scheduler_id,
+            )
+        if self.engine_ready is not None:
+            for tok in self.tokenizers:
+                self._send(tok, self.engine_ready)
 
     def _on_request(self, sender: str, msg: EngineRequest) -> None:
         if msg.scheduler_id and msg.scheduler_id != self.scheduler_id:
             # Queued for this scheduler's dead predecessor; its tokenizer re-submits it once this one is ready.
             logger.info("dropping %s, sent to a previous scheduler", msg.request_id)
             return
-        if self.scheduler is None:
+        schedulers = self._schedulers()
+        if not schedulers:
             self._send(sender, ErrorReply(msg.request_id, 503, "The engine is not ready yet.", "service_unavailable"))
             return
-        if msg.resume and (live := self.scheduler.adopt(msg.request_id, msg.reply_to)):
+        if msg.resume and (live := next((x for s in schedulers if (x := s.adopt(msg.request_id, msg.reply_to))), [])):
             # Its tokenizer died: the new one rebuilds the text from every output token so far.
             catch_up = [
                 TokenOutput(
@@ -219,7 +241,8 @@ class SchedulerService:
             if catch_up:
                 self._send(msg.reply_to, TokenBatch(catch_up))
             return
-        if (error := _unrunnable(msg, self.scheduler.config, self.vocab_size)) is not None:
+        config = min((s.config for s in schedulers), key=lambda c: c.max_model_len)
+        if (error := unrunnable(msg, config, self.vocab_size)) is not None:
             # Its tokenizer checks all this; a request that was not checked must neither crash
             # the worker (ids outside the embedding, positions past the context) nor stall the queue.
             logger.warning("refusing request %r: %s", msg.request_id, error)
@@ -227,27 +250,43 @@ class SchedulerService:
             return
         max_tokens = msg.sampling.max_tokens
         if max_tokens is None:
-            max_tokens = self.scheduler.config.max_model_len - len(msg.prompt_token_ids)
+            max_tokens = config.max_model_len - len(msg.prompt_token_ids)
         req = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.reply_to, max_tokens, msg.arrival_time)
+        if any(msg.request_id in s.requests or msg.request_id in s.samples for s in schedulers):
+            self._send(sender, ErrorReply(msg.request_id, 400, f"duplicate request id {msg.request_id!r}",
+                                          param="request_id"))
+            return
         try:
             # Outputs so far: re-submitted by its tokenizer after this scheduler's predecessor died.
-            self.scheduler.add_request(req, msg.output_token_ids, msg.finished_samples)
+            self._add(req, msg.output_token_ids, msg.finished_samples)
         except ValueError as e:
             self._send(sender, ErrorReply(msg.request_id, 400, str(e), param="request_id"))
 
-    def _on_result(self, result: StepResult) -> None:
+    def _add(self, req: Request, outputs: list[list[int]], finished: dict[int, str]) -> None:
+        """Queue a request on a serving group (the best placed), or, with none serving, on a
+        group waiting for its workers."""
+        serving = [g for g in self.groups.values() if g.serving]
+        staying = [g for g in serving if g.draining_since is None]
+        waiting = [g for g in self.groups.values() if g.scheduler is not None]
+        group = place(staying or serving or waiting, req)
+        assert group.scheduler is not None
+        group.scheduler.add_request(req, outputs, finished)
+
+    def _on_result(self, sender: str, result: StepResult) -> None:
+        group = self._group_of(sender)
         # A restarted scheduler gets the results its predecessor's worker still had queued: none is in flight.
-        if self.scheduler is None or not self.steps_in_flight or result.step_id != self.steps_in_flight[0]:
+        if (group is None or group.scheduler is None or group.workers.get(0) != sender
+                or not group.steps_in_flight or result.step_id != group.steps_in_flight[0]):
             logger.warning("dropping the result of step %d, which is not in flight", result.step_id)
             return
-        self.steps_in_flight.popleft()
-        self._progress_at = time.monotonic()
+        group.steps_in_flight.popleft()
+        group.progress_at = time.monotonic()
         self.worker_busy_s += result.execute_s
-        if self._had_work:
+        if group.had_work:
             self.worker_idle_s += result.idle_s
-        update = self.scheduler.update(result)
-        self._had_work = self.scheduler.has_work
-        self._write_step_log(result)
+        update = group.scheduler.update(result)
+        group.had_work = group.scheduler.has_work
+        self._write_step_log(group, result)
         batches: dict[str, list[TokenOutput]] = defaultdict(list)
         for reply_to, out in update.outputs:
             batches[reply_to].append(out)
@@ -260,66 +299,72 @@ class SchedulerService:
     # ---- the loop ----------------------------------------------------------------------
 
     def _maybe_schedule(self) -> None:
-        """Send plans until `max_steps_in_flight` are out or there is nothing to run."""
-        if self.scheduler is None or len(self.workers) < self.config.tensor_parallel_size:
-            return
-        while len(self.steps_in_flight) < self.max_steps_in_flight:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                return
-            unreachable = [m for _, m in sorted(self.workers.items()) if not self._send(m, plan)]
-            if unreachable:
-                self._lose_workers(f"{', '.join(unreachable)} cannot be reached", gone=unreachable)
-                return
-            if self.step_log is not None:
-                self._step_log_lines[plan.step_id] = self._plan_log_line(plan)
-            if not self.steps_in_flight:
-                self._progress_at = time.monotonic()  # the step timeout counts from here
-            self.steps_in_flight.append(plan.step_id)
+        """Send each serving group plans until `max_steps_in_flight` are out or it has nothing to run."""
+        for group in list(self.groups.values()):
+            while group.serving and len(group.steps_in_flight) < self.max_steps_in_flight:
+                assert group.scheduler is not None
+                plan = group.scheduler.schedule()
+                if plan is None:
+                    break
+                unreachable = [m for _, m in sorted(group.workers.items()) if not self._send(m, plan)]
+                if unreachable:
+                    self._lose_group(group, f"{', '.join(unreachable)} cannot be reached", gone=unreachable)
+                    break
+                if self.step_log is not None:
+                    group.step_log_lines[plan.step_id] = self._plan_log_line(group, plan)
+                if not group.steps_in_flight:
+                    group.progress_at = time.monotonic()  # the step timeout counts from here
+                group.steps_in_flight.append(plan.step_id)
 
     def _check_workers(self) -> None:
-        """Declare the worker group lost when a member is silent or its steps never come back."""
-        if not self.workers:
-            return
+        """Declare a worker group lost when a member is silent or its steps never come back."""
         now = time.monotonic()
         silent_after = WORKER_SILENT_HEARTBEATS * self.config.heartbeat_interval_s
-        silent = [m for m, heard in self.workers_heard.items() if now - heard > silent_after]
-        if silent:
-            self._lose_workers(f"{', '.join(silent)} silent for over {silent_after:g} s", gone=silent)
-        elif self.steps_in_flight and now - self._progress_at > self.config.step_timeout_s:
-            self._lose_workers(f"no step result for over {self.config.step_timeout_s:g} s (--step-timeout-s)")
+        for group in list(self.groups.values()):
+            if not group.workers:
+                continue
+            if silent := group.silent(now, silent_after):
+                self._lose_group(group, f"{', '.join(silent)} silent for over {silent_after:g} s", gone=silent)
+            elif group.draining_since is not None and group.drained:
+                self._lose_group(group, "drained")  # its ranks are told to stop
+            elif group.draining_since is not None and now - group.draining_since > self.config.shutdown_timeout:
+                self._lose_group(group, f"still draining after {self.config.shutdown_timeout:g} s (--shutdown-timeout)")
+            elif group.steps_in_flight and now - group.progress_at > self.config.step_timeout_s:
+                self._lose_group(group, f"no step result for over {self.config.step_timeout_s:g} s (--step-timeout-s)")
 
-    def _lose_workers(self, reason: str, gone: list[str] | None = None) -> None:
-        """The worker group died or hangs: its requests wait, to be recomputed from their
-        tokens once a worker says hello again; tokenizers hear that nothing runs meanwhile.
+    def _lose_group(self, group: WorkerGroup, reason: str, gone: list[str] | None = None) -> None:
+        """A worker group died or hangs. Its requests go to the other groups serving, which
+        recompute them from their tokens; with none, they wait for a worker of this one to say
+        hello again (tokenizers hear that nothing runs meanwhile).
 
         `gone`: members taken for dead, not told to stop: their identity may already be a
         restarted member's, whose hello is on its way.
         """
-        running = self.scheduler.num_running if self.scheduler is not None else 0
-        logger.warning("lost the worker group (%s): %d running requests wait for a worker to say hello",
-                       reason, running)
+        running = group.scheduler.num_running if group.scheduler is not None else 0
+        others = [g for g in self.groups.values() if g.serving and g is not group]
+        where = f"{len(others)} other group(s) take them" if others else "they wait for a worker to say hello"
+        log = logger.info if reason == "drained" else logger.warning
+        log("lost the worker %s (%s): %d running requests; %s", "group" if len(self.groups) == 1 else group.name,
+            reason, running, where)
         # The others exit (a hung one when it wakes up) and are restarted, to rejoin with a hello.
-        for member in self.workers.values():
+        for member in group.workers.values():
             if member not in (gone or []):
                 self._send(member, Shutdown(f"worker group lost: {reason}"))
-        self.workers.clear()
-        self.workers_heard.clear()
-        self._rank0_hello = None
-        self.steps_in_flight.clear()
-        self._step_log_lines.clear()
-        if self.scheduler is not None:
-            self.scheduler.reset_worker()
-        if self.engine_ready is not None:
-            self.engine_ready = msgspec.structs.replace(self.engine_ready, serving=False)
-            for tok in self.tokenizers:
-                self._send(tok, self.engine_ready)
+        group.clear_members()
+        if group.scheduler is not None:
+            group.scheduler.reset_worker()
+            if others:
+                for req, outputs, finished in take_live(group.scheduler):
+                    place(others, req).scheduler.add_request(req, outputs, finished)  # type: ignore[union-attr]
+                group.scheduler = None  # a fresh KV pool and queues when it is whole again
+        self._announce()
 
-    def _plan_log_line(self, plan: StepPlan) -> dict[str, Any]:
-        s = self.scheduler
+    def _plan_log_line(self, group: WorkerGroup, plan: StepPlan) -> dict[str, Any]:
+        s = group.scheduler
         assert s is not None
         return {
             "step": plan.step_id,
+            "group": group.group_id,
             "time": time.time(),
             "requests": plan.num_scheduled_tokens,
             "new": [r.request_id for r in plan.new_requests],
@@ -332,12 +377,12 @@ class SchedulerService:
             "num_preemptions": s.num_preemptions,
             "prefix_cache_queries": s.kv.num_queries,
             "prefix_cache_hits": s.kv.num_hits,
-            "in_flight": len(self.steps_in_flight),  # steps the worker had yet to finish
+            "in_flight": len(group.steps_in_flight),  # steps the worker had yet to finish
         }
 
-    def _write_step_log(self, result: StepResult) -> None:
+    def _write_step_log(self, group: WorkerGroup, result: StepResult) -> None:
         """One JSON line per step, written when its result is back: the plan and the worker's timing."""
-        line = self._step_log_lines.pop(result.step_id, None)
+        line = group.step_log_lines.pop(result.step_id, None)
         if self.step_log is None or line is None:
             return
         line["worker_idle_s"] = round(result.idle_s, 6)
@@ -345,21 +390,7 @@ class SchedulerService:
         self.step_log.write(json.dumps(line) + "\n")
 
     def stats(self) -> SchedulerStats:
-        s = self.scheduler
-        if s is None:
-            return SchedulerStats()
-        return SchedulerStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.block_pool.usage,
-            prefix_cache_queries=s.kv.num_queries,
-            prefix_cache_hits=s.kv.num_hits,
-            num_preemptions=s.num_preemptions,
-            num_steps=s.num_steps,
-            worker_busy_s=self.worker_busy_s,
-            worker_idle_s=self.worker_idle_s,
-            num_held=len(s.requests) + len(s.samples) + len(s.pending_forks),
-        )
+        return summed_stats(self._schedulers(), self.worker_busy_s, self.worker_idle_s)
 
     def _send_stats(self) -> None:
         """Tell every tokenizer the figures when they changed, at most every 0.2 s."""
@@ -375,13 +406,13 @@ class SchedulerService:
 
     def _log_stats(self) -> None:
         now = time.monotonic()
-        if self.scheduler is None or now - self._last_stats < 10.0 or not self.scheduler.has_work:
+        if now - self._last_stats < 10.0 or not any(s.has_work for s in self._schedulers()):
             return
         self._last_stats = now
+        stats = self.stats()
         logger.info(
             "running %d, waiting %d, KV usage %.1f%%, preemptions %d",
-            self.scheduler.num_running, self.scheduler.num_waiting,
-            100 * self.scheduler.block_pool.usage, self.scheduler.num_preemptions,
+            stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage, stats.num_preemptions,
         )
 
     def run(self) -> None:
@@ -415,30 +446,11 @@ class SchedulerService:
                 self._send_stats()
                 self._log_stats()
         finally:
-            for member in list(self.workers.values()):
-                self._send(member, Shutdown("scheduler stopping"))
+            for group in self.groups.values():
+                for member in list(group.workers.values()):
+                    self._send(member, Shutdown("scheduler stopping"))
             self.sock.close()
             self.ctx.term()
-
-
-def _unrunnable(msg: EngineRequest, config: SchedulerConfig, vocab_size: int) -> str | None:
-    """Why the worker could not run `msg`, or None."""
-    prompt, max_tokens = msg.prompt_token_ids, msg.sampling.max_tokens
-    if not prompt:
-        return "the prompt is empty"
-    if any(not 0 <= t < (vocab_size or 2**64) for ids in (prompt, *msg.output_token_ids) for t in ids):
-        return f"token ids must be in [0, {vocab_size or 'the vocabulary size'})"
-    if len(prompt) + max(1, max_tokens or 0) > config.max_model_len:
-        return f"the prompt and max_tokens take more than the context of {config.max_model_len} tokens"
-    # Each sample holds a KV block of its own when it runs: more than the pool has is no real
-    # request, and an n of billions would stall this loop making them.
-    if not 1 <= msg.sampling.n <= config.num_blocks:
-        return f"n must be between 1 and {config.num_blocks}"
-    # The worker keeps these in int64 columns.
-    p = msg.sampling
-    if any(not -(2**63) <= v < 2**63 for v in (p.top_k, p.min_tokens, p.logprobs or 0)):
-        return "top_k, min_tokens and logprobs must fit in 64-bit signed integers"
-    return None
 
 
 def run_scheduler(config: EngineConfig) -> None:

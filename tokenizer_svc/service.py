@@ -51,8 +51,8 @@ class TokenizerService:
         self.member_id = member_id
         self.tokenizer = load_tokenizer(config)
         self.ctx = zmq.Context()
-        self.frontend = connect_dealer(self.ctx, config.frontend_addr, member_id)
-        self.scheduler = connect_dealer(self.ctx, config.scheduler_addr, member_id)
+        self.frontend = connect_dealer(self.ctx, config.frontend_addr, member_id, config)
+        self.scheduler = connect_dealer(self.ctx, config.scheduler_addr, member_id, config)
         # The connection dropping, then coming back: the scheduler died and was restarted (or a
         # network blip), and a new one must hear this member's hello. See `_on_scheduler_events`.
         self.scheduler_monitor = self.scheduler.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pagoda.cli import bench, roles, serve
+from pagoda.cli import bench, keys, roles, serve
 
-CMD_MODULES = (serve, roles, bench)
+CMD_MODULES = (serve, roles, bench, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import msgspec
 from pagoda.cli.types import Subcommand
 from protocol import EngineConfig
 from protocol.config import add_engine_args, config_from_args
+from protocol.sockets import TransportSecurityError, check_transport
 
 
 def _setup_logging(config: EngineConfig, name: str) -> None:
@@ -53,8 +54,13 @@ class RoleCommand(Subcommand):
         config = config_from_args(args)
         if not config.run_dir:  # started by hand: the members must agree on the sockets' folder
             config = msgspec.structs.replace(config, run_dir=os.path.join(tempfile.gettempdir(), "pagoda"))
+        config = config.with_addresses()
+        try:  # tcp:// without its keys: one line naming the flags, before anything loads
+            check_transport(config, self.name)
+        except TransportSecurityError as e:
+            raise SystemExit(f"pagoda {self.name}: {e}") from None
         try:
-            self.run(config.with_addresses(), args)
+            self.run(config, args)
         except KeyboardInterrupt:
             pass
         return 0
@@ -107,14 +113,18 @@ class WorkerCommand(RoleCommand):
     def subparser_init(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         parser = super().subparser_init(subparsers)
         parser.add_argument("--rank", type=int, default=0, help="this worker's tensor-parallel rank")
+        parser.add_argument("--group", type=int, default=0,
+                            help="this worker's group: the model replica it serves a rank of (data parallel)")
         return parser
 
     def run(self, config: EngineConfig, args: argparse.Namespace) -> None:
         _exit_on_sigterm()
-        _setup_logging(config, f"worker-{args.rank}")
+        from protocol.messages import worker_id
+
+        _setup_logging(config, worker_id(args.group, args.rank))
         from gpu_worker.service import run_worker
 
-        run_worker(config, args.rank)
+        run_worker(config, args.rank, args.group)
 
 
 def cmd_init() -> list[Subcommand]:

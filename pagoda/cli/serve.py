@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pagoda.cli.types import Subcommand
 from protocol.config import add_engine_args, config_from_args
@@ -17,9 +18,18 @@ class ServeCommand(Subcommand):
         return parser
 
     def cmd(self, args: argparse.Namespace) -> int:
+        from frontend.auth import ApiKeyError, read_api_key
         from pagoda.supervisor import serve
+        from protocol.sockets import ROLES, TransportSecurityError, check_transport
 
-        return serve(config_from_args(args))
+        config = config_from_args(args)
+        try:  # said in one line here, rather than by the first process that dies of it
+            check_transport(config, *ROLES)
+            read_api_key(config)
+        except (TransportSecurityError, ApiKeyError) as e:
+            print(f"pagoda serve: {e}", file=sys.stderr)
+            return 1
+        return serve(config)
 
 
 def cmd_init() -> list[Subcommand]:

@@ -9,6 +9,8 @@ streams of tests/e2e/streams.py on the embedded model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 import signal
@@ -306,4 +308,40 @@ def test_a_killed_rank_takes_its_tensor_parallel_group_down_and_every_stream_com
         assert "worker-1 died: stopping the other ranks of its worker group" in log
         assert "worker worker-1 (rank 1" in log.split("stopping the other ranks")[1]
     finally:
+        server.stop()
+
+
+def _step_groups(path) -> list[int]:
+    """The worker group of each step in a --step-log file, in order."""
+    with open(path) as f:
+        return [json.loads(line)["group"] for line in f if line.strip()]
+
+
+def test_two_worker_groups_share_the_load_and_a_lost_one_hands_its_streams_to_the_other(tiny, tmp_path):
+    server = _start(tiny, tmp_path, "--num-tokenizers", "1", "--data-parallel-size", "2")
+    try:
+        (group1,) = [p for p in _pids(server, "worker") if b"--group\x001\x00" in _cmdline(p)]
+        # Stopped, group 1's worker falls silent: after 5 heartbeats its group is lost, and its
+        # requests move to group 0, which recomputes them (a killed one that is back within
+        # those 5 s says hello again and recomputes them itself).
+        recovery_s = _disturbed_streams(server, lambda: os.kill(group1, signal.SIGSTOP))
+        print(f"\ngroup 1 of 2 stopped: first token after it {recovery_s:.2f} s later")
+        assert re.search(r"lost the worker group 1 \(worker-g1-0 silent .*\): [1-9]\d* running requests; 1 other group",
+                         server.log())
+        # The undisturbed run spread its streams over both groups.
+        steps = _step_groups(server.step_log)
+        assert {0, 1} <= set(steps[: len(steps) // 2])
+        os.kill(group1, signal.SIGCONT)  # it hears its group is lost, exits and is restarted
+
+        def rejoined() -> bool:
+            return "worker worker-g1-0 (rank 0, pid" in server.log().split("lost the worker group 1")[1]
+
+        _wait_for("group 1 back", rejoined)
+        # Back, it takes new work at once (the least loaded).
+        before = len(_step_groups(server.step_log))
+        asyncio.run(_run_streams(server, [_Stream() for _ in range(NUM_STREAMS)]))
+        assert 1 in _step_groups(server.step_log)[before:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(group1, signal.SIGCONT)
         server.stop()

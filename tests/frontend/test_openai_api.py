@@ -74,9 +74,10 @@ def greedy(server, tokenizer) -> Generated:
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
-    """The sum of a /metrics sample over the series whose labels include `labels`."""
+    """The sum of a /metrics sample over the series whose labels include `labels` (the key
+    goes along: the pool's server requires it on /metrics too; the others ignore it)."""
     total = 0.0
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
+    for line in httpx.get(base_url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
         m = re.fullmatch(r"([\w:]+)(?:\{(.*)\})? (\S+)", line)
         if m is None or m.group(1) != name:
             continue
@@ -381,7 +382,9 @@ def test_api_key_from_the_environment_is_required(pool):
     assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
     assert [m.id for m in sdk(KEY).models.list().data] == [MODEL]
     assert httpx.get(pool.base_url + "/health").status_code == 200
-    assert "pagoda:kv_cache_usage_perc" in httpx.get(pool.base_url + "/metrics").text
+    assert httpx.get(pool.base_url + "/metrics").status_code == 401
+    keyed = httpx.get(pool.base_url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert "pagoda:kv_cache_usage_perc" in keyed.text
     # The key is in no process's command line (`ps` shows those to every user).
     children = child_pids(pool.proc.pid)
     assert len(children) == 7  # scheduler, worker, 4 tokenizers, frontend

@@ -271,14 +271,38 @@ def test_models_lists_the_served_name(config: EngineConfig) -> None:
     assert [(m["id"], m["object"]) for m in body["data"]] == [("my-model", "model")]
 
 
-def test_api_key_is_required_on_v1_routes_only(config: EngineConfig) -> None:
+def test_api_key_is_required_on_every_route_but_the_probes(config: EngineConfig) -> None:
     keyed = msgspec.structs.replace(config, api_key="s3cret")
     with TestClient(build_app(keyed, EngineClient(keyed))) as api:
         assert_openai_error(api.get("/v1/models"), 401)
         error = assert_openai_error(api.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
         assert error["code"] == "invalid_api_key"
         assert api.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        for method, path in [("GET", "/metrics"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"),
+                             ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/nowhere")]:
+            assert_openai_error(api.request(method, path, json={}), 401)
+        with_key = {"Authorization": "Bearer s3cret"}
+        assert api.get("/metrics", headers=with_key).status_code == 200
+        assert api.get("/openapi.json", headers=with_key).status_code == 200
         assert api.get("/health").status_code == 503  # open to probes: no tokenizer, not 401
+        assert api.get("/ready").status_code == 503
+
+
+def test_api_key_file_is_read_stripped_and_excludes_api_key(config: EngineConfig, tmp_path) -> None:
+    from frontend.auth import ApiKeyError
+
+    (tmp_path / "key").write_text("from-file\n")
+    keyed = msgspec.structs.replace(config, api_key_file=str(tmp_path / "key"))
+    with TestClient(build_app(keyed, EngineClient(keyed))) as api:
+        assert api.get("/v1/models", headers={"Authorization": "Bearer from-file"}).status_code == 200
+        assert_openai_error(api.get("/v1/models", headers={"Authorization": "Bearer from-fil"}), 401)
+    with pytest.raises(ApiKeyError, match="not both"):
+        build_app(msgspec.structs.replace(keyed, api_key="x"), EngineClient(keyed))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ApiKeyError, match="empty"):
+        build_app(msgspec.structs.replace(config, api_key_file=str(tmp_path / "empty")), EngineClient(config))
+    with pytest.raises(ApiKeyError, match="cannot read"):
+        build_app(msgspec.structs.replace(config, api_key_file=str(tmp_path / "missing")), EngineClient(config))
 
 
 # ---- the API with a fake tokenizer ---------------------------------------------------------

@@ -45,7 +45,7 @@ def test_help_lists_every_subcommand_and_imports_no_service():
 def test_every_engine_subcommand_takes_every_config_field_as_a_flag(command):
     extra = {"tokenizer": ("--member-id", "t"), "worker": ("--rank", "0")}.get(command, ())
     args = parse(command, *extra)
-    own = {"tokenizer": {"member_id"}, "worker": {"rank"}}.get(command, set())
+    own = {"tokenizer": {"member_id"}, "worker": {"rank", "group"}}.get(command, set())
     assert set(vars(args)) == {*FIELDS, *own, "config_json", "command", "dispatch"}
     assert config_from_args(args) == EngineConfig()
     args = parse(command, "--max-num-seqs", "7", "--no-enable-prefix-caching", "--kv-cache-memory-gb", "1.5",
@@ -57,7 +57,8 @@ def test_every_engine_subcommand_takes_every_config_field_as_a_flag(command):
 
 def test_each_role_flag_is_on_its_own_parser_only(capsys):
     assert parse("worker", "--rank", "3").rank == 3
-    assert parse("worker").rank == 0
+    assert parse("worker").rank == 0 and parse("worker").group == 0
+    assert parse("worker", "--group", "2").group == 2
     assert parse("tokenizer", "--member-id", "tokenizer-7").member_id == "tokenizer-7"
     assert parse("tokenizer").member_id == "tokenizer-0"
     for command in ("serve", "frontend", "scheduler", "tokenizer"):
