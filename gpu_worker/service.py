@@ -25,8 +25,27 @@ logger = logging.getLogger("pagoda.worker")
 HUB_LOST_AFTER_HEARTBEATS = 10
 
 
+def _heartbeat_socket(ctx: zmq.Context, config: EngineConfig, member_id: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """The heartbeat DEALER and a monitor of its connection, attached before it connects, and
+    connected before the worker says hello: if the scheduler that hears the hello goes, the
+    monitor sees the drop (else a socket that first connected to its successor would not)."""
+    monitors: list[zmq.Socket] = []
+
+    def watch(s: zmq.Socket) -> None:
+        monitors.append(s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
+
+    sock = connect_dealer(ctx, config.scheduler_addr, f"{member_id}.hb", config, before_connect=watch)
+    (monitor,) = monitors
+    deadline = time.monotonic() + 10 * config.heartbeat_interval_s
+    while time.monotonic() < deadline:
+        if monitor.poll(100) and recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED:
+            break
+    return sock, monitor
+
+
 def _heartbeats(
-    ctx: zmq.Context, config: EngineConfig, member_id: str, stop: threading.Event, drain: _Drain
+    sock: zmq.Socket, monitor: zmq.Socket, config: EngineConfig, member_id: str, stop: threading.Event,
+    drain: _Drain,
 ) -> None:
     """Beats from a thread with its own socket, so a long step does not look like a death.
 
@@ -35,8 +54,6 @@ def _heartbeats(
     connection comes back, or when it stays away for `HUB_LOST_AFTER_HEARTBEATS` beats: a
     restart (the supervisor's, or compose's `restart:`) then says hello again.
     """
-    sock = connect_dealer(ctx, config.scheduler_addr, f"{member_id}.hb", config)
-    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     interval = config.heartbeat_interval_s
     lost_at: float | None = None
     next_beat = time.monotonic() + interval
@@ -116,6 +133,7 @@ def run_worker(config: EngineConfig, rank: int = 0, group: int = 0) -> None:
         logger.error("%s", e)
         raise SystemExit(1) from None
     ctx = zmq.Context()
+    beat_sock, beat_monitor = _heartbeat_socket(ctx, config, member_id)
     sock = connect_dealer(ctx, config.scheduler_addr, member_id, config)
     from_scheduler = Decoder(WorkerInbound)
     sock.send(
@@ -137,7 +155,9 @@ def run_worker(config: EngineConfig, rank: int = 0, group: int = 0) -> None:
     logger.info("%s (pid %d) ready: %d KV blocks", member_id, os.getpid(), runner.num_blocks)
     stop = threading.Event()
     drain = _drain_on_sigterm(member_id)
-    beat = threading.Thread(target=_heartbeats, args=(ctx, config, member_id, stop, drain), daemon=True)
+    beat = threading.Thread(
+        target=_heartbeats, args=(beat_sock, beat_monitor, config, member_id, stop, drain), daemon=True
+    )
     beat.start()
     # When the worker last had no step on the device: the time until the next plan arrives is
     # its idle time, which async scheduling exists to hide (reported in each result).

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +68,16 @@ def bind_router(ctx: zmq.Context, addr: str, config: EngineConfig | None = None)
     return sock
 
 
-def connect_dealer(ctx: zmq.Context, addr: str, identity: str, config: EngineConfig | None = None) -> zmq.Socket:
+def connect_dealer(
+    ctx: zmq.Context,
+    addr: str,
+    identity: str,
+    config: EngineConfig | None = None,
+    before_connect: Callable[[zmq.Socket], object] | None = None,
+) -> zmq.Socket:
     """A member's DEALER to the hub at `addr`. Over tcp:// a CURVE client with the key pair of
-    its role (from `identity`: `tokenizer*`, `worker*`) and the public key of the hub `addr` is."""
+    its role (from `identity`: `tokenizer*`, `worker*`) and the public key of the hub `addr` is.
+    `before_connect` gets the socket first (to attach a monitor that sees the first connect)."""
     curve = transport_keys(config, addr, identity) if needs_keys(addr) else None
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -80,6 +88,8 @@ def connect_dealer(ctx: zmq.Context, addr: str, identity: str, config: EngineCon
         sock.curve_secretkey = curve.secret
         sock.curve_publickey = curve.public
         sock.curve_serverkey = curve.server
+    if before_connect is not None:
+        before_connect(sock)
     sock.connect(addr)
     return sock
 
