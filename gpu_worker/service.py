@@ -82,17 +82,18 @@ def _heartbeats(
         sock.close()
 
 
-def _drain_on_sigterm(member_id: str) -> _Drain:
-    """A worker stopped on its own (compose or Kubernetes scaling a service down) drains: its
-    heartbeats say so, the scheduler places no new request on its group, and once the group's
-    running requests have ended it sends Shutdown and the worker exits 0. A second SIGTERM
-    exits at once. Under `pagoda serve` (supervised) everything stops together: no drain."""
+def _drain_on_sigterm(member_id: str, runner: ModelRunner) -> _Drain:
+    """A worker stopped on its own (compose or Kubernetes scaling a service down) while it runs
+    requests drains: its heartbeats say so, the scheduler places no new request on its group,
+    and once the group's running requests have ended it sends Shutdown and the worker exits 0.
+    An idle worker, or a second SIGTERM, exits at once. Under `pagoda serve` (supervised)
+    everything stops together: no drain."""
     drain = _Drain()
     if os.environ.get("PAGODA_SUPERVISED"):
         return drain
 
     def handler(signum: int, frame: object) -> None:
-        if drain.began is not None:
+        if drain.began is not None or not runner.input_batch.requests:
             raise SystemExit(0)
         logger.info("%s: SIGTERM: draining (its group takes no new request)", member_id)
         drain.began = time.monotonic()
@@ -154,7 +155,7 @@ def run_worker(config: EngineConfig, rank: int = 0, group: int = 0) -> None:
     )
     logger.info("%s (pid %d) ready: %d KV blocks", member_id, os.getpid(), runner.num_blocks)
     stop = threading.Event()
-    drain = _drain_on_sigterm(member_id)
+    drain = _drain_on_sigterm(member_id, runner)
     beat = threading.Thread(
         target=_heartbeats, args=(beat_sock, beat_monitor, config, member_id, stop, drain), daemon=True
     )

@@ -31,6 +31,7 @@ API_KEY = "compose-test-key"
 MODEL = "tiny-compose"
 NUM_STREAMS = 12
 MAX_TOKENS = 40
+LONG_TOKENS = 200
 
 
 class Deployment:
@@ -94,12 +95,12 @@ class Deployment:
                 p.kill()
 
 
-async def _streams(base_url: str, n: int, texts: list[str], progress: list[int]) -> None:
+async def _streams(base_url: str, n: int, texts: list[str], progress: list[int], max_tokens: int = MAX_TOKENS) -> None:
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
     async def one(i: int) -> None:
         resp = await client.completions.create(
-            model=MODEL, prompt=f"Here is a story about a lighthouse keeper, part {i}:", max_tokens=MAX_TOKENS,
+            model=MODEL, prompt=f"Here is a story about a lighthouse keeper, part {i}:", max_tokens=max_tokens,
             temperature=0, stream=True, extra_body={"ignore_eos": True},
         )
         async for chunk in resp:
@@ -191,14 +192,15 @@ def test_a_worker_group_stopped_on_its_own_drains_its_streams_then_exits_0(deplo
     for replica in (1, 2, 3):
         d.start(f"tokenizer-{replica}", "tokenizer", replica=replica)
     d.wait("/health 200", lambda: len(d.health().get("tokenizers", {})) == 3)
+    # Long streams, so that group 1 still runs its share when SIGTERM comes.
     undisturbed = [""] * NUM_STREAMS
-    asyncio.run(_streams(d.base_url, NUM_STREAMS, undisturbed, [0] * NUM_STREAMS))
+    asyncio.run(_streams(d.base_url, NUM_STREAMS, undisturbed, [0] * NUM_STREAMS, LONG_TOKENS))
 
     texts, progress = [""] * NUM_STREAMS, [0] * NUM_STREAMS
     group1 = d.procs["worker-g1"]
 
     async def stopped_mid_load() -> None:
-        run = asyncio.create_task(_streams(d.base_url, NUM_STREAMS, texts, progress))
+        run = asyncio.create_task(_streams(d.base_url, NUM_STREAMS, texts, progress, LONG_TOKENS))
         while min(progress) < 4:
             await asyncio.sleep(0.01)
         group1.send_signal(signal.SIGTERM)  # `docker compose stop worker-1`
