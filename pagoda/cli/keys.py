@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from pagoda.cli.types import Subcommand
-from protocol.sockets import PUBLIC_SUFFIX, ROLES, SECRET_SUFFIX
+from protocol.curve import PUBLIC_SUFFIX, ROLES, SECRET_SUFFIX
 
 
 def key_paths(directory: str, role: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import msgspec
 from pagoda.cli.types import Subcommand
 from protocol import EngineConfig
 from protocol.config import add_engine_args, config_from_args
-from protocol.sockets import TransportSecurityError, check_transport
+from protocol.curve import TransportSecurityError, check_transport
 
 
 def _setup_logging(config: EngineConfig, name: str) -> None:

@@ -20,7 +20,7 @@ class ServeCommand(Subcommand):
     def cmd(self, args: argparse.Namespace) -> int:
         from frontend.auth import ApiKeyError, read_api_key
         from pagoda.supervisor import serve
-        from protocol.sockets import ROLES, TransportSecurityError, check_transport
+        from protocol.curve import ROLES, TransportSecurityError, check_transport
 
         config = config_from_args(args)
         try:  # said in one line here, rather than by the first process that dies of it

@@ -19,7 +19,7 @@ import zmq.asyncio
 import zmq.auth
 
 from protocol import EngineConfig, bind_router, connect_dealer
-from protocol.sockets import ROLES, TransportSecurityError, check_transport
+from protocol.curve import ROLES, TransportSecurityError, check_transport
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
