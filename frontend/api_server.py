@@ -8,6 +8,7 @@ that goes away aborts its request: the engine stops generating for nobody.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import signal
 import time
@@ -29,7 +30,7 @@ from frontend.metrics import CONTENT_TYPE, Metrics
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from frontend.openai_responses import ChatFormatter, CompletionFormatter, ModelCard, ModelList, ResponseFormatter
 from frontend.sse import sse_response
-from protocol import EngineConfig
+from protocol import EMBEDDED_MODEL_NAME, EngineConfig
 from protocol.messages import TextOutput, TokenizeRequest
 
 T = TypeVar("T")
@@ -147,9 +148,15 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1")
 
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": importlib.metadata.version("pagoda")})
+
     @v1.get("/models")
     async def models() -> Response:
-        return _json(ModelList(data=[ModelCard(id=config.model_name, created=started)]))
+        card = ModelCard(id=config.model_name, created=started, root=config.model or EMBEDDED_MODEL_NAME,
+                         max_model_len=client.max_model_len or config.max_model_len)
+        return _json(ModelList(data=[card]))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:

@@ -120,6 +120,11 @@ class ModelCard(msgspec.Struct, kw_only=True):
     object: str = "model"
     created: int
     owned_by: str = "pagoda"
+    # vLLM's additions: the model it loaded, and the context a request may fill (None until a
+    # worker has said how much its KV pool holds).
+    root: str
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -434,3 +434,13 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers(pool)
     assert rejected.json()["error"]["type"] == "server_error" and "overloaded" in rejected.json()["error"]["message"]
     sdk = openai.OpenAI(base_url=pool.base_url + "/v1", api_key=KEY, max_retries=0)
     assert sdk.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_models_says_the_context_and_the_loaded_model_and_version_the_package(server):
+    sdk = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    (card,) = sdk.models.list().data
+    # vLLM's fields beside OpenAI's: the session server runs with --max-model-len 1024.
+    assert (card.id, card.owned_by, card.max_model_len, card.root) == (MODEL, "pagoda", 1024, EMBEDDED_MODEL_NAME)
+    from importlib.metadata import version
+
+    assert httpx.get(server.base_url + "/version").json() == {"version": version("pagoda")}
