@@ -35,7 +35,9 @@ class Checkpoint:
     dtype: torch.dtype | None = None  # the dtype the weights are stored in; None if quantized
 
 
-def read_hf_folder(folder: Path) -> Checkpoint:
+def read_hf_folder(folder: Path, weights: bool = True) -> Checkpoint:
+    """The folder's config, EOS ids and stored dtype, and its weights unless `weights` is False
+    (`--load-format dummy` makes its own)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{folder} has no config.json (is it a Hugging Face model folder?)")
@@ -49,6 +51,8 @@ def read_hf_folder(folder: Path) -> Checkpoint:
         eos = _as_list(json.loads(generation_config.read_text()).get("eos_token_id")) + eos
     dtype_name = hf_config.get("dtype") or hf_config.get("torch_dtype")
     dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    if not weights:
+        return Checkpoint(hf_config, list(dict.fromkeys(eos)), 0, iter(()), dtype)
 
     files = _weight_files(folder, "model.safetensors")
     if files:

@@ -13,14 +13,12 @@ rank holds whole (a norm, a replicated embedding) is identical on every rank.
 
 from __future__ import annotations
 
-import json
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from gpu_worker.checkpoint import Checkpoint, read_hf_folder
 from gpu_worker.layers import RMSNorm
 from tokenizer_svc.model_source import ModelLoadError, resolve_model_path
 
@@ -29,33 +27,14 @@ INIT_STD = 0.02  # transformers' initializer_range: activations of a trained mod
 NORMS = (RMSNorm, nn.LayerNorm)
 
 
-@dataclass
-class ConfigOnly:
-    """What a dummy load reads of a model folder: the config, the EOS ids, the stored dtype."""
-
-    hf_config: dict
-    eos_token_ids: list[int]
-    dtype: torch.dtype | None = None  # config.json's dtype (torch_dtype), for `--dtype auto`
-
-
-def read_config_only(model: str | None, revision: str | None = None) -> ConfigOnly:
+def read_config_only(model: str | None, revision: str | None = None) -> Checkpoint:
     """config.json (and generation_config.json's EOS ids) of `model`'s folder; no weights needed."""
     path = resolve_model_path(model, revision)
     if path.is_file():
         raise ModelLoadError(
             f"load_format dummy needs a model folder with a config.json, not the file {path}"
         )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{path} has no config.json (load_format dummy reads only the config)")
-    hf_config = _read_json(config_file)
-    eos = _ids(hf_config.get("eos_token_id"))
-    generation_config = path / "generation_config.json"
-    if generation_config.is_file():
-        eos = _ids(_read_json(generation_config).get("eos_token_id")) + eos
-    dtype_name = hf_config.get("dtype") or hf_config.get("torch_dtype")
-    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
-    return ConfigOnly(hf_config, list(dict.fromkeys(eos)), dtype if isinstance(dtype, torch.dtype) else None)
+    return read_hf_folder(path, weights=False)
 
 
 @torch.no_grad()
@@ -92,19 +71,3 @@ def param_seed(seed: int, name: str) -> int:
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORMS) or type(module).__name__.endswith("Norm")
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {file}: {e}") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{file} does not hold a JSON object")
-    return value
-
-
-def _ids(value: int | list[int] | None) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)

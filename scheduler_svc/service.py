@@ -206,12 +206,12 @@ class SchedulerService:
             if self.engine_ready is not None:
                 self.engine_ready = msgspec.structs.replace(self.engine_ready, serving=False)
         else:
-            hellos = [g.rank0_hello for g in serving if g.rank0_hello is not None and g.scheduler is not None]
+            configs = [g.scheduler.config for g in serving if g.scheduler is not None]  # (serving: all)
             self.engine_ready = EngineReady(
-                max_model_len=min(g.scheduler.config.max_model_len for g in serving if g.scheduler is not None),
-                num_blocks=sum(h.num_blocks for h in hellos),
+                max_model_len=min(c.max_model_len for c in configs),
+                num_blocks=sum(c.num_blocks for c in configs),
                 block_size=self.config.block_size,
-                eos_token_ids=hellos[0].eos_token_ids,
+                eos_token_ids=configs[0].eos_token_ids,
                 scheduler_id=self.scheduler_id,
             )
         if self.engine_ready is not None:

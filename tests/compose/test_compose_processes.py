@@ -121,6 +121,19 @@ def _steps_by_group(path: Path) -> list[int]:
         return [json.loads(line)["group"] for line in f if line.strip()]
 
 
+def _start_all(d: Deployment) -> Path:
+    """Scheduler, frontend, worker groups 0 and 1 (the `worker-cpu` service) and 3 tokenizer
+    replicas; the scheduler's step log."""
+    step_log = d.tmp_path / "steps.jsonl"
+    d.start("scheduler", "scheduler", env={"PAGODA_STEP_LOG": str(step_log)})
+    d.start("frontend", "frontend")
+    d.start("worker-g0", "worker-cpu")
+    d.start("worker-g1", "worker-cpu", extra=("--group", "1"))
+    for replica in (1, 2, 3):
+        d.start(f"tokenizer-{replica}", "tokenizer", replica=replica)
+    return step_log
+
+
 @pytest.fixture
 def deployment(tiny, tmp_path):
     folder, _ = tiny("llama")
@@ -131,13 +144,7 @@ def deployment(tiny, tmp_path):
 
 def test_compose_services_over_curve_scale_tokenizers_and_worker_groups_mid_load_and_lose_nothing(deployment):
     d = deployment
-    step_log = d.tmp_path / "steps.jsonl"
-    d.start("scheduler", "scheduler", env={"PAGODA_STEP_LOG": str(step_log)})
-    d.start("frontend", "frontend")
-    d.start("worker-g0", "worker-cpu")
-    d.start("worker-g1", "worker-cpu", extra=("--group", "1"))
-    for replica in (1, 2, 3):
-        d.start(f"tokenizer-{replica}", "tokenizer", replica=replica)
+    step_log = _start_all(d)
     d.wait("/health 200 with 3 tokenizers", lambda: len(d.health().get("tokenizers", {})) == 3)
     assert httpx.get(d.base_url + "/v1/models", timeout=5).status_code == 401  # the key is required
 
@@ -184,13 +191,7 @@ def test_compose_services_over_curve_scale_tokenizers_and_worker_groups_mid_load
 
 def test_a_worker_group_stopped_on_its_own_drains_its_streams_then_exits_0(deployment):
     d = deployment
-    step_log = d.tmp_path / "steps.jsonl"
-    d.start("scheduler", "scheduler", env={"PAGODA_STEP_LOG": str(step_log)})
-    d.start("frontend", "frontend")
-    d.start("worker-g0", "worker-cpu")
-    d.start("worker-g1", "worker-cpu", extra=("--group", "1"))
-    for replica in (1, 2, 3):
-        d.start(f"tokenizer-{replica}", "tokenizer", replica=replica)
+    step_log = _start_all(d)
     d.wait("/health 200", lambda: len(d.health().get("tokenizers", {})) == 3)
     # Long streams, so that group 1 still runs its share when SIGTERM comes.
     undisturbed = [""] * NUM_STREAMS

@@ -17,6 +17,7 @@ import zmq.auth
 
 from protocol import EMBEDDED_MODEL_NAME, Heartbeat, Hello, encode
 from tests.conftest import free_port, start_server
+from tests.protocol.test_curve import hub_key, intruder, role_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "curve-test-key"
@@ -70,24 +71,6 @@ def test_every_route_but_the_probes_needs_the_api_key(curve):
     assert complete(curve.base_url).status_code == 401
 
 
-def _dealer(ctx: zmq.Context, addr: str, identity: str, pair: tuple[bytes, bytes] | None,
-            server: bytes | None) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.identity = identity.encode()
-    if pair is not None:
-        sock.curve_publickey, sock.curve_secretkey = pair
-        sock.curve_serverkey = server
-    sock.connect(addr)
-    return sock
-
-
-def _pair(keys: Path, role: str) -> tuple[bytes, bytes]:
-    public, secret = zmq.auth.load_certificate(keys / "secret" / f"{role}.key_secret")
-    assert secret is not None
-    return public, secret
-
-
 def _send(sock: zmq.Socket, msg: object) -> None:
     """Without blocking: a DEALER whose handshake was refused has no peer to queue for."""
     try:
@@ -101,22 +84,23 @@ def _tokenizers(curve) -> set[str]:
 
 
 def test_intruders_on_the_hubs_get_nothing_through_and_it_keeps_serving(curve):
-    frontend_key = zmq.auth.load_certificate(curve.keys / "public" / "frontend.key")[0]
-    scheduler_key = zmq.auth.load_certificate(curve.keys / "public" / "scheduler.key")[0]
+    frontend_key = hub_key(curve.keys, "frontend")
+    scheduler_key = hub_key(curve.keys, "scheduler")
     ctx = zmq.Context()
     try:
         # A tokenizer's hello and heartbeats would make the frontend list it in /health.
         intruders = {
-            "tokenizer-unknown-key": _dealer(ctx, curve.frontend_addr, "tokenizer-unknown-key",
+            "tokenizer-unknown-key": intruder(ctx, curve.frontend_addr, "tokenizer-unknown-key",
                                              zmq.curve_keypair(), frontend_key),
-            "tokenizer-plaintext": _dealer(ctx, curve.frontend_addr, "tokenizer-plaintext", None, None),
-            "tokenizer-worker-key": _dealer(ctx, curve.frontend_addr, "tokenizer-worker-key",
-                                            _pair(curve.keys, "worker"), frontend_key),
+            "tokenizer-plaintext": intruder(ctx, curve.frontend_addr, "tokenizer-plaintext", None, None),
+            "tokenizer-worker-key": intruder(ctx, curve.frontend_addr, "tokenizer-worker-key",
+                                            role_pair(curve.keys, "worker"), frontend_key),
         }
         # On the scheduler: a worker's identity with the tokenizer's key, a key nobody generated.
         on_scheduler = {
-            "worker-7": _dealer(ctx, curve.scheduler_addr, "worker-7", _pair(curve.keys, "tokenizer"), scheduler_key),
-            "tokenizer-unknown": _dealer(ctx, curve.scheduler_addr, "tokenizer-unknown", zmq.curve_keypair(),
+            "worker-7": intruder(ctx, curve.scheduler_addr, "worker-7", role_pair(curve.keys, "tokenizer"),
+                                 scheduler_key),
+            "tokenizer-unknown": intruder(ctx, curve.scheduler_addr, "tokenizer-unknown", zmq.curve_keypair(),
                                          scheduler_key),
         }
         for name, sock in intruders.items():
@@ -135,7 +119,8 @@ def test_intruders_on_the_hubs_get_nothing_through_and_it_keeps_serving(curve):
         assert resp.status_code == 200, resp.text
 
         # The same probe with the tokenizer's key does get through: the check above would see a leak.
-        genuine = _dealer(ctx, curve.frontend_addr, "tokenizer-probe", _pair(curve.keys, "tokenizer"), frontend_key)
+        genuine = intruder(ctx, curve.frontend_addr, "tokenizer-probe", role_pair(curve.keys, "tokenizer"),
+                           frontend_key)
         deadline = time.monotonic() + 10
         while "tokenizer-probe" not in _tokenizers(curve):
             assert time.monotonic() < deadline, "a member with the tokenizer key was not let in"

@@ -9,8 +9,6 @@ one rank at a time without a process group.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,18 +16,13 @@ import torch.multiprocessing as mp
 from gpu_worker.layers import HeadSplit, MergedLinear, RowParallelLinear, VocabParallelEmbedding
 from gpu_worker.parallel import set_tensor_parallel
 from gpu_worker.weight_source import WeightSource
+from tests.conftest import free_port
 from tests.model_check import BLOCK_SIZE, hf_greedy, make_runner, random_prompts, runner_greedy, runner_last_logits
 from tests.tiny_models import FAMILIES
 
 TP_LOGITS_RTOL = 1e-5
 # Families whose heads (4 query heads; 2 or 1 KV heads) divide among 4 ranks.
 TP4_FAMILIES = ["llama", "mistral", "qwen3", "gpt2", "opt"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, size: int, init_method: str, models: list[tuple[str, str]], results) -> None:
@@ -59,7 +52,7 @@ def run_ranks(size: int, models: list[tuple[str, str]]) -> dict[str, list[tuple]
     """Every model at tensor parallel `size`: family -> [(greedy, logits, param bytes)] by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(r, size, init_method, models, results)) for r in range(size)]
     for p in procs:
         p.start()
