@@ -56,6 +56,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         if name == "throughput":
             p.add_argument("--max-num-seqs", type=int, nargs="+", default=[256],
                            help="one run per value (throughput against batch size)")
+            p.add_argument("--structured-fraction", type=float, default=0.0,
+                           help="also run with this share of the requests constrained by a JSON schema "
+                                "(bench/workloads.py BENCH_SCHEMA), and measure the TTFT a schema adds")
         if name == "serve":
             p.add_argument("--base-url", help="a running server; else one is started")
             p.add_argument("--request-rate", default="1,4,16,inf", help="comma-separated req/s; inf: all at once")
@@ -160,6 +163,13 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             r["max_num_seqs"] = mns
             runs.append(r)
         results["pagoda"] = runs
+        if args.structured_fraction:
+            mns = args.max_num_seqs[-1]
+            constrained = run_pagoda(model, reqs, _engine_args(args, device, max_num_seqs=mns),
+                                     structured_fraction=args.structured_fraction)
+            constrained["max_num_seqs"] = mns
+            results["structured"] = constrained
+            results["structured_vs_none"] = _ratio(constrained["output_tokens_per_s"], runs[-1]["output_tokens_per_s"])
         results["limit_output_tokens_per_s"] = limit
         best = max(r["output_tokens_per_s"] for r in runs)
         results["ratio_to_limit"] = _ratio(best, limit)

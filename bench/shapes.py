@@ -1,7 +1,7 @@
 """The benchmark model shapes (docs/BENCHMARKS.md), built with random weights so no download is needed.
 
 The weights are made once, saved as a Hugging Face folder (safetensors, bf16 on a GPU) with a
-word-level tokenizer over the whole vocabulary, and both Pagoda and the `transformers` peer
+byte-level tokenizer over the whole vocabulary, and both Pagoda and the `transformers` peer
 load that same folder: the very same weights on both sides.
 
 Shapes too large to save (CONFIG_ONLY: llama3-70b, 141 GB in bf16) get a folder with only
@@ -48,15 +48,18 @@ CONFIG_ONLY: frozenset[str] = frozenset({"llama3-70b"})
 
 
 def _write_tokenizer(folder: str, vocab_size: int) -> None:
-    """A word-level tokenizer whose token i is the word `t<i>`: any random id decodes."""
+    """A byte-level tokenizer whose tokens are the 256 bytes, then the words ` t<i>`: any random
+    id decodes, and JSON can be spelled (structured outputs run on these shapes as on a real
+    vocabulary of the same size: llguidance walks every token's bytes to build its masks)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token=f"t{vocab_size - 1}")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"\u0120t{i}": i for i in range(len(vocab), vocab_size)})  # \u0120: byte-level's space
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"\u0120t{vocab_size - 1}")
     fast.save_pretrained(folder)
 
 

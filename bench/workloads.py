@@ -7,6 +7,7 @@ with `--peer hf`, Hugging Face `transformers` on the very same weights and reque
 from __future__ import annotations
 
 import gc
+import json
 import random
 import statistics
 import time
@@ -33,17 +34,61 @@ def random_requests(num: int, input_lens: tuple[int, int], output_lens: tuple[in
     return reqs
 
 
-def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict[str, Any]:
+# Workload T's constrained requests follow this schema (nested objects, an enum, an array, a pattern).
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "customer": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "tier": {"enum": ["bronze", "silver", "gold"]}},
+            "required": ["name", "tier"],
+        },
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1}},
+                "required": ["sku", "quantity"],
+            },
+        },
+        "notes": {"type": "string"},
+    },
+    "required": ["id", "customer", "items", "notes"],
+}
+
+
+def _constrained(i: int, fraction: float) -> bool:
+    """Whether request i of a run is constrained: spread evenly, `fraction` of them."""
+    return int((i + 1) * fraction) > int(i * fraction)
+
+
+def run_pagoda(
+    model: str, reqs: list[Req], engine_args: dict[str, Any], structured_fraction: float = 0.0
+) -> dict[str, Any]:
+    """`structured_fraction`: that share of the requests constrained by BENCH_SCHEMA, and the
+    TTFT a schema adds measured first (`schema_ttft`)."""
     from frontend import LLM, SamplingParams
     from protocol import SchedulerStats
+    from protocol.messages import StructuredOutputs
 
+    schema = StructuredOutputs(json=json.dumps(BENCH_SCHEMA))
+    schema_ttft = None
     with LLM(model=model, **engine_args) as llm:
         # Warm up on a prompt as long as the first one (the GEMMs and kernels a step of that size
         # uses are loaded and chosen before the clock starts, as `vllm bench latency` warms up)
         # whose tokens are all shifted by one, so that no block of it is a prefix-cache hit later.
         warm_up = [t + 1 for t in reqs[0].prompt_ids]
         llm.generate([warm_up], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-        params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in reqs]
+        if structured_fraction:
+            schema_ttft = _schema_ttft(llm, reqs[0].prompt_ids)
+        params = [
+            SamplingParams(
+                temperature=0, ignore_eos=True, max_tokens=r.output_len,
+                structured_outputs=schema if _constrained(i, structured_fraction) else None,
+            )
+            for i, r in enumerate(reqs)
+        ]
         before = _settled_stats(llm, SchedulerStats())  # the warm-up's final figures
         start = time.perf_counter()
         outs = llm.generate([r.prompt_ids for r in reqs], params, use_tqdm=False)
@@ -55,6 +100,8 @@ def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict
     return {
         "elapsed_s": elapsed,
         "num_requests": len(reqs),
+        "constrained_requests": sum(_constrained(i, structured_fraction) for i in range(len(reqs))),
+        "schema_ttft": schema_ttft,
         "output_tokens": out_tokens,
         "requested_output_tokens": sum(r.output_len for r in reqs),
         "prompt_tokens": sum(len(r.prompt_ids) for r in reqs),
@@ -69,6 +116,33 @@ def run_pagoda(model: str, reqs: list[Req], engine_args: dict[str, Any]) -> dict
         # Share of the worker's time spent waiting for the next plan while work was queued.
         "worker_idle_fraction": _idle_fraction(before, stats),
     }
+
+
+def _schema_ttft(llm: Any, prompt_ids: list[int], reps: int = 5) -> dict[str, Any]:
+    """TTFT at batch 1 (median of `reps`, seconds): no schema; a schema never seen (compiled in a
+    tokenizer, a matcher made in the worker); the same schema again (the tokenizer's cache); and
+    the very first schema (llguidance's view of the vocabulary built, in both processes)."""
+    from frontend import SamplingParams
+    from protocol.messages import StructuredOutputs
+
+    prompt = list(reversed(prompt_ids[:128]))
+    counter = iter(range(1, 10**6))
+
+    def ttft(structured: StructuredOutputs | None) -> float:
+        k = next(counter) % len(prompt)
+        ids = prompt[k:] + prompt[:k]  # rotated: a prompt of its own, no prefix-cache hit
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, structured_outputs=structured)
+        out = llm.generate([ids], params, use_tqdm=False)[0]
+        return out.metrics["time_to_first_token_s"]
+
+    def schema(k: int) -> StructuredOutputs:
+        return StructuredOutputs(json=json.dumps({**BENCH_SCHEMA, "title": f"schema-{k}"}))
+
+    first = ttft(schema(-1))
+    none = statistics.median(ttft(None) for _ in range(reps))
+    cold = statistics.median(ttft(schema(k)) for k in range(reps))
+    cached = statistics.median(ttft(schema(0)) for _ in range(reps))
+    return {"first_schema_s": first, "no_schema_s": none, "new_schema_s": cold, "cached_schema_s": cached}
 
 
 def _settled_stats(llm: Any, before: Any, timeout_s: float = 10.0) -> Any:

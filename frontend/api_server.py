@@ -8,12 +8,13 @@ that goes away aborts its request: the engine stops generating for nobody.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import TypeVar
 
@@ -29,9 +30,12 @@ from frontend.errors import APIError, error_response, install_error_handlers
 from frontend.metrics import CONTENT_TYPE, Metrics
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from frontend.openai_responses import ChatFormatter, CompletionFormatter, ModelCard, ModelList, ResponseFormatter
-from frontend.sse import sse_response
+from frontend.responses_api import ResponsesFormatter, ResponsesRequest, responses_sse
+from frontend.sse import group_outputs, sse_response
+from frontend.tokenize_api import DetokenizeBody, DetokenizeResponse, TokenizeBody, TokenizeResponse
+from frontend.tool_parsers import NamedToolCallParser, RequiredToolCallParser, ToolParser, get_tool_parser
 from protocol import EMBEDDED_MODEL_NAME, EngineConfig
-from protocol.messages import TextOutput, TokenizeRequest
+from protocol.messages import DetokenizeReply, TextOutput, TokenizeOnlyReply, TokenizeRequest
 
 T = TypeVar("T")
 logger = logging.getLogger("pagoda.frontend")
@@ -173,7 +177,8 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
             echo=bool(req.echo),
         )
         fmt = CompletionFormatter(
-            treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
+            treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids),
+            logprobs=req.logprobs, echo_only=req.echo_only,
         )
         return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config)
 
@@ -182,24 +187,67 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         req = await _parse(request, ChatCompletionRequest, _max_body_bytes(client, config))
         _check_model(req.model, config)
         req.check()
+        req.check_tools(config.enable_auto_tool_choice)
         treq = TokenizeRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             sampling=req.to_sampling_params(),
             messages=[m.to_protocol() for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
+            tools=req.tool_dicts(),
             arrival_time=time.time(),
         )
         fmt = ChatFormatter(
-            treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids)
+            treq.request_id, config.model_name, req.include_usage, req.n_samples, bool(req.return_tokens_as_token_ids),
+            tool_parser=_tool_parser(req, config), tool_finish=req.tool_mode != "named",
         )
         return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config)
+
+    @v1.post("/responses")
+    async def responses(request: Request) -> Response:
+        req = await _parse(request, ResponsesRequest, _max_body_bytes(client, config))
+        _check_model(req.model, config)
+        treq = req.to_tokenize_request(f"resp_{uuid.uuid4().hex}")
+        fmt = ResponsesFormatter(treq.request_id, config.model_name, req, treq.sampling)
+        return await _serve(request, client, metrics, treq, fmt, bool(req.stream), config, stream=responses_sse)
+
+    # vLLM's, outside /v1: a round trip to a tokenizer of the pool (the frontend has none).
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await _parse(request, TokenizeBody, _max_body_bytes(client, config))
+        _check_model(body.model, config)
+        body.check()
+        reply = await client.call(body.to_message)
+        assert isinstance(reply, TokenizeOnlyReply)
+        return _json(TokenizeResponse(count=len(reply.tokens), max_model_len=reply.max_model_len,
+                                      tokens=reply.tokens, token_strs=reply.token_strs))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await _parse(request, DetokenizeBody, _max_body_bytes(client, config))
+        _check_model(body.model, config)
+        reply = await client.call(body.to_message)
+        assert isinstance(reply, DetokenizeReply)
+        return _json(DetokenizeResponse(prompt=reply.prompt))
 
     app.include_router(v1)
     return app
 
 
 # ---- request handling ------------------------------------------------------------------
+
+
+def _tool_parser(req: ChatCompletionRequest, config: EngineConfig) -> Callable[[], ToolParser] | None:
+    """What reads each sample's tool calls: the server's parser for "auto", the JSON the
+    constraint makes for "required" and a named function; none when tools cannot be called."""
+    mode = req.tool_mode
+    if mode == "auto":
+        return functools.partial(get_tool_parser, config.tool_call_parser)
+    if mode == "required":
+        return RequiredToolCallParser
+    if mode == "named":
+        return functools.partial(NamedToolCallParser, req.named_tool()["function"]["name"])
+    return None
 
 
 async def _parse(request: Request, model: type[RequestModel], max_bytes: int) -> RequestModel:
@@ -276,6 +324,7 @@ async def _serve(
     fmt: ResponseFormatter,
     streaming: bool,
     config: EngineConfig,
+    stream: Callable[[ResponseFormatter, TextOutput, AsyncIterator[TextOutput]], Response] = sse_response,
 ) -> Response:
     limits = (config.max_num_queued_reqs, config.max_num_queued_tokens)
     outputs = metrics.track(client.generate(treq, *limits), treq.arrival_time, treq.sampling.n)
@@ -284,12 +333,14 @@ async def _serve(
         if done is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return _json(fmt.whole())
+    if config.stream_interval > 1:  # a chunk every N tokens of each sample; the first and last at once
+        outputs = group_outputs(outputs, config.stream_interval)
     # Wait for the first output before answering, so that a rejected request (prompt too
     # long, engine down) gets its own status instead of a 200 with an error inside the stream.
     first = await _unless_disconnected(request, anext(outputs))
     if first is None:
         return Response(status_code=499)
-    return sse_response(fmt, first, outputs)
+    return stream(fmt, first, outputs)
 
 
 async def _collect(outputs: AsyncIterator[TextOutput], fmt: ResponseFormatter) -> bool:

@@ -12,8 +12,9 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
 import msgspec
@@ -24,6 +25,8 @@ from frontend.pending import Pending, estimate_prompt_tokens
 from protocol import Decoder, EngineConfig, bind_router, encode
 from protocol.messages import (
     Abort,
+    DetokenizeReply,
+    DetokenizeRequest,
     ErrorReply,
     FrontendInbound,
     Heartbeat,
@@ -31,6 +34,8 @@ from protocol.messages import (
     SchedulerStats,
     TextBatch,
     TextOutput,
+    TokenizeOnlyReply,
+    TokenizeOnlyRequest,
     TokenizeRequest,
 )
 
@@ -42,6 +47,11 @@ DEAD_AFTER_HEARTBEATS = 5
 REROUTE_WAIT_S = 30.0
 # What a client told the queue is full should wait before it tries again.
 RETRY_AFTER_S = 1
+# A /tokenize or /detokenize call: how long one tokenizer has to answer, and how many it is sent
+# to (each after the previous one died or stayed silent) before the call fails with 503.
+CALL_TIMEOUT_S = 30.0
+CALL_ATTEMPTS = 3
+_LOST = object()  # a call's answer when its tokenizer died before answering
 
 
 class EngineError(Exception):
@@ -78,6 +88,7 @@ class _Tokenizer:
     serving: bool = False  # and they run now: the scheduler has a worker
     load: int = 0  # requests it holds, by its own count
     in_flight: set[str] = field(default_factory=set)
+    calls: int = 0  # /tokenize and /detokenize calls waiting for its answer
 
 
 class EngineClient:
@@ -92,6 +103,8 @@ class EngineClient:
         self._members: dict[bytes, _Tokenizer] = {}
         self._requests: dict[str, Pending] = {}
         self._parked: list[str] = []  # requests whose tokenizer died, waiting for a ready one
+        # Round trips that run nothing (/tokenize, /detokenize), by call id: (tokenizer, answer).
+        self._calls: dict[str, tuple[bytes, asyncio.Future[object]]] = {}
         self._tokens_in_flight = 0  # the estimated prompt tokens of every request in flight
         self._ctx: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
@@ -124,6 +137,9 @@ class EngineClient:
         self._tasks = []
         for pending in self._requests.values():
             pending.queue.put_nowait(EngineError.unavailable("The server is shutting down."))
+        for _, future in self._calls.values():
+            if not future.done():
+                future.set_result(EngineError.unavailable("The server is shutting down."))
         self._members.clear()
         if self._socket is not None:
             self._socket.close(linger=0)
@@ -266,13 +282,78 @@ class EngineClient:
                 if owner is not None:
                     self._send(owner, Abort([rid]))
 
-    def _pick_tokenizer(self) -> _Tokenizer:
+    async def call(
+        self, make: Callable[[str], TokenizeOnlyRequest | DetokenizeRequest]
+    ) -> TokenizeOnlyReply | DetokenizeReply:
+        """One round trip to a ready tokenizer that runs nothing: `make(call_id)` is sent, its
+        reply returned (an `ErrorReply` raised as `EngineError`).
+
+        A tokenizer that dies before it answers (silent, restarted, unreachable) or stays silent
+        for CALL_TIMEOUT_S: the call goes again, under a new id, to another ready one (one not
+        tried yet first), up to CALL_ATTEMPTS tokenizers. None ready: 503 at once, as for
+        `generate`; after a loss, the call waits up to REROUTE_WAIT_S for one.
+        """
+        if self._socket is None:
+            raise RuntimeError("EngineClient.call() called before start()")
+        if self.draining:
+            raise EngineError(
+                503, "The server is shutting down; retry on another replica or after it restarts.",
+                "server_error", headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        tried: set[bytes] = set()
+        for attempt in range(CALL_ATTEMPTS):
+            member = self._pick_tokenizer(avoid=tried) if attempt == 0 else await self._ready_tokenizer(tried)
+            tried.add(member.identity)
+            call_id = f"call-{uuid.uuid4().hex}"
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            self._calls[call_id] = (member.identity, future)
+            member.calls += 1
+            try:
+                self._send(member.identity, make(call_id))
+                reply = await asyncio.wait_for(future, CALL_TIMEOUT_S)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                logger.warning("tokenizer %s did not answer %s within %g s", _name(member.identity), call_id,
+                               CALL_TIMEOUT_S)
+                continue
+            finally:
+                self._calls.pop(call_id, None)
+                member.calls -= 1
+            if reply is _LOST:
+                continue
+            if isinstance(reply, EngineError):
+                raise reply
+            assert isinstance(reply, TokenizeOnlyReply | DetokenizeReply)
+            return reply
+        raise EngineError.unavailable(f"No tokenizer answered this request ({CALL_ATTEMPTS} tried); try again.")
+
+    async def _ready_tokenizer(self, avoid: set[bytes]) -> _Tokenizer:
+        """A ready tokenizer, waiting up to REROUTE_WAIT_S for one (a call whose tokenizer died)."""
+        deadline = time.monotonic() + REROUTE_WAIT_S
+        while not any(m.ready for m in self._members.values()):
+            if time.monotonic() >= deadline:
+                raise EngineError.unavailable(f"No tokenizer came back within {REROUTE_WAIT_S:g} s to answer.")
+            await asyncio.sleep(min(0.05, self.config.heartbeat_interval_s / 4))
+        return self._pick_tokenizer(avoid)
+
+    def _answer_call(self, identity: bytes, call_id: str, reply: object) -> bool:
+        """Hand a call its reply; False if `call_id` is no call in flight."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return False
+        owner, future = call
+        if owner != identity:
+            logger.warning("dropping a reply for %s from %s, which does not own it", call_id, _name(identity))
+        elif not future.done():
+            future.set_result(reply)
+        return True
+
+    def _pick_tokenizer(self, avoid: Collection[bytes] = ()) -> _Tokenizer:
         candidates = [m for m in self._members.values() if m.ready]
         if not candidates:
             if self._members:
                 raise EngineError.unavailable("The engine is still starting up; try again shortly.")
             raise EngineError.unavailable("No tokenizer is connected to the server; try again shortly.")
-        return min(candidates, key=lambda m: (len(m.in_flight), m.identity))
+        return min(candidates, key=lambda m: (m.identity in avoid, len(m.in_flight) + m.calls, m.identity))
 
     def _forget(self, request_id: str) -> None:
         pending = self._requests.pop(request_id, None)
@@ -350,9 +431,12 @@ class EngineClient:
         elif isinstance(msg, TextBatch):
             for out in msg.outputs:
                 self._deliver(identity, out.request_id, out)
+        elif isinstance(msg, TokenizeOnlyReply | DetokenizeReply):
+            self._answer_call(identity, msg.request_id, msg)
         else:
             error = EngineError(msg.status, msg.message, msg.error_type, msg.param)
-            self._deliver(identity, msg.request_id, error)
+            if not self._answer_call(identity, msg.request_id, error):
+                self._deliver(identity, msg.request_id, error)
 
     def _deliver(self, identity: bytes, request_id: str, item: TextOutput | EngineError) -> None:
         pending = self._requests.get(request_id)
@@ -392,6 +476,9 @@ class EngineClient:
         already has, so the stream goes on where it stopped. Nothing is sent to the dead
         member: an Abort passed on by one that was only stalled would stop the request.
         """
+        for owner, future in self._calls.values():
+            if owner == member.identity and not future.done():
+                future.set_result(_LOST)  # the call goes again to another tokenizer
         now = time.monotonic()
         for rid in sorted(member.in_flight):
             pending = self._requests.get(rid)

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from frontend.engine_client import EngineClient
+from frontend.openai_responses import prompt_logprob_dicts
 from frontend.processes import GaveUp, ProcessGroup
 from protocol import ChatMessage, EngineConfig, SamplingParams, SchedulerStats, TextOutput, TokenizeRequest
 
@@ -53,6 +54,9 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     finished: bool = True
     metrics: dict[str, float] = field(default_factory=dict)
+    # With `prompt_logprobs` (vLLM's shape): None for the first prompt token, then for each one a
+    # dict by token id: its own Logprob (rank in the vocabulary) and the k most likely.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 Prompt = str | list[int]
@@ -102,11 +106,14 @@ class LLM:
         first: float | None = None
         samples = [_Sample(i, req.sampling.logprobs is not None) for i in range(req.sampling.n)]
         num_prompt_tokens = 0
+        prompt_logprobs = None
         async for out in self._client.generate(req):
             if first is None:
                 first = time.perf_counter()
             samples[out.index].add(out)
             num_prompt_tokens = out.prompt_tokens
+            if out.prompt_logprobs is not None:
+                prompt_logprobs = prompt_logprob_dicts(out.prompt_logprobs, Logprob)
         end = time.perf_counter()
         if bar is not None:
             bar.update(1)
@@ -117,7 +124,8 @@ class LLM:
             if num_tokens > len(samples):
                 metrics["decode_tokens_per_s"] = (num_tokens - len(samples)) / max(end - first, 1e-9)
         return RequestOutput(
-            req.request_id, prompt, [s.output() for s in samples], num_prompt_tokens, metrics=metrics
+            req.request_id, prompt, [s.output() for s in samples], num_prompt_tokens, metrics=metrics,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _run(self, reqs: list[tuple[TokenizeRequest, str | None]], use_tqdm: bool) -> list[RequestOutput]:

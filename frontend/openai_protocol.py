@@ -7,13 +7,17 @@ live in `check()`, which raises `APIError` with the field to blame. The response
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
+import msgspec
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from frontend.errors import APIError
-from protocol.messages import ChatMessage, SamplingParams
+from frontend.tool_parsers import named_tool_schema, required_tools_schema
+from protocol.messages import ChatMessage, SamplingParams, StructuredOutputs
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOKEN_ID_MAX = 2**31 - 1
@@ -24,6 +28,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256  # each is held back from the stream that many characters
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128  # OpenAI's
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 # ---- validation helpers ----------------------------------------------------------------
 
@@ -84,6 +90,12 @@ def _text_content(value: Any) -> Any:
     return "\n".join(texts)
 
 
+def _function_name(value: str) -> str:
+    if not FUNCTION_NAME.fullmatch(value):
+        raise PydanticCustomError("invalid_name", "must be 1 to 64 letters, digits, underscores or dashes")
+    return value
+
+
 def _only_one(value: int | None) -> int | None:
     if value is not None and value != 1:
         raise PydanticCustomError("unsupported", f"only 1 is supported for now, got {value}")
@@ -99,7 +111,13 @@ def _stop_strings(value: str | list[str] | None) -> list[str]:
     return [s for s in stop if s]  # an empty stop string would stop at once; OpenAI ignores it
 
 
-def _at_most(limit: int, what: str) -> Any:
+def _completion_max_tokens(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= INT64_MAX:
+        raise PydanticCustomError("out_of_range", f"must be at least 1 (0 only with echo), got {value}")
+    return value
+
+
+def at_most(limit: int, what: str) -> Any:
     def check(value: list[Any] | dict[Any, Any] | None) -> Any:
         if value is not None and len(value) > limit:
             raise PydanticCustomError("too_long", f"at most {limit} {what}, got {len(value)}")
@@ -121,6 +139,74 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+def _schema_text(schema: dict[str, Any] | str, field: str) -> str:
+    """A JSON schema as JSON text; a string must already be JSON."""
+    if isinstance(schema, str):
+        try:
+            json.loads(schema)
+        except ValueError as e:
+            raise APIError(400, f"Invalid '{field}': the JSON schema is not valid JSON ({e}).", param=field) from None
+        return schema
+    return json.dumps(schema)
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def to_protocol(self) -> StructuredOutputs:
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None:
+            message = "Invalid 'response_format': type json_schema needs a json_schema."
+            raise APIError(400, message, param="response_format")
+        # No schema given: any JSON object, as OpenAI's non-strict mode allows.
+        schema = self.json_schema.json_schema if self.json_schema.json_schema is not None else {"type": "object"}
+        return StructuredOutputs(json=json.dumps(schema))
+
+
+class StructuredOutputsIn(BaseModel):
+    """vLLM's `structured_outputs` extra field (exactly one constraint)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def to_protocol(self) -> StructuredOutputs:
+        spec = StructuredOutputs(
+            json=_schema_text(self.json_, "structured_outputs") if self.json_ is not None else None,
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+            json_object=bool(self.json_object),
+            disable_any_whitespace=self.disable_any_whitespace,
+        )
+        if len(spec.constraints()) != 1:
+            kinds = ", ".join(spec.constraints()) or "none"
+            allowed = "json, regex, choice, grammar, json_object"
+            message = f"Invalid 'structured_outputs': give exactly one of {allowed}, not {kinds}."
+            raise APIError(400, message, param="structured_outputs")
+        return spec
+
+
 class _SamplingRequest(BaseModel):
     """The fields completions and chat share; unknown fields are ignored, as OpenAI's SDK adds some."""
 
@@ -138,21 +224,28 @@ class _SamplingRequest(BaseModel):
     seed: Annotated[int | None, _bounded(INT64_MIN, INT64_MAX)] = None
     stop: Annotated[str | list[str] | None, AfterValidator(_stop_strings)] = None
     stop_token_ids: Annotated[
-        list[Annotated[int, _bounded(0, TOKEN_ID_MAX)]] | None, _at_most(MAX_STOP_TOKEN_IDS, "token ids")
+        list[Annotated[int, _bounded(0, TOKEN_ID_MAX)]] | None, at_most(MAX_STOP_TOKEN_IDS, "token ids")
     ] = None
     include_stop_str_in_output: bool | None = None
     min_tokens: Annotated[int | None, _bounded(0)] = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     logit_bias: Annotated[
-        dict[str, Annotated[float, _bounded(-100, 100)]] | None, _at_most(MAX_LOGIT_BIAS, "entries")
+        dict[str, Annotated[float, _bounded(-100, 100)]] | None, at_most(MAX_LOGIT_BIAS, "entries")
     ] = None
     # vLLM's: logprobs name tokens as "token_id:<id>", so a client can use the ids.
     return_tokens_as_token_ids: bool | None = None
-    prompt_logprobs: int | None = None  # vLLM's; refused until the worker computes them
+    prompt_logprobs: Annotated[int | None, _bounded(0, MAX_LOGPROBS)] = None  # vLLM's: the prompt tokens' logprobs
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsIn | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -162,12 +255,31 @@ class _SamplingRequest(BaseModel):
                 raise PydanticCustomError("invalid_key", f"keys must be token ids, got {key!r}")
         return value
 
-    @field_validator("prompt_logprobs")
-    @classmethod
-    def _no_prompt_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise _unsupported()
-        return value
+    def _check_prompt_logprobs(self) -> None:
+        if self.prompt_logprobs and self.stream:  # vLLM's rule: they come in the whole response only
+            message = "Invalid 'prompt_logprobs': prompt logprobs are not available when stream is true."
+            raise APIError(400, message, param="prompt_logprobs")
+
+    def structured(self) -> StructuredOutputs | None:
+        """The request's one output constraint, from whichever field set it (400 for two)."""
+        given: dict[str, StructuredOutputs] = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            given["response_format"] = self.response_format.to_protocol()
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs.to_protocol()
+        if self.guided_json is not None:
+            given["guided_json"] = StructuredOutputs(json=_schema_text(self.guided_json, "guided_json"))
+        if self.guided_regex is not None:
+            given["guided_regex"] = StructuredOutputs(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            given["guided_choice"] = StructuredOutputs(choice=self.guided_choice)
+        if self.guided_grammar is not None:
+            given["guided_grammar"] = StructuredOutputs(grammar=self.guided_grammar)
+        if len(given) > 1:
+            first = next(iter(given))
+            message = f"Invalid '{first}': give one output constraint, got {', '.join(given)}."
+            raise APIError(400, message, param=first)
+        return next(iter(given.values()), None)
 
     @property
     def include_usage(self) -> bool:
@@ -194,9 +306,11 @@ class _SamplingRequest(BaseModel):
             "stop_token_ids": self.stop_token_ids,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
+            "prompt_logprobs": self.prompt_logprobs,
         }
         return SamplingParams(
             max_tokens=max_tokens,
+            structured_outputs=self.structured(),
             stop=self.stop or [],  # type: ignore[arg-type]  # a list once validated
             logprobs=logprobs,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
@@ -206,7 +320,8 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[int], BeforeValidator(_single_prompt)]
-    max_tokens: Annotated[int | None, _bounded(1)] = 16  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 only with echo (vLLM's): the prompt alone, e.g. its logprobs.
+    max_tokens: Annotated[int | None, AfterValidator(_completion_max_tokens)] = 16
     echo: bool | None = False
     logprobs: Annotated[int | None, _bounded(0, MAX_LOGPROBS)] = None
     suffix: str | None = None
@@ -219,13 +334,49 @@ class CompletionRequest(_SamplingRequest):
             raise _unsupported()
         return value
 
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens 0 with echo: the engine runs one token (vLLM's), which the answer leaves out."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def check(self) -> None:
-        if self.echo and self.logprobs is not None:
-            # It would need the prompt's logprobs, which the worker does not compute yet.
-            raise APIError(400, "Invalid 'echo': echo together with logprobs is not supported yet.", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "Invalid 'max_tokens': must be at least 1 (0 only with echo), got 0.",
+                           param="max_tokens")
+        self._check_prompt_logprobs()
 
     def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        params = self.sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs)
+        if self.echo and self.prompt_logprobs is None and self.logprobs is not None:
+            # vLLM's: echo with logprobs shows the prompt tokens' too, computed as prompt logprobs.
+            params = msgspec.structs.replace(params, prompt_logprobs=self.logprobs)
+        return params
+
+
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends an assistant's earlier calls
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    @field_validator("function")
+    @classmethod
+    def _arguments_are_an_object(cls, value: FunctionCallIn) -> FunctionCallIn:
+        try:
+            arguments = json.loads(value.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise PydanticCustomError("invalid_arguments", "arguments must be the JSON text of an object")
+        return value
 
 
 class ChatMessageIn(BaseModel):
@@ -233,10 +384,51 @@ class ChatMessageIn(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | None, BeforeValidator(_text_content)] = None
+    tool_calls: Annotated[list[ToolCallIn] | None, at_most(MAX_TOOLS, "tool calls")] = None  # an assistant's
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
 
     def to_protocol(self) -> ChatMessage:
-        # Chat templates know "system"; OpenAI's newer "developer" role means the same.
-        return ChatMessage("system" if self.role == "developer" else self.role, self.content)
+        # Chat templates know "system"; OpenAI's newer "developer" role means the same. Templates
+        # read tool call arguments as objects (vLLM hands them over the same way).
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                         "arguments": json.loads(c.function.arguments)}}
+            for c in self.tool_calls or []
+        ]
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role, self.content, calls or None, self.tool_call_id, self.name)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, AfterValidator(_function_name)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def as_dict(self) -> dict[str, Any]:
+        """The tool as chat templates and the tool-call schemas read it."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -247,8 +439,9 @@ class ChatCompletionRequest(_SamplingRequest):
     continue_final_message: bool = False
     logprobs: bool | None = False
     top_logprobs: Annotated[int | None, _bounded(0, MAX_LOGPROBS)] = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[ToolDefinition] | None, at_most(MAX_TOOLS, "tools")] = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
     @field_validator("messages")
     @classmethod
@@ -257,21 +450,64 @@ class ChatCompletionRequest(_SamplingRequest):
             raise PydanticCustomError("empty", "must contain at least one message")
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _not_supported(cls, value: Any) -> Any:
-        if value:
-            raise _unsupported()
-        return value
+    @property
+    def tool_mode(self) -> str:
+        """none, auto, required or named: how the output may call the tools."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"  # OpenAI's default once tools are given
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise _unsupported(f"type {value.get('type')!r}")
-        return value
+    def named_tool(self) -> dict[str, Any]:
+        assert isinstance(self.tool_choice, NamedToolChoice) and self.tools
+        return next(t.as_dict() for t in self.tools if t.function.name == self.tool_choice.function.name)
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return [t.as_dict() for t in self.tools] if self.tools else None
+
+    def check_tools(self, auto_tool_choice: bool) -> None:
+        """The tool fields against each other and the server's flags (`--enable-auto-tool-choice`)."""
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise APIError(400, "Invalid 'tool_choice': it needs tools to choose from.", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise APIError(
+                    400, f"Invalid 'tool_choice': no tool is named {self.tool_choice.function.name!r} "
+                    f"(tools: {', '.join(names)}).", param="tool_choice",
+                )
+        if self.tool_mode == "auto" and not auto_tool_choice:
+            raise APIError(
+                400,
+                'Invalid \'tool_choice\': "auto" tool choice needs the server started with '
+                "--enable-auto-tool-choice and --tool-call-parser; or send tool_choice \"required\", \"none\" "
+                "or a named function.",
+                param="tool_choice",
+            )
+
+    def structured(self) -> StructuredOutputs | None:
+        """The tool choice's constraint (required: a JSON array of calls; named: the function's
+        arguments), else whatever the other fields ask; not both."""
+        constraint = super().structured()
+        if self.tool_mode not in ("required", "named"):
+            return constraint
+        if constraint is not None:
+            raise APIError(
+                400, "Invalid 'tool_choice': a required or named tool choice cannot be combined with "
+                "response_format or structured outputs.", param="tool_choice",
+            )
+        if self.tool_mode == "named":
+            schema = named_tool_schema(self.named_tool())
+        else:
+            schema = required_tools_schema(self.tool_dicts() or [])
+            if self.parallel_tool_calls is False:
+                schema["maxItems"] = 1
+        # Calls as json.dumps writes them: no whitespace for a small model to wander in.
+        return StructuredOutputs(json=json.dumps(schema), disable_any_whitespace=True)
 
     def check(self) -> None:
+        self._check_prompt_logprobs()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(
                 400, "Invalid 'top_logprobs': logprobs must be set to true to use top_logprobs.", param="top_logprobs"

@@ -8,12 +8,13 @@ carry vLLM's `stop_reason` too (the stop string or token id that ended them).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 
-from protocol.messages import Logprobs, TextOutput
+from frontend.tool_parsers import ToolCallDelta, ToolParser
+from protocol.messages import Logprobs, PromptLogprobs, TextOutput
 
 # vLLM's floor for logprobs: JSON has no -Infinity.
 MIN_LOGPROB = -9999.0
@@ -27,9 +28,22 @@ class Usage(msgspec.Struct):
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(msgspec.Struct, kw_only=True):
+    """vLLM's `Logprob`, in its `prompt_logprobs`: keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: None for the first prompt token, then per token its own entry and the
+# k most likely, by token id. Only in answers to requests that computed them.
+PromptLogprobsField = list[dict[int, PromptLogprob] | None] | msgspec.UnsetType
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):
@@ -38,6 +52,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsField = msgspec.UNSET
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -69,9 +84,21 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
     content: list[TokenLogprob]
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(msgspec.Struct, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -89,6 +116,21 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobsField = msgspec.UNSET  # vLLM's, for the whole response
+
+
+class FunctionCallDelta(msgspec.Struct, kw_only=True):
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    arguments: str = ""
+
+
+class ToolCallChunk(msgspec.Struct, kw_only=True):
+    """A streamed piece of a tool call: the first carries its id, type and name."""
+
+    index: int
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    function: FunctionCallDelta
 
 
 class Delta(msgspec.Struct):
@@ -96,6 +138,7 @@ class Delta(msgspec.Struct):
 
     role: str | msgspec.UnsetType = msgspec.UNSET
     content: str | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[ToolCallChunk] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
@@ -134,6 +177,34 @@ class ModelList(msgspec.Struct, kw_only=True):
 
 # ---- response builders -------------------------------------------------------------------
 
+Entry = TypeVar("Entry")
+
+
+def prompt_logprob_dicts(
+    prompt: PromptLogprobs, entry: Callable[[float, int | None, str], Entry]
+) -> list[dict[int, Entry] | None]:
+    """vLLM's `prompt_logprobs` shape: None for each prompt token without an entry (the first),
+    then a dict by token id: the prompt token's own entry (its rank in the vocabulary) first,
+    then the k most likely (ranks 1..k). `entry(logprob, rank, text)` makes each value."""
+    dicts: list[dict[int, Entry] | None] = [None] * prompt.first
+    for i, logprob in enumerate(prompt.token_logprobs):
+        j = prompt.first + i
+        own = {prompt.prompt_token_ids[j]: entry(logprob, prompt.token_ranks[i], prompt.prompt_tokens[j])}
+        top = zip(prompt.top_token_ids[i], prompt.top_logprobs[i], prompt.top_tokens[i])
+        dicts.append(own | {t: entry(v, rank, text) for rank, (t, v, text) in enumerate(top, 1) if t not in own})
+    return dicts
+
+
+def _json_prompt_logprobs(prompt: PromptLogprobs | None) -> PromptLogprobsField:
+    if prompt is None:
+        return msgspec.UNSET
+
+    def entry(logprob: float, rank: int | None, text: str) -> PromptLogprob:
+        return PromptLogprob(logprob=max(logprob, MIN_LOGPROB), rank=rank, decoded_token=text)
+
+    return prompt_logprob_dicts(prompt, entry)
+
+
 
 class _Choice:
     """What one of the `n` samples has produced so far."""
@@ -164,6 +235,7 @@ class ResponseFormatter:
         self.token_ids = token_ids  # name tokens "token_id:<id>" in logprobs
         self.choices = [_Choice() for _ in range(n)]
         self.prompt_tokens = 0
+        self.prompt_logprobs: PromptLogprobs | None = None  # they come with sample 0's first output
         # OpenAI sends "usage": null in every chunk when usage was asked for, else no key.
         self.chunk_usage: Any = None if include_usage else msgspec.UNSET
 
@@ -182,6 +254,8 @@ class ResponseFormatter:
         if out.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
         self.prompt_tokens = out.prompt_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         return choice
 
     def opening(self) -> list[msgspec.Struct]:
@@ -206,6 +280,20 @@ class ResponseFormatter:
 
 
 class CompletionFormatter(ResponseFormatter):
+    """`logprobs`: the request's; with echo the prompt tokens' entries come first (from its
+    prompt logprobs; the first token's logprob is None). `echo_only`: echo with max_tokens 0,
+    the prompt alone: the one token the engine ran for is left out (vLLM's)."""
+
+    def __init__(self, *args: Any, logprobs: int | None = None, echo_only: bool = False, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.logprobs = logprobs
+        self.echo_only = echo_only
+
+    def add(self, out: TextOutput) -> _Choice:
+        if self.echo_only:
+            out.text, out.token_ids, out.logprobs, out.completion_tokens = "", [], None, 0
+        return super().add(out)
+
     def chunk(self, out: TextOutput) -> Completion | None:
         choice = self.add(out)
         if self._skip(out):
@@ -234,6 +322,7 @@ class CompletionFormatter(ResponseFormatter):
                     logprobs=self._logprobs(c, c.outputs, prompt),
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    prompt_logprobs=_json_prompt_logprobs(self.prompt_logprobs),
                 )
             )
         return self._completion(choices, self.usage)
@@ -242,11 +331,14 @@ class CompletionFormatter(ResponseFormatter):
         self, choice: _Choice, outputs: Iterable[TextOutput], prompt_text: str | None
     ) -> CompletionLogprobs | None:
         runs = [(o.token_ids, o.logprobs) for o in outputs if o.logprobs is not None]
-        if not runs:
+        prompt = self.prompt_logprobs if prompt_text is not None and self.logprobs is not None else None
+        if not runs and prompt is None:
             return None
+        result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        if prompt is not None:
+            self._prompt_entries(result, prompt, choice.text_offset)
         if prompt_text:
             choice.text_offset += len(prompt_text)
-        result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for token_ids, lp in runs:
             for i, token_id in enumerate(token_ids):
                 result.tokens.append(self._token_name(token_id, lp.tokens[i]))
@@ -261,20 +353,76 @@ class CompletionFormatter(ResponseFormatter):
                 choice.text_offset += len(lp.tokens[i])
         return result
 
+    def _prompt_entries(self, result: CompletionLogprobs, prompt: PromptLogprobs, offset: int) -> None:
+        """Echo with logprobs: each prompt token first, its offset counted from the tokens' texts."""
+        k = self.logprobs
+        for j, (token_id, text) in enumerate(zip(prompt.prompt_token_ids, prompt.prompt_tokens)):
+            result.tokens.append(self._token_name(token_id, text))
+            result.text_offset.append(offset)
+            offset += len(text)
+            i = j - prompt.first
+            if not 0 <= i < len(prompt.token_logprobs):
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(max(prompt.token_logprobs[i], MIN_LOGPROB))
+            top = zip(prompt.top_token_ids[i][:k], prompt.top_tokens[i][:k], prompt.top_logprobs[i][:k])
+            result.top_logprobs.append({self._token_name(t, name): max(v, MIN_LOGPROB) for t, name, v in top})
+
     def _completion(self, choices: list[CompletionChoice], usage: Any) -> Completion:
         return Completion(id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage)
 
 
 class ChatFormatter(ResponseFormatter):
+    """`tool_parser`: makes the parser that reads tool calls out of each sample's text (none: the
+    text is all content); `tool_finish`: with calls found, finish_reason "tool_calls" instead of
+    "stop" (OpenAI's, except for a named tool choice)."""
+
+    def __init__(
+        self, *args: Any, tool_parser: Callable[[], ToolParser] | None = None, tool_finish: bool = True, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.tool_parser = tool_parser
+        self.tool_finish = tool_finish
+        self._parsers = [tool_parser() for _ in self.choices] if tool_parser else []
+        self._called = [False] * len(self.choices)  # whether the sample sent a tool call so far
+
     def opening(self) -> list[msgspec.Struct]:
         return [self._chunk(i, Delta(role="assistant", content=""), None) for i in range(len(self.choices))]
 
     def chunk(self, out: TextOutput) -> ChatCompletionChunk | None:
         self.add(out)
-        if self._skip(out):
-            return None
-        delta = Delta(content=out.text) if out.text or out.finish_reason is None else Delta()
-        return self._chunk(out.index, delta, out.finish_reason, out.stop_reason, self._logprobs([out]))
+        if not self._parsers:
+            if self._skip(out):
+                return None
+            delta = Delta(content=out.text) if out.text or out.finish_reason is None else Delta()
+            return self._chunk(out.index, delta, out.finish_reason, out.stop_reason, self._logprobs([out]))
+        parser = self._parsers[out.index]
+        content, calls = parser.feed(out.text)
+        if out.finish_reason is not None:
+            more_content, more_calls = parser.finish()
+            content, calls = content + more_content, calls + more_calls
+        if not content and not calls and out.finish_reason is None and out.logprobs is None:
+            return None  # held back: it may be the start of a tool call
+        self._called[out.index] |= bool(calls)
+        delta = Delta(
+            content=content if content else msgspec.UNSET,
+            tool_calls=[_tool_call_chunk(c) for c in calls] if calls else msgspec.UNSET,
+        )
+        finish = self._finish_reason(out.finish_reason, self._called[out.index])
+        return self._chunk(out.index, delta, finish, out.stop_reason, self._logprobs([out]))
+
+    def _finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if finish_reason == "stop" and called and self.tool_finish else finish_reason
+
+    def _message(self, text: str) -> tuple[AssistantMessage, bool]:
+        if self.tool_parser is None:
+            return AssistantMessage(content=text), False
+        content, calls = self.tool_parser().extract(text)
+        if not calls:
+            return AssistantMessage(content=text), False
+        tool_calls = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+        return AssistantMessage(content=content, tool_calls=tool_calls), True
 
     def usage_chunk(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -282,18 +430,21 @@ class ChatFormatter(ResponseFormatter):
         )
 
     def whole(self) -> ChatCompletion:
-        choices = [
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content="".join(c.text)),
-                logprobs=self._logprobs(c.outputs),
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        choices = []
+        for index, c in enumerate(self.choices):
+            message, called = self._message("".join(c.text))
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=message,
+                    logprobs=self._logprobs(c.outputs),
+                    finish_reason=self._finish_reason(c.finish_reason, called),
+                    stop_reason=c.stop_reason,
+                )
             )
-            for index, c in enumerate(self.choices)
-        ]
         return ChatCompletion(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=self.usage
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=self.usage,
+            prompt_logprobs=_json_prompt_logprobs(self.prompt_logprobs),
         )
 
     def _logprobs(self, outputs: Iterable[TextOutput]) -> ChatLogprobs | None:
@@ -330,3 +481,15 @@ class ChatFormatter(ResponseFormatter):
         return ChatCompletionChunk(
             id=self.request_id, created=self.created, model=self.model, choices=[choice], usage=self.chunk_usage
         )
+
+
+def _tool_call_chunk(delta: ToolCallDelta) -> ToolCallChunk:
+    first = delta.id is not None
+    return ToolCallChunk(
+        index=delta.index,
+        id=delta.id if first else msgspec.UNSET,
+        type="function" if first else msgspec.UNSET,
+        function=FunctionCallDelta(
+            name=delta.name if delta.name is not None else msgspec.UNSET, arguments=delta.arguments
+        ),
+    )

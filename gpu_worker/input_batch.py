@@ -21,6 +21,7 @@ import torch
 from gpu_worker.attention import AttentionMetadata
 from gpu_worker.cuda_graphs import CudaGraphs, GraphKey
 from gpu_worker.sampling_metadata import SamplingColumns, SamplingMetadata
+from gpu_worker.structured_outputs import GrammarRows
 from gpu_worker.transfer import to_device
 from protocol.messages import NewRequestData, StepPlan, StepResult
 
@@ -102,6 +103,7 @@ class InputBatch:
         max_num_batched_tokens: int,
         device: torch.device,
         eos_token_ids: list[int],
+        grammars: GrammarRows | None = None,
     ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -111,6 +113,7 @@ class InputBatch:
         self.unfinished: PendingStep | None = None  # the last launched step, until finished
         self._allocate_rows(max_num_seqs)
         self.sampling = SamplingColumns(max_num_seqs, device, eos_token_ids)
+        self.grammars = grammars  # structured outputs: a matcher per constrained row
         self._allocate_step_buffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs)
 
     # ---- rows: one per live request ---------------------------------------------------
@@ -166,6 +169,8 @@ class InputBatch:
         self.num_row_blocks[row] = 0
         self._append_blocks(row, new.block_ids)
         self.sampling.add(row, new.sampling)
+        if new.sampling.grammar is not None and self.grammars is not None:
+            self.grammars.add(row, new.sampling.grammar, new.prompt_token_ids[n - new.num_output_tokens :])
         self.requests[new.request_id] = row
 
     def remove_request(self, request_id: str) -> None:
@@ -174,6 +179,8 @@ class InputBatch:
             return
         self.pending_step[row] = -1
         self.sampling.remove(row)
+        if self.grammars is not None:
+            self.grammars.remove(row)
         if self.unfinished is not None:
             # The unfinished step may still write this row's sampled token: free it after.
             self.unfinished.rows_to_free.append(row)
@@ -199,6 +206,8 @@ class InputBatch:
     def tokens_arrived(self, step: PendingStep, token_ids: list[int]) -> None:
         """The step's tokens are on the host: write them into their rows, free the dropped rows."""
         self.token_ids[step.rows, step.positions] = token_ids
+        if self.grammars:
+            self.grammars.advance(step.rows, token_ids)
         mine = self.pending_step[step.rows] == step.step_id
         self.pending_step[step.rows[mine]] = -1
         self.free_rows.extend(step.rows_to_free)

@@ -19,7 +19,9 @@ from gpu_worker.input_batch import InputBatch, PendingStep, StepBatch
 from gpu_worker.kv_cache import KVCache
 from gpu_worker.loader import ModelLoadError, load_model
 from gpu_worker.parallel import group_init_method, init_tensor_parallel
+from gpu_worker.prompt_logprobs import PromptLogprobsTracker
 from gpu_worker.sampler import Sampler, SamplerOutput
+from gpu_worker.structured_outputs import GrammarMask, GrammarRows
 from protocol.config import EngineConfig
 from protocol.messages import StepPlan, StepResult
 
@@ -52,9 +54,10 @@ class ModelRunner:
         self.num_blocks = self.kv_cache.num_blocks
         self.input_batch = InputBatch(
             config.max_num_seqs, self.max_model_len, self.block_size, self.max_num_batched_tokens,
-            self.device, self.eos_token_ids,
+            self.device, self.eos_token_ids, GrammarRows(config, self.eos_token_ids),
         )
         self.sampler = Sampler()
+        self.prompt_logprobs = PromptLogprobsTracker()
         self.graphs = CudaGraphs(self.model, lambda: self.input_batch.buffers, self.max_model_len)
         if self.device.type == "cuda":
             warm_up_kernels(self.model)
@@ -77,6 +80,7 @@ class ModelRunner:
         """
         began = time.perf_counter()
         self.input_batch.update(plan)
+        self.prompt_logprobs.update(plan)
         if plan.block_copies:
             self.kv_cache.copy_blocks(plan.block_copies)
         if not plan.num_scheduled_tokens:
@@ -88,8 +92,21 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self._forward(batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-            out = self.sampler(logits, self.input_batch.sampling_metadata(batch))
+            grammar = self._grammar_mask(batch, prev)
+            out = self.sampler(logits, self.input_batch.sampling_metadata(batch), grammar)
+            self.prompt_logprobs.launch(plan, self.model, hidden, batch, self.input_batch)
         return self._hand_back(plan.step_id, batch, out, began)
+
+    def _grammar_mask(self, batch: StepBatch, prev: PendingStep | None) -> GrammarMask | None:
+        """The structured-output masks of the batch's constrained rows, made on the host while
+        the device runs the forward just launched: the previous step's tokens are waited for
+        here (they come before this forward on the stream), as the masks follow them."""
+        grammars = self.input_batch.grammars
+        if not grammars or len(grammars.constrained(batch.sampled_rows)) == 0:
+            return None
+        if prev is not None:
+            self.finish(prev)
+        return grammars.mask(batch.sampled_rows, self.device)
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         if batch.graph is not None:
@@ -150,6 +167,7 @@ class ModelRunner:
             logprobs=logprobs,
             top_logprob_ids=top_ids,
             top_logprobs=top_logprobs,
+            prompt_logprobs=self.prompt_logprobs.collect(step.step_id),
         )
         step.host_tokens = step.device_tokens = None
         step.result.execute_s = step.launch_s + time.perf_counter() - began

@@ -1,6 +1,7 @@
 """The sampler: one token for every row of logits, each row with its own parameters.
 
-The logits go through, in vLLM's order: logit bias and the min_tokens mask (EOS and
+The logits go through, in vLLM's order: the structured-output mask (tokens a constrained
+row's grammar forbids at -inf), logit bias and the min_tokens mask (EOS and
 `stop_token_ids` banned until enough tokens are out), then the repetition, frequency and
 presence penalties. Greedy rows take the exact argmax of what is left. The others go through
 temperature, min-p, top-k and top-p, then draw with the exponential race (argmax of p / E,
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from gpu_worker.sampling_metadata import MAX_LOGPROBS, Penalties, RandomRows, SamplingMetadata
+from gpu_worker.structured_outputs import GrammarMask, apply_grammar_mask
 from gpu_worker.transfer import to_device
 
 
@@ -39,11 +41,18 @@ class Sampler:
     is computed in fp32.
     """
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, meta: SamplingMetadata, grammar: GrammarMask | None = None
+    ) -> SamplerOutput:
+        """`grammar`: the structured-output rows' allowed tokens; the rest are forbidden first."""
         if meta.plain_argmax:
+            if grammar is not None:
+                logits = apply_grammar_mask(logits, grammar)
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        if grammar is not None:
+            logits = apply_grammar_mask(logits, grammar)
 
         logits = apply_logit_bias(logits, meta.logit_bias)
         logits = apply_min_tokens(logits, meta.banned)

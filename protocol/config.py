@@ -15,6 +15,9 @@ import typing
 
 import msgspec
 
+# The formats `--tool-call-parser` reads (frontend/tool_parsers.py implements each).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+
 
 class EngineConfig(msgspec.Struct, kw_only=True):
     # model
@@ -82,6 +85,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # SIGTERM: new requests get 503 while the running ones have this many seconds to finish;
     # the rest then end with an error. Keep compose's stop_grace_period above it.
     shutdown_timeout: float = 30.0
+    # Streamed responses send a chunk every this many tokens of a sample (its first token and its
+    # end at once; vLLM's --stream-interval): fewer, larger chunks, the same text.
+    stream_interval: int = 1
+    # Tool calling (vLLM's flags): tool_choice "auto" needs both; the parser reads tool calls out
+    # of the model's text in its family's format (one of TOOL_CALL_PARSERS).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str = ""
     log_level: str = "info"
     step_log: str | None = None  # a JSON line per scheduled step, for tests and debugging
 
@@ -163,6 +173,15 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         return decode_config(os.environ["PAGODA_ENGINE_CONFIG"])
     values = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(EngineConfig)}
     try:
-        return EngineConfig(**values)
+        config = EngineConfig(**values)
     except (TypeError, msgspec.ValidationError) as e:
         raise SystemExit(f"pagoda: invalid configuration: {e}") from None
+    if config.stream_interval < 1:
+        raise SystemExit(f"pagoda: --stream-interval must be at least 1, got {config.stream_interval}")
+    if config.tool_call_parser and config.tool_call_parser not in TOOL_CALL_PARSERS:
+        known = ", ".join(TOOL_CALL_PARSERS)
+        raise SystemExit(f"pagoda: --tool-call-parser {config.tool_call_parser!r} is not one of {known}")
+    if config.enable_auto_tool_choice and not config.tool_call_parser:
+        raise SystemExit("pagoda: --enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(TOOL_CALL_PARSERS)})")
+    return config

@@ -7,7 +7,27 @@ one `StepResult`, one `TokenBatch` per tokenizer and one `TextBatch` per fronten
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+
+
+class StructuredOutputs(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """vLLM's `StructuredOutputsParams`: one constraint the output must meet (exactly one field set)."""
+
+    json: str | None = None  # a JSON schema, as JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # one of these strings, exactly
+    grammar: str | None = None  # a Lark grammar, or GBNF (llama.cpp's, as vLLM takes it)
+    # JSON without free whitespace (vLLM's flag): `{"a": 1, "b": [2, 3]}`, separators as json.dumps
+    # writes them; a small model cannot pad its output with newlines until max_tokens.
+    disable_any_whitespace: bool = False
+
+    def constraints(self) -> list[str]:
+        """The names of the constraints set (a valid request has exactly one)."""
+        named = {"json": self.json, "regex": self.regex, "choice": self.choice, "grammar": self.grammar}
+        return [name for name, value in named.items() if value is not None] + (["json_object"] * self.json_object)
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -29,8 +49,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's (but the first) and the k most likely
     logit_bias: dict[int, float] = {}
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
+    # Set by the tokenizer, not by clients: `structured_outputs` compiled to an llguidance grammar
+    # (checked against the vocabulary); the worker's token masks follow it.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +70,15 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 class ChatMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None = None
+    # An assistant's earlier tool calls, as chat templates read them: {"id", "type": "function",
+    # "function": {"name", "arguments": <the arguments as an object>}}.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as a chat template's `messages` entry (fields not given left out)."""
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None or k == "content"}
 
 
 # ---- pool membership -------------------------------------------------------------------
@@ -139,6 +173,7 @@ class TokenizeRequest(msgspec.Struct, tag=True, omit_defaults=True):
     add_generation_prompt: bool = True
     arrival_time: float = 0.0
     continue_final_message: bool = False  # chat: extend the last (assistant) message
+    tools: list[dict[str, Any]] | None = None  # chat: OpenAI's tool definitions, for the template
     echo: bool = False  # send the prompt's text back in the first output's `prompt_text`
     # Sent again because its tokenizer died: the scheduler hands the new one the request and
     # its tokens so far, and the frontend drops what its client already has.
@@ -183,6 +218,42 @@ class ErrorReply(msgspec.Struct, tag=True):
     message: str
     error_type: str = "invalid_request_error"
     param: str | None = None
+
+
+# ---- frontend <-> tokenizer: /tokenize and /detokenize (a round trip, nothing runs) ------
+
+
+class TokenizeOnlyRequest(msgspec.Struct, tag=True, omit_defaults=True):
+    """Frontend -> tokenizer (/tokenize): a prompt's or a chat's token ids, as a generation request
+    would get them; answered with a `TokenizeOnlyReply`, or an `ErrorReply` of the same id."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None  # a chat's tool definitions, as the template shows them
+
+
+class TokenizeOnlyReply(msgspec.Struct, tag=True):
+    request_id: str
+    tokens: list[int]
+    max_model_len: int
+    token_strs: list[str] | None = None  # each token as the vocabulary spells it
+
+
+class DetokenizeRequest(msgspec.Struct, tag=True):
+    """Frontend -> tokenizer (/detokenize): token ids to text; a `DetokenizeReply` or `ErrorReply`."""
+
+    request_id: str
+    tokens: list[int]
+
+
+class DetokenizeReply(msgspec.Struct, tag=True):
+    request_id: str
+    prompt: str
 
 
 # ---- scheduler <-> worker --------------------------------------------------------------
@@ -236,6 +307,8 @@ class StepResult(msgspec.Struct, tag=True):
     # best first, k being the largest `logprobs` asked for in the step.
     top_logprob_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    # By request id, for requests with `prompt_logprobs` whose prompt positions this step computed.
+    prompt_logprobs: dict[str, PromptLogprobs] | None = None
     # The worker's clock: seconds it waited between finishing its previous step and starting
     # this one, and seconds this step took (how `pagoda bench` measures the worker's idle time).
     idle_s: float = 0.0
@@ -262,6 +335,24 @@ class Logprobs(msgspec.Struct, array_like=True):
     top_tokens: list[list[str]] = []
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """vLLM's prompt logprobs of a run of prompt tokens: entry i is about prompt token `first + i`
+    (`first` >= 1: the first prompt token has none), under the raw logits of the positions before.
+
+    The worker fills the numbers per prefill chunk, the scheduler joins a request's chunks and
+    sends the whole prompt's with its first output, the tokenizer adds the texts.
+    """
+
+    first: int
+    token_logprobs: list[float]  # log p(the prompt token)
+    token_ranks: list[int]  # its rank in the vocabulary (1: the most likely)
+    top_token_ids: list[list[int]]  # the request's `prompt_logprobs` most likely tokens, best first
+    top_logprobs: list[list[float]]
+    prompt_token_ids: list[int] = []  # the tokenizer's: every prompt token (from position 0)
+    prompt_tokens: list[str] = []  # and its text, decoded alone
+    top_tokens: list[list[str]] = []
+
+
 class TokenOutput(msgspec.Struct, array_like=True):
     request_id: str
     new_token_ids: list[int]
@@ -269,6 +360,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     num_prompt_tokens: int
     index: int = 0  # which of the request's `n` parallel samples
     logprobs: Logprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # the whole prompt's, with sample 0's first output
 
 
 class TokenBatch(msgspec.Struct, tag=True):
@@ -289,6 +381,7 @@ class TextOutput(msgspec.Struct, array_like=True):
     # vLLM's stop_reason: the stop string or stop token id that finished it (None for EOS).
     stop_reason: str | int | None = None
     prompt_text: str | None = None  # the first output of a request with `echo`
+    prompt_logprobs: PromptLogprobs | None = None  # with sample 0's first output, when asked for
 
 
 class TextBatch(msgspec.Struct, tag=True):
@@ -299,8 +392,8 @@ class TextBatch(msgspec.Struct, tag=True):
 
 # ---- the union each socket accepts: what its `protocol.sockets.Decoder` is built on ----
 
-FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply
-TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown
+FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply | TokenizeOnlyReply | DetokenizeReply
+TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown | TokenizeOnlyRequest | DetokenizeRequest
 TokenizerFromScheduler = TokenBatch | EngineReady | ErrorReply | SchedulerStats | Shutdown
 SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult
 WorkerInbound = StepPlan | Shutdown

@@ -18,6 +18,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def skips_cache(req: Request) -> bool:
+    """Whether `req` must not read the prefix cache: it still has prompt logprobs to compute (they
+    go out with its first output). vLLM skips the cache for such requests too. Its blocks are
+    still published, for others to hit."""
+    return req.sampling.prompt_logprobs is not None and not req.output_token_ids
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, extra_keys: ExtraKeys) -> None:
         self.pool = BlockPool(num_blocks)
@@ -32,9 +39,10 @@ class KVCacheManager:
         """The cached blocks of `req`'s longest cached prefix of full blocks (no side effect).
 
         At least the last known token is left out, so the request computes something and
-        samples its next token from it.
+        samples its next token from it. A request asking for prompt logprobs gets no hit (vLLM's
+        answer): the worker computes them from the logits of every prompt position.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or skips_cache(req):
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         if len(req.block_hashes) < max_blocks:
@@ -72,7 +80,7 @@ class KVCacheManager:
     def record_lookup(self, req: Request, num_hit_tokens: int) -> None:
         """Count an admission's lookup: all its known tokens queried, `num_hit_tokens` found."""
         req.num_cached_tokens = num_hit_tokens
-        if self.enable_caching:
+        if self.enable_caching and not skips_cache(req):
             self.num_queries += req.num_tokens
             self.num_hits += num_hit_tokens
 

@@ -7,6 +7,7 @@ import enum
 import msgspec
 
 from protocol import SamplingParams
+from protocol.messages import PromptLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -67,6 +68,9 @@ class Request:
         # True until the worker has been sent this request since it was last (re)admitted.
         self.is_new_to_worker = True
         self.num_preemptions = 0
+        # With `sampling.prompt_logprobs`: the prompt's, joined chunk by chunk, until they go out
+        # with the first output (kept across a preemption: a recomputed chunk adds nothing).
+        self.prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,7 +96,9 @@ class Request:
         samples = []
         for i in range(n):
             seed = None if self.sampling.seed is None else self.sampling.seed + i
-            sampling = msgspec.structs.replace(self.sampling, n=1, seed=seed)
+            # The prompt's logprobs are the request's: sample 0, which computes the prompt, sends them.
+            prompt_logprobs = self.sampling.prompt_logprobs if i == 0 else None
+            sampling = msgspec.structs.replace(self.sampling, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
             samples.append(
                 Request(
                     f"{self.request_id}#{i}", self.prompt_token_ids, sampling, self.reply_to,

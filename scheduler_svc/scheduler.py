@@ -21,14 +21,17 @@ block ids of the others, block copies, and the ids of requests the worker may fo
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 from protocol import CachedRequestData, NewRequestData, StepPlan, StepResult, TokenOutput
-from protocol.messages import Logprobs
+from protocol.messages import Logprobs, PromptLogprobs
 from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.preemption import allocate_or_preempt, preempt
 from scheduler_svc.request import Request, RequestStatus
+
+logger = logging.getLogger("pagoda.scheduler")
 
 
 @dataclass
@@ -309,6 +312,10 @@ class Scheduler:
         """
         outputs: list[tuple[str, TokenOutput]] = []
         finished: list[Request] = []
+        for rid, chunk in (result.prompt_logprobs or {}).items():
+            req = self.requests.get(rid)
+            if req is not None and not req.output_token_ids:  # else: sent already
+                req.prompt_logprobs = _join_prompt_logprobs(req.prompt_logprobs, chunk)
         for row, (rid, token) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
             req = self.requests.get(rid)
             if req is None:
@@ -330,6 +337,9 @@ class Scheduler:
             out = TokenOutput(req.parent_id, [token], reason, req.num_prompt_tokens, req.index)
             if req.sampling.logprobs is not None and result.logprobs is not None:
                 out.logprobs = _row_logprobs(result, row, req.sampling.logprobs)
+            if req.sampling.prompt_logprobs is not None and len(req.output_token_ids) == 1:
+                out.prompt_logprobs = req.prompt_logprobs or PromptLogprobs(1, [], [], [], [])
+                req.prompt_logprobs = None
             outputs.append((req.reply_to, out))
         return StepUpdate(outputs, finished)
 
@@ -372,3 +382,19 @@ def _row_logprobs(result: StepResult, row: int, k: int) -> Logprobs:
     top_ids = result.top_logprob_ids[row][:k] if result.top_logprob_ids is not None else []
     top_lps = result.top_logprobs[row][:k] if result.top_logprobs is not None else []
     return Logprobs([result.logprobs[row]], [top_ids], [top_lps])
+
+
+def _join_prompt_logprobs(joined: PromptLogprobs | None, chunk: PromptLogprobs) -> PromptLogprobs:
+    """A request's prompt logprobs so far with a chunk's appended. A chunk computed again (after
+    a preemption) adds only the entries beyond those joined; chunks come in prompt order."""
+    if joined is None:
+        joined = PromptLogprobs(1, [], [], [], [])
+    skip = joined.first + len(joined.token_logprobs) - chunk.first
+    if skip < 0:  # a gap: not expected (these requests take no prefix-cache hit)
+        logger.warning("dropping prompt logprobs from token %d after %d", chunk.first, chunk.first + skip - 1)
+        return joined
+    joined.token_logprobs += chunk.token_logprobs[skip:]
+    joined.token_ranks += chunk.token_ranks[skip:]
+    joined.top_token_ids += chunk.top_token_ids[skip:]
+    joined.top_logprobs += chunk.top_logprobs[skip:]
+    return joined

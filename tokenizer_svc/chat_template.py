@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import jinja2
-import msgspec
 
 from protocol.messages import ChatMessage
 
@@ -29,14 +28,20 @@ def read_chat_template(template: str) -> str:
 
 
 def render_chat(
-    tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text of `messages`, with every special token the template wants written in."""
+    """The prompt text of `messages` (and the `tools` the model may call, for templates that
+    show them), with every special token the template wants written in."""
     if tokenizer.chat_template is None:
         raise ChatTemplateError("This model has no chat template; pass one with --chat-template.")
     try:
         return tokenizer.apply_chat_template(
-            [msgspec.structs.asdict(m) for m in messages],
+            [m.for_template() for m in messages],
+            tools=tools or None,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,

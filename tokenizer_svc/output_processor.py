@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocol import Abort, EngineRequest, Logprobs, SamplingParams, TextOutput, TokenOutput
+from protocol.messages import PromptLogprobs
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
 from tokenizer_svc.stop_strings import StopStringMatcher
 
@@ -146,12 +147,22 @@ class OutputProcessor:
             self._with_token_texts(out.logprobs, ids),
             stop_reason,
             prompt_text,
+            prompt_logprobs=self._with_prompt_texts(out.prompt_logprobs, req.prompt_token_ids),
         )
 
     def _with_token_texts(self, logprobs: Logprobs | None, token_ids: list[int]) -> Logprobs | None:
         if logprobs is None:
             return None
         logprobs.tokens = [self._text_of(t) for t in token_ids]
+        logprobs.top_tokens = [[self._text_of(t) for t in ids] for ids in logprobs.top_token_ids]
+        return logprobs
+
+    def _with_prompt_texts(self, logprobs: PromptLogprobs | None, prompt_ids: list[int]) -> PromptLogprobs | None:
+        """The prompt's tokens (each decoded alone, as logprobs name tokens) and the top ones'."""
+        if logprobs is None:
+            return None
+        logprobs.prompt_token_ids = list(prompt_ids)
+        logprobs.prompt_tokens = [self._text_of(t) for t in prompt_ids]
         logprobs.top_tokens = [[self._text_of(t) for t in ids] for ids in logprobs.top_token_ids]
         return logprobs
 

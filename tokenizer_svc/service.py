@@ -33,9 +33,17 @@ from protocol import (
     connect_dealer,
     encode,
 )
-from protocol.messages import TokenizerFromFrontend, TokenizerFromScheduler
+from protocol.messages import (
+    DetokenizeReply,
+    DetokenizeRequest,
+    TokenizeOnlyReply,
+    TokenizeOnlyRequest,
+    TokenizerFromFrontend,
+    TokenizerFromScheduler,
+)
 from tokenizer_svc.output_processor import OutputProcessor
-from tokenizer_svc.tokenization import RequestRejected, tokenize_request
+from tokenizer_svc.structured_outputs import GrammarCompiler
+from tokenizer_svc.tokenization import RequestRejected, detokenize, tokenize_only, tokenize_request
 from tokenizer_svc.tokenizer_loader import TokenizerLoadError, load_tokenizer
 
 logger = logging.getLogger("pagoda.tokenizer")
@@ -60,6 +68,7 @@ class TokenizerService:
         self.from_scheduler = Decoder(TokenizerFromScheduler)
         self.engine: EngineReady | None = None
         self.outputs = OutputProcessor(self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer)
         self.stats: SchedulerStats | None = None
         self._stopping = False
         self._next_beat = 0.0  # when the next heartbeat is due
@@ -77,6 +86,7 @@ class TokenizerService:
             if self._scheduler_gone_too_long:
                 raise RequestRejected(f"The scheduler is unreachable for over {SCHEDULER_WAIT_S:g} s.", None, 503)
             ids, max_tokens = tokenize_request(self.tokenizer, req, self.engine.max_model_len)
+            sampling = self.grammars.compile(req.sampling)
         except RequestRejected as e:
             self._send_frontend(ErrorReply(req.request_id, e.status, e.message, param=e.param))
             return
@@ -85,7 +95,7 @@ class TokenizerService:
             msg = "The server had an error while tokenizing your request."
             self._send_frontend(ErrorReply(req.request_id, 500, msg, "server_error"))
             return
-        sampling = msgspec.structs.replace(req.sampling, max_tokens=max_tokens)
+        sampling = msgspec.structs.replace(sampling, max_tokens=max_tokens)
         prompt_text = None
         if req.echo:
             prompt_text = req.prompt if req.prompt is not None else self.tokenizer.decode(ids)
@@ -104,6 +114,26 @@ class TokenizerService:
         for rid in msg.request_ids:
             self.outputs.forget(rid)
         self.scheduler.send(encode(msg))
+
+    def _on_tokenize_only(self, req: TokenizeOnlyRequest | DetokenizeRequest) -> None:
+        """/tokenize and /detokenize: answered at once, with the code generation requests use;
+        nothing goes to the scheduler and nothing is kept."""
+        reply: msgspec.Struct
+        try:
+            if self.engine is None:
+                raise RequestRejected("The engine is not ready yet.", None, 503)
+            if isinstance(req, DetokenizeRequest):
+                reply = DetokenizeReply(req.request_id, detokenize(self.tokenizer, req.tokens))
+            else:
+                ids = tokenize_only(self.tokenizer, req)
+                strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+                reply = TokenizeOnlyReply(req.request_id, ids, self.engine.max_model_len, strs)
+        except RequestRejected as e:
+            reply = ErrorReply(req.request_id, e.status, e.message, param=e.param)
+        except Exception:
+            logger.exception("%s: cannot answer %s", self.member_id, req.request_id)
+            reply = ErrorReply(req.request_id, 500, "The server had an error while tokenizing.", "server_error")
+        self._send_frontend(reply)
 
     # ---- messages from the scheduler ---------------------------------------------------
 
@@ -248,6 +278,8 @@ class TokenizerService:
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, TokenizeRequest):
             self._on_tokenize(msg)
+        elif isinstance(msg, TokenizeOnlyRequest | DetokenizeRequest):
+            self._on_tokenize_only(msg)
         elif isinstance(msg, Abort):
             self._on_abort(msg)
         elif isinstance(msg, TokenBatch):

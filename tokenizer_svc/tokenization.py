@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocol import SamplingParams, TokenizeRequest
+from protocol.messages import ChatMessage, TokenizeOnlyRequest
 from tokenizer_svc.chat_template import ChatTemplateError, render_chat
 
 
@@ -37,12 +38,9 @@ def tokenize(tokenizer: Any, req: TokenizeRequest) -> list[int]:
         if any(not 0 <= t < vocab for t in ids):
             raise RequestRejected(f"prompt token ids must be in [0, {vocab})", "prompt")
     elif req.messages is not None:
-        try:
-            text = render_chat(tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message)
-        except ChatTemplateError as e:
-            raise RequestRejected(str(e), "messages") from None
-        # The template already wrote the special tokens it wants.
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = encode_chat(
+            tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, tools=req.tools
+        )
     elif req.prompt is not None:
         ids = tokenizer.encode(req.prompt)
     else:
@@ -50,6 +48,45 @@ def tokenize(tokenizer: Any, req: TokenizeRequest) -> list[int]:
     if not ids:
         raise RequestRejected("the prompt is empty", "messages" if req.messages is not None else "prompt")
     return ids
+
+
+def encode_chat(
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    add_special_tokens: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """A chat's token ids: the template's text, encoded without special tokens by default (the
+    template already wrote the ones it wants)."""
+    try:
+        text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message, tools)
+    except ChatTemplateError as e:
+        raise RequestRejected(str(e), "messages") from None
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def tokenize_only(tokenizer: Any, req: TokenizeOnlyRequest) -> list[int]:
+    """/tokenize: the ids a generation request with this prompt or chat would get (the same
+    template and encoding). Nothing is checked against the context: like vLLM, a prompt longer
+    than the model's context is tokenized too, and an empty one gives no tokens."""
+    if req.messages is not None:
+        return encode_chat(
+            tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, req.add_special_tokens,
+            req.tools,
+        )
+    return tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+
+
+def detokenize(tokenizer: Any, ids: list[int]) -> str:
+    """/detokenize: the text of `ids`, special tokens included (vLLM's); ids outside the
+    vocabulary are refused, naming `tokens`."""
+    vocab = len(tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise RequestRejected(f"token ids must be in [0, {vocab}), got {bad}", "tokens")
+    return tokenizer.decode(ids)
 
 
 def _check_token_ids(tokenizer: Any, sampling: SamplingParams) -> None:

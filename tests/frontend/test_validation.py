@@ -29,6 +29,8 @@ from protocol.messages import (
     ErrorReply,
     Heartbeat,
     Hello,
+    Logprobs,
+    PromptLogprobs,
     SamplingParams,
     TextBatch,
     TextOutput,
@@ -213,10 +215,15 @@ def test_completion_fields_are_checked_too(api: TestClient) -> None:
     assert_openai_error(resp, 400, "logprobs", "between 0 and 20")
     resp = api.post("/v1/completions", json={"prompt": "Hi", "logit_bias": {"1": 101}})
     assert_openai_error(resp, 400, "logit_bias.1", "between -100 and 100")
-    resp = api.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 1})
-    assert_openai_error(resp, 400, "prompt_logprobs", "not supported")
-    resp = api.post("/v1/completions", json={"prompt": "Hi", "echo": True, "logprobs": 1})
-    assert_openai_error(resp, 400, "echo", "not supported")
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 21})
+    assert_openai_error(resp, 400, "prompt_logprobs", "between 0 and 20")
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 1, "stream": True})
+    assert_openai_error(resp, 400, "prompt_logprobs", "not available when stream is true")
+    resp = api.post("/v1/chat/completions", json=chat_body(prompt_logprobs=1, stream=True))
+    assert_openai_error(resp, 400, "prompt_logprobs", "not available when stream is true")
+    # max_tokens 0 is the prompt alone: only with echo (vLLM's).
+    resp = api.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0})
+    assert_openai_error(resp, 400, "max_tokens", "at least 1", "only with echo")
 
 
 @pytest.mark.parametrize(
@@ -372,6 +379,45 @@ def test_completion_returns_the_whole_text_with_usage(config: EngineConfig, api:
     [req] = tok.requests()
     assert req.request_id == body["id"] and req.prompt == "Say hi"
     assert req.sampling == SamplingParams(max_tokens=8, stop=["\n"], seed=3)
+
+
+def echo_with_prompt_logprobs(req: TokenizeRequest) -> list[msgspec.Struct]:
+    """A 3-token prompt "a b c" and one generated token, as the tokenizer sends them."""
+    prompt = PromptLogprobs(1, [-1.0, -2.5], [1, 3], [[5, 8], [8, 9]], [[-1.0, -1.5], [-0.5, -1.0]],
+                            [4, 5, 6], ["a", " b", " c"], [[" b", " x"], [" x", " y"]])
+    lp = Logprobs([-0.5], [[8, 9]], [[-0.5, -1.0]], [" x"], [[" x", " y"]])
+    first = TextOutput(req.request_id, " x", [8], "length", 3, 1, logprobs=lp, prompt_text="a b c",
+                       prompt_logprobs=prompt)
+    return [TextBatch([first])]
+
+
+def test_echo_with_max_tokens_0_answers_the_prompt_and_its_logprobs(config: EngineConfig, api: TestClient) -> None:
+    """lm-evaluation-harness' log-likelihood request: the prompt tokens come first in logprobs
+    (the first without a logprob), the generated token is left out, and vLLM's prompt_logprobs."""
+    tok = FakeTokenizer(config, script=echo_with_prompt_logprobs).start()
+    try:
+        wait_for(lambda: api.get("/ready").status_code == 200)
+        body = {"prompt": "a b c", "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+        resp = api.post("/v1/completions", json=body)
+    finally:
+        tok.stop()
+    [req] = tok.requests()
+    assert req.echo and req.sampling == SamplingParams(temperature=0, max_tokens=1, logprobs=1, prompt_logprobs=1)
+    [choice] = resp.json()["choices"]
+    assert choice["text"] == "a b c" and choice["finish_reason"] == "length"
+    assert choice["logprobs"] == {
+        "tokens": ["a", " b", " c"], "token_logprobs": [None, -1.0, -2.5],
+        "top_logprobs": [None, {" b": -1.0}, {" x": -0.5}], "text_offset": [0, 1, 3],
+    }
+    def entry(logprob: float, rank: int, token: str) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": token}
+
+    assert choice["prompt_logprobs"] == [
+        None,
+        {"5": entry(-1.0, 1, " b"), "8": entry(-1.5, 2, " x")},
+        {"6": entry(-2.5, 3, " c"), "8": entry(-0.5, 1, " x"), "9": entry(-1.0, 2, " y")},
+    ]
+    assert resp.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
 
 
 def test_chat_request_reaches_the_tokenizer_as_sent(config: EngineConfig, api: TestClient) -> None:
