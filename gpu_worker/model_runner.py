@@ -52,9 +52,10 @@ class ModelRunner:
             )
         self.kv_cache = KVCache(config, loaded, self.device, self.max_model_len, self.max_num_batched_tokens)
         self.num_blocks = self.kv_cache.num_blocks
+        self.grammars = GrammarRows(config, self.eos_token_ids)  # structured outputs' matchers
         self.input_batch = InputBatch(
             config.max_num_seqs, self.max_model_len, self.block_size, self.max_num_batched_tokens,
-            self.device, self.eos_token_ids, GrammarRows(config, self.eos_token_ids),
+            self.device, self.eos_token_ids, self.grammars,
         )
         self.sampler = Sampler()
         self.prompt_logprobs = PromptLogprobsTracker()
@@ -66,6 +67,7 @@ class ModelRunner:
                     max_tokens = min(config.cuda_graph_mixed_tokens, self.input_batch.buffers.max_tokens)
                     self.graphs.capture_mixed(mixed_graph_sizes(max_tokens))
                 self.graphs.capture_decode(cudagraph_sizes(config.max_num_seqs))
+            self.grammars.prepare_in_background()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Apply the plan's differences, run its tokens, and return the tokens sampled."""

@@ -4,13 +4,14 @@
 # along in .whl/ (copied from the steering repo's device-wheels), runs the tests marked `gpu`,
 # then the benchmarks, and writes JSON and logs to OUTDIR.
 #
-#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|faults|profile
+#   scripts/gpu_run.sh OUTDIR [tests|kernels|gemm|latency|throughput|prefix|serve|faults|structured|profile
 #                              |tp-latency|tp-70b|tp-throughput ...]
 #
 # With no step named, every step but gemm, faults, profile and the tp-* steps runs. faults: kill -9 the worker
 # (FAULTS_KILL: any of worker tokenizer scheduler) under 256 streams on the llama3-8b shape (bench/faults.py). gemm: cuBLAS and our skinny linear
 # on the decode projections, and decode attention at T's shapes, swept (bench/kernels.py).
-# profile: the runner alone, torch profiler tables of decode and of a warm prefill step
+# structured: workload T, then again with half its requests constrained by a JSON schema, and
+# the TTFT a schema adds (STRUCTURED_FRACTION). profile: the runner alone, torch profiler tables of decode and of a warm prefill step
 # (scripts/profile_step.py). BENCH_TIMEOUT caps each benchmark (seconds).
 # Tensor parallel (nvidia-h200-x2 / -x4 machines; a size needing more GPUs than are visible is
 # skipped with a line saying so): tp-latency: L on llama3-8b at TP=1, 2 and 4, no peer;
@@ -74,6 +75,8 @@ for step in $steps; do
         throughput) bench throughput throughput --random-weights qwen3-0.6b --peer "${PEER:-hf}" --plot "$out" \
             --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192}" ;;
         prefix) bench prefix prefix --random-weights llama3-8b ;;
+        structured) bench structured throughput --random-weights qwen3-0.6b --peer none \
+            --structured-fraction "${STRUCTURED_FRACTION:-0.5}" --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192}" ;;
         profile) for spec in "qwen3-0.6b 16 600" "qwen3-0.6b 256 600" "llama3-8b 1 512"; do
                 set -- $spec
                 echo "== profile $1 batch $2 prompt $3"
