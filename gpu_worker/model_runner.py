@@ -67,7 +67,6 @@ class ModelRunner:
                     max_tokens = min(config.cuda_graph_mixed_tokens, self.input_batch.buffers.max_tokens)
                     self.graphs.capture_mixed(mixed_graph_sizes(max_tokens))
                 self.graphs.capture_decode(cudagraph_sizes(config.max_num_seqs))
-            self.grammars.prepare_in_background()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Apply the plan's differences, run its tokens, and return the tokens sampled."""

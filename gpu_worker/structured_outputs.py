@@ -17,7 +17,6 @@ by the scheduler anyway.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
@@ -72,24 +71,13 @@ class GrammarRows:
         # takes about 1 ms, a copy 10 us; 128 new constrained requests in one step would block it).
         self._templates: OrderedDict[str, Any] = OrderedDict()
         self._lltokenizer: Any = None
-        self._lock = threading.Lock()
         self._executor: Any = None
         self._bitmask: torch.Tensor | None = None  # pinned host buffer, grown as needed
 
     def __bool__(self) -> bool:
         return bool(self.matchers)
 
-    def prepare_in_background(self) -> None:
-        """Read the vocabulary for llguidance on a thread of its own (importing transformers'
-        tokenizer stack and reading 152k tokens took 5.9 s on the H200 machine), so that the first
-        constrained request does not stall every running request while it happens."""
-        threading.Thread(target=self._tokenizer, name="llguidance-vocabulary", daemon=True).start()
-
     def _tokenizer(self) -> Any:
-        with self._lock:  # the step loop waits here if a constrained request beat the thread
-            return self._read_tokenizer()
-
-    def _read_tokenizer(self) -> Any:
         """llguidance's tokenizer; None if it cannot read this one (False remembers that)."""
         if self._lltokenizer is False:
             return None
@@ -97,13 +85,20 @@ class GrammarRows:
             import llguidance
             import llguidance.hf
 
-            from tokenizer_svc.tokenizer_loader import load_tokenizer
+            from tokenizer_svc.tokenizer_loader import load_tokenizer, tokenizer_json
 
+            # Read on the first constrained request, in the step loop: from tokenizer.json where
+            # there is one (0.5 s for 152k tokens); through transformers' tokenizer otherwise
+            # (importing its tokenizer stack adds seconds: 5.9 s in all on the H200 machine).
             began = time.perf_counter()
             try:
-                self._lltokenizer = llguidance.hf.from_tokenizer(
-                    load_tokenizer(self.config), eos_token=self.eos_token_ids
-                )
+                text = tokenizer_json(self.config)
+                if text is not None:
+                    self._lltokenizer = llguidance.LLTokenizer(text, eos_token=self.eos_token_ids)
+                else:
+                    self._lltokenizer = llguidance.hf.from_tokenizer(
+                        load_tokenizer(self.config), eos_token=self.eos_token_ids
+                    )
             except Exception as e:  # the tokenizer pool refuses constrained requests then (same reading)
                 self._lltokenizer = False
                 logger.warning("structured outputs unavailable: llguidance cannot read the tokenizer (%s)", e)

@@ -27,12 +27,17 @@ def cache_dir() -> str:
     return os.environ.get("PAGODA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagoda")
 
 
+def _gguf_tokenizer_folder(path: str) -> str:
+    """Where the tokenizer converted from a GGUF file is kept."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "tokenizers", key)
+
+
 def _load_gguf_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = os.path.join(cache_dir(), "tokenizers", key)
+    cached = _gguf_tokenizer_folder(path)
     if os.path.isdir(cached):
         return AutoTokenizer.from_pretrained(cached)
     logger.info("converting the tokenizer of %s (once; cached in %s)", path, cached)
@@ -75,3 +80,23 @@ def load_tokenizer(config: EngineConfig) -> Any:
     if config.chat_template:
         tok.chat_template = read_chat_template(config.chat_template)
     return tok
+
+
+def tokenizer_json(config: EngineConfig) -> str | None:
+    """The text of the model's `tokenizer.json` (the fast tokenizer's whole definition), when
+    there is one: its folder's, or the one converted from a GGUF file once a tokenizer process
+    has done it. The worker reads it for structured outputs without importing transformers'
+    tokenizer stack (seconds, in a process that must keep stepping)."""
+    from tokenizer_svc.model_source import ModelLoadError, resolve_model_path
+
+    source, revision = (config.tokenizer, None) if config.tokenizer else (config.model, config.revision)
+    try:
+        path = resolve_model_path(source, revision)
+    except ModelLoadError:
+        return None
+    folder = _gguf_tokenizer_folder(str(path)) if path.is_file() and path.suffix == ".gguf" else str(path)
+    candidate = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(candidate):
+        with open(candidate) as f:
+            return f.read()
+    return None
