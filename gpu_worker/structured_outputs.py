@@ -151,8 +151,6 @@ class GrammarRows:
         positions = self.constrained(rows)
         if len(positions) == 0:
             return None
-        import llguidance.torch as llt
-
         tokenizer = self._lltokenizer  # read: constrained rows exist
         words = (tokenizer.vocab_size + 31) // 32
         if self._bitmask is None or self._bitmask.shape[0] < len(positions) or self._bitmask.shape[1] != words:
@@ -167,7 +165,10 @@ class GrammarRows:
             else:
                 live.append((matcher, i))
         if live:
-            llt.fill_next_token_bitmask_par(self._executor, live, host)
+            # What llguidance.torch.fill_next_token_bitmask_par does, without importing that
+            # module (8-10 s on the H200 machine, once: it stalled the first constrained request).
+            assert host.is_contiguous()
+            self._executor.unsafe_compute_mask_ptr(live, host.data_ptr(), words * 4, len(positions))
         # The pinned buffer is written again next step only after this step's tokens were waited
         # for (the runner finishes the previous step first), so its copy here is done by then.
         return GrammarMask(to_device(positions, device), host.to(device, non_blocking=True))
