@@ -6,11 +6,15 @@
 from typing import TYPE_CHECKING, Any
 
 from protocol import SamplingParams
+from protocol.messages import StructuredOutputs
+
+# vLLM's name for the same thing (`vllm.sampling_params.StructuredOutputsParams`).
+StructuredOutputsParams = StructuredOutputs
 
 if TYPE_CHECKING:
     from frontend.llm import LLM
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "StructuredOutputsParams"]
 
 
 def __getattr__(name: str) -> Any:
