@@ -25,7 +25,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from frontend.auth import ApiKeyError, RequireApiKey, read_api_key
+from frontend.chat_page import add_chat_page
 from frontend.engine_client import EngineClient
+from frontend.engine_view import add_engine_routes
 from frontend.errors import APIError, error_response, install_error_handlers
 from frontend.metrics import CONTENT_TYPE, Metrics
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -231,6 +233,8 @@ def build_app(config: EngineConfig, client: EngineClient) -> FastAPI:
         return _json(DetokenizeResponse(prompt=reply.prompt))
 
     app.include_router(v1)
+    add_chat_page(app)  # GET / and /static/ (frontend/chat_page.py)
+    add_engine_routes(app, client, metrics)  # GET /engine and /engine/stream (frontend/engine_view.py)
     return app
 
 

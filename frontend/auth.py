@@ -3,7 +3,9 @@
 Unlike vLLM, whose key guards only `/v1`, every path needs it when one is set: `/v1/*`,
 `/metrics` (request and tokenizer figures), `/docs`, `/redoc` and `/openapi.json`, and paths
 that do not exist (a 401 before a 404). Only the probes stay open, since a load balancer or
-Kubernetes probe carries no secret: `/health` and `/ready`, which say whether the pool is up.
+Kubernetes probe carries no secret: `/health` and `/ready`, which say whether the pool is up;
+and the chat page, `/` and its files under `/static/` (frontend/chat_page.py), which hold no
+secret and whose API calls carry the key the user gives the page.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 from frontend.errors import error_response
 from protocol import EngineConfig
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/", "/engine"})  # /engine: a page; its stream needs the key
+OPEN_PREFIX = "/static/"  # the chat page's files, served only from frontend/static/
 
 
 class ApiKeyError(ValueError):
@@ -39,15 +42,15 @@ def read_api_key(config: EngineConfig) -> str | None:
 
 
 class RequireApiKey:
-    """ASGI middleware: a request to any path but `OPEN_PATHS` without `Authorization: Bearer
-    <key>` gets 401 in OpenAI's error shape (the SDK raises AuthenticationError)."""
+    """ASGI middleware: a request to any path but `OPEN_PATHS` and those under `OPEN_PREFIX` without
+    `Authorization: Bearer <key>` gets 401 in OpenAI's error shape (the SDK raises AuthenticationError)."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
         self.expected = api_key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from protocol.messages import (
     Abort,
     DetokenizeReply,
     DetokenizeRequest,
+    EngineView,
     ErrorReply,
     FrontendInbound,
     Heartbeat,
@@ -37,6 +38,7 @@ from protocol.messages import (
     TokenizeOnlyReply,
     TokenizeOnlyRequest,
     TokenizeRequest,
+    Watch,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ RETRY_AFTER_S = 1
 CALL_TIMEOUT_S = 30.0
 CALL_ATTEMPTS = 3
 _LOST = object()  # a call's answer when its tokenizer died before answering
+# While /engine/stream has a client: how often every tokenizer is told (`Watch`), and for how
+# long each one keeps the scheduler building its view. Missed refreshes let it expire.
+WATCH_EVERY_S = 0.5
+WATCH_TTL_S = 3.0
+DEAD_SHOWN_S = 300.0  # a dead tokenizer that never came back leaves the engine view after this long
 
 
 class EngineError(Exception):
@@ -91,6 +98,16 @@ class _Tokenizer:
     calls: int = 0  # /tokenize and /detokenize calls waiting for its answer
 
 
+@dataclass
+class MemberRecord:
+    """A tokenizer as the engine view (/engine) shows it, kept after it died: its latest pid,
+    how often it restarted (said hello again with a new pid) and since when it is dead."""
+
+    pid: int
+    restarts: int = 0
+    dead_since: float | None = None  # declared dead (silent, unreachable), until heard again
+
+
 class EngineClient:
     """Sends `TokenizeRequest`s to the tokenizer pool and streams back their `TextOutput`s."""
 
@@ -115,6 +132,13 @@ class EngineClient:
         self.draining = False  # stopping: new requests are refused, running ones finish
         # Requests sent to each tokenizer since start, by member id (for /metrics).
         self.requests_routed: Counter[str] = Counter()
+        # The engine view (/engine): every tokenizer ever heard, by member id, with its restarts;
+        # the latest `EngineView` and the steps of the views received, counted since start.
+        self.member_records: dict[str, MemberRecord] = {}
+        self.engine_view: EngineView | None = None
+        self.recent_steps: deque[tuple[int, int]] = deque(maxlen=1024)
+        self.num_steps_seen = 0
+        self._watch_sent_at = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -207,6 +231,50 @@ class EngineClient:
     def tokenizer_held(self) -> dict[str, int]:
         """Requests each live tokenizer holds, by its own count (its heartbeat's `load`)."""
         return {_name(ident): m.load for ident, m in list(self._members.items())}
+
+    def watch(self) -> None:
+        """Someone watches /engine/stream: tell every tokenizer, which tells the scheduler, to
+        build its view for WATCH_TTL_S more (at most every WATCH_EVERY_S, whoever calls)."""
+        now = time.monotonic()
+        if now - self._watch_sent_at < WATCH_EVERY_S:
+            return
+        self._watch_sent_at = now
+        for identity in list(self._members):  # a member gone makes the send fail: it is dead
+            self._send(identity, Watch(WATCH_TTL_S))
+
+    def tokenizer_states(self) -> list[dict[str, object]]:
+        """Every tokenizer heard since start, live or dead, for the engine view."""
+        now = time.monotonic()
+        out = []
+        for name, rec in sorted(self.member_records.items()):
+            m = self._members.get(name.encode())
+            if m is None and rec.dead_since is not None and now - rec.dead_since > DEAD_SHOWN_S:
+                del self.member_records[name]  # scaled down, or a pod whose name changed on restart
+                continue
+            if m is None:
+                state = "dead"
+            elif not m.ready:
+                state = "restarting" if rec.restarts else "starting"
+            elif now - m.last_seen > 2 * self.config.heartbeat_interval_s:
+                state = "silent"  # no heartbeat for two intervals; dead after DEAD_AFTER_HEARTBEATS
+            else:
+                state = "up"
+            out.append({
+                "id": name, "state": state, "pid": rec.pid, "restarts": rec.restarts,
+                "load": 0 if m is None else m.load, "in_flight": 0 if m is None else len(m.in_flight),
+                "serving": bool(m is not None and m.serving),
+                "dead_for_s": None if rec.dead_since is None else round(now - rec.dead_since, 1),
+            })
+        return out
+
+    def _on_view(self, view: EngineView) -> None:
+        """Keep the newest view; each comes through every tokenizer, its steps are counted once."""
+        last = self.engine_view
+        if last is not None and last.scheduler_id == view.scheduler_id and view.seq <= last.seq:
+            return
+        self.engine_view = view
+        self.recent_steps.extend(view.steps)
+        self.num_steps_seen += len(view.steps)
 
     def tokenizer_loads(self) -> dict[str, int]:
         """In-flight requests per live tokenizer, by member id."""
@@ -414,11 +482,16 @@ class EngineClient:
                 member = self._members[identity] = _Tokenizer(identity, msg.pid, now)
             member.pid = msg.pid
             member.last_seen = now
+            record = self.member_records.setdefault(_name(identity), MemberRecord(msg.pid))
+            if record.pid not in (0, msg.pid):
+                record.restarts += 1
+            record.pid, record.dead_since = msg.pid, None
             return
         if member is None:
             # A tokenizer that outlived a frontend restart heartbeats without a new Hello.
             logger.info("tokenizer %s joined without a Hello", _name(identity))
             member = self._members[identity] = _Tokenizer(identity, pid=0, last_seen=now)
+            self.member_records.setdefault(_name(identity), MemberRecord(0)).dead_since = None
         member.last_seen = now
         if isinstance(msg, Heartbeat):
             member.ready, member.serving, member.load = msg.ready, msg.serving, msg.load
@@ -426,6 +499,8 @@ class EngineClient:
                 self.max_model_len = msg.max_model_len
             if msg.stats is not None:
                 self.scheduler_stats = msg.stats
+                if msg.stats.engine_view is not None:
+                    self._on_view(msg.stats.engine_view)
             if member.ready and self._parked:
                 self._place_parked()
         elif isinstance(msg, TextBatch):
@@ -466,6 +541,8 @@ class EngineClient:
         if member is None:
             return
         logger.warning("tokenizer %s is dead: %s", _name(identity), why)
+        if (record := self.member_records.get(_name(identity))) is not None:
+            record.dead_since = time.monotonic()
         self._reroute(member)
 
     def _reroute(self, member: _Tokenizer) -> None:

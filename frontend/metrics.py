@@ -10,6 +10,7 @@ label. Each app has its own registry, so several apps can live in one process (t
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 
 import prometheus_client
@@ -52,6 +53,8 @@ class _EngineCollector(Collector):
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             ("num_preemptions", "Requests preempted to free KV cache blocks.", s.num_preemptions),
+            ("engine_views", "Engine views the scheduler built (only while /engine/stream is watched).",
+             s.num_engine_views),
         ):
             counter = CounterMetricFamily(f"pagoda:{name}", doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
@@ -71,6 +74,25 @@ class _EngineCollector(Collector):
         for tokenizer, count in sorted(self.client.requests_routed.items()):
             routed.add_metric([self.model_name, tokenizer], count)
         yield routed
+
+
+class LiveLatency:
+    """TTFT and inter-token latency of the streams this frontend serves, kept only while the
+    engine view (/engine/stream) has a client (`watchers`), and its output tokens always (a sum)."""
+
+    def __init__(self, max_samples: int = 8192) -> None:
+        self.watchers = 0
+        self.output_tokens = 0
+        self.ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (when, seconds)
+        self.itl: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def window(self, which: str, since: float) -> dict[str, float | int | None]:
+        """Count, mean, p50 and p90 (seconds) of the `which` samples taken since `since`."""
+        values = sorted(v for t, v in getattr(self, which) if t >= since)
+        if not values:
+            return {"count": 0, "mean": None, "p50": None, "p90": None}
+        p50, p90 = (values[min(len(values) - 1, int(q * len(values)))] for q in (0.5, 0.9))
+        return {"count": len(values), "mean": sum(values) / len(values), "p50": p50, "p90": p90}
 
 
 class Metrics:
@@ -113,6 +135,7 @@ class Metrics:
             registry=registry,
         ).labels(model_name)
         registry.register(_EngineCollector(client, model_name))
+        self.live = LiveLatency()
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -130,15 +153,21 @@ class Metrics:
         try:
             async for out in outputs:
                 now = time.time()
+                live = self.live if self.live.watchers else None
                 if first:
                     first = False
                     self.time_to_first_token.observe(max(now - arrival, 0.0))
                     self.prompt_tokens.inc(out.prompt_tokens)
+                    if live is not None:
+                        live.ttft.append((now, max(now - arrival, 0.0)))
                 previous = last_token_at.get(out.index)
                 if previous is not None and out.token_ids:
                     self.time_per_output_token.observe((now - previous) / len(out.token_ids))
+                    if live is not None:
+                        live.itl.append((now, (now - previous) / len(out.token_ids)))
                 last_token_at[out.index] = now
                 self.generation_tokens.inc(len(out.token_ids))
+                self.live.output_tokens += len(out.token_ids)
                 if out.finish_reason is not None:
                     unfinished.discard(out.index)
                     self.request_success.labels(self.model_name, out.finish_reason).inc()

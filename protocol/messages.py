@@ -108,6 +108,40 @@ def worker_id(group: int, rank: int) -> str:
     return f"worker-{rank}" if group == 0 else f"worker-g{group}-{rank}"
 
 
+class KVGrid(msgspec.Struct, array_like=True):
+    """One worker group's KV blocks for the engine view, downsampled: cell i stands for blocks
+    [i * blocks_per_cell, (i + 1) * blocks_per_cell) (the last cell may hold fewer)."""
+
+    num_blocks: int
+    blocks_per_cell: int
+    used: list[int]  # per cell: blocks held by a request
+    cached: list[int]  # per cell: blocks nobody holds whose contents are cached (a later request may reuse them)
+
+
+class GroupView(msgspec.Struct, omit_defaults=True):
+    """One worker group for the engine view."""
+
+    group: int
+    state: str  # "serving" | "draining" | "lost" (had served, now missing ranks) | "starting"
+    size: int  # its tensor-parallel ranks
+    ranks: list[str] = []  # member ids of the ranks connected now, by rank
+    pids: list[int] = []
+    restarts: dict[str, int] = {}  # member id -> hellos with a new pid (by the scheduler's count)
+    running: int = 0
+    waiting: int = 0
+    kv: KVGrid | None = None  # None while the group has no KV pool (no scheduler yet)
+
+
+class EngineView(msgspec.Struct):
+    """What `/engine` draws beyond `SchedulerStats`; built only while a frontend watches (`Watch`)."""
+
+    seq: int  # numbered per scheduler: tokenizers pass each view on more than once
+    scheduler_id: str
+    groups: list[GroupView]
+    # (prefill, decode) tokens of each step planned since the previous view, oldest first.
+    steps: list[tuple[int, int]] = []
+
+
 class SchedulerStats(msgspec.Struct, tag=True):
     """The scheduler's figures for `/metrics`; counters are totals since the scheduler started."""
 
@@ -125,6 +159,10 @@ class SchedulerStats(msgspec.Struct, tag=True):
     # Requests the scheduler holds any state for (samples, and the parent of n > 1 samples,
     # finished or not): 0 when idle, or a request's state was left behind.
     num_held: int = 0
+    # While a frontend watches (`Watch`): the engine view; and how many views were built since
+    # start (stays 0 while nobody watches: the view costs nothing then).
+    engine_view: EngineView | None = None
+    num_engine_views: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -140,6 +178,14 @@ class Heartbeat(msgspec.Struct, tag=True):
     # A worker that got SIGTERM on its own (a scaled-down service): its group takes no new
     # request, ends its running ones, and is then told to stop.
     draining: bool = False
+
+
+class Watch(msgspec.Struct, tag=True):
+    """Frontend -> every tokenizer -> scheduler: a client watches `/engine/stream`; build an
+    `EngineView` into the stats for the next `ttl_s` seconds. Sent again every second while
+    watched, so a watcher that goes (or a frontend that dies) stops it without a message."""
+
+    ttl_s: float = 3.0
 
 
 class EngineReady(msgspec.Struct, tag=True):
@@ -393,7 +439,7 @@ class TextBatch(msgspec.Struct, tag=True):
 # ---- the union each socket accepts: what its `protocol.sockets.Decoder` is built on ----
 
 FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply | TokenizeOnlyReply | DetokenizeReply
-TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown | TokenizeOnlyRequest | DetokenizeRequest
+TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown | TokenizeOnlyRequest | DetokenizeRequest | Watch
 TokenizerFromScheduler = TokenBatch | EngineReady | ErrorReply | SchedulerStats | Shutdown
-SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult
+SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult | Watch
 WorkerInbound = StepPlan | Shutdown

@@ -34,11 +34,13 @@ from protocol import (
     StepResult,
     TokenBatch,
     TokenOutput,
+    Watch,
     bind_router,
     encode,
 )
 from protocol.messages import SchedulerInbound, worker_id
 from scheduler_svc.admission import unrunnable
+from scheduler_svc.engine_view import ViewRecorder
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
 from scheduler_svc.worker_group import WorkerGroup, place, summed_stats, take_live
@@ -73,6 +75,8 @@ class SchedulerService:
         self._last_stats = 0.0
         self._sent_stats: SchedulerStats | None = None
         self._sent_stats_at = 0.0
+        # The engine view (/engine): built into the stats only while a frontend watches (`Watch`).
+        self.view = ViewRecorder(self.scheduler_id)
 
     # ---- sending -----------------------------------------------------------------------
 
@@ -108,6 +112,8 @@ class SchedulerService:
                     s.abort(msg.request_ids, msg.indices)
         elif isinstance(msg, StepResult):
             self._on_result(sender, msg)
+        elif isinstance(msg, Watch):
+            self.view.watch(msg.ttl_s, time.monotonic())
 
     def _schedulers(self) -> list[Scheduler]:
         return [g.scheduler for g in self.groups.values() if g.scheduler is not None]
@@ -155,6 +161,7 @@ class SchedulerService:
         group.workers[msg.rank] = sender
         group.heard[sender] = time.monotonic()
         self.worker_ids.add(sender)
+        self.view.on_hello(msg.group, sender, msg.pid)
         logger.info(
             "worker %s (rank %d, pid %d) joined: %d KV blocks of %d tokens, max_model_len %d",
             sender, msg.rank, msg.pid, msg.num_blocks, self.config.block_size, msg.max_model_len,
@@ -195,6 +202,7 @@ class SchedulerService:
         if len(self.groups) > 1:
             logger.info("worker %s serves (%d of %d groups)", group.name,
                         sum(g.serving for g in self.groups.values()), len(self.groups))
+        self.view.served.add(group.group_id)
         self._announce()
 
     def _announce(self) -> None:
@@ -312,6 +320,8 @@ class SchedulerService:
                     break
                 if self.step_log is not None:
                     group.step_log_lines[plan.step_id] = self._plan_log_line(group, plan)
+                if self.view.watching:
+                    self.view.record_step(group.scheduler, plan)
                 if not group.steps_in_flight:
                     group.progress_at = time.monotonic()  # the step timeout counts from here
                 group.steps_in_flight.append(plan.step_id)
@@ -390,7 +400,9 @@ class SchedulerService:
         self.step_log.write(json.dumps(line) + "\n")
 
     def stats(self) -> SchedulerStats:
-        return summed_stats(self._schedulers(), self.worker_busy_s, self.worker_idle_s)
+        stats = summed_stats(self._schedulers(), self.worker_busy_s, self.worker_idle_s)
+        stats.num_engine_views = self.view.num_views
+        return stats
 
     def _send_stats(self) -> None:
         """Tell every tokenizer the figures when they changed, at most every 0.2 s."""
@@ -398,6 +410,9 @@ class SchedulerService:
         if now - self._sent_stats_at < 0.2:
             return
         stats = self.stats()
+        if self.view.watching:  # a frontend shows /engine: a fresh view each time
+            stats.engine_view = self.view.build(self.groups)
+            stats.num_engine_views = self.view.num_views
         if stats == self._sent_stats:
             return
         for tok in self.tokenizers:
@@ -421,8 +436,9 @@ class SchedulerService:
         poller.register(self.sock, zmq.POLLIN)
         try:
             while True:
-                # Only a message (a request, an abort, a result) can make a new step possible.
-                if poller.poll(1000):
+                # Only a message (a request, an abort, a result) can make a new step possible; while
+                # watched, the view goes out within 0.2 s of the figures changing.
+                if poller.poll(200 if self.view.tick(time.monotonic()) else 1000):
                     # Drain everything that arrived before planning, so a step sees all new requests.
                     while True:
                         try:

@@ -40,6 +40,7 @@ from protocol.messages import (
     TokenizeOnlyRequest,
     TokenizerFromFrontend,
     TokenizerFromScheduler,
+    Watch,
 )
 from tokenizer_svc.output_processor import OutputProcessor
 from tokenizer_svc.structured_outputs import GrammarCompiler
@@ -282,6 +283,8 @@ class TokenizerService:
             self._on_tokenize_only(msg)
         elif isinstance(msg, Abort):
             self._on_abort(msg)
+        elif isinstance(msg, Watch):
+            self.scheduler.send(encode(msg))  # a frontend watches /engine: the scheduler builds its view
         elif isinstance(msg, TokenBatch):
             self._on_tokens(msg)
         elif isinstance(msg, EngineReady):

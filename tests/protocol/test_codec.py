@@ -17,10 +17,13 @@ from protocol.messages import (
     DetokenizeRequest,
     EngineReady,
     EngineRequest,
+    EngineView,
     ErrorReply,
     FrontendInbound,
+    GroupView,
     Heartbeat,
     Hello,
+    KVGrid,
     Logprobs,
     NewRequestData,
     SamplingParams,
@@ -38,6 +41,7 @@ from protocol.messages import (
     TokenizerFromFrontend,
     TokenizerFromScheduler,
     TokenOutput,
+    Watch,
     WorkerInbound,
 )
 
@@ -49,6 +53,10 @@ EXAMPLES: list[msgspec.Struct] = [
     Hello("worker", "worker-0", 42, rank=0, num_blocks=64, max_model_len=512, eos_token_ids=[2]),
     Heartbeat("tokenizer-0", load=3, ready=True, stats=SchedulerStats(num_running=1, kv_cache_usage=0.25)),
     SchedulerStats(num_running=2, num_waiting=1, num_preemptions=3, worker_busy_s=1.5),
+    SchedulerStats(num_running=1, num_engine_views=4, engine_view=EngineView(
+        4, "sched", [GroupView(0, "serving", 2, ["worker-0", "worker-1"], [10, 11], {"worker-1": 1}, 1, 2,
+                               KVGrid(5, 2, [2, 0, 1], [0, 1, 0]))], steps=[(30, 2), (0, 3)])),
+    Watch(ttl_s=2.5),
     EngineReady(max_model_len=512, num_blocks=64, block_size=16, eos_token_ids=[2]),
     TokenizeRequest("chatcmpl-1", SAMPLING, messages=[ChatMessage("user", "Hi")], arrival_time=1.0),
     EngineRequest("cmpl-1", [1, 2, 3], SAMPLING, "tokenizer-0", 1.0),
