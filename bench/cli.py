@@ -29,7 +29,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     wsub = bench.add_subparsers(dest="workload", required=True)
     for name in WORKLOADS:
         p = wsub.add_parser(name)
-        p.add_argument("--model", help="a model folder, hub id or GGUF file")
+        p.add_argument("--model", help="a model folder, hub id or GGUF file (default: the embedded "
+                                        "SmolLM2-135M-Instruct GGUF, as `pagoda serve` serves)")
         p.add_argument("--random-weights", metavar="SHAPE",
                        help="qwen3-0.6b, llama3-8b, tiny-llama, or llama3-70b (config only: its weights are "
                             "made at load, --load-format dummy; no peer)")
@@ -101,7 +102,10 @@ def _engine_args(args: argparse.Namespace, device: str, **extra: Any) -> dict[st
 def _vocab(model: str) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model).vocab_size
+    from bench.workloads import pretrained_args
+
+    path, kw = pretrained_args(model)
+    return AutoConfig.from_pretrained(path, **kw).vocab_size
 
 
 def _ratio(x: float, ref: float | None) -> float | None:
@@ -146,8 +150,14 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         model = make_random_model(args.random_weights, args.weights_dir, device, args.seed, weights=weights)
     elif args.model:
         model = args.model
-    else:
-        raise SystemExit("pagoda bench: give --model or --random-weights")
+    else:  # the embedded model, as `pagoda serve` (vLLM's bench has a default model too)
+        from tokenizer_svc.model_source import ModelLoadError, embedded_gguf_path
+
+        try:
+            model = embedded_gguf_path()
+        except ModelLoadError as e:
+            raise SystemExit(f"pagoda bench: no --model or --random-weights, and {e}") from None
+        report["model"] = model
     kv_bytes = 2 if device.startswith("cuda") else 4
     cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
     vocab = _vocab(model)

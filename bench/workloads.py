@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 import statistics
 import time
@@ -165,12 +166,21 @@ def _idle_fraction(before: Any, after: Any) -> float:
     return idle / (idle + busy) if idle + busy > 0 else 0.0
 
 
+def pretrained_args(model: str) -> tuple[str, dict[str, Any]]:
+    """`from_pretrained`'s arguments for a folder or hub id, or for a GGUF file (its folder and
+    `gguf_file`: transformers dequantizes it)."""
+    if model.endswith(".gguf") and os.path.isfile(model):
+        return (os.path.dirname(model) or ".", {"gguf_file": os.path.basename(model)})
+    return (model, {})
+
+
 def _hf_model(model: str, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    path, kw = pretrained_args(model)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
 
 
 def _sync(device: str) -> None:

