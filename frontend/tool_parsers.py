@@ -425,8 +425,13 @@ class _StreamParser(ToolParser):
         return True
 
     def _in_element(self, final: bool) -> bool:
+        return self._take_call(self._read_element, self._after_element, final)
+
+    def _take_call(self, read_call: Callable[[], tuple[int, str, str] | None], then: _Mode, final: bool) -> bool:
+        """Read one call with `read_call` and send it, then go on in mode `then`; a malformed
+        call (or one cut off at the end) is content."""
         try:
-            read = self._read_element()
+            read = read_call()
         except _Malformed:
             return self._fail()
         if read is None:
@@ -434,7 +439,7 @@ class _StreamParser(ToolParser):
         end, name, arguments = read
         self._buf, self._scanner = self._buf[end:], None
         self._emit_call(name, arguments)
-        self._mode = self._after_element
+        self._mode = then
         return True
 
     def _after_element(self, final: bool) -> bool:
@@ -574,17 +579,8 @@ class MistralToolParser(_StreamParser):
         return self._read_json_element()
 
     def _named_call(self, final: bool) -> bool:
-        try:
-            read = self._read_named_call()
-        except _Malformed:
-            return self._fail()
-        if read is None:
-            return self._fail() if final else False
-        end, name, arguments = read
-        self._buf, self._scanner = self._buf[end:], None
-        self._emit_call(name, arguments)
-        self._mode = self._text  # the next call, if any, comes with its own marker
-        return True
+        # The next call, if any, comes with its own marker.
+        return self._take_call(self._read_named_call, self._text, final)
 
     def _read_named_call(self) -> tuple[int, str, str] | None:
         match = self._name.match(self._buf)

@@ -102,12 +102,12 @@ class ModelRunner:
         """The structured-output masks of the batch's constrained rows, made on the host while
         the device runs the forward just launched: the previous step's tokens are waited for
         here (they come before this forward on the stream), as the masks follow them."""
-        grammars = self.input_batch.grammars
-        if not grammars or len(grammars.constrained(batch.sampled_rows)) == 0:
+        positions = self.grammars.constrained(batch.sampled_rows)
+        if len(positions) == 0:
             return None
         if prev is not None:
             self.finish(prev)
-        return grammars.mask(batch.sampled_rows, self.device)
+        return self.grammars.mask(batch.sampled_rows, self.device, positions)
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         if batch.graph is not None:

@@ -139,16 +139,20 @@ class GrammarRows:
 
     def constrained(self, rows: np.ndarray) -> np.ndarray:
         """Positions in `rows` that have a matcher."""
+        if not self.matchers:
+            return np.zeros(0, dtype=np.int64)
         return np.fromiter((i for i, r in enumerate(rows.tolist()) if r in self.matchers), dtype=np.int64)
 
-    def mask(self, rows: np.ndarray, device: torch.device) -> GrammarMask | None:
-        """The bitmasks of the constrained ones among a step's sampling `rows`, on `device`.
+    def mask(
+        self, rows: np.ndarray, device: torch.device, positions: np.ndarray | None = None
+    ) -> GrammarMask | None:
+        """The bitmasks of the constrained ones among a step's sampling `rows` (`positions`, when
+        the caller has them from `constrained`), on `device`; None when no row is constrained.
 
         Call it once every earlier step's tokens have been fed (`advance`): the masks follow them.
         """
-        if not self.matchers:
-            return None
-        positions = self.constrained(rows)
+        if positions is None:
+            positions = self.constrained(rows)
         if len(positions) == 0:
             return None
         tokenizer = self._lltokenizer  # read: constrained rows exist

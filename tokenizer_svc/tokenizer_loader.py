@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from protocol import EngineConfig
@@ -52,16 +53,23 @@ def _load_gguf_tokenizer(path: str) -> Any:
     return tok
 
 
+def _tokenizer_path(config: EngineConfig) -> Path:
+    """Where the tokenizer is: `--tokenizer`, else `--model` at `--revision` (a separate
+    --tokenizer is read at its default revision: vLLM's rule). Raises ModelLoadError."""
+    from tokenizer_svc.model_source import resolve_model_path
+
+    source, revision = (config.tokenizer, None) if config.tokenizer else (config.model, config.revision)
+    return resolve_model_path(source, revision)
+
+
 def load_tokenizer(config: EngineConfig) -> Any:
     """The tokenizer of `--tokenizer`, else of `--model` (at `--revision`): a folder, a GGUF file
     (its embedded vocabulary) or a hub id in the Hugging Face cache, resolved as the worker does;
     `--chat-template`, if given, replaces the chat template it ships with."""
-    from tokenizer_svc.model_source import ModelLoadError, resolve_model_path
+    from tokenizer_svc.model_source import ModelLoadError
 
-    # --revision is the model's; a separate --tokenizer is read at its default revision (vLLM's rule).
-    source, revision = (config.tokenizer, None) if config.tokenizer else (config.model, config.revision)
     try:
-        path = resolve_model_path(source, revision)
+        path = _tokenizer_path(config)
     except ModelLoadError as e:
         raise TokenizerLoadError(f"cannot find the tokenizer: {e}") from None
     try:
@@ -87,11 +95,10 @@ def tokenizer_json(config: EngineConfig) -> str | None:
     there is one: its folder's, or the one converted from a GGUF file once a tokenizer process
     has done it. The worker reads it for structured outputs without importing transformers'
     tokenizer stack (seconds, in a process that must keep stepping)."""
-    from tokenizer_svc.model_source import ModelLoadError, resolve_model_path
+    from tokenizer_svc.model_source import ModelLoadError
 
-    source, revision = (config.tokenizer, None) if config.tokenizer else (config.model, config.revision)
     try:
-        path = resolve_model_path(source, revision)
+        path = _tokenizer_path(config)
     except ModelLoadError:
         return None
     folder = _gguf_tokenizer_folder(str(path)) if path.is_file() and path.suffix == ".gguf" else str(path)
