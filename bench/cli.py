@@ -36,10 +36,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                             "made at load, --load-format dummy; no peer)")
         p.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "pagoda-bench-weights"))
         p.add_argument("--device", default="auto")
-        p.add_argument("--peer", choices=["none", "hf", "hf-static", "hf-continuous"], default="none",
+        peers = ["none", "hf", "hf-static", "hf-continuous"]
+        if name == "latency":
+            peers += ["llama.cpp", "hf+llama.cpp"]
+        p.add_argument("--peer", choices=peers, default="none",
                        help="hf: transformers' static generate and generate_batch (throughput; serve: "
                             "offline, on the all-at-once requests) or generate (latency); hf-static / "
-                            "hf-continuous: only one of the two")
+                            "hf-continuous: only one of the two; llama.cpp (latency, GGUF models, needs "
+                            "llama-cpp-python): llama.cpp on the same file, with as many threads as cores")
         p.add_argument("--output-json")
         p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
         p.add_argument("--seed", type=int, default=0)
@@ -122,6 +126,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         run_hf_continuous,
         run_hf_latency,
         run_hf_static,
+        run_llamacpp_latency,
         run_pagoda,
         throughput_limit,
     )
@@ -203,11 +208,13 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             results["ratio_to_limit"] = {
                 "decode": results["pagoda"]["decode_tokens_per_s"] / results["limit"]["decode_tokens_per_s"],
                 "ttft": results["limit"]["ttft_s"] / results["pagoda"]["ttft_s"]}
-        if args.peer != "none":
-            results["hf"] = run_hf_latency(model, reqs[0], device)
-            results["ratio_to_hf"] = {
-                "decode": results["pagoda"]["decode_tokens_per_s"] / results["hf"]["decode_tokens_per_s"],
-                "ttft": results["hf"]["ttft_s"] / results["pagoda"]["ttft_s"]}
+        peers = {"hf": run_hf_latency, "llama_cpp": run_llamacpp_latency}
+        for name, fn in peers.items():
+            if name.replace("_", ".") in args.peer.split("+"):
+                results[name] = fn(model, reqs[0], device)
+                results[f"ratio_to_{name}"] = {
+                    "decode": results["pagoda"]["decode_tokens_per_s"] / results[name]["decode_tokens_per_s"],
+                    "ttft": results[name]["ttft_s"] / results["pagoda"]["ttft_s"]}
     elif args.workload == "prefix":
         prefix = random_requests(1, (args.prefix_len, args.prefix_len), (1, 1), vocab, args.seed + 1)[0].prompt_ids
         reqs = random_requests(args.num_prompts, (args.suffix_len, args.suffix_len),

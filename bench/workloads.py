@@ -267,6 +267,36 @@ def run_hf_latency(model: str, req: Req, device: str) -> dict[str, Any]:
     return {"ttft_s": ttft, "decode_tokens_per_s": (req.output_len - 1) / max(total - ttft, 1e-9)}
 
 
+def run_llamacpp_latency(model: str, req: Req, device: str) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) on the same GGUF file, greedy, one stream: its TTFT and decode
+    tok/s measured as `run_hf_latency` does, through its Python generator."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("--peer llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
+    if not model.endswith(".gguf"):
+        raise SystemExit(f"--peer llama.cpp runs GGUF files, not {model}")
+    gpu_layers = -1 if device.startswith("cuda") else 0
+    llm = Llama(model_path=model, n_ctx=len(req.prompt_ids) + req.output_len + 8, n_threads=os.cpu_count(),
+                n_gpu_layers=gpu_layers, verbose=False)
+
+    def generate(n: int) -> tuple[float, float]:
+        llm.reset()  # else generate reuses the cached prompt
+        began = time.perf_counter()
+        first = began
+        for i, _ in enumerate(llm.generate(req.prompt_ids, temp=0.0, reset=True)):
+            if i == 0:
+                first = time.perf_counter()
+            if i + 1 == n:
+                break
+        return first - began, time.perf_counter() - first
+
+    generate(2)  # warm up
+    ttft, decode = generate(req.output_len)
+    llm.close()
+    return {"ttft_s": ttft, "decode_tokens_per_s": (req.output_len - 1) / max(decode, 1e-9), "threads": os.cpu_count()}
+
+
 def throughput_limit(cost: ModelCost, reqs: list[Req]) -> float:
     """Output tok/s if every step only read what it must and every prefill ran at the matrix rate.
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from gpu_worker.layers import RMSNorm
 from kernels import paged_attention, rope_write_kv, write_kv
+from kernels.paged_attention import decode_attention, decode_context
 from kernels.qkv import split_qkv
 
 
@@ -29,6 +30,9 @@ class AttentionMetadata:
     # the kernel then gives them decode tiles and the rest prefill tiles).
     max_seq_len: int | None = None
     num_decodes: int = 0
+    # Off the GPU, a step of decodes only: the context slots every layer reads, found by the
+    # first layer (a metadata object reused across steps must reset it to None each step).
+    decode_context: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class Attention(nn.Module):
@@ -88,6 +92,10 @@ class Attention(nn.Module):
         )
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not q.is_cuda and meta.num_decodes == len(meta.seq_lens):
+            if meta.decode_context is None:
+                meta.decode_context = decode_context(meta.block_tables, meta.seq_lens, self.k_cache.shape[1])
+            return decode_attention(q, self.k_cache, self.v_cache, meta.decode_context, self.scale)
         return paged_attention(
             q,
             self.k_cache,

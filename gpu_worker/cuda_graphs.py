@@ -140,6 +140,7 @@ class CudaGraphs:
             if not capture:
 
                 def run(size: int = size, args: GraphInputs = args) -> None:
+                    args[2].decode_context = None  # found anew for this step's tables
                     hidden[size] = self.model(*args)
 
                 graphs[size] = run

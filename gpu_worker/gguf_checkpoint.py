@@ -2,7 +2,9 @@
 
 The metadata becomes a config.json-like dict, and each tensor is dequantized to fp32 by
 `gguf.quants.dequantize` (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants Q2_K..Q6_K and
-more) and renamed the Hugging Face way, so the same model classes load it.
+more) and renamed the Hugging Face way, so the same model classes load it. With
+`keep_quantized` (the CPU), matrices in Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K stay in their blocks
+instead (`GGUFQuantized`, views of the memory-mapped file) for the 4-bit kernels.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from gpu_worker.checkpoint import READ_ERRORS, Checkpoint
+from gpu_worker.gguf_quant import KEPT_QUANTIZED, GGUFQuantized
 from tokenizer_svc.model_source import ModelLoadError
 
 # llama.cpp's architecture name -> the Hugging Face architecture and model_type it maps onto.
@@ -47,7 +50,7 @@ GGUF_GLOBAL_TENSORS = {
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def read_gguf(path: str) -> Checkpoint:
+def read_gguf(path: str, keep_quantized: bool = False) -> Checkpoint:
     try:
         reader = gguf.GGUFReader(path)
     except READ_ERRORS as e:
@@ -99,19 +102,43 @@ def read_gguf(path: str) -> Checkpoint:
         list(dict.fromkeys(int(t) for t in eos if t is not None)),
         len(tensors),
         # Named up front: an unknown tensor fails the load before the model is built.
-        _iter_tensors(path, [(_hf_name(t.name), t) for t in tensors.values()], heads),
+        _iter_tensors(path, [(_hf_name(t.name), t) for t in tensors.values()], heads, keep_quantized),
     )
 
 
+# Matrices the model stacks into one projection: kept quantized all together or none of them.
+STACKED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def _kept_quantized(tensors: list[tuple[str, gguf.ReaderTensor]]) -> set[str]:
+    """The GGUF names of the matrices that stay in their blocks: a kept type, and so are the
+    others stacked with it."""
+    kept = {t.name for _, t in tensors if t.tensor_type in KEPT_QUANTIZED and len(t.shape) == 2}
+    for _, t in tensors:
+        base, _, suffix = t.name.rpartition(".")
+        prefix, _, kind = base.rpartition(".")
+        for group in STACKED:
+            if kind in group and any(f"{prefix}.{other}.{suffix}" not in kept for other in group):
+                kept.discard(t.name)
+    return kept
+
+
 def _iter_tensors(
-    path: str, tensors: list[tuple[str, gguf.ReaderTensor]], heads: dict[str, int]
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str, tensors: list[tuple[str, gguf.ReaderTensor]], heads: dict[str, int], keep_quantized: bool
+) -> Iterator[tuple[str, torch.Tensor | GGUFQuantized]]:
+    kept = _kept_quantized(tensors) if keep_quantized else set()
     for name, tensor in tensors:
+        kind = tensor.name.split(".")[-2]
+        if tensor.name in kept:
+            rows = tensor.data  # [rows, bytes per row]: permuting rows moves whole rows of blocks
+            if kind in heads:
+                rows = _unpermute_rope_rows(rows, heads[kind])
+            yield name, GGUFQuantized(tensor.tensor_type, rows, (int(tensor.shape[1]), int(tensor.shape[0])))
+            continue
         try:
             values = _dequantize(tensor)
         except READ_ERRORS + (NotImplementedError,) as e:
             raise ModelLoadError(f"{path}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}") from None
-        kind = tensor.name.split(".")[-2]
         if kind in heads:
             values = _unpermute_rope_rows(values, heads[kind])
         # A copy: F32 tensors are views of the read-only memory map.

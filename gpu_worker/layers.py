@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.gguf_quant import GGUFQuantized
 from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm
+from kernels.quant_linear import Int4Parts, Int4Weight
 
 # ---- activations ---------------------------------------------------------------------------
 
@@ -56,10 +58,35 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear through `kernels.linear` (which may take a Triton kernel for decode-sized inputs),
-    whole on every rank."""
+    whole on every rank; or, for a GGUF's quantized matrices on the CPU, through the 4-bit kernel
+    (`int4`, then `weight` is None)."""
+
+    int4: Int4Weight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.int4 is None:
+            return linear(x, self.weight, bias)
+        y = self.int4(x)
+        return y if bias is None else y + bias
+
+    def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
+        """A quantized checkpoint matrix: this layer's whole weight, or projection `part` of a
+        stacked one; packed for the 4-bit kernel once every part is in."""
+        sizes = getattr(self, "full_sizes", [self.out_features])
+        if name != "weight" or tp().size != 1:
+            raise ValueError(f"quantized {name} is only read whole, by one rank")
+        rows = sizes[part or 0]
+        if tuple(src.shape) != (rows, self.in_features):
+            raise ValueError(f"has shape {tuple(src.shape)}, expected {(rows, self.in_features)} (for {name})")
+        pending = self.__dict__.setdefault("_int4_parts", {})
+        pending[part or 0] = src.int4_parts()
+        if len(pending) == len(sizes):
+            self.int4 = Int4Weight(Int4Parts.cat_rows([pending[i] for i in range(len(sizes))]))
+            self.weight = None
+            del self.__dict__["_int4_parts"]
 
 
 class MergedLinear(Linear):
@@ -137,13 +164,21 @@ class RowParallelLinear(Linear):
         self.weight.data.copy_(src.cols(start, start + self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight, self.bias if tp().rank == 0 else None))
+        return all_reduce(self._matmul(x, self.bias if tp().rank == 0 else None))
+
+
+# A quantized LM head's logits recomputed in fp32 per row (VocabParallelEmbedding.logits).
+RESCORED = 32
 
 
 class VocabParallelEmbedding(nn.Module):
     """The token embedding, each rank holding a slice of the vocabulary's rows (the last slice
     padded with zero rows); a token outside the slice embeds to zeros, and an all-reduce
-    gives every rank the whole embedding. Its weight doubles as a tied LM head's."""
+    gives every rank the whole embedding. Its weight doubles as a tied LM head's.
+
+    A GGUF's quantized matrix (on the CPU, one rank) stays in its blocks (`quantized`, a view
+    of the mapped file): a lookup dequantizes the rows it reads, and `logits` goes through the
+    4-bit kernel, packed at load for the model's output layer (`prepare_logits`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
@@ -151,6 +186,39 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = -(-num_embeddings // tp().size)  # ceil
         self.start = tp().rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim))
+        self.quantized: GGUFQuantized | None = None
+        self.int4: Int4Weight | None = None
+
+    def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
+        if tp().size != 1:
+            raise ValueError(f"quantized {name} is only read whole, by one rank")
+        check_shape(src, (self.num_embeddings, self.weight.shape[1]), name)
+        self.quantized, self.weight = src, None
+
+    def prepare_logits(self) -> None:
+        if self.quantized is not None and self.int4 is None:
+            self.int4 = Int4Weight(self.quantized.int4_parts())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> this rank's logits [N, rows] (the LM head's matmul).
+
+        The 4-bit kernel writes bf16, which rounds logits near 25 to multiples of 1/8: enough
+        to swap two near-tied tokens. So the RESCORED best of each row are computed again in
+        fp32 from the exact weights: the argmax (and the likeliest tokens' probabilities) are
+        then the fp32 ones whenever the true best token is among the RESCORED best rounded
+        ones (its rounded logit is within 2^-8 of its value of the top's)."""
+        if self.quantized is None:
+            return linear(hidden, self.weight)
+        self.prepare_logits()
+        assert self.int4 is not None
+        logits = self.int4(hidden)
+        top = logits.topk(min(RESCORED, logits.shape[-1]), dim=-1).indices
+        for start in range(0, len(hidden), 64):  # bounded memory for long prompt-logprob runs
+            ids = top[start : start + 64]
+            rows = self.quantized.take_rows(ids.cpu()).to(hidden.device, hidden.dtype)  # [n, R, hidden]
+            exact = torch.matmul(rows, hidden[start : start + 64, :, None]).squeeze(-1)
+            logits[start : start + 64].scatter_(1, ids, exact.to(logits.dtype))
+        return logits
 
     def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
         check_shape(src, (self.num_embeddings, self.weight.shape[1]), name)
@@ -160,6 +228,8 @@ class VocabParallelEmbedding(nn.Module):
             self.weight.data[: stop - self.start].copy_(src.rows(self.start, stop))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.take_rows(input_ids.cpu()).to(input_ids.device)
         if tp().size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.start
@@ -176,7 +246,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size)
 
 
-def check_shape(src: WeightSource, expected: tuple[int, ...], name: str) -> None:
+def check_shape(src: WeightSource | GGUFQuantized, expected: tuple[int, ...], name: str) -> None:
     """ValueError unless the checkpoint tensor (whole, before slicing) has the expected shape."""
     if tuple(src.shape) != tuple(expected):
         raise ValueError(f"has shape {tuple(src.shape)}, expected {tuple(expected)} (for {name})")

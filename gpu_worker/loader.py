@@ -29,6 +29,8 @@ __all__ = ["LoadedModel", "ModelLoadError", "embedded_gguf_path", "load_model", 
 
 logger = logging.getLogger(__name__)
 
+QUANTIZATIONS = (None, "gguf", "none")
+
 DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
@@ -62,8 +64,15 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     logger.info("loading %s (process up %.1f s, device set up in %.1f s)", name, _process_age_s(),
                 time.perf_counter() - began)
     began = time.perf_counter()
-    read = read_config_only if dummy else read_checkpoint
-    checkpoint = read(config.model, config.revision)
+    if dummy:
+        checkpoint = read_config_only(config.model, config.revision)
+    else:
+        # On the CPU a GGUF's 4/8-bit matrices stay quantized (gpu_worker/gguf_quant.py); on a
+        # GPU, and split over ranks, they are dequantized to the model's dtype as they load.
+        if config.quantization not in QUANTIZATIONS:
+            raise ModelLoadError(f"quantization {config.quantization!r} is not one of gguf, none")
+        keep_quantized = config.quantization != "none" and device.type == "cpu" and config.tensor_parallel_size == 1
+        checkpoint = read_checkpoint(config.model, config.revision, keep_quantized)
     hf_config = checkpoint.hf_config
     architecture = (hf_config.get("architectures") or ["(none given)"])[0]
     model_class = MODEL_REGISTRY.get(architecture)
@@ -103,13 +112,13 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     )
 
 
-def read_checkpoint(model: str | None, revision: str | None = None) -> Checkpoint:
-    """The checkpoint behind `model`, whatever its format."""
+def read_checkpoint(model: str | None, revision: str | None = None, keep_quantized: bool = False) -> Checkpoint:
+    """The checkpoint behind `model`, whatever its format (`keep_quantized`: see `read_gguf`)."""
     path = resolve_model_path(model, revision)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"model file {path} is not a .gguf file (for Hugging Face weights, give the folder)")
-        return read_gguf(str(path))
+        return read_gguf(str(path), keep_quantized)
     return read_hf_folder(path)
 
 

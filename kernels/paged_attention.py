@@ -38,7 +38,8 @@ def paged_attention_ref(
     decode = torch.nonzero(q_lens == 1).flatten()
     if decode.numel() > 0:
         rows = query_start_loc[decode]
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decode], seq_lens[decode], scale)
+        context = decode_context(block_tables[decode], seq_lens[decode], k_cache.shape[1])
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, context, scale)
     for b in torch.nonzero(q_lens > 1).flatten().tolist():
         start, end = query_start_loc[b].item(), query_start_loc[b + 1].item()
         out[start:end] = _prefill_attention(q[start:end], k_cache, v_cache, block_tables[b], int(seq_lens[b]), scale)
@@ -72,24 +73,45 @@ def _ungroup_queries(o: torch.Tensor, q_len: int) -> torch.Tensor:
     return o.view(b, num_kv_heads, group, q_len, d).permute(0, 3, 1, 2, 4).reshape(b, q_len, num_kv_heads * group, d)
 
 
-def _decode_attention(
+def decode_context(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where a batch of decodes finds its context, shared by every layer of a step: the cache
+    slots [B, L] of each sequence's first L positions (L the longest context; a shorter one's
+    extra slots point into blocks its table pads with) and the mask [B, 1, 1, L] of the real
+    ones (None when every sequence has L)."""
+    max_len = int(seq_lens.max())
+    pos = torch.arange(max_len, device=seq_lens.device)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
+    if bool((seq_lens == max_len).all()):
+        return slots, None
+    return slots, (pos[None, :] < seq_lens[:, None])[:, None, None, :]
+
+
+def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+    context: tuple[torch.Tensor, torch.Tensor | None],
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence: [B, heads, d] -> [B, heads, d], padded to the longest context."""
-    max_len = int(seq_lens.max())
+    """One query per sequence over the context `decode_context` found: [B, heads, d] -> [B, heads, d].
+
+    Query head h reads KV head h // group, so a KV head's group of query heads attends as one
+    block of rows (no K/V copied per query head).
+    """
+    slots, mask = context
+    b, num_heads, d = q.shape
     num_kv_heads = k_cache.shape[2]
-    k = _gather_kv(k_cache, block_tables, max_len)
-    v = _gather_kv(v_cache, block_tables, max_len)
-    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
+    flat = slots.flatten()
+    k = k_cache.view(-1, num_kv_heads, d).index_select(0, flat).view(b, -1, num_kv_heads, d)
+    v = v_cache.view(-1, num_kv_heads, d).index_select(0, flat).view(b, -1, num_kv_heads, d)
+    # SDPA rather than matmul-softmax-matmul: a row's numbers then do not depend on how far the
+    # batch's longest context pads it (greedy tokens the same alone and in any batch).
     o = F.scaled_dot_product_attention(
-        _group_queries(q[:, None], num_kv_heads), k, v, attn_mask=valid[:, None, None, :], scale=scale
+        q.reshape(b, num_kv_heads, -1, d), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )
-    return _ungroup_queries(o, 1)[:, 0]
+    return o.reshape(b, num_heads, d)
 
 
 def _prefill_attention(

@@ -46,6 +46,9 @@ def rope_write_kv_ref(
         raise ValueError("q and k are normed both or neither")
     if q_norm_weight is not None and k_norm_weight is not None:
         q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
-    q, k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+        q, k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+    else:  # q and k side by side in qkv: rotated in one call
+        qk = apply_rotary_ref(qkv[:, : (num_heads + num_kv_heads) * head_dim].unflatten(1, (-1, head_dim)), cos, sin)
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     return q

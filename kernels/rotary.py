@@ -14,6 +14,9 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotate x [T, heads, head_dim] by its token's angles; cos, sin: [T, head_dim]."""
     cos = cos[:, None].to(x.dtype)
     sin = sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated_half = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated_half * sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos  # + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1)
+    out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x1, sin[..., half:])
+    return out

@@ -29,6 +29,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # "auto": the checkpoint's weights; "dummy" (vLLM's name): random weights made on the device
     # at load, only config.json read, for benchmarks of shapes too large to save.
     load_format: str = "auto"
+    # None (or "gguf"): a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K matrices stay quantized on the CPU
+    # (4-bit kernels, bf16 matmuls); "none": every weight dequantized to `dtype` at load.
+    quantization: str | None = None
     device: str = "auto"
     max_model_len: int | None = None
     chat_template: str | None = None

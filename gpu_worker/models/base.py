@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from gpu_worker.attention import Attention, AttentionMetadata
-from gpu_worker.layers import MergedLinear, check_shape
+from gpu_worker.gguf_quant import GGUFQuantized
+from gpu_worker.layers import MergedLinear, VocabParallelEmbedding, check_shape
 from gpu_worker.parallel import all_gather_last_dim, tp
 from gpu_worker.weight_source import WeightSource
-from kernels import linear
 
 
 class ModelConfig(Protocol):
@@ -72,8 +72,9 @@ class CausalLM(nn.Module):
         """Token ids and positions [T] of a flattened batch -> final hidden states [T, hidden]."""
         raise NotImplementedError
 
-    def output_embeddings(self) -> torch.Tensor:
-        """The [vocab, hidden] matrix that turns final hidden states into logits."""
+    def output_layer(self) -> VocabParallelEmbedding:
+        """The layer whose [vocab, hidden] matrix turns final hidden states into logits (the
+        embedding itself when tied)."""
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ class CausalLM(nn.Module):
         model's dtype (the sampler casts to fp32 only what needs more than an argmax). Under
         tensor parallelism each rank computes its vocabulary slice and every rank gets all of
         them, so every rank samples the same tokens."""
-        logits = linear(hidden, self.output_embeddings())
+        logits = self.output_layer().logits(hidden)
         if tp().size == 1:
             return logits
         return all_gather_last_dim(logits)[:, : self.config.vocab_size]
@@ -109,13 +110,20 @@ class CausalLM(nn.Module):
                 target = self.base_prefix + target
             if target not in params:
                 raise ValueError(f"unexpected weight {name} (a variant this model does not support?)")
-            src = tensor if isinstance(tensor, WeightSource) else WeightSource(tensor)
-            if name.endswith(self.transposed_suffixes):
-                src = src.t()
             module_name, _, param_name = target.rpartition(".")
             module = modules[module_name]
+            if isinstance(tensor, GGUFQuantized):
+                src = tensor
+            else:
+                src = tensor if isinstance(tensor, WeightSource) else WeightSource(tensor)
+                if name.endswith(self.transposed_suffixes):
+                    src = src.t()
             try:
-                if hasattr(module, "load_param"):  # a tensor-parallel layer reads its slice
+                if isinstance(src, GGUFQuantized):  # kept in its blocks (GGUF on the CPU)
+                    if not hasattr(module, "load_quantized"):
+                        raise ValueError("is quantized, which this layer does not take")
+                    module.load_quantized(param_name, src, shard)
+                elif hasattr(module, "load_param"):  # a tensor-parallel layer reads its slice
                     module.load_param(param_name, src, shard)
                 else:
                     check_shape(src, tuple(params[target].shape), param_name)
@@ -129,6 +137,7 @@ class CausalLM(nn.Module):
         missing = [name for name in params if len(loaded[name]) < self._num_shards(name, modules)]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
+        self.output_layer().prepare_logits()
 
     def _our_name(self, name: str) -> tuple[str, int | None]:
         """Our parameter for checkpoint tensor `name`, and its row block if it is stacked."""

@@ -129,5 +129,5 @@ class GPT2LMHeadModel(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.transformer(input_ids, positions, meta)
 
-    def output_embeddings(self) -> torch.Tensor:
-        return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+    def output_layer(self) -> VocabParallelEmbedding:
+        return self.transformer.wte if self.lm_head is None else self.lm_head

@@ -147,5 +147,5 @@ class OPTForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model.decoder(input_ids, positions, meta)
 
-    def output_embeddings(self) -> torch.Tensor:
-        return self.model.decoder.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def output_layer(self) -> VocabParallelEmbedding:
+        return self.model.decoder.embed_tokens if self.lm_head is None else self.lm_head

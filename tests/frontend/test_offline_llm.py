@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from frontend import LLM, SamplingParams
+from tests.model_check import assert_greedy_equal_up_to_near_ties
 
 PROMPTS = [
     "The capital of France is",
@@ -54,7 +55,7 @@ def test_chat_answers_paris(llm):
     assert "Paris" in out[0].outputs[0].text
 
 
-def test_first_32_greedy_tokens_equal_transformers_on_the_same_gguf(llm):
+def test_first_32_greedy_tokens_follow_transformers_on_the_same_gguf(llm):
     from transformers import AutoModelForCausalLM
 
     from gpu_worker.loader import embedded_gguf_path
@@ -68,6 +69,5 @@ def test_first_32_greedy_tokens_equal_transformers_on_the_same_gguf(llm):
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     outs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     for ids, out in zip(prompt_ids, outs):
-        # eos_token_id=None: run past EOS without masking it, as ignore_eos does.
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
+        assert len(out.outputs[0].token_ids) == 32
+        assert_greedy_equal_up_to_near_ties(out.outputs[0].token_ids, model, ids)

@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from gpu_worker.loader import ModelLoadError, resolve_dtype
 from gpu_worker.model_config import build_model_config
+from gpu_worker.model_runner import ModelRunner
 from gpu_worker.models import MODEL_REGISTRY
+from kernels import quant_linear
 from protocol.config import EngineConfig
 from tests.model_check import (
     MAX_TOKENS,
@@ -58,11 +60,12 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def assert_matches_transformers(model: str, hf_model: PreTrainedModel, vocab_size: int) -> None:
-    runner = make_runner(model)
+def assert_matches_transformers(model: str, hf_model: PreTrainedModel, vocab_size: int, **kw: object) -> ModelRunner:
+    runner = make_runner(model, **kw)
     prompts = random_prompts(vocab_size)
     assert runner_greedy(runner, prompts) == hf_greedy(hf_model, prompts)
     assert relative_error(runner_last_logits(runner, prompts), hf_last_logits(hf_model, prompts)) < FP32_LOGITS_RTOL
+    return runner
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -118,7 +121,7 @@ GGUF_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Q
 
 
 @pytest.mark.parametrize("arch", list(GGUF_CLASSES))
-def test_gguf_of_every_quant_type_matches_transformers_reading_the_same_file(arch, tmp_path) -> None:
+def test_gguf_of_every_quant_type_matches_transformers_reading_the_same_file(arch, tmp_path, monkeypatch) -> None:
     # Widths of 256: a K-quant block spans 256 values of a row.
     model_class, config = family_config(arch, 320)
     # Qwen3's head_dim of 128 whatever the width (transformers assumes it for Qwen3 GGUFs).
@@ -131,7 +134,20 @@ def test_gguf_of_every_quant_type_matches_transformers_reading_the_same_file(arc
     types = {t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
     assert set(ALL_QUANTS) <= types
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    assert_matches_transformers(str(path), hf_model, 320)
+    # Dequantized at load: transformers' numbers exactly.
+    assert_matches_transformers(str(path), hf_model, 320, quantization="none")
+    # Kept quantized (the CPU's default), the 4-bit kernel run with fp32 activations: the same
+    # numbers again, so the blocks' unpacking, the stacking and the LM head are exact (Q6_K,
+    # re-quantized to 8 bits, is left out: tests/kernels/test_quant_linear.py bounds it).
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    write_gguf(hf_source, exact / "tiny.gguf", arch, [q for q in ALL_QUANTS if q != Q.Q6_K], eos_token_id=0)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(exact), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    with monkeypatch.context() as m:
+        m.setattr(quant_linear, "KERNEL_DTYPE", torch.float32)
+        runner = assert_matches_transformers(str(exact / "tiny.gguf"), hf_model, 320)
+    kept = [m for m in runner.model.modules() if getattr(m, "int4", None) is not None]
+    assert {type(m).__name__ for m in kept} >= {"MergedLinear", "RowParallelLinear"}  # the path was taken
 
 
 def test_gguf_llama3_rope_freqs_match_the_hugging_face_model(tiny, tokenizer, tmp_path) -> None:

@@ -1,0 +1,90 @@
+"""Linear layers on 4-bit weights with a scale and a zero per group of 32 inputs.
+
+A weight is a sum of P parts (P = 1 for GGUF's 4-bit formats, 2 for 8-bit ones split into a
+high and a low nibble, gpu_worker/gguf_quant.py), each part's element being
+
+    w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32],    q in 0..15
+
+(the layout torch's int4 CPU kernel, `aten._weight_int4pack_mm_for_cpu`, reads). On the CPU
+the P parts are packed as one matrix of P * N rows and multiplied by that kernel with bf16
+activations, and the parts' outputs added; `int4_linear_ref` is the reference (dequantize in
+fp32, then one matmul), which also runs on any other device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32
+# The activations' dtype in the CPU kernel: its bf16 path is ~30x faster than its fp32 one, which
+# the tests use to check a quantized model against transformers to fp32 precision.
+KERNEL_DTYPE = torch.bfloat16
+
+
+@dataclass
+class Int4Parts:
+    """q: uint8 [P, N, K] in 0..15; scale, zero: fp32 [P, N, K // 32]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[1], self.q.shape[2])
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in fp32."""
+        w = (self.q.float() - 8) * self.scale.repeat_interleave(GROUP, -1) + self.zero.repeat_interleave(GROUP, -1)
+        return w.sum(0)
+
+    def padded(self, num_parts: int) -> Int4Parts:
+        """The same weight in `num_parts` parts, the added ones zero (q 8, scale 0, zero 0)."""
+        extra = num_parts - self.q.shape[0]
+        if extra <= 0:
+            return self
+        return Int4Parts(
+            torch.cat([self.q, torch.full((extra, *self.q.shape[1:]), 8, dtype=self.q.dtype)]),
+            torch.cat([self.scale, torch.zeros(extra, *self.scale.shape[1:])]),
+            torch.cat([self.zero, torch.zeros(extra, *self.zero.shape[1:])]),
+        )
+
+    @staticmethod
+    def cat_rows(parts: list[Int4Parts]) -> Int4Parts:
+        """Projections stacked by rows (q/k/v, gate/up), padded to the same number of parts."""
+        num_parts = max(p.q.shape[0] for p in parts)
+        parts = [p.padded(num_parts) for p in parts]
+        return Int4Parts(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("q", "scale", "zero")))
+
+
+def int4_linear_ref(x: torch.Tensor, parts: Int4Parts, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] against the dequantized weight, in x's dtype."""
+    return F.linear(x, parts.dequantize().to(x.dtype), bias)
+
+
+class Int4Weight:
+    """A weight packed for the CPU kernel: `weight(x)` is x W^T for x [..., K] of any float dtype."""
+
+    def __init__(self, parts: Int4Parts, dtype: torch.dtype | None = None) -> None:
+        p, n, k = parts.q.shape
+        if k % GROUP:
+            raise ValueError(f"a 4-bit weight needs a multiple of {GROUP} inputs, not {k}")
+        self.num_parts, self.out_features, self.in_features = p, n, k
+        self.dtype = dtype or KERNEL_DTYPE  # the kernel's activation dtype
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(parts.q.reshape(p * n, k).to(torch.int32), 1)
+        # [K // 32, P * N, 2]: each group's (scale, zero) for every packed row.
+        self.scale_zero = torch.stack([parts.scale, parts.zero], dim=-1).reshape(p * n, k // GROUP, 2)
+        self.scale_zero = self.scale_zero.transpose(0, 1).contiguous().to(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(self.dtype), self.packed, GROUP, self.scale_zero
+        )
+        y = y.to(x.dtype)
+        if self.num_parts > 1:
+            y = y.view(-1, self.num_parts, self.out_features).sum(1)
+        return y.view(*lead, self.out_features)
