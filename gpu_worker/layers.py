@@ -18,7 +18,7 @@ from gpu_worker.gguf_quant import GGUFQuantized
 from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm
-from kernels.quant_linear import Int4Parts, Int4Weight
+from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
 # ---- activations ---------------------------------------------------------------------------
 
@@ -177,8 +177,8 @@ class VocabParallelEmbedding(nn.Module):
     gives every rank the whole embedding. Its weight doubles as a tied LM head's.
 
     A GGUF's quantized matrix (on the CPU, one rank) stays in its blocks (`quantized`, a view
-    of the mapped file): a lookup dequantizes the rows it reads, and `logits` goes through the
-    4-bit kernel, packed at load for the model's output layer (`prepare_logits`)."""
+    of the mapped file): a lookup dequantizes the rows it reads, and `logits` goes through an
+    int8 kernel, its weights made at load for the model's output layer (`prepare_logits`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
@@ -187,7 +187,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp().rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim))
         self.quantized: GGUFQuantized | None = None
-        self.int4: Int4Weight | None = None
+        self.int8: Int8RowWeight | None = None  # the LM head's matmul, when quantized
 
     def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
         if tp().size != 1:
@@ -196,22 +196,23 @@ class VocabParallelEmbedding(nn.Module):
         self.quantized, self.weight = src, None
 
     def prepare_logits(self) -> None:
-        if self.quantized is not None and self.int4 is None:
-            self.int4 = Int4Weight(self.quantized.int4_parts())
+        if self.quantized is not None and self.int8 is None:
+            self.int8 = Int8RowWeight(self.quantized.dequantize())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> this rank's logits [N, rows] (the LM head's matmul).
 
-        The 4-bit kernel writes bf16, which rounds logits near 25 to multiples of 1/8: enough
-        to swap two near-tied tokens. So the RESCORED best of each row are computed again in
-        fp32 from the exact weights: the argmax (and the likeliest tokens' probabilities) are
-        then the fp32 ones whenever the true best token is among the RESCORED best rounded
-        ones (its rounded logit is within 2^-8 of its value of the top's)."""
+        Quantized, the logits come from a per-row int8 copy of the matrix (bf16 out, which
+        rounds logits near 25 to multiples of 1/8: enough to swap two near-tied tokens). So the
+        RESCORED best of each row are computed again in fp32 from the checkpoint's own blocks:
+        the argmax and the likeliest tokens' logits are then exact whenever the true best token
+        is among the RESCORED best approximate ones (its approximate logit is off by a few
+        hundredths; the RESCORED-th is typically several units below the best)."""
         if self.quantized is None:
             return linear(hidden, self.weight)
         self.prepare_logits()
-        assert self.int4 is not None
-        logits = self.int4(hidden)
+        assert self.int8 is not None
+        logits = self.int8(hidden)
         top = logits.topk(min(RESCORED, logits.shape[-1]), dim=-1).indices
         for start in range(0, len(hidden), 64):  # bounded memory for long prompt-logprob runs
             ids = top[start : start + 64]

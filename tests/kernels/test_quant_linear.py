@@ -91,9 +91,12 @@ def test_embedding_rows_and_rescored_logits() -> None:
     assert torch.equal(emb(ids), dense[ids])
     h = torch.randn(4, hidden, generator=torch.Generator().manual_seed(5))
     logits, exact = emb.logits(h), h @ dense.T
-    # Each row's RESCORED best are fp32 exact, so the argmax is the exact one...
-    top = exact.topk(RESCORED, dim=-1).indices
+    # Each row's RESCORED best (by the int8 copy) are recomputed in fp32, which takes in the
+    # truly best few: those and the argmax are exact...
+    top = exact.topk(RESCORED // 4, dim=-1).indices
     torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
-    # ... and the rest carry the bf16 kernel's rounding.
-    assert 0 < (logits - exact).abs().max() < exact.abs().max() * 2**-7
+    rescored = (logits - exact).abs() < 1e-4
+    assert int(rescored.sum()) >= RESCORED * len(h)  # the rescored ones (and a few close by chance)
+    # ... and the rest carry the per-row int8 copy's error.
+    assert 0 < (logits - exact).abs().max() < exact.abs().max() * 2**-5
