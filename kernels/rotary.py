@@ -14,9 +14,5 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotate x [T, heads, head_dim] by its token's angles; cos, sin: [T, head_dim]."""
     cos = cos[:, None].to(x.dtype)
     sin = sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = x * cos  # + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1)
-    out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
-    out[..., half:].addcmul_(x1, sin[..., half:])
-    return out
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)  # x cos + rotate_half(x) sin

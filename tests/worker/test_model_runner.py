@@ -172,7 +172,8 @@ def test_three_prompts_batched_give_transformers_greedy_tokens(
 
 def test_quantized_logits_teacher_forced_stay_within_the_stated_bound(quantized_runner, hf_model, chat_prompts) -> None:
     """The embedded GGUF on the CPU runs 4-bit kernels with bf16 activations: along transformers'
-    own greedy continuation (32 tokens each), every logit within 1.0 of fp32's, the gap between
+    own greedy continuation (32 tokens each), every logit within 1.5 of fp32's (the tail comes
+    from the LM head's int8 copy; the best are rescored exactly), the gap between
     transformers' two likeliest within 0.4, and the same top token wherever that gap is over
     NEAR_TIE (the figures measured are in docs/BENCHMARKS.md)."""
     runner = quantized_runner
@@ -183,7 +184,7 @@ def test_quantized_logits_teacher_forced_stay_within_the_stated_bound(quantized_
         with torch.inference_mode():
             ref = hf_model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
         ours = runner_last_logits(runner, [full[:n] for n in range(len(prompt), len(full))])
-        assert (ours - ref).abs().max() < 1.0
+        assert (ours - ref).abs().max() < 1.5
         top2 = ref.topk(2, dim=-1)
         gap_ref = top2.values[:, 0] - top2.values[:, 1]
         gap_ours = ours.gather(1, top2.indices)
