@@ -48,6 +48,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--engine-args", default="", help="extra `pagoda serve` flags, one string")
+        if name in ("throughput", "latency", "serve"):
+            p.add_argument("--speculative-config", metavar="JSON",
+                           help="vLLM's speculative_config, e.g. '{\"method\": \"ngram\", "
+                                "\"num_speculative_tokens\": 4}' (latency and throughput: a run without it "
+                                "and one with it, same prompts)")
+        if name == "latency":
+            p.add_argument("--prompts", choices=["random", "copy"], default="random",
+                           help="copy: chats that ask to repeat a passage given in the prompt (a copy-heavy "
+                                "workload for speculative decoding), each alone, up to --output-len tokens")
         if name in ("throughput", "serve", "prefix", "faults"):
             p.add_argument("--num-prompts", type=int,
                            default={"throughput": 256, "serve": 400, "prefix": 64, "faults": 256}[name])
@@ -122,6 +131,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from bench.limits import ModelCost
     from bench.shapes import make_random_model
     from bench.workloads import (
+        Req,
         random_requests,
         run_hf_continuous,
         run_hf_latency,
@@ -178,6 +188,12 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             r["max_num_seqs"] = mns
             runs.append(r)
         results["pagoda"] = runs
+        if args.speculative_config:
+            mns = args.max_num_seqs[-1]
+            spec = run_pagoda(model, reqs, _engine_args(args, device, max_num_seqs=mns,
+                                                        speculative_config=args.speculative_config))
+            results["speculative"] = spec
+            results["speculative_vs_none"] = _ratio(spec["output_tokens_per_s"], runs[-1]["output_tokens_per_s"])
         if args.structured_fraction:
             mns = args.max_num_seqs[-1]
             constrained = run_pagoda(model, reqs, _engine_args(args, device, max_num_seqs=mns),
@@ -195,12 +211,26 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             results["hf_continuous"] = run_hf_continuous(model, reqs, device)
             results["ratio_to_hf_continuous"] = _ratio(best, results["hf_continuous"]["output_tokens_per_s"])
     elif args.workload == "latency":
-        reqs = random_requests(3, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
-        r = run_pagoda(model, reqs[:1], _engine_args(args, device))
-        runs = [r] + [run_pagoda(model, [q], _engine_args(args, device)) for q in reqs[1:2]]
+        if args.prompts == "copy":
+            from bench.copy_prompts import copy_prompt_ids
+
+            reqs = [Req(ids, _lens(args.output_len)[1], ignore_eos=False) for ids in copy_prompt_ids(model)]
+            runs = [run_pagoda(model, reqs, _engine_args(args, device), one_at_a_time=True)]
+        else:
+            reqs = random_requests(3, _lens(args.input_len), _lens(args.output_len), vocab, args.seed)
+            r = run_pagoda(model, reqs[:1], _engine_args(args, device))
+            runs = [r] + [run_pagoda(model, [q], _engine_args(args, device)) for q in reqs[1:2]]
         best = max(runs, key=lambda x: x["decode_tokens_per_s_mean"])
         results["pagoda"] = {"ttft_s": min(x["ttft_mean_s"] for x in runs),
                              "decode_tokens_per_s": best["decode_tokens_per_s_mean"], "runs": runs}
+        if args.speculative_config:
+            spec = run_pagoda(model, reqs if args.prompts == "copy" else reqs[:1],
+                              _engine_args(args, device, speculative_config=args.speculative_config),
+                              one_at_a_time=args.prompts == "copy")
+            results["speculative"] = spec
+            results["speculative_vs_none"] = {
+                "decode": spec["decode_tokens_per_s_mean"] / runs[0]["decode_tokens_per_s_mean"],
+                "same_greedy_tokens": spec["output_token_ids"] == runs[0]["output_token_ids"]}
         if cost:
             ctx = len(reqs[0].prompt_ids) + reqs[0].output_len // 2
             results["limit"] = {"decode_tokens_per_s": 1 / cost.decode_step_seconds(ctx),
@@ -311,6 +341,8 @@ def _start_server(args: argparse.Namespace, model: str, device: str,
     """`pagoda serve` on `model`, ready; its output to `log` (a file) if given."""
     port = 8400 + os.getpid() % 500
     flags = [f"--model={model}", f"--port={port}", f"--device={device}", *args.engine_args.split()]
+    if getattr(args, "speculative_config", None):
+        flags.append(f"--speculative-config={args.speculative_config}")
     proc = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", *flags], stdout=log, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
     _wait_ready(base_url, proc)

@@ -21,7 +21,8 @@ from bench.limits import ModelCost
 @dataclass
 class Req:
     prompt_ids: list[int]
-    output_len: int
+    output_len: int  # exact with ignore_eos, else at most
+    ignore_eos: bool = True
 
 
 def random_requests(num: int, input_lens: tuple[int, int], output_lens: tuple[int, int], vocab: int,
@@ -65,10 +66,12 @@ def _constrained(i: int, fraction: float) -> bool:
 
 
 def run_pagoda(
-    model: str, reqs: list[Req], engine_args: dict[str, Any], structured_fraction: float = 0.0
+    model: str, reqs: list[Req], engine_args: dict[str, Any], structured_fraction: float = 0.0,
+    one_at_a_time: bool = False,
 ) -> dict[str, Any]:
     """`structured_fraction`: that share of the requests constrained by BENCH_SCHEMA, and the
-    TTFT a schema adds measured first (`schema_ttft`)."""
+    TTFT a schema adds measured first (`schema_ttft`). `one_at_a_time`: each request alone
+    (batch 1), in order, instead of all at once."""
     from frontend import LLM, SamplingParams
     from protocol import SchedulerStats
     from protocol.messages import StructuredOutputs
@@ -85,14 +88,17 @@ def run_pagoda(
             schema_ttft = _schema_ttft(llm, reqs[0].prompt_ids)
         params = [
             SamplingParams(
-                temperature=0, ignore_eos=True, max_tokens=r.output_len,
+                temperature=0, ignore_eos=r.ignore_eos, max_tokens=r.output_len,
                 structured_outputs=schema if _constrained(i, structured_fraction) else None,
             )
             for i, r in enumerate(reqs)
         ]
         before = _settled_stats(llm, SchedulerStats())  # the warm-up's final figures
         start = time.perf_counter()
-        outs = llm.generate([r.prompt_ids for r in reqs], params, use_tqdm=False)
+        if one_at_a_time:
+            outs = [llm.generate([r.prompt_ids], [p], use_tqdm=False)[0] for r, p in zip(reqs, params)]
+        else:
+            outs = llm.generate([r.prompt_ids for r in reqs], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         stats = _settled_stats(llm, before)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -116,7 +122,23 @@ def run_pagoda(
         "num_preemptions": stats.num_preemptions,
         # Share of the worker's time spent waiting for the next plan while work was queued.
         "worker_idle_fraction": _idle_fraction(before, stats),
+        "output_token_ids": [o.outputs[0].token_ids for o in outs],
+        **_spec_figures(before, stats),
     }
+
+
+def _spec_figures(before: Any, after: Any) -> dict[str, Any]:
+    """Speculative decoding over the run: drafts, acceptance rate, mean tokens per verified step."""
+    drafts = after.spec_num_drafts - before.spec_num_drafts
+    if not drafts:
+        return {}
+    tokens = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    per_pos = [a - (before.spec_num_accepted_tokens_per_pos[i] if i < len(before.spec_num_accepted_tokens_per_pos)
+                    else 0) for i, a in enumerate(after.spec_num_accepted_tokens_per_pos)]
+    return {"spec_num_drafts": drafts, "spec_num_draft_tokens": tokens, "spec_num_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / tokens if tokens else 0.0,
+            "spec_mean_acceptance_length": 1 + accepted / drafts, "spec_accepted_per_pos": per_pos}
 
 
 def _schema_ttft(llm: Any, prompt_ids: list[int], reps: int = 5) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import threading
 import time
@@ -67,7 +68,10 @@ logger = logging.getLogger("pagoda.llm")
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         engine_args.setdefault("num_tokenizers", 1)
+        if isinstance(engine_args.get("speculative_config"), dict):  # vLLM's form: a dict
+            engine_args["speculative_config"] = json.dumps(engine_args["speculative_config"])
         self.config = EngineConfig(model=model, **engine_args).with_addresses()
+        self.config.speculative  # noqa: B018 (a bad speculative_config fails here, not in the scheduler)
         self._group = ProcessGroup(self.config, with_frontend=False)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagoda-llm", daemon=True)

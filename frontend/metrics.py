@@ -55,10 +55,20 @@ class _EngineCollector(Collector):
             ("num_preemptions", "Requests preempted to free KV cache blocks.", s.num_preemptions),
             ("engine_views", "Engine views the scheduler built (only while /engine/stream is watched).",
              s.num_engine_views),
+            # vLLM's speculative decoding counters.
+            ("spec_decode_num_drafts", "Requests scheduled with draft tokens (one per request per step).",
+             s.spec_num_drafts),
+            ("spec_decode_num_draft_tokens", "Draft tokens scheduled.", s.spec_num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens the target model kept.", s.spec_num_accepted_tokens),
         ):
             counter = CounterMetricFamily(f"pagoda:{name}", doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        per_pos = CounterMetricFamily("pagoda:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens kept, by position in the draft.", labels=["model_name", "position"])
+        for position, value in enumerate(s.spec_num_accepted_tokens_per_pos):
+            per_pos.add_metric([self.model_name, str(position)], value)
+        yield per_pos
         # What each process still holds: all 0 when the server is idle (the soak checks it).
         held = GaugeMetricFamily(
             "pagoda:requests_held", "Requests a process holds state for, by process.", labels=["model_name", "process"]

@@ -42,6 +42,9 @@ class StepBatch:
     sampled_rows: np.ndarray  # [N] their rows: rows[sampling]
     staging: StepBuffers  # the pinned host buffers this step was staged in
     graph: GraphKey | None = None  # the captured graph this step replays, padded to its size
+    # Speculative decoding: each sampling request's logits count (1 + its drafts; logits_indices
+    # then holds its last that many positions); None when no request has drafts.
+    num_logits: np.ndarray | None = None
 
 
 @dataclass
@@ -80,7 +83,7 @@ class StepBuffers:
         self.slots = buf(max_tokens, torch.int64)
         self.seq_lens = buf(max_seqs, torch.int32)
         self.qsl = buf(max_seqs + 1, torch.int32)
-        self.logits_idx = buf(max_seqs, torch.int64)
+        self.logits_idx = buf(max(max_tokens, max_seqs), torch.int64)  # drafts: several per request
         self.tables = buf(max_seqs * max_blocks, torch.int32)  # packed: [B, blocks in use], contiguous
         self.sampled = buf(max_seqs, torch.int64)  # on the host: the step's sampled tokens, read back
         if device.type == "cpu":
@@ -126,6 +129,8 @@ class InputBatch:
         self.num_computed = np.zeros(num_rows, dtype=np.int64)
         self.num_row_blocks = np.zeros(num_rows, dtype=np.int64)
         self.block_table = np.zeros((num_rows, self.max_blocks_per_seq), dtype=np.int32)
+        # Draft tokens written after a row's known tokens for this step (speculative decoding).
+        self.num_drafts = np.zeros(num_rows, dtype=np.int64)
         # A row's newest token may still be on the device (sampled by the unfinished step):
         # then pending_step is that step's id and pending_index its place in the step's output.
         self.pending_step = np.full(num_rows, -1, dtype=np.int64)
@@ -135,7 +140,8 @@ class InputBatch:
     def _grow_rows(self) -> None:
         """More live requests than rows (e.g. preempted ones not yet dropped): double them."""
         old = self.num_tokens.shape[0]
-        arrays = ("token_ids", "num_tokens", "num_prompt_tokens", "num_computed", "num_row_blocks", "block_table")
+        arrays = ("token_ids", "num_tokens", "num_prompt_tokens", "num_computed", "num_row_blocks", "block_table",
+                  "num_drafts")
         for name in arrays:
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
@@ -154,6 +160,12 @@ class InputBatch:
             row = self.requests[cached.request_id]
             self._append_blocks(row, cached.new_block_ids)
             self.num_computed[row] = cached.num_computed_tokens
+        for request_id, drafts in plan.spec_token_ids.items():
+            row = self.requests[request_id]
+            assert self.pending_step[row] == -1, "drafts follow a token on the host"
+            n = self.num_tokens[row]
+            self.token_ids[row, n : n + len(drafts)] = drafts
+            self.num_drafts[row] = len(drafts)
 
     def add_request(self, new: NewRequestData) -> None:
         # A request sent as new again (resumed after preemption) starts over from its data.
@@ -167,6 +179,7 @@ class InputBatch:
         self.num_prompt_tokens[row] = n - new.num_output_tokens
         self.num_computed[row] = new.num_computed_tokens
         self.num_row_blocks[row] = 0
+        self.num_drafts[row] = 0
         self._append_blocks(row, new.block_ids)
         self.sampling.add(row, new.sampling)
         if new.sampling.grammar is not None and self.grammars is not None:
@@ -202,6 +215,15 @@ class InputBatch:
         self.pending_step[step.rows] = step.step_id
         self.pending_index[step.rows] = np.arange(len(step.rows))
         self.unfinished = step
+
+    def append_tokens(self, rows: np.ndarray, tokens: list[list[int]]) -> None:
+        """A speculative step's tokens, already on the host: each row's kept drafts and one more
+        token (one token for a row without drafts) replace its drafts."""
+        for row, row_tokens in zip(rows.tolist(), tokens, strict=True):
+            n = self.num_tokens[row]
+            self.token_ids[row, n : n + len(row_tokens)] = row_tokens
+            self.num_tokens[row] = n + len(row_tokens)
+            self.num_drafts[row] = 0
 
     def tokens_arrived(self, step: PendingStep, token_ids: list[int]) -> None:
         """The step's tokens are on the host: write them into their rows, free the dropped rows."""
@@ -258,12 +280,13 @@ class InputBatch:
         num_seqs, num_tokens = len(rows), int(counts.sum())
         start = self.num_computed[rows]
         end = start + counts
-        bad = (counts < 1) | (end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_row_blocks[rows])
+        known = self.num_tokens[rows] + self.num_drafts[rows]  # drafts are computed like known tokens
+        bad = (counts < 1) | (end > known) | (-(-end // self.block_size) > self.num_row_blocks[rows])
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise RuntimeError(
                 f"scheduled tokens {start[i]}..{end[i]} of request {request_ids[i]} with "
-                f"{self.num_tokens[rows[i]]} tokens and {self.num_row_blocks[rows[i]]} blocks"
+                f"{known[i]} tokens and {self.num_row_blocks[rows[i]]} blocks"
             )
         buffers = self.buffers
         if num_tokens > buffers.max_tokens or num_seqs > buffers.max_seqs:
@@ -298,8 +321,15 @@ class InputBatch:
         np.add(tables[seq, positions // self.block_size] * self.block_size, positions % self.block_size, out=slots)
         seq_lens = host["seq_lens"][:padded]
         seq_lens[:num_seqs] = end
-        sampling = np.flatnonzero(end == self.num_tokens[rows])
-        host["logits_idx"][: len(sampling)] = qsl[1:][sampling] - 1
+        sampling = np.flatnonzero(end == known)
+        last = qsl[1:][sampling] - 1
+        drafts = self.num_drafts[rows[sampling]]
+        num_logits = None
+        if drafts.any():  # every position of a row with drafts is scored: [last - drafts, last]
+            num_logits = drafts + 1
+            offsets = np.arange(int(num_logits.sum())) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
+            last = np.repeat(last - drafts, num_logits) + offsets
+        host["logits_idx"][: len(last)] = last
         if padded_tokens > num_tokens:
             # Padding tokens write nowhere; their outputs are never read.
             pad = slice(num_tokens, padded_tokens)
@@ -319,7 +349,7 @@ class InputBatch:
         slots_d = _stage(st.slots, buffers.slots, padded_tokens)
         seq_lens_d = _stage(st.seq_lens, buffers.seq_lens, padded)
         qsl_d = _stage(st.qsl, buffers.qsl, padded + 1)
-        logits_idx = _stage(st.logits_idx, buffers.logits_idx, len(sampling))
+        logits_idx = _stage(st.logits_idx, buffers.logits_idx, len(last))
         packed = _stage(st.tables, buffers.tables, num_seqs * max_blocks)
         if self.unfinished is not None:
             self._patch_pending_tokens(input_ids, token_rows, positions, self.unfinished)
@@ -346,6 +376,7 @@ class InputBatch:
             sampled_rows=rows[sampling],
             staging=st,
             graph=graph,
+            num_logits=num_logits,
         )
 
     def _patch_pending_tokens(

@@ -9,6 +9,7 @@ tokens are now all computed: prepare -> forward -> sample -> hand back.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -21,7 +22,9 @@ from gpu_worker.loader import ModelLoadError, load_model
 from gpu_worker.parallel import group_init_method, init_tensor_parallel
 from gpu_worker.prompt_logprobs import PromptLogprobsTracker
 from gpu_worker.sampler import Sampler, SamplerOutput
+from gpu_worker.spec_decode.verify import verify_drafts
 from gpu_worker.structured_outputs import GrammarMask, GrammarRows
+from gpu_worker.transfer import to_device
 from protocol.config import EngineConfig
 from protocol.messages import StepPlan, StepResult
 
@@ -88,6 +91,8 @@ class ModelRunner:
             return self._empty_step(plan.step_id, began)
         batch = self.input_batch.prepare(plan.num_scheduled_tokens, self.graphs)
         prev = self.input_batch.unfinished
+        if batch.num_logits is not None:
+            return self._speculative_step(plan, batch, prev, began)
         if prev is not None and self.input_batch.needs_history(batch):
             self.finish(prev)  # the penalties read every token so far on the host
         with torch.inference_mode():
@@ -97,6 +102,71 @@ class ModelRunner:
             out = self.sampler(logits, self.input_batch.sampling_metadata(batch), grammar)
             self.prompt_logprobs.launch(plan, self.model, hidden, batch, self.input_batch)
         return self._hand_back(plan.step_id, batch, out, began)
+
+    def _speculative_step(
+        self, plan: StepPlan, batch: StepBatch, prev: PendingStep | None, began: float
+    ) -> PendingStep:
+        """A step where some requests carry draft tokens: run to its end before returning (the
+        next step's inputs depend on how many drafts are kept). Rows with drafts are verified
+        (gpu_worker/spec_decode/verify.py); the others sample as in any step."""
+        if prev is not None:
+            self.finish(prev)
+        assert batch.num_logits is not None
+        with torch.inference_mode():
+            hidden = self._forward(batch)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            self.prompt_logprobs.launch(plan, self.model, hidden, batch, self.input_batch)
+            ends = np.cumsum(batch.num_logits)
+            spec = np.flatnonzero(batch.num_logits > 1)
+            plain = np.flatnonzero(batch.num_logits == 1)
+            tokens: list[list[int]] = [[] for _ in range(len(ends))]
+            out = None
+            if len(plain):
+                sub = dataclasses.replace(batch, sampling=batch.sampling[plain], sampled_rows=batch.sampled_rows[plain])
+                grammar = self._grammar_mask(sub, None)
+                plain_logits = logits[to_device(ends[plain] - 1, self.device)]
+                out = self.sampler(plain_logits, self.input_batch.sampling_metadata(sub), grammar)
+                for i, token in zip(plain.tolist(), out.token_ids.tolist(), strict=True):
+                    tokens[i] = [token]
+            if len(spec):
+                rows = batch.sampled_rows[spec]
+                drafts = [
+                    self.input_batch.token_ids[row, n : n + d]
+                    for row, n, d in zip(rows, self.input_batch.num_tokens[rows], batch.num_logits[spec] - 1)
+                ]
+                firsts = ends[spec] - batch.num_logits[spec]
+                spec_logits = logits[to_device(np.concatenate([np.arange(f, e) for f, e in zip(firsts, ends[spec])]),
+                                               self.device)]
+                params = [self.input_batch.sampling.params[row] for row in rows]
+                for i, kept in zip(spec.tolist(), verify_drafts(spec_logits, drafts, params), strict=True):
+                    tokens[i] = kept
+        rows = batch.sampled_rows
+        if self.grammars and len(plain):
+            self.grammars.advance(rows[plain], [tokens[i][0] for i in plain])
+        self.input_batch.append_tokens(rows, tokens)
+        request_ids = [batch.request_ids[i] for i in batch.sampling]
+        result = StepResult(
+            step_id=plan.step_id,
+            request_ids=[rid for rid, t in zip(request_ids, tokens) for _ in t],
+            token_ids=[token for t in tokens for token in t],
+            prompt_logprobs=self.prompt_logprobs.collect(plan.step_id),
+        )
+        if out is not None and out.logprobs is not None:
+            # One entry per result row; rows with drafts never ask for logprobs (placeholders).
+            assert out.top_logprob_ids is not None and out.top_logprobs is not None
+            lp, ids, top = out.logprobs.tolist(), out.top_logprob_ids.tolist(), out.top_logprobs.tolist()
+            where = {i: j for j, i in enumerate(plain.tolist())}
+            result.logprobs, result.top_logprob_ids, result.top_logprobs = [], [], []
+            for i, t in enumerate(tokens):
+                j = where.get(i)
+                for _ in t:
+                    result.logprobs.append(lp[j] if j is not None else 0.0)
+                    result.top_logprob_ids.append(ids[j] if j is not None else [])
+                    result.top_logprobs.append(top[j] if j is not None else [])
+        step = PendingStep(plan.step_id, request_ids, rows, self.input_batch.num_tokens[rows].copy())
+        step.result = result
+        result.execute_s = time.perf_counter() - began
+        return step
 
     def _grammar_mask(self, batch: StepBatch, prev: PendingStep | None) -> GrammarMask | None:
         """The structured-output masks of the batch's constrained rows, made on the host while

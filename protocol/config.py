@@ -95,6 +95,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # of the model's text in its family's format (one of TOOL_CALL_PARSERS).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str = ""
+    # Speculative decoding (vLLM's --speculative-config): a JSON object of SpeculativeConfig's
+    # fields, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}.
+    speculative_config: str | None = None
     log_level: str = "info"
     step_log: str | None = None  # a JSON line per scheduled step, for tests and debugging
 
@@ -116,6 +119,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         )
 
     @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """`speculative_config` parsed (ValueError if it is not valid)."""
+        return SpeculativeConfig.parse(self.speculative_config) if self.speculative_config else None
+
+    @property
     def model_name(self) -> str:
         """The name clients use in the `model` field."""
         if self.served_model_name:
@@ -124,6 +132,41 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+SPECULATIVE_METHODS = ("ngram",)
+
+
+class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """vLLM's speculative_config fields. "ngram" (prompt lookup): the scheduler proposes the
+    tokens that followed the latest earlier occurrence of the sequence's last n tokens
+    (n from prompt_lookup_max down to prompt_lookup_min); the worker verifies up to
+    num_speculative_tokens of them per request in one forward and keeps the target's tokens
+    exactly (scheduler_svc/speculation.py). `disable_by_batch_size`: no drafts in a step that
+    runs more requests than this (a large batch is bound by compute, where verifying drafts
+    costs more than it saves)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    model: str | None = None  # the draft model (method "draft_model")
+    disable_by_batch_size: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> SpeculativeConfig:
+        try:
+            spec = msgspec.json.decode(text, type=cls)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise ValueError(f"speculative_config: {e}") from None
+        if spec.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config: method {spec.method!r} is not supported "
+                             f"(supported: {', '.join(SPECULATIVE_METHODS)})")
+        if spec.num_speculative_tokens < 1:
+            raise ValueError("speculative_config: num_speculative_tokens must be at least 1")
+        hi = spec.prompt_lookup_max or spec.prompt_lookup_min or 4
+        lo = spec.prompt_lookup_min or min(2, hi)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min ({lo}) <= prompt_lookup_max ({hi})")
+        return msgspec.structs.replace(spec, prompt_lookup_max=hi, prompt_lookup_min=lo)
 
 
 def _free_port() -> int:
@@ -184,6 +227,10 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     if config.tool_call_parser and config.tool_call_parser not in TOOL_CALL_PARSERS:
         known = ", ".join(TOOL_CALL_PARSERS)
         raise SystemExit(f"pagoda: --tool-call-parser {config.tool_call_parser!r} is not one of {known}")
+    try:
+        config.speculative  # noqa: B018 (parsed to be checked)
+    except ValueError as e:
+        raise SystemExit(f"pagoda: --{e}".replace("speculative_config", "speculative-config", 1)) from None
     if config.enable_auto_tool_choice and not config.tool_call_parser:
         raise SystemExit("pagoda: --enable-auto-tool-choice needs --tool-call-parser (one of "
                          f"{', '.join(TOOL_CALL_PARSERS)})")

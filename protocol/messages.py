@@ -163,6 +163,12 @@ class SchedulerStats(msgspec.Struct, tag=True):
     # start (stays 0 while nobody watches: the view costs nothing then).
     engine_view: EngineView | None = None
     num_engine_views: int = 0
+    # Speculative decoding (vLLM's spec_decode counters): requests that ran with drafts, draft
+    # tokens scheduled, drafts kept, and drafts kept at each draft position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -337,6 +343,10 @@ class StepPlan(msgspec.Struct, tag=True):
     # (source, destination) KV blocks to copy before the step runs: copy-on-write of the
     # partial prompt block a parallel sample (n > 1) starts from.
     block_copies: list[tuple[int, int]] = []
+    # Speculative decoding: a request's draft tokens, scheduled after its last token (its
+    # num_scheduled_tokens is 1 + len(drafts)); its result rows are the kept drafts and one
+    # more token, the request's id repeated on consecutive rows.
+    spec_token_ids: dict[str, list[int]] = {}
 
 
 class StepResult(msgspec.Struct, tag=True):

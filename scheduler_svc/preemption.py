@@ -43,7 +43,11 @@ def preempt(kv: KVCacheManager, running: list[Request], req: Request) -> None:
     running.remove(req)
     kv.free(req)
     req.num_computed_tokens = 0
-    req.num_stale_tokens += req.num_output_placeholders
+    if req.num_drafts_in_flight:  # its one step in flight returns an unknown number of rows
+        req.drop_results_through = req.last_step_id
+        req.num_drafts_in_flight = 0
+    else:
+        req.num_stale_tokens += req.num_output_placeholders
     req.num_output_placeholders = 0
     req.status = RequestStatus.PREEMPTED
     req.num_preemptions += 1

@@ -58,6 +58,12 @@ class Request:
         # Tokens still to come from steps planned before this request was preempted: the
         # worker's copy of the request that sampled them is gone, so they are dropped.
         self.num_stale_tokens = 0
+        # Speculative decoding: drafts scheduled in the step in flight (then no other step of
+        # this request is), the last step planned for it, and results to drop after a
+        # preemption (steps up to this id; a step with drafts returns 1 to k + 1 rows).
+        self.num_drafts_in_flight = 0
+        self.last_step_id = -1
+        self.drop_results_through = -1
         # Prefix cache: the hash of every full block of the known tokens, how many of this
         # request's blocks were offered to the cache, and how many tokens its last admission
         # found cached.

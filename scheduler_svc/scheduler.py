@@ -22,14 +22,16 @@ block ids of the others, block copies, and the ids of requests the worker may fo
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from protocol import CachedRequestData, NewRequestData, StepPlan, StepResult, TokenOutput
+from protocol.config import SpeculativeConfig
 from protocol.messages import Logprobs, PromptLogprobs
 from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.preemption import allocate_or_preempt, preempt
 from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.speculation import SpecCounters, can_speculate, propose
 
 logger = logging.getLogger("pagoda.scheduler")
 
@@ -44,6 +46,7 @@ class SchedulerConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     enable_prefix_caching: bool = True
     model_name: str = ""  # a prefix-cache extra key: K/V of one model is no use to another
+    speculative: SpeculativeConfig | None = None  # speculative decoding (speculation.py)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Scheduler:
         self._finished_for_worker: list[str] = []
         self._step_id = 0
         self.num_preemptions = 0
+        self.spec = SpecCounters()
 
     # ---- requests in and out -----------------------------------------------------------
 
@@ -150,6 +154,7 @@ class Scheduler:
         for req in self.requests.values():
             req.num_output_placeholders = 0
             req.num_stale_tokens = 0  # the steps that would have sampled them are lost
+            req.num_drafts_in_flight = 0
         self._finished_for_worker = []
         self.kv.reset_prefix_cache()
 
@@ -176,6 +181,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
+        drafts: dict[str, list[int]] = {}
+        spec = self.config.speculative
+        if spec is not None and len(self.running) > spec.disable_by_batch_size:
+            spec = None  # a large batch: verifying drafts would cost more than it saves
         # Samples fork only from a prompt computed by an earlier step: the worker copies the
         # leader's partial block at the start of the step, before this step writes anything.
         forkable = [
@@ -190,18 +199,27 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
-            if num_new <= 0 or self._stops_by_length_in_flight(req):
-                i += 1
+            if num_new <= 0 or req.num_drafts_in_flight or self._stops_by_length_in_flight(req):
+                i += 1  # (drafts in flight: its next tokens are unknown until their result)
                 continue
             num_new = min(num_new, budget)
-            blocks, preempted = allocate_or_preempt(self.kv, self.running, req, num_new)
+            proposal = []
+            if spec is not None and num_new == 1 and can_speculate(req):
+                if req.num_output_placeholders:
+                    i += 1  # drafts follow its newest token: wait for it (no overlap of its steps)
+                    continue
+                room = min(req.max_tokens - len(req.output_token_ids), self.config.max_model_len - req.num_tokens)
+                proposal = propose(spec, req, min(room - 1, budget - 1))
+            blocks, preempted = allocate_or_preempt(self.kv, self.running, req, num_new + len(proposal))
             self._requeue(preempted)
             if blocks is None:
                 break
             new_blocks[req.request_id] = blocks
-            scheduled[req.request_id] = num_new
+            scheduled[req.request_id] = num_new + len(proposal)
+            if proposal:
+                drafts[req.request_id] = proposal
             self.kv.cache_full_blocks(req, req.num_computed_tokens + num_new)
-            budget -= num_new
+            budget -= num_new + len(proposal)
             i += 1
 
         # Then parallel samples whose leader's prompt is computed: one token each.
@@ -241,7 +259,7 @@ class Scheduler:
 
         if not scheduled and not self._finished_for_worker:
             return None
-        return self._make_plan(scheduled, new_blocks, copies)
+        return self._make_plan(scheduled, new_blocks, copies, drafts)
 
     def _stops_by_length_in_flight(self, req: Request) -> bool:
         """Whether the tokens in flight already take `req` to its length limit: no more steps."""
@@ -257,7 +275,11 @@ class Scheduler:
         self.running.append(req)
 
     def _make_plan(
-        self, scheduled: dict[str, int], new_blocks: dict[str, list[int]], copies: list[tuple[int, int]]
+        self,
+        scheduled: dict[str, int],
+        new_blocks: dict[str, list[int]],
+        copies: list[tuple[int, int]],
+        drafts: dict[str, list[int]],
     ) -> StepPlan:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
@@ -282,7 +304,12 @@ class Scheduler:
                     CachedRequestData(req.request_id, new_blocks[req.request_id], req.num_computed_tokens)
                 )
             req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+            req.last_step_id = self._step_id + 1
+            if req.request_id in drafts:
+                # Its kept drafts and one more token come back: up to 1 + k rows.
+                req.num_drafts_in_flight = len(drafts[req.request_id])
+                req.num_output_placeholders = 1 + req.num_drafts_in_flight
+            elif req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
                 req.num_output_placeholders += 1  # this step samples its next token
         self._step_id += 1
         plan = StepPlan(
@@ -292,6 +319,7 @@ class Scheduler:
             num_scheduled_tokens=scheduled,
             finished_request_ids=self._finished_for_worker,
             block_copies=copies,
+            spec_token_ids=drafts,
         )
         self._finished_for_worker = []
         return plan
@@ -316,13 +344,22 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is not None and not req.output_token_ids:  # else: sent already
                 req.prompt_logprobs = _join_prompt_logprobs(req.prompt_logprobs, chunk)
+        rows_of = Counter(result.request_ids)  # a request with drafts has one row per token
         for row, (rid, token) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
             req = self.requests.get(rid)
             if req is None:
                 continue  # finished or aborted while the step ran
+            if result.step_id <= req.drop_results_through:
+                continue  # a step with drafts planned before a preemption: recomputed instead
             if req.num_stale_tokens > 0:
                 req.num_stale_tokens -= 1  # sampled before a preemption: recomputed instead
                 continue
+            if req.num_drafts_in_flight:  # its first row: how many drafts were kept
+                kept = rows_of[rid] - 1
+                self.spec.record(req.num_drafts_in_flight, kept)
+                req.num_computed_tokens -= req.num_drafts_in_flight - kept  # rejected: computed again
+                req.num_output_placeholders = rows_of[rid]
+                req.num_drafts_in_flight = 0
             if req.status is not RequestStatus.RUNNING or req.num_output_placeholders <= 0:
                 raise AssertionError(f"step {result.step_id} sampled a token {req} did not expect")
             req.num_output_placeholders -= 1

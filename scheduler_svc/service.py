@@ -197,6 +197,7 @@ class SchedulerService:
                     eos_token_ids=msg.eos_token_ids,
                     enable_prefix_caching=self.config.enable_prefix_caching,
                     model_name=self.config.model_name,
+                    speculative=self.config.speculative,
                 )
             )
         if len(self.groups) > 1:
@@ -385,6 +386,7 @@ class SchedulerService:
             "waiting": s.num_waiting,
             "free_blocks": s.block_pool.num_free,
             "num_preemptions": s.num_preemptions,
+            "spec_tokens": {rid: len(d) for rid, d in plan.spec_token_ids.items()},
             "prefix_cache_queries": s.kv.num_queries,
             "prefix_cache_hits": s.kv.num_hits,
             "in_flight": len(group.steps_in_flight),  # steps the worker had yet to finish

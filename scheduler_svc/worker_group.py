@@ -129,4 +129,16 @@ def summed_stats(schedulers: list[Scheduler], worker_busy_s: float, worker_idle_
         worker_busy_s=worker_busy_s,
         worker_idle_s=worker_idle_s,
         num_held=sum(len(s.requests) + len(s.samples) + len(s.pending_forks) for s in schedulers),
+        spec_num_drafts=sum(s.spec.num_drafts for s in schedulers),
+        spec_num_draft_tokens=sum(s.spec.num_draft_tokens for s in schedulers),
+        spec_num_accepted_tokens=sum(s.spec.num_accepted_tokens for s in schedulers),
+        spec_num_accepted_tokens_per_pos=_sum_lists([s.spec.accepted_per_pos for s in schedulers]),
     )
+
+
+def _sum_lists(lists: list[list[int]]) -> list[int]:
+    out = [0] * max((len(x) for x in lists), default=0)
+    for x in lists:
+        for i, v in enumerate(x):
+            out[i] += v
+    return out

@@ -11,6 +11,7 @@ tests/e2e/test_scheduler_with_runner.py drives the real model runner the same wa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import StepPlan, StepResult
@@ -25,13 +26,14 @@ def next_token(tokens: list[int], seed: int | None) -> int:
 
 
 def reference_output(
-    prompt: list[int], seed: int | None, max_tokens: int, max_model_len: int, ignore_eos: bool = False
+    prompt: list[int], seed: int | None, max_tokens: int, max_model_len: int, ignore_eos: bool = False,
+    model: Callable[[list[int], int | None], int] = next_token,
 ) -> list[int]:
     """What a request generates alone: until EOS, `max_tokens` or `max_model_len`."""
     tokens = list(prompt)
     out: list[int] = []
     while True:
-        tok = next_token(tokens, seed)
+        tok = model(tokens, seed)
         tokens.append(tok)
         out.append(tok)
         if (tok == EOS and not ignore_eos) or len(out) >= max_tokens or len(tokens) >= max_model_len:
@@ -47,10 +49,14 @@ class SimRequest:
 
 
 class SimWorker:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    """`model(tokens, seed)`: the next token (default `next_token`). Draft tokens in a plan are
+    verified greedily against it: kept while each is the model's token, then the model's own."""
+
+    def __init__(self, num_blocks: int, block_size: int, model: Callable[[list[int], int | None], int] | None = None):
         self.block_size = block_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.requests: dict[str, SimRequest] = {}
+        self.model = model or next_token
 
     def _slot(self, req: SimRequest, pos: int) -> tuple[int, int]:
         return req.block_ids[pos // self.block_size], pos % self.block_size
@@ -69,6 +75,11 @@ class SimWorker:
             req.block_ids.extend(cached.new_block_ids)
         for src, dst in plan.block_copies:
             self.kv[dst] = list(self.kv[src])
+        for rid, drafts in plan.spec_token_ids.items():
+            req = self.requests[rid]
+            assert plan.num_scheduled_tokens[rid] == 1 + len(drafts)
+            assert req.num_computed_tokens == len(req.token_ids) - 1, "drafts follow the last known token"
+            req.token_ids.extend(drafts)
 
         scheduled = [(self.requests[rid], n) for rid, n in plan.num_scheduled_tokens.items()]
         # As in each model layer: every token's K/V is written, then every token reads.
@@ -86,10 +97,17 @@ class SimWorker:
                 b, off = self._slot(req, pos)
                 assert self.kv[b][off] == req.token_ids[pos], f"{rid} reads a wrong token at {pos} (block {b})"
             if req.num_computed_tokens == len(req.token_ids):
-                tok = next_token(req.token_ids, req.seed)
-                req.token_ids.append(tok)
-                request_ids.append(rid)
-                token_ids.append(tok)
+                drafts = plan.spec_token_ids.get(rid, [])
+                known = len(req.token_ids) - len(drafts)
+                out = []
+                for i in range(len(drafts) + 1):
+                    out.append(self.model(req.token_ids[: known + i], req.seed))
+                    if i == len(drafts) or out[-1] != drafts[i]:
+                        break
+                req.token_ids[known:] = out
+                req.num_computed_tokens = known + len(out) - 1  # the rejected drafts' K/V is stale
+                request_ids += [rid] * len(out)
+                token_ids += out
         return StepResult(plan.step_id, request_ids, token_ids)
 
     def _write(self, req: SimRequest, pos: int) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.spec_decode.ngram import propose_ngram
+from scheduler_svc.ngram import propose_ngram
 from gpu_worker.spec_decode.rejection_sampler import AcceptanceStats, acceptance_stats, rejection_sample
 
 VOCAB = 12

@@ -1,0 +1,138 @@
+"""Speculative decoding (n-gram drafts) through every process, on the embedded SmolLM2.
+
+The model is dequantized to fp32 (`quantization="none"`), where a row's numbers do not depend on
+how many positions a forward scores: greedy text with drafts must then be transformers' own,
+token for token. (With the CPU's bf16 4-bit kernels a near-tie may flip either way; the
+quantized path is held to its bound in tests/worker/test_model_runner.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import openai
+import pytest
+import torch
+
+from bench.copy_prompts import copy_messages
+from frontend import LLM, SamplingParams
+from protocol import EMBEDDED_MODEL_NAME, EngineConfig
+from tests.conftest import start_server
+from tests.e2e.streams import member_pid
+from tokenizer_svc.tokenizer_loader import load_tokenizer
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+OTHER = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "user", "content": "Write a haiku about the sea."}]]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(max_model_len=1024, quantization="none", speculative_config=SPEC) as llm:
+        yield llm
+
+
+def _hf_greedy(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    from gpu_worker.loader import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    outs = []
+    for ids in prompts:
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                             eos_token_id=2)  # <|im_end|>: where the engine's greedy answer stops too
+        outs.append(ref[0, len(ids):].tolist())
+    return outs
+
+
+def test_greedy_text_with_drafts_is_the_target_models_own(llm):
+    tok = load_tokenizer(EngineConfig())
+    chats = copy_messages()[:3] + OTHER
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in chats]
+    before = llm.scheduler_stats
+    # Four at once (the default disable_by_batch_size), then one alone: prompts of 14 to 100 tokens.
+    outs = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)
+    outs += llm.generate(prompts[4:], SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)
+    expected = _hf_greedy(prompts, 80)
+    for out, ref in zip(outs, expected, strict=True):
+        ids = list(out.outputs[0].token_ids)
+        assert ids == ref[: len(ids)] and (len(ids) == 80 or ids[-1] == 2 or len(ids) == len(ref)), out.outputs[0].text
+    after = _settled(llm, before)
+    drafts = after.spec_num_drafts - before.spec_num_drafts
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    assert drafts > 10 and accepted > drafts  # the copies keep most of their drafts
+    assert len(after.spec_num_accepted_tokens_per_pos) == 4
+
+
+def test_stops_max_tokens_and_sampling_with_drafts(llm):
+    chat = copy_messages()[1]  # the library passage: "... for three weeks. Books can be renewed ..."
+    out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=200, stop=["three weeks"]), use_tqdm=False)[0]
+    text = out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop" and text.endswith("for ") and "three" not in text
+    out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=23), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 23 and out.outputs[0].finish_reason == "length"
+    outs = llm.chat([chat] * 3, SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=40), use_tqdm=False)
+    for o in outs:
+        assert 0 < len(o.outputs[0].token_ids) <= 40 and o.outputs[0].text
+
+
+def _settled(llm, before, timeout_s: float = 10.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = llm.scheduler_stats
+        if stats.num_steps > before.num_steps and stats.num_running == 0:
+            return stats
+        time.sleep(0.05)
+    return llm.scheduler_stats
+
+
+def test_streams_with_drafts_survive_a_worker_kill(tmp_path):
+    server = start_server(str(tmp_path), "--max-model-len", "1024", "--quantization", "none",
+                          "--speculative-config", json.dumps(SPEC))
+    try:
+        chats = copy_messages()[:4]
+        started = [asyncio.Event() for _ in chats]
+
+        async def run(kill: bool) -> list[str]:
+            client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+            async def stream(i: int) -> str:
+                chunks = await client.chat.completions.create(
+                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=120, stream=True)
+                text = []
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text.append(chunk.choices[0].delta.content)
+                        if len(text) >= 10:
+                            started[i].set()
+                return "".join(text)
+
+            tasks = [asyncio.create_task(stream(i)) for i in range(len(chats))]
+            if kill:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+                os.kill(member_pid(server, "worker"), signal.SIGKILL)
+            texts = await asyncio.gather(*tasks)
+            await client.close()
+            return texts
+
+        undisturbed = asyncio.run(run(kill=False))
+        for e in started:
+            e.clear()
+        assert asyncio.run(run(kill=True)) == undisturbed
+        assert "restart" in server.log().lower()
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert "pagoda:spec_decode_num_accepted_tokens_total" in metrics
+        per_pos = 'pagoda:spec_decode_num_accepted_tokens_per_pos_total{model_name="SmolLM2-135M-Instruct",position="0"}'
+        assert per_pos in metrics
+    finally:
+        server.stop()
