@@ -132,7 +132,8 @@ def test_streams_with_drafts_survive_a_worker_kill(tmp_path):
         assert "restart" in server.log().lower()
         metrics = httpx.get(server.base_url + "/metrics").text
         assert "pagoda:spec_decode_num_accepted_tokens_total" in metrics
-        per_pos = 'pagoda:spec_decode_num_accepted_tokens_per_pos_total{model_name="SmolLM2-135M-Instruct",position="0"}'
+        labels = f'{{model_name="{EMBEDDED_MODEL_NAME}",position="0"}}'
+        per_pos = "pagoda:spec_decode_num_accepted_tokens_per_pos_total" + labels
         assert per_pos in metrics
     finally:
         server.stop()

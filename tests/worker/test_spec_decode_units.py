@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler_svc.ngram import propose_ngram
 from gpu_worker.spec_decode.rejection_sampler import AcceptanceStats, acceptance_stats, rejection_sample
+from scheduler_svc.ngram import propose_ngram
 
 VOCAB = 12
 NUM_ROWS = 200_000  # rows of the distribution tests: one batch, every row the same distributions
