@@ -98,8 +98,10 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         except ValueError as e:
             raise ModelLoadError(f"{name}: {e}") from None
     module.eval()
-    logger.info("loaded %s (%s) in %s on %s in %.1f s%s", name, architecture, str(dtype).removeprefix("torch."),
-                device, time.perf_counter() - began, " (dummy weights)" if dummy else "")
+    kept = sum(getattr(m, "int4", None) is not None for m in module.modules())
+    logger.info("loaded %s (%s) in %s on %s in %.1f s%s%s", name, architecture, str(dtype).removeprefix("torch."),
+                device, time.perf_counter() - began, " (dummy weights)" if dummy else "",
+                f", {kept} matrices kept quantized (4-bit kernels)" if kept else "")
     return LoadedModel(
         model=module,
         num_layers=model_config.num_hidden_layers,

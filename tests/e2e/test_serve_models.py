@@ -75,3 +75,32 @@ def test_pagoda_serve_exits_1_with_one_line_for_an_unsupported_architecture(tiny
     assert proc.returncode == 1
     assert "architecture FalconForCausalLM is not supported (supported: LlamaForCausalLM," in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_embedded_gguf_is_served_quantized_with_drafts(tmp_path) -> None:
+    """The CPU's default path for the embedded model (4-bit kernels) through every process, with
+    n-gram drafts: a right answer, a streamed copy of a passage, the drafts counted."""
+    import httpx
+    import openai
+
+    from bench.copy_prompts import PASSAGES, copy_messages
+
+    spec = '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4}'
+    server = start_server(str(tmp_path), "--quantization", "gguf", "--max-model-len", "1024",
+                          "--speculative-config", spec)
+    try:
+        assert "120 matrices kept quantized" in server.log()  # 30 layers x (qkv, o, gate_up, down)
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+        out = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=32,
+                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in out.choices[0].message.content
+        chunks = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=120,
+                                                messages=copy_messages()[0], stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert PASSAGES[0][:100] in text
+        metrics = httpx.get(server.base_url + "/metrics").text
+        name = "pagoda:spec_decode_num_accepted_tokens_total"
+        accepted = [line for line in metrics.splitlines() if line.startswith(name)]
+        assert accepted and float(accepted[0].split()[-1]) > 20
+    finally:
+        server.stop()
