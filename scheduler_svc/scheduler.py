@@ -31,7 +31,7 @@ from protocol.messages import Logprobs, PromptLogprobs
 from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.preemption import allocate_or_preempt, preempt
 from scheduler_svc.request import Request, RequestStatus
-from scheduler_svc.speculation import SpecCounters, can_speculate, propose
+from scheduler_svc.speculation import SpecCounters, can_speculate, may_draft_next, propose
 
 logger = logging.getLogger("pagoda.scheduler")
 
@@ -205,11 +205,12 @@ class Scheduler:
             num_new = min(num_new, budget)
             proposal = []
             if spec is not None and num_new == 1 and can_speculate(req):
-                if req.num_output_placeholders:
+                if req.num_output_placeholders and may_draft_next(spec, req):
                     i += 1  # drafts follow its newest token: wait for it (no overlap of its steps)
                     continue
-                room = min(req.max_tokens - len(req.output_token_ids), self.config.max_model_len - req.num_tokens)
-                proposal = propose(spec, req, min(room - 1, budget - 1))
+                if not req.num_output_placeholders:  # (else: no draft could follow it)
+                    room = min(req.max_tokens - len(req.output_token_ids), self.config.max_model_len - req.num_tokens)
+                    proposal = propose(spec, req, min(room - 1, budget - 1))
             blocks, preempted = allocate_or_preempt(self.kv, self.running, req, num_new + len(proposal))
             self._requeue(preempted)
             if blocks is None:

@@ -9,8 +9,10 @@ sampler, gpu_worker/spec_decode/rejection_sampler.py). The scheduler then rolls 
 computed tokens back over the rejected drafts: their K/V slots are simply written again.
 
 Drafting needs the request's last token, so a request whose step with drafts is in flight is
-not scheduled again until its result is back (async scheduling pauses for it); a request
-whose plain step is in flight is scheduled as usual, without drafts.
+not scheduled again until its result is back (async scheduling pauses for it). A request
+whose plain step is in flight waits for it too when a draft could follow it (its last
+prompt_lookup_min - 1 known tokens occur earlier), and is otherwise scheduled at once,
+without drafts, keeping the overlap of steps where the text does not repeat itself.
 
 Requests whose sampling reads more than the target's distribution at each position go
 without drafts: logprobs and prompt logprobs, penalties, logit bias, a seed, structured
@@ -52,6 +54,19 @@ def propose(spec: SpeculativeConfig, req: Request, max_drafts: int) -> list[int]
     assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None
     tokens = np.asarray(req.all_token_ids, dtype=np.int64)
     return propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, k).tolist()
+
+
+def may_draft_next(spec: SpeculativeConfig, req: Request) -> bool:
+    """Whether the request could get drafts once its token in flight is known: an n-gram match
+    of at least prompt_lookup_min tokens needs the last prompt_lookup_min - 1 known ones to occur
+    earlier. If they do not, waiting for the token (and losing the overlap of its steps) would
+    buy nothing."""
+    assert spec.prompt_lookup_min is not None
+    need = spec.prompt_lookup_min - 1
+    if need == 0:
+        return True
+    tokens = np.asarray(req.all_token_ids, dtype=np.int64)
+    return len(propose_ngram(tokens, need, need, 1)) > 0
 
 
 @dataclass

@@ -71,7 +71,9 @@ def test_requests_end_with_their_tokens_without_drafts(depth, num_blocks) -> Non
     # Drafts were scheduled, some kept and some not, and never past max_tokens.
     assert sum(len(p.spec_token_ids) for p in plans) > 10
     assert 0 < s.spec.num_accepted_tokens < s.spec.num_draft_tokens
-    assert s.spec.num_drafts == sum(len(p.spec_token_ids) for p in plans)
+    scheduled = sum(len(p.spec_token_ids) for p in plans)
+    # Each drafted step is counted once verified; a preemption drops the one in flight.
+    assert 0 <= scheduled - s.spec.num_drafts <= s.num_preemptions
     assert s.spec.accepted_per_pos[0] >= s.spec.accepted_per_pos[-1]
     if num_blocks == 16:
         assert s.num_preemptions > 0
