@@ -64,8 +64,9 @@ def runner_greedy(runner: ModelRunner, prompts: list[list[int]], max_tokens: int
 
 
 @torch.inference_mode()
-def runner_last_logits(runner: ModelRunner, prompts: list[list[int]]) -> torch.Tensor:
-    """[len(prompts), vocab] fp32: one batched prefill through the paged cache."""
+def runner_last_logits(runner: ModelRunner, prompts: list[list[int]], last: int = 1) -> torch.Tensor:
+    """[len(prompts) * last, vocab] fp32: one batched prefill through the paged cache, the logits
+    of each prompt's `last` final positions (prompt by prompt)."""
     free = list(range(runner.num_blocks))
     random.Random(2).shuffle(free)
     block_size = runner.block_size
@@ -87,7 +88,9 @@ def runner_last_logits(runner: ModelRunner, prompts: list[list[int]]) -> torch.T
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
     )
     hidden = runner.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta)
-    return runner.model.compute_logits(hidden[torch.tensor(starts[1:], device=device) - 1]).float().cpu()
+    ends = torch.tensor(starts[1:], device=device)
+    rows = (ends[:, None] - last + torch.arange(last, device=device)[None, :]).flatten()
+    return runner.model.compute_logits(hidden[rows]).float().cpu()
 
 
 def hf_greedy(hf_model: torch.nn.Module, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
