@@ -135,10 +135,8 @@ class ModelRunner:
                     for row, n, d in zip(rows, self.input_batch.num_tokens[rows], batch.num_logits[spec] - 1)
                 ]
                 firsts = ends[spec] - batch.num_logits[spec]
-                spec_logits = logits[to_device(np.concatenate([np.arange(f, e) for f, e in zip(firsts, ends[spec])]),
-                                               self.device)]
                 params = [self.input_batch.sampling.params[row] for row in rows]
-                for i, kept in zip(spec.tolist(), verify_drafts(spec_logits, drafts, params), strict=True):
+                for i, kept in zip(spec.tolist(), verify_drafts(logits, firsts, drafts, params), strict=True):
                     tokens[i] = kept
         rows = batch.sampled_rows
         if self.grammars and len(plain):

@@ -127,6 +127,15 @@ def _bincount_rows(lists: list[np.ndarray], vocab_size: int, device: torch.devic
 
 def sample_random(logits: torch.Tensor, rows: RandomRows) -> torch.Tensor:
     """Temperature, min-p, top-k and top-p, then one draw per row by the exponential race."""
+    probs = random_probs(logits, rows)
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in rows.generators.items():
+        noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def random_probs(logits: torch.Tensor, rows: RandomRows) -> torch.Tensor:
+    """Each row's distribution after temperature, min-p, top-k and top-p (fp32, [R, vocab])."""
     vocab_size = logits.shape[-1]
     logits = logits / rows.temperature[:, None]
 
@@ -140,12 +149,7 @@ def sample_random(logits: torch.Tensor, rows: RandomRows) -> torch.Tensor:
     if (top_k_on | (rows.top_p_host < 1)).any():
         top_k = to_device(np.where(top_k_on, rows.top_k_host, vocab_size), logits.device)
         logits = apply_top_k_top_p(logits, top_k, rows.top_p)
-
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for row, generator in rows.generators.items():
-        noise[row].exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    return logits.softmax(dim=-1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -14,24 +14,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gpu_worker.sampler import apply_top_k_top_p
+from gpu_worker.sampler import random_probs
+from gpu_worker.sampling_metadata import RandomRows
 from gpu_worker.spec_decode.rejection_sampler import rejection_sample
 from gpu_worker.transfer import to_device
 from protocol.messages import SamplingParams
 
 
 def verify_drafts(
-    logits: torch.Tensor, drafts: list[np.ndarray], params: list[SamplingParams]
+    logits: torch.Tensor, firsts: np.ndarray, drafts: list[np.ndarray], params: list[SamplingParams]
 ) -> list[list[int]]:
     """Each request's kept drafts and one more token.
 
-    logits: [sum(len(d) + 1), vocab], request by request, position by position.
-    drafts: each request's draft tokens; params: its sampling parameters.
+    logits: the step's scored positions; request i's len(drafts[i]) + 1 of them are consecutive
+    from row firsts[i]. drafts: each request's draft tokens; params: its sampling parameters.
     """
     num = np.array([len(d) for d in drafts], dtype=np.int64)
     k = int(num.max())
     # [B, k + 1, vocab], a shorter row padded by repeating its last position (never read).
-    index = np.minimum(np.arange(k + 1)[None, :], num[:, None]) + (np.cumsum(num + 1) - num - 1)[:, None]
+    index = np.minimum(np.arange(k + 1)[None, :], num[:, None]) + firsts[:, None]
     scores = logits[to_device(index.reshape(-1), logits.device)].view(len(num), k + 1, -1).float()
     draft_ids = np.zeros((len(num), k), dtype=np.int64)
     for i, d in enumerate(drafts):
@@ -57,20 +58,22 @@ def verify_drafts(
 
 
 def _probs(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """[B, k + 1, vocab] logits -> the sampler's distribution at each position (fp32)."""
+    """[B, k + 1, vocab] logits -> the sampler's distribution at each position (`random_probs`,
+    each request's parameters repeated over its positions)."""
     b, positions, vocab = scores.shape
+
+    def column(values: list[float], dtype: type = np.float32) -> np.ndarray:
+        return np.repeat(np.array(values, dtype=dtype), positions)
+
     device = scores.device
-    temperature = to_device(np.array([p.temperature for p in params], dtype=np.float32), device)
-    flat = (scores / temperature[:, None, None]).reshape(b * positions, vocab)
-    min_p = np.array([p.min_p for p in params], dtype=np.float32)
-    if (min_p > 0).any():
-        probs = flat.softmax(dim=-1)
-        floor = to_device(np.repeat(min_p, positions), device)[:, None] * probs.amax(dim=-1, keepdim=True)
-        flat = flat.masked_fill(probs < floor, float("-inf"))
-    top_k = np.array([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dtype=np.int64)
-    top_p = np.array([p.top_p for p in params], dtype=np.float32)
-    if (top_k < vocab).any() or (top_p < 1).any():
-        flat = apply_top_k_top_p(
-            flat, to_device(np.repeat(top_k, positions), device), to_device(np.repeat(top_p, positions), device)
-        )
-    return flat.softmax(dim=-1).view(b, positions, vocab)
+    min_p = column([p.min_p for p in params])
+    top_p = column([p.top_p for p in params])
+    rows = RandomRows(
+        index=torch.arange(b * positions, device=device),
+        temperature=to_device(column([p.temperature for p in params]), device),
+        min_p=to_device(min_p, device) if (min_p > 0).any() else None,
+        top_p=to_device(top_p, device),
+        top_k_host=column([p.top_k for p in params], np.int64),
+        top_p_host=top_p,
+    )
+    return random_probs(scores.reshape(b * positions, vocab), rows).view(b, positions, vocab)
