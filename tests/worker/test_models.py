@@ -10,6 +10,7 @@ quantization are compared with transformers reading the same file. bf16 logits s
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -83,12 +84,18 @@ def test_family_gives_transformers_greedy_tokens_and_logits(family, tiny, tokeni
     assert_matches_transformers(str(folder), hf_model, len(tokenizer))
 
 
+def on_device(hf_model: PreTrainedModel, device: str) -> PreTrainedModel:
+    """A copy of a shared (fixture-cached) transformers model on `device`: `Module.to` moves the
+    model in place, which would hand later tests on the CPU a CUDA model."""
+    return hf_model if device == "cpu" else copy.deepcopy(hf_model).to(device)
+
+
 def assert_bf16_logits_near_fp32(folder: Path, hf_model: PreTrainedModel, vocab_size: int, device: str) -> None:
     """bf16 against the fp32 truth, on weights of a trained model's scale (REAL_INIT): there bf16
     errs by ~1%. (The wide-init models amplify bf16 rounding to 2-4%, in transformers' bf16 as
     much as in ours, so there a bound would measure the init, not the implementation.)"""
     prompts = random_prompts(vocab_size)
-    reference = hf_last_logits(hf_model.to(device), prompts)
+    reference = hf_last_logits(on_device(hf_model, device), prompts)
     runner = make_runner(str(folder), device=device, dtype="bfloat16")
     assert relative_error(runner_last_logits(runner, prompts), reference) < BF16_LOGITS_RTOL
 
@@ -279,7 +286,7 @@ def test_auto_dtype_is_fp32_on_cpu_and_the_checkpoints_half_dtype_on_gpu() -> No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_on_gpu_fp32_tokens_and_logits_and_bf16_logits(family, tiny, tokenizer) -> None:
     folder, hf_model = tiny(family)
-    hf_model = hf_model.to("cuda")
+    hf_model = on_device(hf_model, "cuda")
     prompts = random_prompts(len(tokenizer))
     runner = make_runner(str(folder), device="cuda", dtype="float32")
     assert runner_greedy(runner, prompts) == hf_greedy(hf_model, prompts)
@@ -294,7 +301,7 @@ def test_llm_on_gpu_profiles_memory_and_matches_transformers(tiny, tokenizer) ->
 
     folder, hf_model = tiny("qwen3")
     prompts = random_prompts(len(tokenizer))
-    expected = hf_greedy(hf_model.to("cuda"), prompts)
+    expected = hf_greedy(on_device(hf_model, "cuda"), prompts)
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX_TOKENS)
     with LLM(str(folder), dtype="float32", gpu_memory_utilization=0.3) as llm:
         outputs = llm.generate(prompts, params)
