@@ -65,6 +65,17 @@ def _constrained(i: int, fraction: float) -> bool:
     return int((i + 1) * fraction) > int(i * fraction)
 
 
+def _wait_for_the_draft_worker(llm: Any, prompt: list[int], timeout_s: float = 900.0) -> None:
+    from frontend import SamplingParams
+
+    deadline = time.monotonic() + timeout_s
+    while llm.scheduler_stats.spec_num_drafts == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the draft worker proposed nothing within {timeout_s:.0f} s")
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        time.sleep(1.0)
+
+
 def run_pagoda(
     model: str, reqs: list[Req], engine_args: dict[str, Any], structured_fraction: float = 0.0,
     one_at_a_time: bool = False,
@@ -84,6 +95,8 @@ def run_pagoda(
         # whose tokens are all shifted by one, so that no block of it is a prefix-cache hit later.
         warm_up = [t + 1 for t in reqs[0].prompt_ids]
         llm.generate([warm_up], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        if "draft_model" in str(engine_args.get("speculative_config") or ""):
+            _wait_for_the_draft_worker(llm, warm_up)  # it loads after the target serves
         if structured_fraction:
             schema_ttft = _schema_ttft(llm, reqs[0].prompt_ids)
         params = [

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import EngineConfig, encode_config
-from protocol.messages import worker_id
+from protocol.messages import draft_worker_id, worker_id
 
 logger = logging.getLogger("pagoda.processes")
 
@@ -105,6 +105,9 @@ class ProcessGroup:
         for group in range(self.config.data_parallel_size):
             for rank in range(self.config.tensor_parallel_size):
                 self._add(worker_id(group, rank), "worker", "--group", str(group), "--rank", str(rank))
+            spec = self.config.speculative
+            if spec is not None and spec.method == "draft_model":  # one draft worker per group
+                self._add(draft_worker_id(group), "draft-worker", "--group", str(group))
         for i in range(self.config.num_tokenizers):
             self._add(f"tokenizer-{i}", "tokenizer", "--member-id", f"tokenizer-{i}")
         if self.with_frontend:

@@ -63,6 +63,14 @@ class Attention(nn.Module):
         # Views into the runner's KV pool, bound after allocation: not parameters, not buffers.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # An fp8 cache's scales (--kv-cache-dtype fp8): K and V are stored as x / scale in e4m3.
+        # Python floats, constants to the CUDA graphs; 1.0 as in vLLM when the checkpoint has none.
+        # Other caches ignore them.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        # The model's dtype, which q keeps over an fp8 cache (bound with the cache; the kernel
+        # warm-up builds its q in it).
+        self.q_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -74,7 +82,7 @@ class Attention(nn.Module):
         for a model without rotary embedding."""
         if cos_sin is None:
             q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
         else:
             q = self._norm_rope_write_kv(qkv, *cos_sin, meta.slot_mapping)
         return self._attend(q, meta).flatten(1)
@@ -88,14 +96,18 @@ class Attention(nn.Module):
         else:
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         return rope_write_kv(
-            qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache, slot_mapping, *norms
+            qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache, slot_mapping, *norms,
+            k_scale=self.k_scale, v_scale=self.v_scale,
         )
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if not q.is_cuda and meta.num_decodes == len(meta.seq_lens):
             if meta.decode_context is None:
                 meta.decode_context = decode_context(meta.block_tables, meta.seq_lens, self.k_cache.shape[1])
-            return decode_attention(q, self.k_cache, self.v_cache, meta.decode_context, self.scale)
+            return decode_attention(
+                q, self.k_cache, self.v_cache, meta.decode_context, self.scale, k_scale=self.k_scale,
+                v_scale=self.v_scale,
+            )
         return paged_attention(
             q,
             self.k_cache,
@@ -106,4 +118,6 @@ class Attention(nn.Module):
             self.scale,
             max_seq_len=meta.max_seq_len,
             num_decodes=meta.num_decodes,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )

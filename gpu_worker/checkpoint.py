@@ -33,6 +33,9 @@ class Checkpoint:
     num_tensors: int | None  # for the progress bar; None when unknown before reading
     tensors: Iterator[tuple[str, torch.Tensor | WeightSource]]  # Hugging Face names
     dtype: torch.dtype | None = None  # the dtype the weights are stored in; None if quantized
+    # Safetensors: each tensor's stored dtype by name ("BF16", "F8_E4M3", ...), from the files'
+    # headers before any weight is read (an FP8 checkpoint's layers are known up front); else None.
+    stored_dtypes: dict[str, str] | None = None
 
 
 def read_hf_folder(folder: Path, weights: bool = True) -> Checkpoint:
@@ -55,14 +58,16 @@ def read_hf_folder(folder: Path, weights: bool = True) -> Checkpoint:
         return Checkpoint(hf_config, list(dict.fromkeys(eos)), 0, iter(()), dtype)
 
     files = _weight_files(folder, "model.safetensors")
+    stored = None
     if files:
-        num_tensors, tensors = _count_tensors(files), _iter_safetensors(files)
+        stored = _stored_dtypes(files)
+        num_tensors, tensors = len(stored), _iter_safetensors(files)
     else:
         files = _weight_files(folder, "pytorch_model.bin")
         if not files:
             raise ModelLoadError(f"no weights in {folder}: expected *.safetensors or pytorch_model*.bin files")
         num_tensors, tensors = None, _iter_torch_bin(files)
-    return Checkpoint(hf_config, list(dict.fromkeys(eos)), num_tensors, tensors, dtype)
+    return Checkpoint(hf_config, list(dict.fromkeys(eos)), num_tensors, tensors, dtype, stored)
 
 
 def _weight_files(folder: Path, single: str) -> list[Path]:
@@ -95,12 +100,14 @@ def _reading(file: Path) -> Iterator[None]:
         raise ModelLoadError(f"cannot read weights file {file} (corrupt or incomplete?): {e}") from None
 
 
-def _count_tensors(files: list[Path]) -> int:
-    count = 0
+def _stored_dtypes(files: list[Path]) -> dict[str, str]:
+    """Every tensor's name and stored dtype, from the headers (no tensor data is read)."""
+    stored = {}
     for file in files:
         with _reading(file), safe_open(str(file), framework="pt") as f:
-            count += len(f.keys())
-    return count
+            for name in f.keys():
+                stored[name] = f.get_slice(name).get_dtype()
+    return stored
 
 
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, WeightSource]]:

@@ -168,7 +168,8 @@ def warm_up_kernels(model: CausalLM) -> None:
     """Compile the attention kernel's variants now, not in the middle of the first requests."""
     began = time.perf_counter()
     attn = model.attention_layers()[0]
-    q = torch.zeros(16, attn.num_heads, attn.head_dim, dtype=attn.k_cache.dtype, device=attn.k_cache.device)
+    dtype = attn.q_dtype or attn.k_cache.dtype  # the model's: q keeps it over an fp8 cache
+    q = torch.zeros(16, attn.num_heads, attn.head_dim, dtype=dtype, device=attn.k_cache.device)
     num_variants = warm_up_paged_attention(q, attn.k_cache, attn.v_cache, attn.scale)
     torch.cuda.synchronize(attn.k_cache.device)
     logger.info("attention kernels: %d variants ready in %.1f s", num_variants, time.perf_counter() - began)

@@ -2,6 +2,12 @@
 
 One tensor [layers, 2, blocks, block_size, kv_heads, head_dim] holds every layer's K and V;
 each attention layer gets views of its slice. The scheduler hands out the block ids.
+
+`--kv-cache-dtype fp8` stores that tensor in float8 e4m3 (one byte an element: twice the blocks
+in the same memory); each attention layer keeps its K and V scales as Python floats (1.0 unless
+set before the cache is bound), which the write and attention kernels take (kernels/kv_cache.py).
+Checkpoints that ship per-layer k_scale / v_scale (vLLM's `*.k_scale`, `*.v_scale`) are not read
+yet: the loader would have to map them onto `Attention.k_scale` / `v_scale` before this binds.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from gpu_worker.attention import AttentionMetadata
 from gpu_worker.loader import LoadedModel, ModelLoadError
 from gpu_worker.parallel import min_over_ranks
 from gpu_worker.transfer import to_device
-from protocol.config import EngineConfig
+from kernels.kv_cache import FP8_KV_DTYPE, as_bytes
+from protocol.config import KV_CACHE_DTYPES, EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +30,21 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 # Left free on the GPU beyond the largest step's activations (the CUDA graphs' pool, Triton's
 # kernels, allocator slack).
 HEADROOM_BYTES = 1 << 30
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache's dtype for `--kv-cache-dtype`: the model's ("auto") or float8 e4m3."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ModelLoadError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    # Triton converts to and from e4m3 (float8e4nv) in hardware from compute capability 8.9 on.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ModelLoadError(
+            f"kv_cache_dtype {kv_cache_dtype!r} needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+            "use kv_cache_dtype auto"
+        )
+    return FP8_KV_DTYPE
 
 
 class KVCache:
@@ -35,12 +57,13 @@ class KVCache:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_step_tokens = max_step_tokens
+        self.dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, device)
         self.num_blocks = self._num_blocks()
         self.tensor = self._allocate(self.num_blocks)
 
     def _bytes_per_block(self) -> int:
         loaded = self.loaded
-        return 2 * loaded.num_layers * self.block_size * loaded.num_kv_heads * loaded.head_dim * loaded.dtype.itemsize
+        return 2 * loaded.num_layers * self.block_size * loaded.num_kv_heads * loaded.head_dim * self.dtype.itemsize
 
     def _num_blocks(self) -> int:
         bytes_per_block = self._bytes_per_block()
@@ -55,8 +78,9 @@ class KVCache:
         num_blocks = min_over_ranks(num_blocks, self.device)
         max_concurrency = num_blocks * self.block_size / self.max_model_len
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at %d tokens: %.2fx",
-            num_blocks, self.block_size, num_blocks * bytes_per_block / 2**30, self.max_model_len, max_concurrency,
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s); max concurrency at %d tokens: %.2fx",
+            num_blocks, self.block_size, num_blocks * bytes_per_block / 2**30, str(self.dtype).removeprefix("torch."),
+            self.max_model_len, max_concurrency,
         )
         if max_concurrency < 1:
             raise ModelLoadError(
@@ -66,16 +90,19 @@ class KVCache:
         return num_blocks
 
     def _allocate(self, num_blocks: int) -> torch.Tensor:
-        """The cache tensor, its views bound to every attention layer.
+        """The cache tensor, its views bound to every attention layer (with its K/V scales).
 
         Zeroed, not empty: padded decode attention reads unused slots under a mask, and a NaN
         bit pattern there would survive the mask (0 * NaN).
         """
         loaded = self.loaded
         shape = (loaded.num_layers, 2, num_blocks, self.block_size, loaded.num_kv_heads, loaded.head_dim)
-        kv_cache = torch.zeros(shape, dtype=loaded.dtype, device=self.device)
+        kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for layer, attn in enumerate(loaded.model.attention_layers()):
             attn.k_cache, attn.v_cache = kv_cache[layer, 0], kv_cache[layer, 1]
+            attn.q_dtype = loaded.dtype
+            # Plain floats, read once here: the kernels take them as constants (CUDA graphs).
+            attn.k_scale, attn.v_scale = _scale(attn.k_scale, layer, "k"), _scale(attn.v_scale, layer, "v")
         return kv_cache
 
     @torch.inference_mode()
@@ -119,4 +146,12 @@ class KVCache:
         """
         src = to_device([s for s, _ in copies], self.device)
         dst = to_device([d for _, d in copies], self.device)
-        self.tensor[:, :, dst] = self.tensor[:, :, src]
+        cache = as_bytes(self.tensor)  # fp8 as bytes: indexing kernels need not know float8
+        cache[:, :, dst] = cache[:, :, src]
+
+
+def _scale(value: float | torch.Tensor, layer: int, name: str) -> float:
+    scale = float(value)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ModelLoadError(f"layer {layer}'s {name}_scale is {scale}: an fp8 KV cache scale must be positive")
+    return scale

@@ -18,6 +18,7 @@ from gpu_worker.gguf_quant import GGUFQuantized
 from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm
+from kernels.fp8_linear import FP8_DTYPE, Fp8Weight
 from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
 # ---- activations ---------------------------------------------------------------------------
@@ -56,21 +57,77 @@ class RMSNorm(nn.Module):
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+# An FP8 checkpoint's per-layer tensors besides `weight` (gpu_worker/fp8.py).
+FP8_SCALES = ("weight_scale", "input_scale")
+
+
 class Linear(nn.Linear):
     """nn.Linear through `kernels.linear` (which may take a Triton kernel for decode-sized inputs),
     whole on every rank; or, for a GGUF's quantized matrices on the CPU, through the 4-bit kernel
-    (`int4`, then `weight` is None)."""
+    (`int4`, then `weight` is None); or in FP8 with a scale per output row (`fp8`, W8A8 through
+    `torch._scaled_mm`, kernels/fp8_linear.py; then `weight` is None too)."""
 
     int4: Int4Weight | None = None
+    fp8: Fp8Weight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fp8 is not None:
+            return self.fp8(x, bias)
         if self.int4 is None:
             return linear(x, self.weight, bias)
         y = self.int4(x)
         return y if bias is None else y + bias
+
+    # ---- FP8 (gpu_worker/fp8.py) ----
+
+    def quantize_fp8(self) -> None:
+        """`--quantization fp8`: this rank's loaded weight (its rows or input columns: a scale
+        per row stays exact under either split) to e4m3 with a scale per output row; the 16/32-bit
+        weight is dropped."""
+        self.fp8 = Fp8Weight.quantize(self.weight.data)
+        self.weight = None
+
+    def expect_fp8(self, static_input: bool) -> None:
+        """Take an FP8 checkpoint's tensors as they are: `weight` in e4m3, `weight_scale` (one per
+        row of this rank; a per-tensor scale is spread over its projection's rows) and, for static
+        activation scales, `input_scale` (one per stacked projection). `finish_fp8` packs them."""
+        device = self.weight.device
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        if static_input:
+            parts = len(getattr(self, "output_sizes", [0]))
+            self.input_scale = nn.Parameter(torch.empty(parts, dtype=torch.float32, device=device), requires_grad=False)
+
+    def finish_fp8(self, input_scale_ub: float | None = None) -> None:
+        """The loaded FP8 tensors -> `fp8`. Stacked projections share their input, and so one
+        static input scale: the largest of theirs (vLLM's choice; nothing is clipped)."""
+        input_scale = self.input_scale.data.max() if "input_scale" in self._parameters else None
+        self.fp8 = Fp8Weight(self.weight.data, self.weight_scale.data, input_scale, input_scale_ub)
+        self.weight = None
+        for name in FP8_SCALES:
+            self._parameters.pop(name, None)
+
+    def _load_fp8_scale(self, name: str, src: WeightSource, rows: int, blocks: list[tuple[int, int, int, int]]) -> None:
+        """A checkpoint's FP8 scale for a tensor of `rows` rows into this rank's: `blocks` are
+        (our first row, the checkpoint's first row, rows, projection) for each projection it holds.
+        A weight scale is per tensor ([] or [1]; spread over the rows: exact) or per row ([rows]
+        or [rows, 1]); an input scale is per tensor."""
+        shape = tuple(src.shape)
+        per_tensor = shape in ((), (1,))
+        if not per_tensor and (name == "input_scale" or shape not in ((rows,), (rows, 1))):
+            expected = "[] or [1]" if name == "input_scale" else f"[], [1], [{rows}] or [{rows}, 1]"
+            raise ValueError(f"has shape {list(shape)}, expected {expected} (for {name})")
+        for dest, start, size, part in blocks:
+            if name == "input_scale":
+                self.input_scale.data[part] = src.full().reshape(())
+            elif per_tensor:
+                self.weight_scale.data[dest : dest + size] = src.full().reshape(()).float()
+            else:
+                self.weight_scale.data[dest : dest + size] = src.rows(start, start + size).float().reshape(size)
 
     def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
         """A quantized checkpoint matrix: this layer's whole weight, or projection `part` of a
@@ -113,6 +170,13 @@ class MergedLinear(Linear):
     def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
         """Checkpoint rows -> this rank's rows: of projection `part`, or of each projection
         when the checkpoint holds them stacked in one tensor (part None; GPT-2's c_attn)."""
+        if name in FP8_SCALES:
+            parts = range(len(self.shards)) if part is None else [part]
+            starts = [sum(self.full_sizes[:i]) if part is None else 0 for i in range(len(self.shards))]
+            ours = [sum(self.output_sizes[:i]) for i in range(len(self.shards))]
+            blocks = [(ours[i], starts[i] + self.shards[i][0], self.shards[i][1], i) for i in parts]
+            rows = sum(self.full_sizes) if part is None else self.full_sizes[part]
+            return self._load_fp8_scale(name, src, rows, blocks)
         param = getattr(self, name)
         dest = param.data.split(self.output_sizes, dim=0)
         rows = sum(self.full_sizes) if part is None else self.full_sizes[part]
@@ -155,6 +219,8 @@ class RowParallelLinear(Linear):
         super().__init__(shard(in_features, "a projection's input size"), out_features, bias=bias)
 
     def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
+        if name in FP8_SCALES:  # every output row is this rank's
+            return self._load_fp8_scale(name, src, self.out_features, [(0, 0, self.out_features, 0)])
         if name == "bias":
             check_shape(src, (self.out_features,), name)
             self.bias.data.copy_(src.full())

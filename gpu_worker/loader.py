@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from gpu_worker import fp8
 from gpu_worker.checkpoint import Checkpoint, read_hf_folder
 from gpu_worker.dummy_weights import LOAD_FORMATS, fill_dummy_weights, read_config_only
 from gpu_worker.gguf_checkpoint import read_gguf
@@ -29,7 +30,7 @@ __all__ = ["LoadedModel", "ModelLoadError", "embedded_gguf_path", "load_model", 
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = (None, "gguf", "none")
+QUANTIZATIONS = (None, "gguf", "none", "fp8")
 
 DTYPES = {
     "float16": torch.float16,
@@ -70,8 +71,9 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         # On the CPU a GGUF's 4/8-bit matrices stay quantized (gpu_worker/gguf_quant.py); on a
         # GPU, and split over ranks, they are dequantized to the model's dtype as they load.
         if config.quantization not in QUANTIZATIONS:
-            raise ModelLoadError(f"quantization {config.quantization!r} is not one of gguf, none")
-        keep_quantized = config.quantization != "none" and device.type == "cpu" and config.tensor_parallel_size == 1
+            raise ModelLoadError(f"quantization {config.quantization!r} is not one of gguf, none, fp8")
+        keep_quantized = (config.quantization not in ("none", "fp8") and device.type == "cpu"
+                          and config.tensor_parallel_size == 1)
         checkpoint = read_checkpoint(config.model, config.revision, keep_quantized)
     hf_config = checkpoint.hf_config
     architecture = (hf_config.get("architectures") or ["(none given)"])[0]
@@ -84,6 +86,12 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         model_config = build_model_config(model_class, hf_config)
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{name}: config.json does not fit {architecture}: {e!r}") from None
+    try:  # FP8 linears (gpu_worker/fp8.py): made from this checkpoint, or read from an FP8 one
+        fp8_plan = fp8.plan_fp8(config.quantization, hf_config)
+    except ValueError as e:
+        raise ModelLoadError(f"{name}: {e}") from None
+    if fp8_plan is not None and dummy:  # random weights: quantized like a 16-bit checkpoint's
+        fp8_plan = fp8.Fp8Plan(quantize=True)
     dtype = resolve_dtype(config.dtype, device, checkpoint.dtype)
     # Built on the meta device: no memory and no random init for weights we overwrite anyway.
     with torch.device("meta"):
@@ -94,14 +102,18 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     else:
         tensors = tqdm(checkpoint.tensors, total=checkpoint.num_tensors, desc=f"Loading {name}")
         try:
+            if fp8_plan is not None and not fp8_plan.quantize:
+                tensors = fp8.prepare_checkpoint(module, checkpoint, tensors)
             module.load_weights(tensors)
         except ValueError as e:
             raise ModelLoadError(f"{name}: {e}") from None
+    num_fp8 = fp8.finish(module, fp8_plan) if fp8_plan is not None else 0
     module.eval()
     kept = sum(getattr(m, "int4", None) is not None for m in module.modules())
-    logger.info("loaded %s (%s) in %s on %s in %.1f s%s%s", name, architecture, str(dtype).removeprefix("torch."),
+    logger.info("loaded %s (%s) in %s on %s in %.1f s%s%s%s", name, architecture, str(dtype).removeprefix("torch."),
                 device, time.perf_counter() - began, " (dummy weights)" if dummy else "",
-                f", {kept} matrices kept quantized (4-bit kernels)" if kept else "")
+                f", {kept} matrices kept quantized (4-bit kernels)" if kept else "",
+                f", {num_fp8} linears in FP8 ({fp8_plan.method or 'quantized at load'})" if num_fp8 else "")
     return LoadedModel(
         model=module,
         num_layers=model_config.num_hidden_layers,

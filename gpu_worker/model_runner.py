@@ -30,7 +30,9 @@ from protocol.messages import StepPlan, StepResult
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0, group: int = 0) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0, group: int = 0, context_limit: int | None = None) -> None:
+        """`context_limit`: serve at most this context (a draft worker: the target's), whatever
+        the model's positions allow."""
         self.config = config
         self.rank = rank
         # Group G's ranks take GPUs G * tp ... G * tp + tp - 1 (all of them share GPUs modulo
@@ -48,6 +50,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_num_batched_tokens = config.token_budget(on_gpu=self.device.type == "cuda")
         self.max_model_len = config.max_model_len or loaded.max_position_embeddings
+        if context_limit is not None:
+            self.max_model_len = min(self.max_model_len, context_limit)
         if self.max_model_len > loaded.max_position_embeddings:
             raise ModelLoadError(
                 f"max_model_len {self.max_model_len} is more than the model's "

@@ -30,6 +30,8 @@ class WeightSource:
         return WeightSource(self._data, not self._transposed)
 
     def full(self) -> torch.Tensor:
+        if not self.shape:  # a scalar (an FP8 checkpoint's per-tensor scale): no slicing
+            return self._data[()]
         return self._read(slice(None), slice(None)) if len(self.shape) == 2 else self._data[:]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:

@@ -49,24 +49,30 @@ def paged_attention(
     *,
     max_seq_len: int | None = None,
     num_decodes: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context (see
     `paged_attention_ref`). Hints for the GPU kernel, both optional: max_seq_len bounds
     seq_lens (short contexts are split less); the first num_decodes sequences have one query
-    each (they get decode tiles, the prefill chunks after them prefill tiles)."""
+    each (they get decode tiles, the prefill chunks after them prefill tiles). k_scale,
+    v_scale: an fp8 cache's scales (kernels/kv_cache.py); other caches ignore them."""
     if _triton(q):
         from kernels.triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-            max_seq_len=max_seq_len, num_decodes=num_decodes,
+            max_seq_len=max_seq_len, num_decodes=num_decodes, k_scale=k_scale, v_scale=v_scale,
         )
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    return paged_attention_ref(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 def warm_up_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> int:
     """Compile every variant of the GPU attention kernel these shapes can launch; the number
-    compiled (0 where the reference runs: nothing to compile)."""
+    compiled (0 where the reference runs: nothing to compile). q in the model's dtype, also
+    over an fp8 cache."""
     if _triton(q):
         from kernels.triton_paged_attention import warm_up
 
@@ -75,14 +81,22 @@ def warm_up_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Store each token's K/V at its cache slot, in place (slot -1: padding, skipped)."""
+    """Store each token's K/V at its cache slot, in place (slot -1: padding, skipped); an fp8
+    cache stores k / k_scale and v / v_scale in e4m3."""
     if _triton(k):
         from kernels.triton_kv_cache import write_kv_triton
 
-        return write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    return write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
 
 def rope_write_kv(
@@ -97,13 +111,20 @@ def rope_write_kv(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """From a fused QKV output [T, (heads + 2 kv_heads) d]: q and k normed per head (if the
-    weights are given) and rotated; k and v stored at their slots; q [T, heads, d] returned."""
+    weights are given) and rotated; k and v stored at their slots (an fp8 cache: k / k_scale,
+    v / v_scale); q [T, heads, d] returned."""
     fn = rope_write_kv_ref
     if _triton(qkv):
         from kernels.triton_qkv import rope_write_kv_triton as fn
-    return fn(qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, eps)
+    return fn(
+        qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, eps,
+        k_scale=k_scale, v_scale=v_scale,
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,8 +1,35 @@
-"""Writing new keys and values into the paged KV cache."""
+"""Writing new keys and values into the paged KV cache.
+
+An fp8 cache (`--kv-cache-dtype fp8`) holds float8 e4m3 values with a scale per layer, K and V
+each (vLLM's scheme): a written x is stored as clamp(x / scale, -448, 448) rounded to e4m3, and
+attention reads it back as stored * scale. The scales are Python floats (1.0 unless a checkpoint
+gives them), constants a CUDA graph can capture. Caches of 16 or 32 bits ignore them.
+"""
 
 from __future__ import annotations
 
 import torch
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8_KV_DTYPE
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale in e4m3 (round to nearest even), saturated to +-448 rather than NaN.
+
+    Computed as x * (1 / scale) in fp32, the same product the Triton kernels take, so both
+    store the same bytes."""
+    return (x.float() * (1.0 / scale)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def as_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as uint8, for the gathers and scatters PyTorch's CPU kernels lack
+    for float8 (index_copy_); other tensors unchanged."""
+    return cache.view(torch.uint8) if is_fp8(cache) else cache
 
 
 def write_kv_ref(
@@ -11,16 +38,23 @@ def write_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Store token t's key and value at cache slot `slot_mapping[t]`, in place.
 
     k, v: [T, num_kv_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
     head_dim]; slot_mapping: [T] int, slot = block_id * block_size + offset in the block; a
     negative slot marks a padding token, whose K/V are dropped (as the Triton kernel does).
+    An fp8 cache stores k / k_scale and v / v_scale (`quantize_fp8`).
     """
     if slot_mapping.numel() and int(slot_mapping.min()) < 0:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    if is_fp8(k_cache):
+        k, v = as_bytes(quantize_fp8(k, k_scale)), as_bytes(quantize_fp8(v, v_scale))
+    k_cache, v_cache = as_bytes(k_cache), as_bytes(v_cache)
     num_blocks, block_size = k_cache.shape[:2]
     # A flat view makes a slot a plain row index: one scatter per tensor, no per-token loop.
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)

@@ -36,10 +36,13 @@ def rope_write_kv_ref(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q after its norm and rotary ([T, heads, d]); k (normed, rotated) and v written to the
     caches at slot_mapping (slot -1: padding, not written). cos, sin: [T, d] (neox halves);
-    the norm weights: [d], both or neither."""
+    the norm weights: [d], both or neither. An fp8 cache stores k / k_scale and v / v_scale."""
     head_dim = k_cache.shape[-1]
     q, k, v = split_qkv(qkv, num_heads, num_kv_heads, head_dim)
     if (q_norm_weight is None) != (k_norm_weight is None):
@@ -50,5 +53,5 @@ def rope_write_kv_ref(
     else:  # q and k side by side in qkv: rotated in one call
         qk = apply_rotary_ref(qkv[:, : (num_heads + num_kv_heads) * head_dim].unflatten(1, (-1, head_dim)), cos, sin)
         q, k = qk[:, :num_heads], qk[:, num_heads:]
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     return q

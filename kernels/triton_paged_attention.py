@@ -15,6 +15,10 @@ For few programs (decode at small batch) the key range is cut into NUM_SPLITS sl
 slice writes an fp32 partial output and its log-sum-exp, and `_reduce_splits_kernel` merges
 them. The slice bounds come from each sequence's own length inside the kernel, so the
 launch depends only on tensor shapes: no host sync, and safe to capture in a CUDA graph.
+
+An fp8 cache (KV_FP8, kernels/kv_cache.py) is loaded as e4m3 (half the bytes of a 16-bit
+cache) and widened to q's dtype in registers before each product; k_scale is folded into the
+softmax scale on the host and v_scale multiplies the output. q and the output keep their dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from kernels.kv_cache import is_fp8
 
 LOG2_E = 1.4426950408889634
 # Score of a masked key: finite, so that a row that sees no key in a slice gives exp2(0) = 1
@@ -67,7 +73,7 @@ def _attend_tile(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     dims, dim_ok,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into the running softmax of each row."""
     keys = tile * TILE_N + tl.arange(0, TILE_N)
@@ -86,6 +92,8 @@ def _attend_tile(
         k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
     else:
         k = tl.load(k_ptrs)
+    if KV_FP8:
+        k = k.to(q.dtype)  # exact: every e4m3 value is a bf16/fp16/fp32 value
     s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
     if MASKED:
         s = tl.where(keys[None, :] <= q_pos[:, None], s, MASKED_SCORE)
@@ -97,6 +105,8 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
     else:
         v = tl.load(v_ptrs)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None]
     acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
@@ -106,13 +116,13 @@ def _attend_tile(
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, first_seq, num_seqs,
+    qk_scale, v_scale, first_seq, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # Last q block first: with causal prefill the late blocks of a sequence carry the most keys,
     # and starting them first keeps the tail of the launch short.
@@ -165,19 +175,21 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
-            TILE_N, BLOCK_SIZE, False, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST,
+            TILE_N, BLOCK_SIZE, False, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST, KV_FP8,
         )
     for tile in range(tl.maximum(tile_lo, num_open_tiles), tile_hi):
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
-            TILE_N, BLOCK_SIZE, True, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST,
+            TILE_N, BLOCK_SIZE, True, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST, KV_FP8,
         )
 
     # l_i >= 1 once any key is folded in (the row's maximum adds exp2(0)); a slice with no tiles
     # has l_i = 0 and m_i = -inf: its partial output is 0 and its weight exp2(-inf) = 0.
     l_i = tl.maximum(l_i, 1.0)
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * v_scale  # linear: split slices scaled alike merge to the scaled whole
     store_ok = row_ok[:, None] & dim_ok[None, :]
     if NUM_SPLITS == 1:
         tl.store(
@@ -266,13 +278,23 @@ _ENV_DECODE_TILING = _tiling_from_env("PAGODA_ATTN_DECODE_TILING")
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
 
 
-def _shared_bytes(block_m: int, tile_n: int, num_stages: int, head_dim: int, elem: int) -> int:
-    """Q plus the K/V buffers the pipeliner allocates (measured: 5 stages give 2-3 buffers)."""
+def _shared_bytes(
+    block_m: int, tile_n: int, num_stages: int, head_dim: int, elem: int, kv_elem: int | None = None
+) -> int:
+    """Q plus the K/V buffers the pipeliner allocates (measured: 5 stages give 2-3 buffers).
+
+    kv_elem: the cache's element size when it differs from q's (fp8: 1). Its buffers take that
+    size, plus one key tile widened to q's dtype for Hopper's products (measured: 128x64 prefill
+    tiles over an fp8 cache, 82 KB against 132 KB over bf16; scripts/kernel_resources.py --kv-fp8)."""
     buffers = max(1, num_stages - 2)
-    return (block_m + 2 * buffers * tile_n) * head_dim * elem + 4096
+    if kv_elem is None or kv_elem == elem:
+        return (block_m + 2 * buffers * tile_n) * head_dim * elem + 4096
+    return (block_m + tile_n) * head_dim * elem + 2 * buffers * tile_n * head_dim * kv_elem + 4096
 
 
-def _tiling(decode: bool, group: int, head_dim: int, elem_size: int, limits: DeviceLimits) -> tuple[int, ...]:
+def _tiling(
+    decode: bool, group: int, head_dim: int, elem_size: int, limits: DeviceLimits, kv_elem_size: int | None = None
+) -> tuple[int, ...]:
     """(rows, key tile, warps, stages): the first tiling of the list that fits the device."""
     d = max(16, triton.next_power_of_2(head_dim))
     if decode:
@@ -280,7 +302,7 @@ def _tiling(decode: bool, group: int, head_dim: int, elem_size: int, limits: Dev
     else:
         listed = _PREFILL_TILINGS
     tilings = [(max(m, triton.next_power_of_2(group)), *rest) for m, *rest in listed]
-    fits = [t for t in tilings if _shared_bytes(t[0], t[1], t[3], d, elem_size) <= limits.shared_mem]
+    fits = [t for t in tilings if _shared_bytes(t[0], t[1], t[3], d, elem_size, kv_elem_size) <= limits.shared_mem]
     return (fits or tilings[-1:])[0]
 
 
@@ -296,15 +318,19 @@ def choose_config(
     elem_size: int,
     limits: DeviceLimits,
     max_seq_len: int | None = None,
+    kv_elem_size: int | None = None,
 ) -> AttentionConfig:
     """Tiles from the shapes alone (no device sync, so a CUDA graph can capture the call).
 
     Decode-only batches (one token per sequence) take 16-row tiles and split the keys when
     there are too few programs to keep every SM streaming; batches with prefill chunks take
-    128-row tiles, the size at which the tensor cores do the work.
+    128-row tiles, the size at which the tensor cores do the work. elem_size is q's element
+    size, kv_elem_size the cache's where it differs (fp8).
     """
     group = num_heads // num_kv_heads
-    block_m, tile_n, num_warps, num_stages = _tiling(num_tokens == num_seqs, group, head_dim, elem_size, limits)
+    block_m, tile_n, num_warps, num_stages = _tiling(
+        num_tokens == num_seqs, group, head_dim, elem_size, limits, kv_elem_size
+    )
     block_q = block_m // group
     programs = (num_tokens // block_q + num_seqs) * num_kv_heads
     target = 2 * limits.num_sms
@@ -319,13 +345,18 @@ def choose_config(
 
 
 def possible_configs(
-    num_heads: int, num_kv_heads: int, head_dim: int, elem_size: int, limits: DeviceLimits
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    elem_size: int,
+    limits: DeviceLimits,
+    kv_elem_size: int | None = None,
 ) -> list[AttentionConfig]:
     """Every config `choose_config` can return for one model's attention, whatever the batch."""
     group = num_heads // num_kv_heads
     configs = []
     for decode in (True, False):
-        block_m, tile_n, num_warps, num_stages = _tiling(decode, group, head_dim, elem_size, limits)
+        block_m, tile_n, num_warps, num_stages = _tiling(decode, group, head_dim, elem_size, limits, kv_elem_size)
         splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
         configs += [AttentionConfig(block_m, tile_n, n, num_warps, num_stages) for n in splits]
     return configs
@@ -336,13 +367,16 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
 
     Triton compiles a variant on its first launch (about a second each), which would
     otherwise stall the first steps that mix prefill chunks and decodes. q: [T, heads, d] with
-    the strides the model's q has; the caches are the real ones (only block 0 is read).
+    the strides and dtype the model's q has (not an fp8 cache's); the caches are the real ones
+    (only block 0 is read).
     """
     num_tokens = q.shape[0]
     tables = torch.zeros(1, triton.cdiv(num_tokens, k_cache.shape[1]), dtype=torch.int32, device=q.device)
     seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=q.device)
     qsl = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
-    configs = possible_configs(q.shape[1], k_cache.shape[2], q.shape[2], q.element_size(), device_limits(q.device))
+    configs = possible_configs(
+        q.shape[1], k_cache.shape[2], q.shape[2], q.element_size(), device_limits(q.device), k_cache.element_size()
+    )
     for config in configs:
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
     return len(configs)
@@ -361,6 +395,8 @@ def paged_attention_triton(
     num_decodes: int = 0,
     out: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_attention_ref`'s function on the GPU (or on CPU tensors under TRITON_INTERPRET=1).
 
@@ -370,6 +406,8 @@ def paged_attention_triton(
         own tiles, instead of giving every decode the 128-row tile of a prefill chunk.
     out: optional [T, num_heads, head_dim] to write into; config: tiles to use instead of
         `choose_config`'s (benchmarks; applies to every launch).
+    k_scale, v_scale: an fp8 cache's scales (Python floats: constants in a CUDA graph); caches of
+        q's dtype ignore them.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
@@ -378,7 +416,7 @@ def paged_attention_triton(
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads")
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+    if (q.dtype != k_cache.dtype and not is_fp8(k_cache)) or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
     if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
         raise ValueError("seq_lens, query_start_loc and block_tables disagree on the number of sequences")
@@ -394,13 +432,15 @@ def paged_attention_triton(
         # Sequences [0, d) own tokens [0, d); the rest keep their absolute query_start_loc.
         d = num_decodes
         _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
-                config, max_seq_len, first_seq=0, num_part_seqs=d, first_token=0, num_part_tokens=d)
+                config, max_seq_len, k_scale, v_scale, first_seq=0, num_part_seqs=d, first_token=0,
+                num_part_tokens=d)
         _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
-                config, max_seq_len, first_seq=d, num_part_seqs=num_seqs - d, first_token=d,
+                config, max_seq_len, k_scale, v_scale, first_seq=d, num_part_seqs=num_seqs - d, first_token=d,
                 num_part_tokens=num_tokens - d)
     else:
         _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
-                config, max_seq_len, first_seq=0, num_part_seqs=num_seqs, first_token=0, num_part_tokens=num_tokens)
+                config, max_seq_len, k_scale, v_scale, first_seq=0, num_part_seqs=num_seqs, first_token=0,
+                num_part_tokens=num_tokens)
     return out
 
 
@@ -415,6 +455,8 @@ def _launch(
     out: torch.Tensor,
     config: AttentionConfig | None,
     max_seq_len: int | None,
+    k_scale: float,
+    v_scale: float,
     first_seq: int,
     num_part_seqs: int,
     first_token: int,
@@ -428,8 +470,9 @@ def _launch(
     group = num_heads // num_kv_heads
     cfg = config or choose_config(
         num_part_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.element_size(), device_limits(q.device),
-        max_seq_len,
+        max_seq_len, k_cache.element_size(),
     )
+    fp8 = is_fp8(k_cache)
     block_q = cfg.block_m // group
     if block_q < 1:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {group} query heads of a group")
@@ -445,7 +488,7 @@ def _launch(
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse,
         block_tables, seq_lens, query_start_loc,
-        scale * LOG2_E, first_seq, num_seqs,
+        (scale * k_scale if fp8 else scale) * LOG2_E, v_scale, first_seq, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -453,7 +496,7 @@ def _launch(
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
         NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

@@ -3,7 +3,8 @@ output once and writes q (normed, rotated) and the cache slots of k and v.
 
 The arithmetic is the separate kernels' (`triton_norm`, `triton_rotary`): the per-head norm in
 fp32, rounded to the activation dtype before and after its weight, rotary in fp32 on those
-rounded values, so the result matches what the unfused kernels computed.
+rounded values, so the result matches what the unfused kernels computed. An fp8 cache gets
+k (so rounded) and v quantized as `write_kv_triton` quantizes them (`to_e4m3`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.kv_cache import is_fp8
+from kernels.triton_kv_cache import to_e4m3
 
 
 @triton.jit
@@ -32,9 +36,10 @@ def _rope_write_kv_kernel(
     q_norm_ptr, k_norm_ptr, eps,
     stride_t, stride_ct, stride_st, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    k_inv_scale, v_inv_scale,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, FP8: tl.constexpr, EMULATE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
@@ -71,13 +76,19 @@ def _rope_write_kv_kernel(
                             dtype)
         k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + kv_heads * stride_kch + dims
         k_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_dst, k1.to(dtype).to(k_dtype), mask=kv_ok)
-        tl.store(k_dst + HALF, k2.to(dtype).to(k_dtype), mask=kv_ok)
+        k1, k2 = k1.to(dtype), k2.to(dtype)  # rounded as the q output and the reference's k are
         v_src = row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims
+        v1 = tl.load(v_src, mask=kv_ok)
+        v2 = tl.load(v_src + HALF, mask=kv_ok)
+        if FP8:
+            k1, k2 = to_e4m3(k1, k_inv_scale, EMULATE), to_e4m3(k2, k_inv_scale, EMULATE)
+            v1, v2 = to_e4m3(v1, v_inv_scale, EMULATE), to_e4m3(v2, v_inv_scale, EMULATE)
+        tl.store(k_dst, k1.to(k_dtype), mask=kv_ok)
+        tl.store(k_dst + HALF, k2.to(k_dtype), mask=kv_ok)
         v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + kv_heads * stride_vch + dims
         v_dtype = v_cache_ptr.dtype.element_ty
-        tl.store(v_dst, tl.load(v_src, mask=kv_ok).to(v_dtype), mask=kv_ok)
-        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=kv_ok).to(v_dtype), mask=kv_ok)
+        tl.store(v_dst, v1.to(v_dtype), mask=kv_ok)
+        tl.store(v_dst + HALF, v2.to(v_dtype), mask=kv_ok)
 
 
 def rope_write_kv_triton(
@@ -92,7 +103,11 @@ def rope_write_kv_triton(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
+    """`rope_write_kv_ref`'s function; an fp8 cache stores k / k_scale and v / v_scale."""
     num_tokens = qkv.shape[0]
     num_blocks, block_size, cache_kv_heads, head_dim = k_cache.shape
     width = (num_heads + 2 * num_kv_heads) * head_dim
@@ -101,6 +116,8 @@ def rope_write_kv_triton(
     if v_cache.shape != k_cache.shape or cache_kv_heads != num_kv_heads or head_dim % 2:
         raise ValueError(f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not fit {num_kv_heads} "
                          f"kv heads of an even head dim")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"cache dtypes differ: k {k_cache.dtype}, v {v_cache.dtype}")
     if cos.shape != (num_tokens, head_dim) or sin.shape != cos.shape or cos.stride(1) != 1 or sin.stride(1) != 1:
         raise ValueError(f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)} are not [{num_tokens}, {head_dim}]")
     if slot_mapping.shape != (num_tokens,):
@@ -121,9 +138,11 @@ def rope_write_kv_triton(
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        1.0 / k_scale, 1.0 / v_scale,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=block_size, NORM=norm,
+        FP8=is_fp8(k_cache), EMULATE=qkv.device.type == "cpu",
         num_warps=min(8, max(1, block_h * triton.next_power_of_2(half) // 512)),
     )
     return q

@@ -17,6 +17,8 @@ import msgspec
 
 # The formats `--tool-call-parser` reads (frontend/tool_parsers.py implements each).
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+# `--kv-cache-dtype` values (vLLM's names): "auto" is the model's dtype, the fp8 ones e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -30,7 +32,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # at load, only config.json read, for benchmarks of shapes too large to save.
     load_format: str = "auto"
     # None (or "gguf"): a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K matrices stay quantized on the CPU
-    # (4-bit kernels, bf16 matmuls); "none": every weight dequantized to `dtype` at load.
+    # (4-bit kernels, bf16 matmuls), and an FP8 checkpoint (compressed-tensors, fbgemm_fp8) loads
+    # as FP8; "none": every weight dequantized to `dtype` at load; "fp8" (vLLM's): the decoder
+    # layers' linears in FP8 (W8A8), made at load from a 16/32-bit checkpoint if it is not FP8.
     quantization: str | None = None
     device: str = "auto"
     max_model_len: int | None = None
@@ -41,6 +45,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float | None = None  # CPU: KV pool size; GPU: overrides the profile
     num_gpu_blocks_override: int | None = None
+    # "auto": K/V stored in the model's dtype; "fp8" / "fp8_e4m3": float8 e4m3 with a scale per
+    # layer for K and for V (1.0 when the checkpoint gives none), twice the blocks in the memory.
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     # scheduling
     max_num_seqs: int = 256
@@ -132,17 +139,18 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
     """vLLM's speculative_config fields. "ngram" (prompt lookup): the scheduler proposes the
     tokens that followed the latest earlier occurrence of the sequence's last n tokens
-    (n from prompt_lookup_max down to prompt_lookup_min); the worker verifies up to
-    num_speculative_tokens of them per request in one forward and keeps the target's tokens
-    exactly (scheduler_svc/speculation.py). `disable_by_batch_size`: no drafts in a step that
-    runs more requests than this (a large batch is bound by compute, where verifying drafts
-    costs more than it saves)."""
+    (n from prompt_lookup_max down to prompt_lookup_min). "draft_model": a draft-model worker
+    (`pagoda draft-worker`, its own process) runs `model` greedily for num_speculative_tokens
+    tokens (the target's vocabulary required). Either way the worker verifies the drafts of a
+    request in one forward and keeps the target's tokens exactly (scheduler_svc/speculation.py).
+    `disable_by_batch_size`: no drafts in a step that runs more requests than this (a large
+    batch is bound by compute, where verifying drafts costs more than it saves)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -162,6 +170,10 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
                              f"(supported: {', '.join(SPECULATIVE_METHODS)})")
         if spec.num_speculative_tokens < 1:
             raise ValueError("speculative_config: num_speculative_tokens must be at least 1")
+        if spec.method == "draft_model":
+            if not spec.model:
+                raise ValueError("speculative_config: method draft_model needs model (the draft model's path or name)")
+            return spec
         hi = spec.prompt_lookup_max or spec.prompt_lookup_min or 4
         lo = spec.prompt_lookup_min or min(2, hi)
         if not 1 <= lo <= hi:
@@ -222,6 +234,9 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         config = EngineConfig(**values)
     except (TypeError, msgspec.ValidationError) as e:
         raise SystemExit(f"pagoda: invalid configuration: {e}") from None
+    if config.kv_cache_dtype not in KV_CACHE_DTYPES:
+        known = ", ".join(KV_CACHE_DTYPES)
+        raise SystemExit(f"pagoda: --kv-cache-dtype {config.kv_cache_dtype!r} is not one of {known}")
     if config.stream_interval < 1:
         raise SystemExit(f"pagoda: --stream-interval must be at least 1, got {config.stream_interval}")
     if config.tool_call_parser and config.tool_call_parser not in TOOL_CALL_PARSERS:

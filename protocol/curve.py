@@ -130,6 +130,7 @@ def check_transport(config: EngineConfig, *roles: str) -> None:
         "scheduler": [(sched, None)],
         "tokenizer": [(front, "tokenizer"), (sched, "tokenizer")],
         "worker": [(sched, "worker")],
+        "draft-worker": [(sched, "worker")],  # a worker* identity, holding the worker key
     }
     for role in roles:
         for addr, identity in uses[role]:

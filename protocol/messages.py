@@ -87,7 +87,7 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
 class Hello(msgspec.Struct, tag=True):
     """A pool member introducing itself to a hub (again after every restart)."""
 
-    role: str  # "tokenizer" | "worker"
+    role: str  # "tokenizer" | "worker" | "draft" (a draft-model worker: num_blocks 0 until set up)
     member_id: str
     pid: int
     rank: int = 0
@@ -106,6 +106,12 @@ class Hello(msgspec.Struct, tag=True):
 def worker_id(group: int, rank: int) -> str:
     """A worker's member id (its socket identity): worker-R in group 0, worker-gG-R in group G."""
     return f"worker-{rank}" if group == 0 else f"worker-g{group}-{rank}"
+
+
+def draft_worker_id(group: int) -> str:
+    """A draft-model worker's member id: worker-draft-G, proposing for worker group G (a
+    `worker*` identity: it holds the worker role's CURVE key)."""
+    return f"worker-draft-{group}"
 
 
 class KVGrid(msgspec.Struct, array_like=True):
@@ -375,6 +381,44 @@ class Shutdown(msgspec.Struct, tag=True):
     reason: str = ""
 
 
+# ---- scheduler <-> draft-model worker (speculative decoding, method "draft_model") ------------
+
+
+class DraftSetup(msgspec.Struct, tag=True):
+    """Scheduler -> draft worker, answering its first hello: the target's KV pool, whose block
+    ids the draft's own cache mirrors (one block table per request, the scheduler's)."""
+
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+
+
+class DraftRequest(msgspec.Struct, array_like=True):
+    """One request to draft for: its known tokens, how many of them the draft's cache holds
+    (the rest it computes first: the catch-up), its block table, and how many drafts."""
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    num_drafts: int
+
+
+class DraftPlan(msgspec.Struct, tag=True):
+    """Scheduler -> draft worker: the requests of target step `step_id` that get drafts."""
+
+    step_id: int
+    requests: list[DraftRequest]
+
+
+class DraftResult(msgspec.Struct, tag=True):
+    """Draft worker -> scheduler: each request's greedy drafts (as many as asked)."""
+
+    step_id: int
+    drafts: dict[str, list[int]]
+    execute_s: float = 0.0
+
+
 # ---- scheduler -> tokenizer -> frontend ------------------------------------------------
 
 
@@ -451,5 +495,6 @@ class TextBatch(msgspec.Struct, tag=True):
 FrontendInbound = Hello | Heartbeat | TextBatch | ErrorReply | TokenizeOnlyReply | DetokenizeReply
 TokenizerFromFrontend = TokenizeRequest | Abort | Shutdown | TokenizeOnlyRequest | DetokenizeRequest | Watch
 TokenizerFromScheduler = TokenBatch | EngineReady | ErrorReply | SchedulerStats | Shutdown
-SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult | Watch
+SchedulerInbound = Hello | Heartbeat | EngineRequest | Abort | StepResult | Watch | DraftResult
 WorkerInbound = StepPlan | Shutdown
+DraftWorkerInbound = DraftSetup | DraftPlan | Shutdown

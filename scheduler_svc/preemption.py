@@ -43,6 +43,7 @@ def preempt(kv: KVCacheManager, running: list[Request], req: Request) -> None:
     running.remove(req)
     kv.free(req)
     req.num_computed_tokens = 0
+    req.num_draft_computed = 0
     if req.num_drafts_in_flight:  # its one step in flight returns an unknown number of rows
         req.drop_results_through = req.last_step_id
         req.num_drafts_in_flight = 0

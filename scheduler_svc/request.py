@@ -64,6 +64,9 @@ class Request:
         self.num_drafts_in_flight = 0
         self.last_step_id = -1
         self.drop_results_through = -1
+        # Draft-model speculation: how many of its tokens the draft worker's cache holds (the
+        # draft computes the rest before proposing; 0 after a preemption or a draft restart).
+        self.num_draft_computed = 0
         # Prefix cache: the hash of every full block of the known tokens, how many of this
         # request's blocks were offered to the cache, and how many tokens its last admission
         # found cached.

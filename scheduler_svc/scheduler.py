@@ -25,7 +25,7 @@ import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from protocol import CachedRequestData, NewRequestData, StepPlan, StepResult, TokenOutput
+from protocol import CachedRequestData, DraftPlan, DraftRequest, NewRequestData, StepPlan, StepResult, TokenOutput
 from protocol.config import SpeculativeConfig
 from protocol.messages import Logprobs, PromptLogprobs
 from scheduler_svc.kv_cache_manager import KVCacheManager
@@ -76,6 +76,9 @@ class Scheduler:
         self._step_id = 0
         self.num_preemptions = 0
         self.spec = SpecCounters()
+        # Draft-model speculation: the context of the group's draft worker once it is ready
+        # (0: none is; requests then run without drafts).
+        self.draft_max_model_len = 0
 
     # ---- requests in and out -----------------------------------------------------------
 
@@ -158,6 +161,11 @@ class Scheduler:
         self._finished_for_worker = []
         self.kv.reset_prefix_cache()
 
+    def reset_drafts(self) -> None:
+        """The draft worker (re)started with an empty cache: it computes every request's tokens again."""
+        for req in self.requests.values():
+            req.num_draft_computed = 0
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.pending_forks)
@@ -204,7 +212,16 @@ class Scheduler:
                 continue
             num_new = min(num_new, budget)
             proposal = []
-            if spec is not None and num_new == 1 and can_speculate(req):
+            if spec is not None and num_new == 1 and can_speculate(req) and spec.method == "draft_model":
+                if self.draft_max_model_len and req.num_output_placeholders:
+                    i += 1  # the draft model continues from its newest token: wait for it
+                    continue
+                if self.draft_max_model_len:
+                    room = min(req.max_tokens - len(req.output_token_ids), self.config.max_model_len - req.num_tokens,
+                               self.draft_max_model_len - req.num_tokens)
+                    # Placeholders: the draft worker's tokens replace them before the plan goes out.
+                    proposal = [-1] * max(0, min(spec.num_speculative_tokens, room - 1, budget - 1))
+            elif spec is not None and num_new == 1 and can_speculate(req):
                 if req.num_output_placeholders and may_draft_next(spec, req):
                     i += 1  # drafts follow its newest token: wait for it (no overlap of its steps)
                     continue
@@ -261,6 +278,42 @@ class Scheduler:
         if not scheduled and not self._finished_for_worker:
             return None
         return self._make_plan(scheduled, new_blocks, copies, drafts)
+
+    @staticmethod
+    def needs_drafts(plan: StepPlan) -> bool:
+        """Whether the plan holds draft placeholders (draft-model speculation) to fill first."""
+        return any(d and d[0] < 0 for d in plan.spec_token_ids.values())
+
+    def draft_plan(self, plan: StepPlan) -> DraftPlan:
+        """What the draft worker needs for the plan's requests with drafts; call right after
+        `schedule`."""
+        return DraftPlan(plan.step_id, [
+            DraftRequest(rid, self.requests[rid].all_token_ids, self.requests[rid].num_draft_computed,
+                         list(self.requests[rid].block_ids), len(d))
+            for rid, d in plan.spec_token_ids.items()
+        ])
+
+    def fill_drafts(self, plan: StepPlan, drafts: dict[str, list[int]]) -> None:
+        """Put the draft worker's tokens in the plan's placeholders. A request given fewer
+        (none: the draft worker died) runs fewer: its scheduled tokens and computed count shrink
+        by the difference (its extra blocks stay, for its next tokens)."""
+        for rid, placeholders in list(plan.spec_token_ids.items()):
+            k = len(placeholders)
+            got = [t for t in drafts.get(rid, [])[:k] if t >= 0]
+            short = k - len(got)
+            if got:
+                plan.spec_token_ids[rid] = got
+            else:
+                del plan.spec_token_ids[rid]
+            plan.num_scheduled_tokens[rid] -= short
+            req = self.requests.get(rid)
+            if req is None or req.last_step_id != plan.step_id or req.num_drafts_in_flight != k:
+                continue  # aborted meanwhile: the worker computes it and drops it next step
+            req.num_computed_tokens -= short
+            req.num_drafts_in_flight = len(got)
+            req.num_output_placeholders = 1 + len(got)
+            if got:  # the draft computed every known token and its drafts but the last
+                req.num_draft_computed = req.num_tokens + len(got) - 1
 
     def _stops_by_length_in_flight(self, req: Request) -> bool:
         """Whether the tokens in flight already take `req` to its length limit: no more steps."""
@@ -358,6 +411,8 @@ class Scheduler:
             if req.num_drafts_in_flight:  # its first row: how many drafts were kept
                 kept = rows_of[rid] - 1
                 self.spec.record(req.num_drafts_in_flight, kept)
+                # The draft's cache holds the kept drafts, not the rejected ones (draft model).
+                req.num_draft_computed = min(req.num_draft_computed, req.num_tokens + kept)
                 req.num_computed_tokens -= req.num_drafts_in_flight - kept  # rejected: computed again
                 req.num_output_placeholders = rows_of[rid]
                 req.num_drafts_in_flight = 0

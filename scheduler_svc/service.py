@@ -22,6 +22,8 @@ import zmq
 from protocol import (
     Abort,
     Decoder,
+    DraftResult,
+    DraftSetup,
     EngineConfig,
     EngineReady,
     EngineRequest,
@@ -38,7 +40,7 @@ from protocol import (
     bind_router,
     encode,
 )
-from protocol.messages import SchedulerInbound, worker_id
+from protocol.messages import SchedulerInbound, draft_worker_id, worker_id
 from scheduler_svc.admission import unrunnable
 from scheduler_svc.engine_view import ViewRecorder
 from scheduler_svc.request import Request
@@ -102,6 +104,8 @@ class SchedulerService:
                 self.tokenizers[msg.member_id] = time.monotonic()
             elif msg.member_id in self.worker_ids and sender == f"{msg.member_id}.hb":
                 self._on_worker_heartbeat(msg.member_id, msg.draining)
+            elif sender == f"{msg.member_id}.hb" and (group := self._draft_group(msg.member_id)) is not None:
+                group.draft_heard = time.monotonic()
         elif isinstance(msg, EngineRequest):
             self._on_request(sender, msg)
         elif isinstance(msg, Abort):
@@ -112,11 +116,16 @@ class SchedulerService:
                     s.abort(msg.request_ids, msg.indices)
         elif isinstance(msg, StepResult):
             self._on_result(sender, msg)
+        elif isinstance(msg, DraftResult):
+            self._on_drafts(sender, msg)
         elif isinstance(msg, Watch):
             self.view.watch(msg.ttl_s, time.monotonic())
 
     def _schedulers(self) -> list[Scheduler]:
         return [g.scheduler for g in self.groups.values() if g.scheduler is not None]
+
+    def _draft_group(self, member: str) -> WorkerGroup | None:
+        return next((g for g in self.groups.values() if g.draft == member), None)
 
     def _group_of(self, member: str) -> WorkerGroup | None:
         return next((g for g in self.groups.values() if member in g.heard), None)
@@ -141,6 +150,9 @@ class SchedulerService:
             logger.info("tokenizer %s (pid %d) joined", sender, msg.pid)
             if self.engine_ready is not None:
                 self._send(sender, self.engine_ready)
+            return
+        if msg.role == "draft":
+            self._on_draft_hello(sender, msg)
             return
         if msg.role != "worker":
             logger.warning("hello from unknown role %r dropped", msg.role)
@@ -185,6 +197,7 @@ class SchedulerService:
             group.scheduler.reset_worker()
             group.steps_in_flight.clear()
             group.step_log_lines.clear()
+            group.awaiting_drafts = None
         else:
             group.scheduler = Scheduler(
                 SchedulerConfig(
@@ -205,6 +218,79 @@ class SchedulerService:
                         sum(g.serving for g in self.groups.values()), len(self.groups))
         self.view.served.add(group.group_id)
         self._announce()
+        self._setup_draft(group)
+
+    # ---- draft-model workers (speculative decoding) -------------------------------------------
+
+    def _on_draft_hello(self, sender: str, msg: Hello) -> None:
+        """A draft worker's first hello (no cache yet) is answered with the group's KV pool,
+        once the group serves; its second (cache allocated) makes it the group's drafter."""
+        spec = self.config.speculative
+        if spec is None or spec.method != "draft_model" or sender != draft_worker_id(msg.group) or msg.group < 0:
+            logger.warning("dropping a draft worker hello from %r (group %d): this server takes no draft model",
+                           sender, msg.group)
+            self._send(sender, Shutdown("no draft model is configured"))
+            return
+        group = self.groups.setdefault(msg.group, WorkerGroup(msg.group, self.config.tensor_parallel_size))
+        if group.draft is not None and (msg.num_blocks == 0 or group.draft_num_blocks):
+            self._draft_lost(group, f"{sender} said hello again (restarted)")
+        group.draft, group.draft_heard = sender, time.monotonic()
+        if msg.num_blocks == 0:
+            logger.info("draft worker %s (pid %d) joined", sender, msg.pid)
+            self._setup_draft(group)
+            return
+        s = group.scheduler
+        if s is None or msg.num_blocks != s.config.num_blocks or msg.vocab_size != self.vocab_size:
+            why = (f"its cache of {msg.num_blocks} blocks and vocabulary of {msg.vocab_size} do not match the "
+                   f"group's ({s.config.num_blocks if s else 0} blocks, vocabulary {self.vocab_size})")
+            logger.warning("draft worker %s: %s; telling it to restart", sender, why)
+            self._send(sender, Shutdown(why))
+            group.draft = None
+            return
+        group.draft_num_blocks, group.draft_max_model_len = msg.num_blocks, msg.max_model_len
+        s.draft_max_model_len = msg.max_model_len
+        s.reset_drafts()
+        logger.info("draft worker %s (pid %d) ready: drafts for %s (context %d)", sender, msg.pid, group.name,
+                    msg.max_model_len)
+
+    def _setup_draft(self, group: WorkerGroup) -> None:
+        """Tell the group's draft worker the KV pool to mirror, once the group serves. A group
+        that starts a fresh pool (after it was lost) makes its ready draft worker start over."""
+        s = group.scheduler
+        if group.draft is None or s is None or not group.serving:
+            return
+        if group.draft_num_blocks:
+            if group.draft_num_blocks == s.config.num_blocks:
+                s.draft_max_model_len = group.draft_max_model_len
+                s.reset_drafts()
+            else:
+                self._send(group.draft, Shutdown("the worker group's KV pool changed"))
+                self._draft_lost(group, "the worker group's KV pool changed")
+            return
+        self._send(group.draft, DraftSetup(s.config.num_blocks, s.config.max_model_len, self.vocab_size))
+
+    def _on_drafts(self, sender: str, msg: DraftResult) -> None:
+        group = self._draft_group(sender)
+        plan = group.awaiting_drafts if group is not None else None
+        if group is None or group.scheduler is None or plan is None or plan.step_id != msg.step_id:
+            logger.warning("dropping drafts for step %d from %s: no plan waits for them", msg.step_id, sender)
+            return
+        group.awaiting_drafts = None
+        group.scheduler.fill_drafts(plan, msg.drafts)
+        self._send_plan(group, plan)
+
+    def _draft_lost(self, group: WorkerGroup, reason: str) -> None:
+        """The group decodes without drafts until a draft worker is ready again; a plan that
+        waited for drafts goes out without them."""
+        logger.warning("draft worker %s lost (%s): decoding goes on without drafts", group.draft, reason)
+        group.draft = None
+        group.draft_num_blocks = group.draft_max_model_len = 0
+        if group.scheduler is not None:
+            group.scheduler.draft_max_model_len = 0
+        plan, group.awaiting_drafts = group.awaiting_drafts, None
+        if plan is not None and group.scheduler is not None:
+            group.scheduler.fill_drafts(plan, {})
+            self._send_plan(group, plan)
 
     def _announce(self) -> None:
         """Tell the tokenizers what the engine can serve now: the smallest context of the groups
@@ -308,30 +394,53 @@ class SchedulerService:
     # ---- the loop ----------------------------------------------------------------------
 
     def _maybe_schedule(self) -> None:
-        """Send each serving group plans until `max_steps_in_flight` are out or it has nothing to run."""
+        """Send each serving group plans until `max_steps_in_flight` are out or it has nothing to
+        run. A plan with draft placeholders goes to the group's draft worker first, and to the
+        ranks once its drafts are back (`_on_drafts`)."""
         for group in list(self.groups.values()):
-            while group.serving and len(group.steps_in_flight) < self.max_steps_in_flight:
+            while (group.serving and group.awaiting_drafts is None
+                   and len(group.steps_in_flight) < self.max_steps_in_flight):
                 assert group.scheduler is not None
                 plan = group.scheduler.schedule()
                 if plan is None:
                     break
-                unreachable = [m for _, m in sorted(group.workers.items()) if not self._send(m, plan)]
-                if unreachable:
-                    self._lose_group(group, f"{', '.join(unreachable)} cannot be reached", gone=unreachable)
+                if group.scheduler.needs_drafts(plan):
+                    assert group.draft is not None
+                    if self._send(group.draft, group.scheduler.draft_plan(plan)):
+                        group.awaiting_drafts, group.drafts_asked_at = plan, time.monotonic()
+                        break
+                    group.awaiting_drafts = plan
+                    self._draft_lost(group, "cannot be reached")  # sends the plan without drafts
+                    continue
+                if not self._send_plan(group, plan):
                     break
-                if self.step_log is not None:
-                    group.step_log_lines[plan.step_id] = self._plan_log_line(group, plan)
-                if self.view.watching:
-                    self.view.record_step(group.scheduler, plan)
-                if not group.steps_in_flight:
-                    group.progress_at = time.monotonic()  # the step timeout counts from here
-                group.steps_in_flight.append(plan.step_id)
+
+    def _send_plan(self, group: WorkerGroup, plan: StepPlan) -> bool:
+        """The plan to every rank of the group; False if one cannot be reached (the group is lost)."""
+        assert group.scheduler is not None
+        unreachable = [m for _, m in sorted(group.workers.items()) if not self._send(m, plan)]
+        if unreachable:
+            self._lose_group(group, f"{', '.join(unreachable)} cannot be reached", gone=unreachable)
+            return False
+        if self.step_log is not None:
+            group.step_log_lines[plan.step_id] = self._plan_log_line(group, plan)
+        if self.view.watching:
+            self.view.record_step(group.scheduler, plan)
+        if not group.steps_in_flight:
+            group.progress_at = time.monotonic()  # the step timeout counts from here
+        group.steps_in_flight.append(plan.step_id)
+        return True
 
     def _check_workers(self) -> None:
         """Declare a worker group lost when a member is silent or its steps never come back."""
         now = time.monotonic()
         silent_after = WORKER_SILENT_HEARTBEATS * self.config.heartbeat_interval_s
         for group in list(self.groups.values()):
+            if group.draft is not None and now - group.draft_heard > silent_after:
+                self._draft_lost(group, f"silent for over {silent_after:g} s")
+            elif group.awaiting_drafts is not None and now - group.drafts_asked_at > self.config.step_timeout_s:
+                self._send(group.draft or "", Shutdown("no drafts within --step-timeout-s"))
+                self._draft_lost(group, f"no drafts for over {self.config.step_timeout_s:g} s (--step-timeout-s)")
             if not group.workers:
                 continue
             if silent := group.silent(now, silent_after):
@@ -465,7 +574,7 @@ class SchedulerService:
                 self._log_stats()
         finally:
             for group in self.groups.values():
-                for member in list(group.workers.values()):
+                for member in [*group.workers.values(), *([group.draft] if group.draft else [])]:
                     self._send(member, Shutdown("scheduler stopping"))
             self.sock.close()
             self.ctx.term()

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from protocol import Hello, SchedulerStats
+from protocol import Hello, SchedulerStats, StepPlan
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler
 
@@ -36,6 +36,15 @@ class WorkerGroup:
         self.had_work = False
         # When a rank said it drains (SIGTERM on its own): no new request, then Shutdown.
         self.draining_since: float | None = None
+        # Draft-model speculation: the group's draft worker (its member id), when it last beat,
+        # its cache once set up (blocks, context; 0: not ready), and the plan waiting for its
+        # drafts (no later plan is made meanwhile: plans reach the ranks in order) since when.
+        self.draft: str | None = None
+        self.draft_heard = 0.0
+        self.draft_num_blocks = 0
+        self.draft_max_model_len = 0
+        self.awaiting_drafts: StepPlan | None = None
+        self.drafts_asked_at = 0.0
 
     @property
     def name(self) -> str:
@@ -66,6 +75,7 @@ class WorkerGroup:
         self.rank0_hello = None
         self.steps_in_flight.clear()
         self.step_log_lines.clear()
+        self.awaiting_drafts = None  # its step was never sent: the requests start over anyway
 
     def silent(self, now: float, after_s: float) -> list[str]:
         return [m for m, heard in self.heard.items() if now - heard > after_s]

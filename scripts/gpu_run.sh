@@ -94,6 +94,26 @@ for step in $steps; do
                 bench "$tag" faults --random-weights llama3-8b --num-prompts "${FAULTS_PROMPTS:-256}" --kill "$kill" \
                     --server-log "$out/$tag-server.log" --engine-args "--dtype ${FAULTS_DTYPE:-auto}" ${FAULTS_ARGS:-}
             done ;;
+        fp8-latency) # L on llama3-8b: bf16 against FP8 weights (W8A8), weights made at load, in the same call
+            bench fp8-latency-bf16 latency --random-weights llama3-8b --peer none --engine-args "--load-format dummy"
+            bench fp8-latency-fp8 latency --random-weights llama3-8b --peer none \
+                --engine-args "--load-format dummy --quantization fp8" ;;
+        fp8-throughput) # T: bf16, FP8 weights, FP8 KV cache (twice the blocks), both
+            for v in "bf16:" "fp8:--quantization fp8" "fp8kv:--kv-cache-dtype fp8" "fp8both:--quantization fp8 --kv-cache-dtype fp8"; do
+                bench "fp8-throughput-${v%%:*}" throughput --random-weights qwen3-0.6b --peer none \
+                    --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192} --load-format dummy ${v#*:}"
+            done ;;
+        spec) # T with n-gram drafts against none (the batch rule); L with the target as its own draft model
+            bench spec-throughput-ngram throughput --random-weights qwen3-0.6b --peer none \
+                --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192} --load-format dummy" \
+                --speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}' ;;
+        spec-draft) # verification's cost (the runner alone), then L with llama3-8b drafting for itself
+            timeout "${BENCH_TIMEOUT:-900}" python3 scripts/spec_verify_cost.py --shape llama3-8b \
+                > "$out/spec-verify-cost.json" 2> "$out/spec-verify-cost.log"
+            echo "== spec-verify-cost exit $? ($(tr -d '\n ' < "$out/spec-verify-cost.json" | head -c 600))"
+            bench spec-latency-self-draft latency --random-weights llama3-8b --peer none \
+                --engine-args "--load-format dummy --gpu-memory-utilization 0.4 --step-log $out/spec-steps.jsonl" \
+                --speculative-config '{"method": "draft_model", "model": "/tmp/pagoda-bench-weights/llama3-8b", "num_speculative_tokens": 4}' ;;
         tp-latency) for tp in 1 2 4; do
                 fits "tp-latency-tp$tp" "$tp" || continue
                 bench "tp-latency-tp$tp" latency --random-weights llama3-8b --engine-args "--tensor-parallel-size $tp"

@@ -5,6 +5,7 @@ pipeliner allocated (1 means loads do not overlap the math).
     python scripts/kernel_resources.py                   # the default tilings
     python scripts/kernel_resources.py 128,64,8,5 16,32,4,5   # block_m,tile_n,warps,stages
     python scripts/kernel_resources.py --all-kernels     # every kernel a decoder step launches
+    python scripts/kernel_resources.py --kv-fp8          # the tilings over an fp8 KV cache
 
 Uses the ptxas and cuobjdump that ship inside the triton wheel; no device time needed.
 """
@@ -30,14 +31,15 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def compile_tiling(block_m: int, tile_n: int, warps: int, stages: int, group: int = 4, head_dim: int = 128,
-                   splits: int = 1, dtype: str = "bf16"):
+                   splits: int = 1, dtype: str = "bf16", kv_fp8: bool = False):
     consts = dict(NUM_HEADS=8 * group, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
                   BLOCK_M=block_m, BLOCK_Q=block_m // group, TILE_N=tile_n, NUM_SPLITS=splits,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-    pointers = dict(q_ptr=dtype, k_cache_ptr=dtype, v_cache_ptr=dtype, out_ptr=dtype, part_out_ptr="fp32",
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, KV_FP8=kv_fp8)
+    kv = "fp8e4nv" if kv_fp8 else dtype
+    pointers = dict(q_ptr=dtype, k_cache_ptr=kv, v_cache_ptr=kv, out_ptr=dtype, part_out_ptr="fp32",
                     part_lse_ptr="fp32", block_tables_ptr="i32", seq_lens_ptr="i32", query_start_loc_ptr="i32")
-    return compile_kernel(attn._paged_attention_kernel, consts, pointers, floats=("qk_scale",), num_warps=warps,
-                          num_stages=stages, aligned=True)
+    return compile_kernel(attn._paged_attention_kernel, consts, pointers, floats=("qk_scale", "v_scale"),
+                          num_warps=warps, num_stages=stages, aligned=True)
 
 
 def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num_warps: int = 4, num_stages: int = 3,
@@ -61,17 +63,20 @@ def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num
 
 
 def all_kernels() -> dict:
-    """Every Triton kernel of a decoder step, at qwen3-0.6b / llama3-8b shapes in bf16."""
+    """Every Triton kernel of a decoder step, at qwen3-0.6b / llama3-8b shapes in bf16; those that
+    touch the KV cache also over an fp8 cache (`--kv-cache-dtype fp8`, names ending " fp8")."""
     bf = "bf16"
     out = {}
-    for norm, heads, kv_heads in ((True, 16, 8), (False, 32, 8)):
-        out[f"rope_write_kv norm={norm}"] = compile_kernel(
+    scales = ("k_inv_scale", "v_inv_scale")
+    for norm, heads, kv_heads, fp8 in ((True, 16, 8, False), (False, 32, 8, False), (True, 16, 8, True)):
+        cache = "fp8e4nv" if fp8 else bf
+        out[f"rope_write_kv norm={norm}" + " fp8" * fp8] = compile_kernel(
             triton_qkv._rope_write_kv_kernel,
             dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, HEAD_DIM=128, HALF=64, BLOCK_H=heads, BLOCK_KV=kv_heads,
-                 BLOCK_HALF=64, BLOCK_SIZE=16, NORM=norm),
-            dict(qkv_ptr=bf, cos_ptr="fp32", sin_ptr="fp32", q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
+                 BLOCK_HALF=64, BLOCK_SIZE=16, NORM=norm, FP8=fp8, EMULATE=False),
+            dict(qkv_ptr=bf, cos_ptr="fp32", sin_ptr="fp32", q_out_ptr=bf, k_cache_ptr=cache, v_cache_ptr=cache,
                  slot_mapping_ptr="i64", q_norm_ptr=bf, k_norm_ptr=bf),
-            floats=("eps",))
+            floats=("eps", *scales))
     for add in (True, False):
         out[f"rms_norm add={add}"] = compile_kernel(
             triton_norm._rms_norm_kernel, dict(N=4096, BLOCK_N=4096, ROWS=1, ADD_RESIDUAL=add),
@@ -80,9 +85,12 @@ def all_kernels() -> dict:
     out["rotary"] = compile_kernel(
         triton_rotary._rotary_kernel, dict(NUM_HEADS=32, HALF=64, BLOCK_H=32, BLOCK_HALF=64),
         dict(x_ptr=bf, cos_ptr="fp32", sin_ptr="fp32", out_ptr=bf))
-    out["write_kv"] = compile_kernel(
-        triton_kv_cache._write_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16),
-        dict(k_ptr=bf, v_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, slot_mapping_ptr="i64"))
+    for fp8 in (False, True):
+        cache = "fp8e4nv" if fp8 else bf
+        out["write_kv" + " fp8" * fp8] = compile_kernel(
+            triton_kv_cache._write_kv_kernel,
+            dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16, FP8=fp8, EMULATE=False),
+            dict(k_ptr=bf, v_ptr=bf, k_cache_ptr=cache, v_cache_ptr=cache, slot_mapping_ptr="i64"), floats=scales)
     out["silu_and_mul"] = compile_kernel(
         triton_activation._silu_and_mul_kernel, dict(INTER=14336, BLOCK=1024), dict(x_ptr=bf, out_ptr=bf))
     out["reduce_splits"] = compile_kernel(
@@ -96,8 +104,9 @@ def all_kernels() -> dict:
         dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         aligned=True)
     for block_m, tile_n, warps, stages, group in ((16, 32, 4, 5, 4), (16, 64, 4, 5, 2), (128, 64, 8, 5, 4)):
-        out[f"paged_attention {block_m}x{tile_n} group {group}"] = compile_tiling(
-            block_m, tile_n, warps, stages, group=group)
+        for fp8 in (False, True):
+            out[f"paged_attention {block_m}x{tile_n} group {group}" + " fp8" * fp8] = compile_tiling(
+                block_m, tile_n, warps, stages, group=group, kv_fp8=fp8)
     return out
 
 
@@ -114,6 +123,9 @@ def report(compiled) -> str:
 
 
 if __name__ == "__main__":
+    kv_fp8 = "--kv-fp8" in sys.argv[1:]  # the tilings over an fp8 cache
+    if kv_fp8:
+        sys.argv.remove("--kv-fp8")
     if sys.argv[1:] == ["--all-kernels"]:
         for name, compiled in all_kernels().items():
             print(f"{name}: compiled for sm_90, {report(compiled)}")
@@ -122,4 +134,4 @@ if __name__ == "__main__":
     for spec in specs:
         block_m, tile_n, warps, stages = (int(x) for x in spec.split(","))
         print(f"block_m {block_m} tile_n {tile_n} warps {warps} stages {stages}: "
-              f"{report(compile_tiling(block_m, tile_n, warps, stages))}")
+              f"{report(compile_tiling(block_m, tile_n, warps, stages, kv_fp8=kv_fp8))}")

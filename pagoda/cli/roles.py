@@ -1,4 +1,4 @@
-"""`pagoda frontend|tokenizer|scheduler|worker`: one member process each.
+"""`pagoda frontend|tokenizer|scheduler|worker|draft-worker`: one member process each.
 
 `pagoda serve` starts each as `python -m pagoda <role>`; under docker compose or Kubernetes
 they start alone. Each role imports its service only when it runs, so no process pays for
@@ -127,5 +127,23 @@ class WorkerCommand(RoleCommand):
         run_worker(config, args.rank, args.group)
 
 
+class DraftWorkerCommand(RoleCommand):
+    name = "draft-worker"
+
+    def subparser_init(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        parser = super().subparser_init(subparsers)
+        parser.add_argument("--group", type=int, default=0, help="the worker group it proposes drafts for")
+        return parser
+
+    def run(self, config: EngineConfig, args: argparse.Namespace) -> None:
+        _exit_on_sigterm()
+        from protocol.messages import draft_worker_id
+
+        _setup_logging(config, draft_worker_id(args.group))
+        from gpu_worker.draft_service import run_draft_worker
+
+        run_draft_worker(config, args.group)
+
+
 def cmd_init() -> list[Subcommand]:
-    return [FrontendCommand(), TokenizerCommand(), SchedulerCommand(), WorkerCommand()]
+    return [FrontendCommand(), TokenizerCommand(), SchedulerCommand(), WorkerCommand(), DraftWorkerCommand()]

@@ -35,7 +35,8 @@ from tests.compose.services import (
 
 K8S_DIR = COMPOSE_DIR / "k8s"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
-ROLES = ("frontend", "tokenizer", "scheduler", "worker")
+ROLES = ("frontend", "tokenizer", "scheduler", "worker")  # each with its own CURVE key
+MEMBER_ROLES = (*ROLES, "draft-worker")  # a draft-model worker holds the worker's key
 HUB_PORTS = {"frontend": 5556, "scheduler": 5557}
 # Services that `docker compose up --scale NAME=N` may run several of.
 SCALABLE_SERVICES = {"tokenizer"}
@@ -60,8 +61,13 @@ def services() -> dict[str, dict[str, Any]]:
 
 def role_of(service: dict[str, Any]) -> str | None:
     """The pagoda role a service runs (frontend, tokenizer, scheduler, worker), or None (tools)."""
-    roles = [args[0] for args in pagoda_invocations(service) if args and args[0] in ROLES]
+    roles = [args[0] for args in pagoda_invocations(service) if args and args[0] in MEMBER_ROLES]
     return roles[0] if roles else None
+
+
+def key_role(role: str | None) -> str | None:
+    """The role whose CURVE key a member holds."""
+    return "worker" if role == "draft-worker" else role
 
 
 def engine_services() -> dict[str, dict[str, Any]]:
@@ -69,7 +75,7 @@ def engine_services() -> dict[str, dict[str, Any]]:
 
 
 def pagoda_args(service: dict[str, Any]) -> list[str]:
-    return next(args for args in pagoda_invocations(service) if args and args[0] in ROLES)
+    return next(args for args in pagoda_invocations(service) if args and args[0] in MEMBER_ROLES)
 
 
 def flag_value(args: list[str], flag: str) -> str | None:
@@ -229,7 +235,7 @@ def test_members_have_healthcheck_restart_and_grace_period():
 def test_each_member_gets_only_its_own_roles_secret():
     files = {n: s["file"] for n, s in (compose().get("secrets") or {}).items()}
     for name, service in engine_services().items():
-        role = role_of(service)
+        role = key_role(role_of(service))
         mounted = {}
         for secret in service.get("secrets") or []:
             source = secret if isinstance(secret, str) else secret["source"]
@@ -244,7 +250,7 @@ def test_each_member_gets_only_its_own_roles_secret():
 
 def test_members_speak_curve_with_their_own_key():
     for name, service in engine_services().items():
-        role, args = role_of(service), pagoda_args(service)
+        role, args = key_role(role_of(service)), pagoda_args(service)
         assert "--insecure-transport" not in args, f"service {name}: --insecure-transport over a network"
         assert flag_value(args, "--curve-secret-key-file") == f"{SECRETS_DIR}/{role}.key_secret", (
             f"service {name}: --curve-secret-key-file is not its mounted {role}.key_secret"
@@ -259,7 +265,7 @@ def test_members_speak_curve_with_their_own_key():
 
 def test_zeromq_addresses_agree():
     for name, service in engine_services().items():
-        role, args = role_of(service), pagoda_args(service)
+        role, args = key_role(role_of(service)), pagoda_args(service)
         for hub, port in HUB_PORTS.items():
             addr = flag_value(args, f"--{hub}-addr")
             if role == hub:  # a hub binds exactly the address it is given: every interface of its container
@@ -302,7 +308,7 @@ def test_tokenizer_replicas_get_distinct_member_ids():
 
 def test_workers_have_shared_memory_and_the_right_image():
     for name, service in engine_services().items():
-        if role_of(service) != "worker":
+        if role_of(service) not in ("worker", "draft-worker"):
             continue
         assert service.get("shm_size"), f"service {name}: a worker needs shm_size (the default /dev/shm is 64 MiB)"
         target = "cuda" if gpu_devices(service) else "cpu"
@@ -314,7 +320,9 @@ def test_workers_have_shared_memory_and_the_right_image():
 def test_profiles():
     profiles = {n: set(s.get("profiles", [])) for n, s in services().items()}
     for name, service in engine_services().items():
-        if role_of(service) == "worker":
+        if role_of(service) == "draft-worker":  # beside a worker profile, when a draft model is configured
+            assert profiles[name] == {"draft"}, f"service {name}: profiles {profiles[name]}, wants {{'draft'}}"
+        elif role_of(service) == "worker":
             want = {"gpu"} if gpu_devices(service) else {"cpu"}
             assert profiles[name] == want, f"service {name}: profiles {profiles[name]}, wants {want}"
         else:

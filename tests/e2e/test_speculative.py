@@ -23,6 +23,7 @@ from frontend import LLM, SamplingParams
 from protocol import EMBEDDED_MODEL_NAME, EngineConfig
 from tests.conftest import start_server
 from tests.e2e.streams import member_pid
+from tokenizer_svc.model_source import embedded_gguf_path
 from tokenizer_svc.tokenizer_loader import load_tokenizer
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
@@ -125,3 +126,114 @@ def test_streams_with_drafts_survive_a_worker_kill(tmp_path):
         assert per_pos in metrics
     finally:
         server.stop()
+
+
+# ---- draft-model workers: the target itself as the draft ----------------------------------------
+
+SELF_DRAFT = {"method": "draft_model", "model": embedded_gguf_path(), "num_speculative_tokens": 3}
+
+
+def _wait_for_drafts(llm, timeout_s: float = 300.0):
+    """Stats once the draft worker proposes (it loads after the target serves)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while llm.scheduler_stats.spec_num_drafts == 0:
+        assert time.monotonic() < deadline, "the draft worker never proposed"
+        llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    return llm.scheduler_stats
+
+
+def test_self_draft_keeps_every_draft_and_the_greedy_text():
+    """The target as its own draft (fp32): every draft is the target's greedy token, so all are
+    kept (acceptance 1.0, k + 1 tokens per verified step where k drafts were asked), and the text
+    is the text without drafts, for prompts of mixed lengths, four at once and alone."""
+    tok = load_tokenizer(EngineConfig())
+    chats = copy_messages()[:2] + OTHER + [[{"role": "user", "content": "Count from one to twenty in words."}]]
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in chats]
+    with LLM(max_model_len=1024, quantization="none", speculative_config=SELF_DRAFT) as llm:
+        before = _wait_for_drafts(llm)
+        plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, seed=0), use_tqdm=False)
+        outs = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
+        outs += llm.generate(prompts[4:], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
+        after = _settled(llm, before)
+    for out, ref in zip(outs, plain, strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids, out.outputs[0].text
+    drafts = after.spec_num_drafts - before.spec_num_drafts
+    draft_tokens = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    assert drafts > 20 and accepted == draft_tokens  # acceptance rate 1.0
+    # k = 3 drafts a step but where max_tokens or a stop leaves room for fewer: 1 + 3 tokens each.
+    full = sum(len(o.outputs[0].token_ids) for o in outs) // 4
+    assert draft_tokens >= 3 * drafts - 2 * len(outs) and drafts >= full - 2 * len(outs)
+    per_pos = [a - b for a, b in zip(after.spec_num_accepted_tokens_per_pos,
+                                     before.spec_num_accepted_tokens_per_pos + [0] * 3, strict=False)]
+    assert per_pos[0] == drafts
+
+
+def test_a_killed_draft_worker_loses_no_stream_and_comes_back(tmp_path):
+    server = start_server(str(tmp_path), "--max-model-len", "1024", "--quantization", "none",
+                          "--speculative-config", json.dumps(SELF_DRAFT))
+    try:
+        base = server.base_url
+        _wait_until(lambda: "worker-draft-0 ready" in server.log(), 300)
+        chats = copy_messages()[:3]  # long answers: each stream is well under way at the kill
+        started = [asyncio.Event() for _ in chats]
+
+        async def run(kill: bool) -> list[str]:
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+            async def stream(i: int) -> str:
+                chunks = await client.chat.completions.create(
+                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=48, stream=True)
+                text = []
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text.append(chunk.choices[0].delta.content)
+                        if len(text) >= 8:
+                            started[i].set()
+                return "".join(text)
+
+            tasks = [asyncio.create_task(stream(i)) for i in range(len(chats))]
+            if kill:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+                os.kill(member_pid(server, "draft-worker"), signal.SIGKILL)
+            texts = await asyncio.gather(*tasks)
+            await client.close()
+            return texts
+
+        undisturbed = asyncio.run(run(kill=False))
+        drafts_before = _metric(base, "pagoda:spec_decode_num_drafts_total")
+        assert drafts_before > 0
+        for e in started:
+            e.clear()
+        assert asyncio.run(run(kill=True)) == undisturbed
+        log = server.log()
+        assert "draft worker worker-draft-0 lost" in log and "decoding goes on without drafts" in log
+        # Restarted, it is set up again and proposes again.
+        _wait_until(lambda: server.log().count("worker-draft-0 ready") >= 2, 300)
+        drafts = _metric(base, "pagoda:spec_decode_num_drafts_total")
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+        again = client.chat.completions.create(model=EMBEDDED_MODEL_NAME, messages=chats[0], temperature=0,
+                                               max_tokens=48)
+        assert again.choices[0].message.content == undisturbed[0]
+        assert _metric(base, "pagoda:spec_decode_num_drafts_total") > drafts
+    finally:
+        server.stop()
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def _wait_until(cond, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)

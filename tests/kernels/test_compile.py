@@ -22,7 +22,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ["rope_write_kv norm=True", "rope_write_kv norm=False", "rms_norm add=True", "rms_norm add=False",
            "rotary", "write_kv", "silu_and_mul", "reduce_splits", "skinny_linear", "paged_attention 16x32 group 4",
-           "paged_attention 16x64 group 2", "paged_attention 128x64 group 4"]
+           "paged_attention 16x64 group 2", "paged_attention 128x64 group 4",
+           # over an fp8 KV cache (--kv-cache-dtype fp8)
+           "rope_write_kv norm=True fp8", "write_kv fp8", "paged_attention 16x32 group 4 fp8",
+           "paged_attention 16x64 group 2 fp8", "paged_attention 128x64 group 4 fp8"]
 
 
 def test_every_kernel_compiles_for_sm90_without_spills() -> None:

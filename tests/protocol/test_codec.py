@@ -15,6 +15,11 @@ from protocol.messages import (
     ChatMessage,
     DetokenizeReply,
     DetokenizeRequest,
+    DraftPlan,
+    DraftRequest,
+    DraftResult,
+    DraftSetup,
+    DraftWorkerInbound,
     EngineReady,
     EngineRequest,
     EngineView,
@@ -77,6 +82,9 @@ EXAMPLES: list[msgspec.Struct] = [
     ),
     StepResult(7, ["a", "b"], [5, 6], [-0.1, -0.2], [[5], [6]], [[-0.1], [-0.2]], idle_s=0.5, execute_s=0.25),
     Shutdown("scheduler stopping"),
+    DraftSetup(num_blocks=64, max_model_len=512, vocab_size=320),
+    DraftPlan(7, [DraftRequest("a", [1, 2, 3], 1, [0, 4], num_drafts=3)]),
+    DraftResult(7, {"a": [4, 5, 6]}, execute_s=0.01),
     TokenBatch([TokenOutput("a", [5], "stop", 2, index=1, logprobs=LOGPROBS)]),
     TextBatch([TextOutput("a", "Hi", [5], "stop", 2, 1, index=1, logprobs=LOGPROBS, stop_reason="\n")]),
 ]
@@ -87,6 +95,7 @@ UNIONS = {
     "tokenizer from the scheduler": TokenizerFromScheduler,
     "scheduler": SchedulerInbound,
     "worker": WorkerInbound,
+    "draft worker": DraftWorkerInbound,
 }
 
 

@@ -9,7 +9,7 @@ from collections import deque
 
 import pytest
 
-from protocol import SamplingParams
+from protocol import DraftPlan, DraftResult, SamplingParams
 from protocol.config import SpeculativeConfig
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerConfig
@@ -116,3 +116,88 @@ def test_bad_speculative_configs_name_the_field() -> None:
         with pytest.raises(ValueError, match="speculative_config") as e:
             SpeculativeConfig.parse(text)
         assert words in str(e.value)
+
+
+# ---- draft-model speculation: the scheduler's side, with a simulated draft worker ------------
+
+DRAFT_SPEC = SpeculativeConfig.parse('{"method": "draft_model", "model": "draft", "num_speculative_tokens": 3}')
+
+
+class SimDraftWorker:
+    """A draft worker whose cache holds token ids: every position the scheduler says it holds
+    (a request's num_computed_tokens) must hold that request's token there, through the block
+    table, so a wrong catch-up count or a block the draft never wrote is caught. It proposes what
+    `model` would, which agrees with the target except at every 4th position."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.num_plans = 0
+        self.num_held = 0  # positions found in the cache (not computed again)
+
+    @staticmethod
+    def model(tokens: list[int], seed: int | None) -> int:
+        return copying_model(tokens, seed) if len(tokens) % 4 else 1 + len(tokens) % (VOCAB - 1)
+
+    def _slot(self, blocks: list[int], pos: int) -> tuple[int, int]:
+        return blocks[pos // self.block_size], pos % self.block_size
+
+    def propose(self, plan: DraftPlan) -> DraftResult:
+        self.num_plans += 1
+        drafts = {}
+        for q in plan.requests:
+            tokens = list(q.token_ids)
+            self.num_held += q.num_computed_tokens
+            for pos in range(q.num_computed_tokens):
+                b, o = self._slot(q.block_ids, pos)
+                assert self.kv[b][o] == tokens[pos], f"{q.request_id}: position {pos} is not in the draft's cache"
+            for pos in range(q.num_computed_tokens, len(tokens)):
+                b, o = self._slot(q.block_ids, pos)
+                self.kv[b][o] = tokens[pos]
+            out = []
+            for i in range(q.num_drafts):
+                out.append(self.model(tokens, None))
+                tokens.append(out[-1])
+                if i < q.num_drafts - 1:  # the last draft is proposed, never computed
+                    b, o = self._slot(q.block_ids, len(tokens) - 1)
+                    self.kv[b][o] = tokens[-1]
+            drafts[q.request_id] = out
+        return DraftResult(plan.step_id, drafts)
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=["sync", "async"])
+@pytest.mark.parametrize("num_blocks", [64, 16], ids=["roomy", "preempting"])
+def test_draft_model_drafts_keep_each_requests_tokens_and_the_drafts_cache_count(depth, num_blocks) -> None:
+    s = make(num_blocks, DRAFT_SPEC)
+    worker, drafter = SimWorker(num_blocks, 4, copying_model), SimDraftWorker(num_blocks, 4)
+    # No draft worker ready: plain steps only.
+    s.add_request(request("early", prompts(1)[0], 5))
+    early, plans = drain(s, worker, depth)
+    assert not any(p.spec_token_ids for p in plans)
+    s.draft_max_model_len = 256
+    lengths = [40, 23, 31, 17]
+    for i, (p, n) in enumerate(zip(prompts(4), lengths)):
+        s.add_request(request(f"r{i}", p, n))
+    outputs: dict[str, list[int]] = {}
+    in_flight: deque = deque()
+    num_plans = 0
+    while s.has_work or in_flight:
+        while len(in_flight) < depth and (plan := s.schedule()) is not None:
+            if s.needs_drafts(plan):
+                num_plans += 1
+                # Every 5th plan the draft worker "died": the plan goes out without drafts.
+                result = drafter.propose(s.draft_plan(plan)) if num_plans % 5 else DraftResult(plan.step_id, {})
+                s.fill_drafts(plan, result.drafts)
+                assert not s.needs_drafts(plan)
+                for rid, d in plan.spec_token_ids.items():
+                    assert plan.num_scheduled_tokens[rid] == 1 + len(d)
+            in_flight.append(plan)
+        for _, out in s.update(worker.execute(in_flight.popleft())).outputs:
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert s.block_pool.num_free == s.block_pool.num_blocks and not s.requests
+    for i, (p, n) in enumerate(zip(prompts(4), lengths)):
+        assert outputs[f"r{i}"] == reference_output(p, None, n, 256, ignore_eos=True, model=copying_model)
+    assert drafter.num_plans > 5 and drafter.num_held > 10 * drafter.num_plans  # mostly caught up already
+    assert 0 < s.spec.num_accepted_tokens < s.spec.num_draft_tokens
+    if num_blocks == 16:
+        assert s.num_preemptions > 0
