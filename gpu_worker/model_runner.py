@@ -70,8 +70,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             warm_up_kernels(self.model)
             if not config.enforce_eager:
-                if config.cuda_graph_mixed_tokens > 0:  # the larger graphs first, into the shared pool
-                    max_tokens = min(config.cuda_graph_mixed_tokens, self.input_batch.buffers.max_tokens)
+                if (mixed := mixed_graph_tokens(config)) > 0:  # the larger graphs first, into the shared pool
+                    max_tokens = min(mixed, self.input_batch.buffers.max_tokens)
                     self.graphs.capture_mixed(mixed_graph_sizes(max_tokens))
                 self.graphs.capture_decode(cudagraph_sizes(config.max_num_seqs))
 
@@ -246,6 +246,17 @@ class ModelRunner:
         step.result.execute_s = step.launch_s + time.perf_counter() - began
         step.result.idle_s = step.idle_s
         return step.result
+
+
+def mixed_graph_tokens(config: EngineConfig) -> int:
+    """Up to how many tokens steps with more than one token per sequence replay CUDA graphs:
+    `cuda_graph_mixed_tokens`, or with speculative decoding at least a verification step's size
+    (1 + k tokens for each of up to disable_by_batch_size requests): eager, a verification
+    forward of llama3-8b took 33.8 ms on the H200 against 3.9 ms for a decode graph."""
+    spec = config.speculative
+    if spec is None:
+        return config.cuda_graph_mixed_tokens
+    return max(config.cuda_graph_mixed_tokens, (1 + spec.num_speculative_tokens) * spec.disable_by_batch_size)
 
 
 def resolve_device(device: str, index: int) -> torch.device:

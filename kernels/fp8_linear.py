@@ -19,6 +19,18 @@ in bf16); other activation dtypes get it cast, bias added after. `_scaled_mm` al
 N multiples of 16: other shapes (none of the usual models) take the reference on the GPU too.
 Elsewhere `fp8_linear_ref` runs: the same quantization, the fp8 values multiplied exactly in
 fp32 (a product of two e4m3 values is exact in fp32) and scaled after the sum, as the GPU does.
+
+Decode-sized inputs (CUDA, bf16/fp16, at most 16 rows) take W8A16 instead
+(`w8a16_linear_ref`; kernels/triton_fp8_linear.py's skinny kernel, one launch): x is not
+quantized, the e4m3 weight is widened and multiplied with x in fp32, each output scaled by its
+weight row's scale at the end. There a projection is a weight read, and `_scaled_mm` plus the
+quantization launch were slower than the bf16 skinny kernel reading twice the bytes. The
+activation's static `input_scale` and `input_scale_ub` are not used on this path: they only
+say how to quantize x, and x unquantized is strictly more accurate (the result differs from
+W8A8's by x's e4m3 rounding, ~2^-5 relative per value). PAGODA_SKINNY_LINEAR (as for bf16
+weights, kernels/__init__.py): "0" turns the W8A16 path off (every CUDA input takes
+`_scaled_mm`), "auto" (the default) and "1" use it for every shape of weight (the bf16 rule's
+4,096-output cap is against cuBLAS's bf16 GEMV, not `_scaled_mm`).
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ SCALED_MM_ALIGN = 16
 
 
 _USE_TRITON = os.environ.get("PAGODA_KERNELS", "triton") != "torch"  # as kernels/__init__.py
+_SKINNY_LINEAR = os.environ.get("PAGODA_SKINNY_LINEAR", "auto")  # as kernels/__init__.py ("0": off)
+SKINNY_MAX_ROWS = 16  # kernels/triton_linear.py's MAX_ROWS
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -58,7 +72,9 @@ def quantize_rows_ref(
         amax = xf.abs().amax(dim=-1, keepdim=True)
         if scale_ub is not None:
             amax = amax.clamp_max(scale_ub)
-        scale = (amax / FP8_MAX).clamp_min(MIN_SCALE)
+        # Divided by a tensor, not the scalar: on CUDA torch divides by a scalar as a product
+        # with its reciprocal, one rounding off the correctly rounded quotient the kernel takes.
+        scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_SCALE)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -107,6 +123,26 @@ def fp8_linear_ref(
     return y.to(x.dtype).reshape(*lead, w_fp8.shape[0])
 
 
+def w8a16_linear_ref(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype, x not quantized (W8A16): the e4m3 weight [N, K]
+    widened to fp32, multiplied with x in fp32, each output scaled by its row's scale (`w_scale`,
+    N values), the bias added, rounded once."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = (x.reshape(-1, k).float() @ w_fp8.float().t()) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, w_fp8.shape[0])
+
+
+def use_skinny_w8a16(x: torch.Tensor) -> bool:
+    """Whether `fp8_linear` takes W8A16 (kernels/triton_fp8_linear.py's skinny kernel): CUDA and
+    Triton kernels on, bf16/fp16 x of at most 16 rows, PAGODA_SKINNY_LINEAR not "0"."""
+    return (_SKINNY_LINEAR != "0" and _use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() <= SKINNY_MAX_ROWS * x.shape[-1])
+
+
 def scaled_mm_supported(in_features: int, out_features: int) -> bool:
     """Whether `torch._scaled_mm` takes this weight shape (K and N multiples of 16)."""
     return in_features % SCALED_MM_ALIGN == 0 and out_features % SCALED_MM_ALIGN == 0
@@ -146,8 +182,13 @@ def fp8_linear(
     """x W^T + b for an e4m3 weight [N, K] with a scale per row (w_scale [N] fp32): activations
     quantized per token (at most `input_scale_ub` / 448 a scale, fbgemm's bound), or by the
     checkpoint's static per-tensor `input_scale`. `torch._scaled_mm` on CUDA, the reference
-    elsewhere and for shapes it does not take."""
+    elsewhere and for shapes it does not take. Decode-sized CUDA inputs (`use_skinny_w8a16`)
+    take W8A16 instead, x unquantized (`input_scale`, `input_scale_ub` unused; see the top)."""
     n, k = w_fp8.shape
+    if use_skinny_w8a16(x):
+        from kernels.triton_fp8_linear import fp8_linear_skinny_triton
+
+        return fp8_linear_skinny_triton(x, w_fp8, w_scale, bias)
     if not x.is_cuda or not scaled_mm_supported(k, n):
         return fp8_linear_ref(x, w_fp8, w_scale, bias, input_scale, input_scale_ub)
     lead = x.shape[:-1]

@@ -1,9 +1,18 @@
-"""`quantize_rows_ref` (kernels/fp8_linear.py) in one Triton kernel: each program quantizes one
-row of x to e4m3, finding its amax first (dynamic per-token scales) or reading the static
-per-tensor scale, and writes the row's fp32 scale beside it ([M, 1], `_scaled_mm`'s scale_a).
+"""FP8 linears in Triton.
 
-The divisions are IEEE (`div_rn`; Triton's `/` is an approximate division) and the cast to
-e4m3 rounds to nearest even, as PyTorch's does, so the output equals the reference bit for bit.
+`quantize_rows_triton`: `quantize_rows_ref` (kernels/fp8_linear.py) in one kernel: each program
+quantizes one row of x to e4m3, finding its amax first (dynamic per-token scales) or reading the
+static per-tensor scale, and writes the row's fp32 scale beside it ([M, 1], `_scaled_mm`'s
+scale_a). The divisions are IEEE (`div_rn`; Triton's `/` is an approximate division) and the cast
+to e4m3 rounds to nearest even, as PyTorch's does, so the output equals the reference bit for bit.
+
+`fp8_linear_skinny_triton`: W8A16 for decode-sized inputs (at most 16 rows), `w8a16_linear_ref`:
+x (bf16/fp16, not quantized) times the e4m3 weight [N, K] widened in registers (e4m3 -> bf16/fp16
+is exact), summed in fp32 on the tensor cores, each output column scaled by its weight row's
+fp32 scale once at the end, the bias added, rounded once to x's dtype. The tiling is
+kernels/triton_linear.py's skinny kernel (BLOCK_N weight rows streamed once per program, x's
+rows padded to 16, no split of `in`): at batch 1 a projection is a weight read, and e4m3 halves
+it; one launch, where the W8A8 path needs two (quantize x, `_scaled_mm`).
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from kernels.triton_linear import _SHARED_MEMORY_HEADROOM, MAX_ROWS, LinearConfig
+from kernels.triton_linear import default_config as _bf16_default_config
+from kernels.triton_paged_attention import H100, device_limits
 
 MAX_BLOCK = 4096
 
@@ -76,3 +88,83 @@ def quantize_rows_triton(
         FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, num_warps=warps,
     )
     return q, scale
+
+
+# ---- W8A16 for at most MAX_ROWS rows ------------------------------------------------------------
+
+
+# M (1..16 rows) is not specialized, as in kernels/triton_linear.py: one compiled variant per shape.
+@triton.jit(do_not_specialize=["M"])
+def _skinny_fp8_linear_kernel(
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        # Unmasked along k (EVEN_K), Triton pipelines the loop (see kernels/triton_linear.py).
+        k_ok = k < K if not EVEN_K else tl.full([BLOCK_K], 1, tl.int1)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter: both operands in fp32 (e4m3 -> fp32 is exact), an IEEE dot
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:  # e4m3 -> bf16/fp16 is exact (3 mantissa bits; 2^-9 .. 448 fits both)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    acc = acc * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def skinny_fp8_config(n: int, k: int, shared_mem: int = H100.shared_mem) -> LinearConfig:
+    """kernels/triton_linear.py's tiling for the same shape (`default_config`), its key tile
+    doubled where `in` allows it (up to 1,024): a program then streams as many weight bytes per
+    tile as the bf16 kernel does. Stages: as many as fit (2..4), the x tile in 16 bits and the
+    weight tile in 8. Not swept on a GPU yet (`bench kernels --sweep` covers the bf16 kernel)."""
+    base = _bf16_default_config(n, k, shared_mem)
+    block_k = base.block_k * 2 if k % (base.block_k * 2) == 0 and base.block_k * 2 <= 1024 else base.block_k
+    per_stage = (MAX_ROWS * 2 + base.block_n) * block_k
+    num_stages = max(2, min(4, 1 + (shared_mem - _SHARED_MEMORY_HEADROOM) // per_stage))
+    return LinearConfig(block_n=base.block_n, block_k=block_k, num_warps=base.num_warps, num_stages=num_stages)
+
+
+def fp8_linear_skinny_triton(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """`w8a16_linear_ref` (kernels/fp8_linear.py) for x [..., K] (bf16/fp16) of at most MAX_ROWS
+    rows in all: w_fp8 [N, K] e4m3 with rows contiguous, w_scale N fp32 values ([N] or [1, N])."""
+    n, k = w_fp8.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"fp8_linear_skinny_triton takes at most {MAX_ROWS} rows, got {m}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_linear_skinny_triton takes bf16 or fp16 activations, not {x.dtype}")
+    if w_fp8.dtype != FP8_DTYPE or w_fp8.stride(-1) != 1:
+        raise ValueError("the weight must be float8_e4m3fn with contiguous rows ([out, in])")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    scale = w_scale.reshape(-1)
+    if scale.dtype != torch.float32 or scale.stride(0) != 1:
+        scale = scale.float().contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    out2 = out.view(m, n)
+    cfg = config or skinny_fp8_config(n, k, device_limits(x.device).shared_mem)
+    _skinny_fp8_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, w_fp8, scale, bias if bias is not None else scale, out2, m, n, k, x2.stride(0), w_fp8.stride(0),
+        out2.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, UPCAST=x.device.type == "cpu",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -108,9 +108,11 @@ for step in $steps; do
                 --engine-args "${T_ENGINE_ARGS:---max-num-batched-tokens 8192} --load-format dummy" \
                 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}' ;;
         spec-draft) # verification's cost (the runner alone), then L with llama3-8b drafting for itself
-            timeout "${BENCH_TIMEOUT:-900}" python3 scripts/spec_verify_cost.py --shape llama3-8b \
-                > "$out/spec-verify-cost.json" 2> "$out/spec-verify-cost.log"
-            echo "== spec-verify-cost exit $? ($(tr -d '\n ' < "$out/spec-verify-cost.json" | head -c 600))"
+            for g in 0 16; do  # verification steps eager, then replaying CUDA graphs of 16 tokens
+                timeout "${BENCH_TIMEOUT:-900}" python3 scripts/spec_verify_cost.py --shape llama3-8b --k 2 4 \
+                    --mixed-graph-tokens $g > "$out/spec-verify-cost-g$g.json" 2> "$out/spec-verify-cost-g$g.log"
+                echo "== spec-verify-cost graphs $g: exit $? ($(tr -d '\n ' < "$out/spec-verify-cost-g$g.json" | head -c 700))"
+            done
             bench spec-latency-self-draft latency --random-weights llama3-8b --peer none \
                 --engine-args "--load-format dummy --gpu-memory-utilization 0.4 --step-log $out/spec-steps.jsonl" \
                 --speculative-config '{"method": "draft_model", "model": "/tmp/pagoda-bench-weights/llama3-8b", "num_speculative_tokens": 4}' ;;

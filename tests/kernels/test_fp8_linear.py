@@ -1,7 +1,8 @@
-"""FP8 W8A8 linears (kernels/fp8_linear.py): the quantization's bounds, the reference matmul
-against fp64 on the dequantized operands, the `_scaled_mm` call's conventions, and the Triton
-quantization kernel (in Triton's interpreter and compiled for sm_90 here; on the GPU with
-`-m gpu`, with `_scaled_mm` at llama3-8b's projection shapes)."""
+"""FP8 linears (kernels/fp8_linear.py): the quantization's bounds, the W8A8 reference matmul
+against fp64 on the dequantized operands, the `_scaled_mm` call's conventions, the Triton
+quantization kernel and the skinny W8A16 kernel for decode-sized inputs (in Triton's
+interpreter and compiled for sm_90 here; on the GPU with `-m gpu`, with `_scaled_mm` and the
+W8A16 kernel at llama3-8b's projection shapes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels.fp8_linear as fp8_module
 from kernels.fp8_linear import (
     FP8_DTYPE,
     FP8_MAX,
@@ -24,6 +26,8 @@ from kernels.fp8_linear import (
     fp8_linear_ref,
     quantize_rows_ref,
     scaled_mm_rowwise,
+    use_skinny_w8a16,
+    w8a16_linear_ref,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,6 +148,32 @@ def test_scaled_mm_call_matches_the_reference_where_torch_runs_it_on_the_cpu(dty
     assert bool(((y.float() - ref.float()).abs() <= bound).all())
 
 
+def test_w8a16_reference_is_the_product_of_x_and_the_dequantized_weight() -> None:
+    x = rows_with_outliers(5, 96, seed=4).reshape(5, 1, 96)
+    w = Fp8Weight.quantize(rows_with_outliers(40, 96, seed=5))
+    bias = torch.randn(40)
+    y = w8a16_linear_ref(x, w.weight, w.scale, bias)
+    assert y.shape == (5, 1, 40) and y.dtype == torch.float32
+    exact = x.reshape(5, 96).double() @ w.dequantize().double().t() + bias.double()
+    assert torch.allclose(y.reshape(5, 40).double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    yb = w8a16_linear_ref(x.bfloat16(), w.weight, w.scale.reshape(-1), bias.bfloat16())  # [N] scales too
+    exact = x.reshape(5, 96).bfloat16().double() @ w.dequantize().double().t() + bias.bfloat16().double()
+    assert yb.dtype == torch.bfloat16
+    assert bool(((yb.reshape(5, 40).double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-30).all())
+
+
+def test_w8a16_dispatch_rule(monkeypatch) -> None:
+    """CUDA (Triton kernels on), bf16/fp16, at most 16 rows, PAGODA_SKINNY_LINEAR not "0"."""
+    assert not use_skinny_w8a16(torch.randn(1, 64, dtype=torch.bfloat16))  # the CPU: the W8A8 reference
+    monkeypatch.setattr(fp8_module, "_use_triton", lambda x: True)  # as if on CUDA
+    for shape, dtype, expected in (((1, 64), torch.bfloat16, True), ((16, 64), torch.float16, True),
+                                   ((4, 4, 64), torch.bfloat16, True), ((17, 64), torch.bfloat16, False),
+                                   ((2, 9, 64), torch.bfloat16, False), ((1, 64), torch.float32, False)):
+        assert use_skinny_w8a16(torch.zeros(shape, dtype=dtype)) == expected, (shape, dtype)
+    monkeypatch.setattr(fp8_module, "_SKINNY_LINEAR", "0")
+    assert not use_skinny_w8a16(torch.zeros(1, 64, dtype=torch.bfloat16))
+
+
 # ---- the Triton kernel, here -----------------------------------------------------------------------
 
 INTERPRETED = textwrap.dedent("""
@@ -192,6 +222,48 @@ COMPILED = textwrap.dedent("""
 """)
 
 
+SKINNY_INTERPRETED = textwrap.dedent("""
+    import torch
+    from kernels.fp8_linear import Fp8Weight, w8a16_linear_ref
+    from kernels.triton_fp8_linear import fp8_linear_skinny_triton, skinny_fp8_config
+    from kernels.triton_linear import LinearConfig
+    torch.manual_seed(0)
+    for n, k in [(48, 64), (40, 72), (33, 100), (64, 1024)]:
+        w = Fp8Weight.quantize(torch.randn(n, k) * torch.logspace(-2, 1, n)[:, None])
+        for m in (1, 3, 16):
+            for dtype, ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
+                x = torch.randn(m, k).to(dtype)
+                for bias in (None, torch.randn(n).to(dtype)):
+                    for cfg in (None, LinearConfig(16, 64, 4, 2)):
+                        out = fp8_linear_skinny_triton(x, w.weight, w.scale, bias, config=cfg)
+                        ref = w8a16_linear_ref(x, w.weight, w.scale, bias)
+                        assert out.dtype == dtype and out.shape == (m, n)
+                        # The interpreter rounds fp32 -> 16 bits toward zero and sums in another
+                        # order: two units of the last place, and fp32 rounding near zero.
+                        bound = 4 * ulp * ref.float().abs() + 1e-5 * ref.float().abs().max()
+                        assert bool(((out.float() - ref.float()).abs() <= bound).all()), (n, k, m, dtype, cfg)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # leading dims kept
+    w = Fp8Weight.quantize(torch.randn(48, 64))
+    assert fp8_linear_skinny_triton(x, w.weight, w.scale).shape == (2, 3, 48)
+    for bad in (torch.randn(17, 64, dtype=torch.bfloat16), torch.randn(2, 64)):
+        try:
+            fp8_linear_skinny_triton(bad, w.weight, w.scale)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(bad.shape)
+    assert skinny_fp8_config(4096, 4096).block_k == 1024 and skinny_fp8_config(28672, 4096).block_k == 512
+    print("ok")
+""")
+
+
+def test_skinny_w8a16_kernel_in_the_interpreter_matches_the_reference() -> None:
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", SKINNY_INTERPRETED], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_triton_kernel_compiles_for_sm90_with_ieee_division_and_nearest_even_casts() -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -202,6 +274,39 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_division_and_nearest_even_cas
     assert len(lines) == 3
     for line in lines:
         assert "stack 0 B" in line and line.endswith("True True"), line
+
+
+SKINNY_COMPILED = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "scripts")
+    from kernel_resources import compile_kernel, report
+    from kernels import triton_fp8_linear as t
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):  # llama3-8b
+        for dtype in ("bf16", "fp16"):
+            cfg = t.skinny_fp8_config(n, k)
+            c = compile_kernel(
+                t._skinny_fp8_linear_kernel,
+                dict(HAS_BIAS=True, BLOCK_M=t.MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
+                     UPCAST=False),
+                dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, out_ptr=dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=True)
+            print(n, k, dtype, report(c))
+""")
+
+
+def test_skinny_w8a16_kernel_compiles_for_sm90_without_spills() -> None:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SKINNY_COMPILED], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 8
+    for line in lines:
+        assert "stack 0 B" in line, line
+        shared = int(line.split("shared ")[1].split(" B")[0])
+        assert shared <= 232448, line  # Hopper's 227 KB a block may opt in to
+        assert "K/V buffers ['3', '3']" in line, line  # x and W tiles pipelined (num_stages 4)
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------
@@ -238,22 +343,27 @@ def test_scaled_mm_matches_the_reference_at_llama3_8b_shapes(proj, monkeypatch) 
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(fp8_module, "_SKINNY_LINEAR", "0")  # PAGODA_SKINNY_LINEAR=0: no W8A16 at <= 16 rows
     for m in (1, 2, 7, 16, 512):
         x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
         for b in (None, bias):
             out = w(x, b)
             ref = fp8_linear_ref(x, w.weight, w.scale, b)
             assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-            assert _rel(out, ref) < 3e-3, (m, b is not None)
+            # cuBLAS's FP8 sum is not an fp32 sum of the same products in order: 3.3e-3 (o, K 4096)
+            # and 4.1e-3 (down, K 14336) measured on the H200 against this fp32 reference.
+            assert _rel(out, ref) < 6e-3, (m, b is not None)
             assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max(), (m, b is not None)
     assert len(calls) == 10  # every call took _scaled_mm
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=DTYPE_ID)
-def test_scaled_mm_for_other_activation_dtypes_static_scales_and_bounds(dtype) -> None:
+def test_scaled_mm_for_other_activation_dtypes_static_scales_and_bounds(dtype, monkeypatch) -> None:
     """fp16/fp32 models get the bf16 product cast (bias added after); a static input scale and
-    fbgemm's bound go through the same path; odd shapes take the reference."""
+    fbgemm's bound go through the same path; odd shapes take the reference. (9 rows: W8A16's
+    turned off, PAGODA_SKINNY_LINEAR=0.)"""
+    monkeypatch.setattr(fp8_module, "_SKINNY_LINEAR", "0")
     g = torch.Generator(device="cuda").manual_seed(1)
     w = Fp8Weight.quantize(torch.randn(256, 512, device="cuda", generator=g) * 0.02)
     x = torch.randn(9, 512, device="cuda", generator=g).to(dtype)
@@ -265,3 +375,52 @@ def test_scaled_mm_for_other_activation_dtypes_static_scales_and_bounds(dtype) -
     odd = Fp8Weight.quantize(torch.randn(40, 72, device="cuda", generator=g))  # 72 inputs: no _scaled_mm
     xo = torch.randn(3, 72, device="cuda", generator=g).to(dtype)
     assert torch.equal(odd(xo), fp8_linear_ref(xo, odd.weight, odd.scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("proj", list(LLAMA3_8B))
+def test_skinny_w8a16_matches_the_reference_at_llama3_8b_decode_shapes(proj, m, monkeypatch) -> None:
+    """Decode-sized bf16 inputs through `Fp8Weight` take the W8A16 kernel (no `_scaled_mm`),
+    against x times the dequantized weight in fp32, rounded to bf16 once."""
+    n, k = LLAMA3_8B[proj]
+    g = torch.Generator(device="cuda").manual_seed(m)
+    w = Fp8Weight.quantize(torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
+    bias = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
+    monkeypatch.setattr(torch, "_scaled_mm", None)  # W8A16 at <= 16 rows: never called
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    for b in (None, bias):
+        out = w(x, b)
+        ref = w8a16_linear_ref(x, w.weight, w.scale, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert _rel(out, ref) < 5e-3, b is not None
+        assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max(), b is not None
+    # More accurate than W8A8 against the unquantized product (the same e4m3 weight).
+    exact = x.double() @ w.dequantize().double().t()
+    assert _rel(w(x), exact) < _rel(fp8_linear_ref(x, w.weight, w.scale), exact)
+
+
+@pytest.mark.gpu
+def test_skinny_w8a16_fp16_odd_shapes_static_scales_and_the_switch(monkeypatch) -> None:
+    """fp16 activations and shapes `_scaled_mm` does not take (72 inputs, 40 outputs) go through
+    the kernel too; a static input scale is not used (x is not quantized); PAGODA_SKINNY_LINEAR=0
+    sends the same call to `_scaled_mm`; more than 16 rows never take the kernel."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for n, k in ((40, 72), (256, 512)):
+        w = Fp8Weight.quantize(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        w.input_scale = torch.tensor(0.01, device="cuda")
+        bias = (torch.randn(n, device="cuda", generator=g) * 0.1).half()
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, device="cuda", generator=g).half()
+            out = w(x, bias)
+            assert out.dtype == torch.float16 and _rel(out, w8a16_linear_ref(x, w.weight, w.scale, bias)) < 5e-3
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(4, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+    w(x)
+    assert not calls
+    w(torch.randn(17, 512, device="cuda", generator=g, dtype=torch.bfloat16))
+    assert len(calls) == 1
+    monkeypatch.setattr(fp8_module, "_SKINNY_LINEAR", "0")
+    assert _rel(w(x), fp8_linear_ref(x, w.weight, w.scale, None, w.input_scale)) < 5e-3 and len(calls) == 2
