@@ -352,17 +352,23 @@ def test_unsupported_quantization_configs_name_what_is_wrong(llama, tmp_path) ->
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_quantization_fp8_on_gpu_runs_scaled_mm_in_cuda_graphs(family, tiny, prompts, monkeypatch) -> None:
-    """bf16 on the GPU, --quantization fp8: `_scaled_mm` (captured in the decode graphs too)
+    """bf16 on the GPU, --quantization fp8: `_scaled_mm` and the W8A16 kernel (captured in the decode graphs too)
     against the CPU's fp32 reference of the same FP8 model and against the unquantized bf16
     model. bf16 activations move some values across e4m3 rounding boundaries, so both differ by
     FP8's own error (the CPU in bf16 measures 0.03-0.06 against fp32 activations, 0.03-0.09
     against unquantized bf16, with 44-48 of 48 argmaxes equal)."""
+    import kernels.triton_fp8_linear as triton_fp8
+
     folder, _ = tiny(family, REAL_INIT)
-    calls = []
-    real = torch._scaled_mm
+    calls, skinny = [], []
+    real, real_skinny = torch._scaled_mm, triton_fp8.fp8_linear_skinny_triton
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(triton_fp8, "fp8_linear_skinny_triton",
+                        lambda *a, **kw: skinny.append(1) or real_skinny(*a, **kw))
     runner = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8")
-    assert runner.graphs.sizes("decode") and calls  # captured with the FP8 matmuls in them
+    # FP8 matmuls captured in the decode graphs (<= 16 rows: the W8A16 kernel); the memory
+    # profile's prefill took `_scaled_mm`.
+    assert runner.graphs.sizes("decode") and skinny and calls
     assert fp8_layer_count(runner) == 4 * runner.model.config.num_hidden_layers
     ours = runner_last_logits(runner, prompts, last=LAST)
     tokens = runner_greedy(runner, prompts, 8)  # decode steps replayed from the graphs
