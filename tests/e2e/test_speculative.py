@@ -133,52 +133,30 @@ def test_streams_with_drafts_survive_a_worker_kill(tmp_path):
 SELF_DRAFT = {"method": "draft_model", "model": embedded_gguf_path(), "num_speculative_tokens": 3}
 
 
-def _wait_for_drafts(llm, timeout_s: float = 300.0):
-    """Stats once the draft worker proposes (it loads after the target serves)."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while llm.scheduler_stats.spec_num_drafts == 0:
-        assert time.monotonic() < deadline, "the draft worker never proposed"
-        llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-    return llm.scheduler_stats
-
-
-def test_self_draft_keeps_every_draft_and_the_greedy_text():
-    """The target as its own draft (fp32): every draft is the target's greedy token, so all are
-    kept (acceptance 1.0, k + 1 tokens per verified step where k drafts were asked), and the text
-    is the text without drafts, for prompts of mixed lengths, four at once and alone."""
-    tok = load_tokenizer(EngineConfig())
-    chats = copy_messages()[:2] + OTHER + [[{"role": "user", "content": "Count from one to twenty in words."}]]
-    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-               for c in chats]
-    with LLM(max_model_len=1024, quantization="none", speculative_config=SELF_DRAFT) as llm:
-        before = _wait_for_drafts(llm)
-        plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, seed=0), use_tqdm=False)
-        outs = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
-        outs += llm.generate(prompts[4:], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
-        after = _settled(llm, before)
-    for out, ref in zip(outs, plain, strict=True):
-        assert out.outputs[0].token_ids == ref.outputs[0].token_ids, out.outputs[0].text
-    drafts = after.spec_num_drafts - before.spec_num_drafts
-    draft_tokens = after.spec_num_draft_tokens - before.spec_num_draft_tokens
-    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
-    assert drafts > 20 and accepted == draft_tokens  # acceptance rate 1.0
-    # k = 3 drafts a step but where max_tokens or a stop leaves room for fewer: 1 + 3 tokens each.
-    full = sum(len(o.outputs[0].token_ids) for o in outs) // 4
-    assert draft_tokens >= 3 * drafts - 2 * len(outs) and drafts >= full - 2 * len(outs)
-    per_pos = [a - b for a, b in zip(after.spec_num_accepted_tokens_per_pos,
-                                     before.spec_num_accepted_tokens_per_pos + [0] * 3, strict=False)]
-    assert per_pos[0] == drafts
-
-
-def test_a_killed_draft_worker_loses_no_stream_and_comes_back(tmp_path):
+def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(tmp_path):
+    """The target (fp32) as its own draft model, through every process. Every draft is the
+    target's greedy token, so all are kept (acceptance 1.0: k + 1 tokens per verified step where
+    k drafts were asked) and the text is the text without drafts, for prompts of mixed lengths.
+    Then the draft worker is SIGKILLed under 3 streams: none is lost, each ends with the same
+    text, and the restarted draft worker proposes again."""
     server = start_server(str(tmp_path), "--max-model-len", "1024", "--quantization", "none",
                           "--speculative-config", json.dumps(SELF_DRAFT))
     try:
         base = server.base_url
         _wait_until(lambda: "worker-draft-0 ready" in server.log(), 300)
         chats = copy_messages()[:3]  # long answers: each stream is well under way at the kill
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+
+        def answer(messages: list, **kw) -> str:
+            out = client.chat.completions.create(model=EMBEDDED_MODEL_NAME, messages=messages, temperature=0,
+                                                 max_tokens=48, **kw)
+            return out.choices[0].message.content
+
+        # Without drafts (a seeded request gets none; greedy ignores the seed), then with them.
+        plain = [answer(m, seed=0) for m in chats + OTHER]
+        before = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in ("drafts", "draft_tokens",
+                                                                                 "accepted_tokens")}
+        assert [answer(m) for m in OTHER] == plain[3:]
         started = [asyncio.Event() for _ in chats]
 
         async def run(kill: bool) -> list[str]:
@@ -204,8 +182,11 @@ def test_a_killed_draft_worker_loses_no_stream_and_comes_back(tmp_path):
             return texts
 
         undisturbed = asyncio.run(run(kill=False))
-        drafts_before = _metric(base, "pagoda:spec_decode_num_drafts_total")
-        assert drafts_before > 0
+        assert undisturbed == plain[:3]
+        after = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in before}
+        drafts, draft_tokens, accepted = (after[n] - before[n] for n in ("drafts", "draft_tokens", "accepted_tokens"))
+        assert drafts > 20 and accepted == draft_tokens  # acceptance rate 1.0
+        assert draft_tokens >= 3 * drafts - 2 * len(plain)  # k = 3 but where max_tokens leaves fewer
         for e in started:
             e.clear()
         assert asyncio.run(run(kill=True)) == undisturbed
@@ -214,10 +195,7 @@ def test_a_killed_draft_worker_loses_no_stream_and_comes_back(tmp_path):
         # Restarted, it is set up again and proposes again.
         _wait_until(lambda: server.log().count("worker-draft-0 ready") >= 2, 300)
         drafts = _metric(base, "pagoda:spec_decode_num_drafts_total")
-        client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
-        again = client.chat.completions.create(model=EMBEDDED_MODEL_NAME, messages=chats[0], temperature=0,
-                                               max_tokens=48)
-        assert again.choices[0].message.content == undisturbed[0]
+        assert answer(chats[0]) == undisturbed[0]
         assert _metric(base, "pagoda:spec_decode_num_drafts_total") > drafts
     finally:
         server.stop()

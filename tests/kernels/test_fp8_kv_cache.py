@@ -267,10 +267,13 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _interpreter_ready() -> bool:
-    """False when something imported triton for compiling before this module set TRITON_INTERPRET."""
+    """False when something imported triton for compiling before this module set TRITON_INTERPRET
+    (then triton's own jit functions, `tl.cdiv` among them, compile even in our fresh kernels)."""
+    from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_triton_modules()[1]._paged_attention_kernel, InterpretedFunction)
+    kernel = _triton_modules()[1]._paged_attention_kernel
+    return all(isinstance(f, InterpretedFunction) for f in (standard.cdiv, kernel))
 
 
 IN_PROCESS = HAS_TRITON and (ON_GPU or _interpreter_ready())
