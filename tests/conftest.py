@@ -27,6 +27,20 @@ os.environ.setdefault("PAGODA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "p
 os.environ.setdefault("PAGODA_QUANTIZATION", "none")
 
 
+def _interpret_triton_without_a_gpu() -> None:
+    """Without a GPU the Triton kernel tests run in Triton's interpreter, which triton picks when
+    it is first imported, and importing transformers' model classes (tests/tiny_models.py) imports
+    triton: so it is set here, before any test module is collected. (The compile checks run in
+    subprocesses without it.) Otherwise the kernel tests rerun themselves in a fresh process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_a_gpu()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
