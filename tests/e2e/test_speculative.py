@@ -97,7 +97,7 @@ def test_streams_with_drafts_survive_a_worker_kill(tmp_path):
 
             async def stream(i: int) -> str:
                 chunks = await client.chat.completions.create(
-                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=80, stream=True)
+                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=56, stream=True)
                 text = []
                 async for chunk in chunks:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -149,7 +149,7 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
 
         def answer(messages: list, **kw) -> str:
             out = client.chat.completions.create(model=EMBEDDED_MODEL_NAME, messages=messages, temperature=0,
-                                                 max_tokens=48, **kw)
+                                                 max_tokens=36, **kw)
             return out.choices[0].message.content
 
         # Without drafts (a seeded request gets none; greedy ignores the seed), then with them.
@@ -164,7 +164,7 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
 
             async def stream(i: int) -> str:
                 chunks = await client.chat.completions.create(
-                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=48, stream=True)
+                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=36, stream=True)
                 text = []
                 async for chunk in chunks:
                     if chunk.choices and chunk.choices[0].delta.content:

@@ -43,6 +43,12 @@ def _rank_main(rank: int, size: int, init_method: str, models: list[tuple[str, s
             logits = runner_last_logits(runner, prompts).tolist()
             param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
             results.put((rank, family, greedy, logits, param_bytes))
+        # Leave together: a rank whose peers have closed their gloo connections may abort in
+        # the process group's destructor at exit (seen once at TP=4: exit code -6).
+        from gpu_worker import parallel
+
+        torch.distributed.barrier()
+        parallel.destroy()
     except BaseException as e:  # noqa: BLE001 - the test process reports it
         results.put((rank, "error", repr(e), None, None))
         raise
