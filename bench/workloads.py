@@ -65,6 +65,13 @@ def _constrained(i: int, fraction: float) -> bool:
     return int((i + 1) * fraction) > int(i * fraction)
 
 
+def _draft_model(spec: str | dict | None) -> bool:
+    from protocol.config import SpeculativeConfig
+
+    text = json.dumps(spec) if isinstance(spec, dict) else spec
+    return bool(text) and SpeculativeConfig.parse(text).method == "draft_model"
+
+
 def _wait_for_the_draft_worker(llm: Any, prompt: list[int], timeout_s: float = 900.0) -> None:
     from frontend import SamplingParams
 
@@ -95,7 +102,7 @@ def run_pagoda(
         # whose tokens are all shifted by one, so that no block of it is a prefix-cache hit later.
         warm_up = [t + 1 for t in reqs[0].prompt_ids]
         llm.generate([warm_up], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-        if "draft_model" in str(engine_args.get("speculative_config") or ""):
+        if _draft_model(engine_args.get("speculative_config")):
             _wait_for_the_draft_worker(llm, warm_up)  # it loads after the target serves
         if structured_fraction:
             schema_ttft = _schema_ttft(llm, reqs[0].prompt_ids)

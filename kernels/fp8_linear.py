@@ -115,12 +115,24 @@ def fp8_linear_ref(
     """x [..., K] -> [..., N] in x's dtype: x quantized (per token, or by the static
     `input_scale`), multiplied by the e4m3 weight [N, K] in fp32, scaled by both scales
     (`w_scale` [N]), the bias added, rounded once."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    q, x_scale = quantize_rows_ref(x.reshape(-1, k), input_scale, input_scale_ub)
-    y = (q.float() @ w_fp8.float().t()) * x_scale * w_scale.float().reshape(1, -1)
+    q, x_scale = quantize_rows_ref(x.reshape(-1, x.shape[-1]), input_scale, input_scale_ub)
+    return _scaled_product_ref(x, q.float(), x_scale, w_fp8, w_scale, bias)
+
+
+def _scaled_product_ref(
+    x: torch.Tensor, x2: torch.Tensor, x_scale: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x2 [M, K] fp32 (x's rows, quantized or not) times the e4m3 weight [N, K] in fp32, scaled
+    by x_scale [M, 1] (if any) and w_scale (N values), the bias added, rounded once to x's dtype
+    and shape."""
+    y = x2 @ w_fp8.float().t()
+    if x_scale is not None:
+        y = y * x_scale
+    y = y * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, w_fp8.shape[0])
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
 
 
 def w8a16_linear_ref(
@@ -129,11 +141,7 @@ def w8a16_linear_ref(
     """x [..., K] -> [..., N] in x's dtype, x not quantized (W8A16): the e4m3 weight [N, K]
     widened to fp32, multiplied with x in fp32, each output scaled by its row's scale (`w_scale`,
     N values), the bias added, rounded once."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    y = (x.reshape(-1, k).float() @ w_fp8.float().t()) * w_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, w_fp8.shape[0])
+    return _scaled_product_ref(x, x.reshape(-1, x.shape[-1]).float(), None, w_fp8, w_scale, bias)
 
 
 def use_skinny_w8a16(x: torch.Tensor) -> bool:

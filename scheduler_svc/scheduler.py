@@ -287,10 +287,9 @@ class Scheduler:
     def draft_plan(self, plan: StepPlan) -> DraftPlan:
         """What the draft worker needs for the plan's requests with drafts; call right after
         `schedule`."""
+        asks = [(self.requests[rid], len(d)) for rid, d in plan.spec_token_ids.items()]
         return DraftPlan(plan.step_id, [
-            DraftRequest(rid, self.requests[rid].all_token_ids, self.requests[rid].num_draft_computed,
-                         list(self.requests[rid].block_ids), len(d))
-            for rid, d in plan.spec_token_ids.items()
+            DraftRequest(r.request_id, r.all_token_ids, r.num_draft_computed, list(r.block_ids), k) for r, k in asks
         ])
 
     def fill_drafts(self, plan: StepPlan, drafts: dict[str, list[int]]) -> None:

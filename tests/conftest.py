@@ -41,6 +41,19 @@ def _interpret_triton_without_a_gpu() -> None:
 _interpret_triton_without_a_gpu()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    tiny matmuls gain nothing from threads, and on a busy shared CPU two OpenMP threads that wait
+    on each other make each one ~50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

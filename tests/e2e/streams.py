@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
@@ -72,3 +74,35 @@ async def run_streams(
         return texts, 0.0
     resumed = [min((t for t in times if t > disturbed_at), default=disturbed_at) for _, times in results]
     return texts, max(resumed) - disturbed_at
+
+
+def greedy_chat_streams(
+    server: Server, chats: list[list[dict]], max_tokens: int, kill_role: str | None = None, under_way: int = 8
+) -> list[str]:
+    """Each chat streamed at once, greedy; with `kill_role`, that member is SIGKILLed once every
+    stream has received `under_way` pieces of text. The streams' texts, in order."""
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        started = [asyncio.Event() for _ in chats]
+
+        async def stream(i: int) -> str:
+            chunks = await client.chat.completions.create(
+                model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=max_tokens, stream=True)
+            text = []
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text.append(chunk.choices[0].delta.content)
+                    if len(text) >= under_way:
+                        started[i].set()
+            return "".join(text)
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(len(chats))]
+        if kill_role is not None:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+            os.kill(member_pid(server, kill_role), signal.SIGKILL)
+        texts = await asyncio.gather(*tasks)
+        await client.close()
+        return texts
+
+    return asyncio.run(run())

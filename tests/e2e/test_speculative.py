@@ -9,10 +9,7 @@ drafts in tests/e2e/test_serve_models.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
 
 import httpx
 import openai
@@ -22,7 +19,7 @@ from bench.copy_prompts import copy_messages
 from frontend import LLM, SamplingParams
 from protocol import EMBEDDED_MODEL_NAME, EngineConfig
 from tests.conftest import start_server
-from tests.e2e.streams import member_pid
+from tests.e2e.streams import greedy_chat_streams
 from tokenizer_svc.model_source import embedded_gguf_path
 from tokenizer_svc.tokenizer_loader import load_tokenizer
 
@@ -90,34 +87,8 @@ def test_streams_with_drafts_survive_a_worker_kill(tmp_path):
                           "--speculative-config", json.dumps(SPEC))
     try:
         chats = copy_messages()[:4]
-        started = [asyncio.Event() for _ in chats]
-
-        async def run(kill: bool) -> list[str]:
-            client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-            async def stream(i: int) -> str:
-                chunks = await client.chat.completions.create(
-                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=56, stream=True)
-                text = []
-                async for chunk in chunks:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        text.append(chunk.choices[0].delta.content)
-                        if len(text) >= 10:
-                            started[i].set()
-                return "".join(text)
-
-            tasks = [asyncio.create_task(stream(i)) for i in range(len(chats))]
-            if kill:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-                os.kill(member_pid(server, "worker"), signal.SIGKILL)
-            texts = await asyncio.gather(*tasks)
-            await client.close()
-            return texts
-
-        undisturbed = asyncio.run(run(kill=False))
-        for e in started:
-            e.clear()
-        assert asyncio.run(run(kill=True)) == undisturbed
+        undisturbed = greedy_chat_streams(server, chats, 56, under_way=10)
+        assert greedy_chat_streams(server, chats, 56, kill_role="worker", under_way=10) == undisturbed
         assert "restart" in server.log().lower()
         metrics = httpx.get(server.base_url + "/metrics").text
         assert "pagoda:spec_decode_num_accepted_tokens_total" in metrics
@@ -157,39 +128,13 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
         before = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in ("drafts", "draft_tokens",
                                                                                  "accepted_tokens")}
         assert [answer(m) for m in OTHER] == plain[3:]
-        started = [asyncio.Event() for _ in chats]
-
-        async def run(kill: bool) -> list[str]:
-            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-            async def stream(i: int) -> str:
-                chunks = await client.chat.completions.create(
-                    model=EMBEDDED_MODEL_NAME, messages=chats[i], temperature=0, max_tokens=36, stream=True)
-                text = []
-                async for chunk in chunks:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        text.append(chunk.choices[0].delta.content)
-                        if len(text) >= 8:
-                            started[i].set()
-                return "".join(text)
-
-            tasks = [asyncio.create_task(stream(i)) for i in range(len(chats))]
-            if kill:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-                os.kill(member_pid(server, "draft-worker"), signal.SIGKILL)
-            texts = await asyncio.gather(*tasks)
-            await client.close()
-            return texts
-
-        undisturbed = asyncio.run(run(kill=False))
+        undisturbed = greedy_chat_streams(server, chats, 36)
         assert undisturbed == plain[:3]
         after = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in before}
         drafts, draft_tokens, accepted = (after[n] - before[n] for n in ("drafts", "draft_tokens", "accepted_tokens"))
         assert drafts > 20 and accepted == draft_tokens  # acceptance rate 1.0
         assert draft_tokens >= 3 * drafts - 2 * len(plain)  # k = 3 but where max_tokens leaves fewer
-        for e in started:
-            e.clear()
-        assert asyncio.run(run(kill=True)) == undisturbed
+        assert greedy_chat_streams(server, chats, 36, kill_role="draft-worker") == undisturbed
         log = server.log()
         assert "draft worker worker-draft-0 lost" in log and "decoding goes on without drafts" in log
         # Restarted, it is set up again and proposes again.

@@ -42,13 +42,7 @@ E4M3_MIN_NORMAL = 2.0**-6
 E4M3_SUB_STEP = 2.0**-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads (as in tests/worker/test_models.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -43,12 +43,7 @@ FAKE_QUANT_RTOL = 2e-3
 FP8_VS_FULL_RTOL = 0.15
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ---- this file's own FP8 (independent of kernels/fp8_linear.py) ----------------------------

@@ -52,14 +52,7 @@ FP32_LOGITS_RTOL = 1e-4
 BF16_LOGITS_RTOL = 2e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy shared CPU two OpenMP threads that
-    wait on each other make each one ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def assert_matches_transformers(
