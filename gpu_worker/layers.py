@@ -64,8 +64,9 @@ FP8_SCALES = ("weight_scale", "input_scale")
 class Linear(nn.Linear):
     """nn.Linear through `kernels.linear` (which may take a Triton kernel for decode-sized inputs),
     whole on every rank; or, for a GGUF's quantized matrices on the CPU, through the 4-bit kernel
-    (`int4`, then `weight` is None); or in FP8 with a scale per output row (`fp8`, W8A8 through
-    `torch._scaled_mm`, kernels/fp8_linear.py; then `weight` is None too)."""
+    (`int4`, then `weight` is None); or in FP8 with a scale per output row (`fp8`,
+    kernels/fp8_linear.py: W8A8 through `torch._scaled_mm`, W8A16 for decode-sized inputs; then
+    `weight` is None too)."""
 
     int4: Int4Weight | None = None
     fp8: Fp8Weight | None = None
