@@ -148,6 +148,11 @@ T_DECODE_SWEEP = [
     AttentionConfig(16, tile_n, 1, warps, stages)
     for tile_n in (32, 64, 128) for warps in (2, 4, 8) for stages in (3, 4, 5)
 ] + [AttentionConfig(16, 16, 1, 4, 5), AttentionConfig(16, 16, 1, 2, 3)]
+# Over an fp8 cache a tile of keys is half the bytes: wider tiles stream as much per load.
+T_DECODE_FP8_SWEEP = [
+    AttentionConfig(16, tile_n, 1, warps, stages)
+    for tile_n in (64, 128, 256) for warps in (4, 8) for stages in (3, 4, 5)
+]
 
 
 def _contexts(spec: str, batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -157,28 +162,36 @@ def _contexts(spec: str, batch: int, gen: torch.Generator) -> torch.Tensor:
     return torch.full((batch,), int(spec), dtype=torch.int32, device="cuda")
 
 
-def bench_t_decode(copy_bw: float, sweep: bool) -> list[dict[str, Any]]:
+def bench_t_decode(copy_bw: float, sweep: bool, kv_fp8: bool = False) -> list[dict[str, Any]]:
     """Decode attention at workload T's shapes, the default config (and with --sweep every tiling
-    of T_DECODE_SWEEP) as a share of the copy bandwidth; no key splits (these batches fill the GPU)."""
+    of T_DECODE_SWEEP) as a share of the copy bandwidth; no key splits (these batches fill the GPU).
+    kv_fp8: over an e4m3 cache (`--kv-cache-dtype fp8`), its bytes counted at one a value."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows: list[dict[str, Any]] = []
     for batch, spec in T_DECODE_CASES:
-        rows += _t_decode_case(batch, spec, copy_bw, sweep, gen)
+        rows += _t_decode_case(batch, spec, copy_bw, sweep, gen, kv_fp8)
     return rows
 
 
-def _t_decode_case(batch: int, spec: str, copy_bw: float, sweep: bool, gen: torch.Generator) -> list[dict[str, Any]]:
+def _t_decode_case(batch: int, spec: str, copy_bw: float, sweep: bool, gen: torch.Generator,
+                   kv_fp8: bool = False) -> list[dict[str, Any]]:
     h, kvh, d, bs = 16, 8, 128, 16
     seq_lens = _contexts(spec, batch, gen)
     k_cache, v_cache, tables = paged_cache(batch, int(seq_lens.max()), kvh, d, bs, gen)
+    kv_elem = 1 if kv_fp8 else 2
+    if kv_fp8:
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     q = torch.randn(batch, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    nbytes = 2 * int(seq_lens.sum()) * kvh * d * 2 + 2 * q.numel() * 2
-    default = choose_config(batch, batch, h, kvh, d, 2, device_limits(q.device))
+    nbytes = 2 * int(seq_lens.sum()) * kvh * d * kv_elem + 2 * q.numel() * 2
+    default = choose_config(batch, batch, h, kvh, d, 2, device_limits(q.device),
+                            kv_elem_size=1 if kv_fp8 else None)
+    swept = T_DECODE_FP8_SWEEP if kv_fp8 else T_DECODE_SWEEP
     rows = []
-    for cfg in [default] + ([c for c in T_DECODE_SWEEP if c != default] if sweep else []):
-        row: dict[str, Any] = {"batch": batch, "contexts": spec, "config": cfg.__dict__, "default": cfg == default}
+    for cfg in [default] + ([c for c in swept if c != default] if sweep else []):
+        row: dict[str, Any] = {"batch": batch, "contexts": spec, "config": cfg.__dict__, "default": cfg == default,
+                               "kv_cache_dtype": "fp8" if kv_fp8 else "bf16"}
         try:
             t = timed(lambda cfg=cfg: paged_attention_triton(
                 q, k_cache, v_cache, tables, seq_lens, qsl, d**-0.5, out=out, config=cfg))
@@ -186,7 +199,8 @@ def _t_decode_case(batch: int, spec: str, copy_bw: float, sweep: bool, gen: torc
         except Exception as e:  # a tiling that does not fit is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
-        print(f"  T decode batch {batch} contexts {spec} {cfg} -> {row.get('fraction_of_copy', row.get('error'))}",
+        print(f"  T decode{' fp8' if kv_fp8 else ''} batch {batch} contexts {spec} {cfg} -> "
+              f"{row.get('fraction_of_copy', row.get('error'))}",
               file=sys.stderr)
     return rows
 
@@ -409,7 +423,7 @@ def bench_prefill(sweep: bool) -> dict[str, Any]:
     return result
 
 
-SECTIONS = ("decode", "t_decode", "prefill", "pointwise", "gemm")
+SECTIONS = ("decode", "t_decode", "t_decode_fp8", "prefill", "pointwise", "gemm")
 
 
 def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -421,6 +435,8 @@ def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
         result["decode"] = bench_decode(copy_bw, sweep)
     if "t_decode" in only:
         result["t_decode"] = bench_t_decode(copy_bw, sweep)
+    if "t_decode_fp8" in only:
+        result["t_decode_fp8"] = bench_t_decode(copy_bw, sweep, kv_fp8=True)
     if "prefill" in only:
         result["prefill"] = bench_prefill(sweep)
     if "pointwise" in only:
@@ -452,9 +468,9 @@ def summary(r: dict[str, Any]) -> str:
         share = 100 * x["triton_fraction_of_copy"]
         lines.append(f"{name:20s} triton {x['triton_seconds'] * 1e6:7.1f} us ({share:.0f}% of copy), "
                      f"torch {x['torch_seconds'] * 1e6:7.1f} us")
-    for row in r.get("t_decode", []):
+    for row in r.get("t_decode", []) + r.get("t_decode_fp8", []):
         if row["default"] and "seconds" in row:
-            lines.append(f"T decode batch {row['batch']:3d} contexts {row['contexts']:18s} "
+            lines.append(f"T decode {row['kv_cache_dtype']} batch {row['batch']:3d} contexts {row['contexts']:18s} "
                          f"{row['seconds'] * 1e6:7.1f} us  {100 * row['fraction_of_copy']:.1f}% of copy")
     for row in r.get("gemm", []):
         lines.append(f"gemm {row['model']:10s} {row['name']:8s} m={row['m']:<3d} F.linear "

@@ -290,7 +290,13 @@ SKINNY_COMPILED = textwrap.dedent("""
                      UPCAST=False),
                 dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, out_ptr=dtype),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=True)
-            print(n, k, dtype, report(c))
+            print("dot", n, k, dtype, report(c))
+            cfg = t.gemv_fp8_config(n, k)
+            c = compile_kernel(
+                t._gemv_fp8_kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True),
+                dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, out_ptr=dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=True)
+            print("gemv", n, k, dtype, report(c))
 """)
 
 
@@ -301,12 +307,13 @@ def test_skinny_w8a16_kernel_compiles_for_sm90_without_spills() -> None:
                           timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 16 and sum(line.startswith("gemv") for line in lines) == 8
     for line in lines:
         assert "stack 0 B" in line, line
         shared = int(line.split("shared ")[1].split(" B")[0])
         assert shared <= 232448, line  # Hopper's 227 KB a block may opt in to
-        assert "K/V buffers ['3', '3']" in line, line  # x and W tiles pipelined (num_stages 4)
+        if line.startswith("dot"):
+            assert "K/V buffers ['3', '3']" in line, line  # x and W tiles pipelined (num_stages 4)
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------

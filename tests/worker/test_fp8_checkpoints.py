@@ -361,11 +361,12 @@ def test_quantization_fp8_on_gpu_runs_scaled_mm_in_cuda_graphs(family, tiny, pro
     monkeypatch.setattr(triton_fp8, "fp8_linear_skinny_triton",
                         lambda *a, **kw: skinny.append(1) or real_skinny(*a, **kw))
     runner = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8")
-    # FP8 matmuls captured in the decode graphs (<= 16 rows: the W8A16 kernel); the memory
-    # profile's prefill took `_scaled_mm`.
-    assert runner.graphs.sizes("decode") and skinny and calls
+    # FP8 matmuls captured in the decode graphs (<= 16 rows: the W8A16 kernel).
+    assert runner.graphs.sizes("decode") and skinny
     assert fp8_layer_count(runner) == 4 * runner.model.config.num_hidden_layers
+    calls.clear()
     ours = runner_last_logits(runner, prompts, last=LAST)
+    assert calls  # the prompts' prefill (90 rows): W8A8 through `_scaled_mm`
     tokens = runner_greedy(runner, prompts, 8)  # decode steps replayed from the graphs
     assert all(len(t) == 8 for t in tokens)
     del runner
