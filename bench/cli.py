@@ -157,9 +157,14 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
             report["results"] = run_cpu(hw["copy_bandwidth_bytes_per_s"])
         return
+    flags = args.engine_args.replace("=", " ").split()
+
+    def engine_flag(name: str) -> str | None:
+        i = flags.index(name) if name in flags else -1
+        return flags[i + 1] if 0 <= i < len(flags) - 1 else None
+
     if args.random_weights:
         # Weights made at load and no peer to share them: nothing but config.json is written.
-        flags = args.engine_args.replace("=", " ").split()
         dummy = "--load-format" in flags and flags[flags.index("--load-format") + 1] == "dummy"
         weights = False if dummy and args.peer == "none" else None
         model = make_random_model(args.random_weights, args.weights_dir, device, args.seed, weights=weights)
@@ -173,8 +178,10 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         except ModelLoadError as e:
             raise SystemExit(f"pagoda bench: no --model or --random-weights, and {e}") from None
         report["model"] = model
-    kv_bytes = 2 if device.startswith("cuda") else 4
+    kv_bytes = 1 if engine_flag("--kv-cache-dtype") in ("fp8", "fp8_e4m3") else 2 if device.startswith("cuda") else 4
     cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
+    if cost is not None and engine_flag("--quantization") == "fp8":
+        cost = cost.with_fp8_linears()  # the limit of the bytes this engine reads
     vocab = _vocab(model)
     results: dict[str, Any] = {}
     report["results"] = results

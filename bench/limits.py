@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ class ModelCost:
     attn_flops_per_token_pair: int  # 4 * layers * heads * head_dim: QK^T and PV
     bandwidth: float
     flops: float
+    lm_head_params: int = 0  # vocab x hidden: the one matmul `--quantization fp8` leaves as it was
+    params: int = 0  # all of the file's parameters (weight_bytes / params: the bytes of one)
 
     @classmethod
     def of(cls, folder: str, hw: dict[str, float], kv_dtype_bytes: int) -> ModelCost:
@@ -34,7 +37,16 @@ class ModelCost:
             attn_flops_per_token_pair=4 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * head_dim,
             bandwidth=hw["copy_bandwidth_bytes_per_s"],
             flops=hw["matmul_flops_per_s"],
+            lm_head_params=embed,
+            params=params,
         )
+
+    def with_fp8_linears(self) -> ModelCost:
+        """The cost under `--quantization fp8`: the decoder's linears read one byte a weight
+        instead of the checkpoint's two or four; the LM head and the embedding keep theirs."""
+        decoder = max(0, self.matmul_params - self.lm_head_params)
+        elem = self.weight_bytes / self.params if self.params else 2.0
+        return dataclasses.replace(self, weight_bytes=max(0, round(self.weight_bytes - decoder * (elem - 1))))
 
     def decode_step_seconds(self, total_context: int) -> float:
         return (self.weight_bytes + self.kv_bytes_per_token * total_context) / self.bandwidth

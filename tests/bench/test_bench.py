@@ -134,6 +134,14 @@ def test_config_only_shapes_save_no_weights_and_are_sized_from_their_config(tmp_
     assert model_bytes_and_params(bare) == model_bytes_and_params(saved)
     hw = {"copy_bandwidth_bytes_per_s": 1e10, "matmul_flops_per_s": 1e12}
     assert ModelCost.of(bare, hw, 4) == ModelCost.of(saved, hw, 4)
+    # --quantization fp8: the decoder's linears at a byte a weight, the embedding and LM head at two.
+    l8b = make_random_model("llama3-8b", str(tmp_path / "l8b"), "cuda", weights=False)  # bf16; nothing on a GPU
+    cost = ModelCost.of(l8b, hw, 2)
+    fp8 = cost.with_fp8_linears()
+    _, params = model_bytes_and_params(l8b)
+    embed = 128256 * 4096
+    assert cost.weight_bytes == 2 * params and cost.weight_bytes - fp8.weight_bytes == params - 2 * embed
+    assert 0.56 < fp8.weight_bytes / cost.weight_bytes < 0.57  # (6.98 + 2 x 2 x 0.53) / (2 x 8.03) GB
 
     assert "llama3-70b" in CONFIG_ONLY
     big = make_random_model("llama3-70b", str(tmp_path / "big"), "cuda")  # no weights: nothing made on a GPU
