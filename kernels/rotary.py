@@ -12,7 +12,8 @@ import torch
 
 def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] by its token's angles; cos, sin: [T, head_dim]."""
-    cos = cos[:, None].to(x.dtype)
-    sin = sin[:, None].to(x.dtype)
+    cos, sin = cos[:, None], sin[:, None]
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)  # x cos + rotate_half(x) sin
