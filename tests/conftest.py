@@ -142,6 +142,33 @@ def client(server):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+# ---- transformers on the embedded GGUF (the reference of the SmolLM2 tests) -------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_tokenizer():
+    """transformers' tokenizer read straight from the embedded GGUF file (not Pagoda's cached copy)."""
+    from transformers import AutoTokenizer
+
+    from tokenizer_svc.model_source import embedded_gguf_path
+
+    directory, file = os.path.split(embedded_gguf_path())
+    return AutoTokenizer.from_pretrained(directory, gguf_file=file)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_hf_model():
+    """transformers' model on the embedded GGUF, dequantized to fp32 (~10 s to load: once a session).
+    Read only: a test that moves it to a device moves a copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenizer_svc.model_source import embedded_gguf_path
+
+    directory, file = os.path.split(embedded_gguf_path())
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32)
+
+
 # ---- tiny random models of every family (tests/tiny_models.py) -------------------------
 
 

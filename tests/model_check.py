@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -116,20 +117,35 @@ def hf_greedy(hf_model: torch.nn.Module, prompts: list[list[int]], max_tokens: i
 NEAR_TIE = 0.5
 
 
+@dataclass
+class GreedyReference:
+    """transformers' greedy continuation of a prompt, and the logits each token was chosen from."""
+
+    token_ids: list[int]
+    scores: list[torch.Tensor]  # [vocab] fp32, one per token
+
+
+def hf_greedy_reference(hf_model: torch.nn.Module, prompt: list[int], max_tokens: int) -> GreedyReference:
+    device = next(hf_model.parameters()).device
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([prompt], device=device), max_new_tokens=max_tokens, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    return GreedyReference(out.sequences[0, len(prompt) :].tolist(), [s[0].float().cpu() for s in out.scores])
+
+
 def assert_greedy_equal_up_to_near_ties(
-    ours: list[int], hf_model: torch.nn.Module, prompt: list[int], tie: float = NEAR_TIE
+    ours: list[int], hf_model: torch.nn.Module | None, prompt: list[int], tie: float = NEAR_TIE,
+    reference: GreedyReference | None = None,
 ) -> None:
     """`ours` is transformers' greedy continuation of `prompt`, or leaves it at a position where
     transformers' own logits for its token and for ours are within `tie` (then the rest differs
-    anyway and is not compared)."""
-    device = next(hf_model.parameters()).device
-    with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([prompt], device=device), max_new_tokens=len(ours), do_sample=False,
-                                eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    expected = out.sequences[0, len(prompt) :].tolist()
+    anyway and is not compared). `reference`: that continuation already computed, at least
+    len(ours) tokens of it (else `hf_model` computes it)."""
+    ref = reference or hf_greedy_reference(hf_model, prompt, len(ours))
+    expected = ref.token_ids[: len(ours)]
     for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
         if a != b:
-            scores = out.scores[i][0].float()
+            scores = ref.scores[i]
             gap = (scores[b] - scores[a]).item()
             assert gap <= tie, f"token {i}: {a} instead of transformers' {b}, whose logit is {gap:.3f} higher"
             return

@@ -2,8 +2,11 @@
 lost; past its restart rate it stops everything and exits 1.
 
 On a tiny random Llama (tests/tiny_models.py), whose wide init leaves greedy tokens no near-ties
-and whose worker restarts in seconds on 2 CPU cores; the scheduler's death also under the
-streams of tests/e2e/streams.py on the embedded model.
+and whose worker restarts in seconds on 2 CPU cores; a tokenizer's and the scheduler's deaths
+also under the streams of tests/e2e/streams.py on the embedded model.
+
+A server that a test leaves whole again (the member it killed restarted, the same answers
+after) is shared with the next test of the same flags: one start-up (~10 s) fewer each.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import time
 
 import httpx
 import openai
+import pytest
 
 from tests.conftest import Server, child_pids, start_server
+from tests.e2e.streams import NUM_STREAMS as NUM_CHAT_STREAMS
 from tests.e2e.streams import member_pid, run_streams
 
 MODEL = "tiny-llama"
@@ -78,6 +83,33 @@ def _start(tiny, tmp_path, *args: str) -> Server:
                         "--kv-cache-memory-gb", "0.05", "--max-model-len", "256", *args)
 
 
+@pytest.fixture(scope="module")
+def one_tokenizer_server(tiny, tmp_path_factory):
+    """The tiny model with one tokenizer, for the tests whose worker dies or falls silent and is
+    restarted: each leaves the server whole again (2 restarts in all, far from the limit of 5)."""
+    server = _start(tiny, tmp_path_factory.mktemp("one-tokenizer"), "--num-tokenizers", "1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_server(tmp_path_factory):
+    """The embedded model, for the tests that kill a tokenizer or the scheduler under the streams
+    of tests/e2e/streams.py: each checks the server whole again after (the same answers)."""
+    server = start_server(str(tmp_path_factory.mktemp("embedded")), "--num-tokenizers", "2",
+                          "--max-model-len", "512")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def undisturbed_chats(embedded_server) -> list[str]:
+    """The streams' texts on `embedded_server`, undisturbed."""
+    expected, _ = asyncio.run(run_streams(embedded_server))
+    assert all(len(t) > 40 for t in expected)
+    return expected
+
+
 async def _run_streams(server: Server, streams: list[_Stream]) -> None:
     client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -132,38 +164,32 @@ def _disturbed_streams(server: Server, disturb) -> float:
     return arrivals[gap_end] - disturbed_at
 
 
-def test_a_killed_worker_is_restarted_and_every_stream_completes_with_the_undisturbed_text(tiny, tmp_path):
-    server = _start(tiny, tmp_path, "--num-tokenizers", "1")
-    try:
-        (worker,) = _pids(server, "worker")
-        recovery_s = _disturbed_streams(server, lambda: os.kill(worker, signal.SIGKILL))
-        print(f"\nworker killed: first token after the kill {recovery_s:.2f} s later")
-        (new_worker,) = _pids(server, "worker")
-        assert new_worker != worker
-        assert f"worker-0 (pid {worker}) was killed by SIGKILL" in server.log()
-    finally:
-        server.stop()
+def test_a_killed_worker_is_restarted_and_every_stream_completes_with_the_undisturbed_text(one_tokenizer_server):
+    server = one_tokenizer_server
+    (worker,) = _pids(server, "worker")
+    recovery_s = _disturbed_streams(server, lambda: os.kill(worker, signal.SIGKILL))
+    print(f"\nworker killed: first token after the kill {recovery_s:.2f} s later")
+    (new_worker,) = _pids(server, "worker")
+    assert new_worker != worker
+    assert f"worker-0 (pid {worker}) was killed by SIGKILL" in server.log()
 
 
 def test_a_worker_silent_for_5_heartbeats_is_declared_lost_and_its_streams_complete_on_its_successor(
-    tiny, tmp_path
+    one_tokenizer_server,
 ):
-    server = _start(tiny, tmp_path, "--num-tokenizers", "1")
-    try:
-        (worker,) = _pids(server, "worker")
+    server = one_tokenizer_server
+    (worker,) = _pids(server, "worker")
 
-        def hang_then_wake() -> None:
-            os.kill(worker, signal.SIGSTOP)
-            _wait_for("the worker declared lost", lambda: "lost the worker group (worker-0 silent" in server.log())
-            # Woken, it beats again: the scheduler tells it to stop, and its restart rejoins.
-            os.kill(worker, signal.SIGCONT)
+    def hang_then_wake() -> None:
+        os.kill(worker, signal.SIGSTOP)
+        _wait_for("the worker declared lost", lambda: "lost the worker group (worker-0 silent" in server.log())
+        # Woken, it beats again: the scheduler tells it to stop, and its restart rejoins.
+        os.kill(worker, signal.SIGCONT)
 
-        recovery_s = _disturbed_streams(server, hang_then_wake)
-        print(f"\nworker stopped: first token after SIGSTOP {recovery_s:.2f} s later")
-        assert f"worker-0 (pid {worker}) exited with status 0" in server.log()
-        assert worker not in _pids(server, "worker")
-    finally:
-        server.stop()
+    recovery_s = _disturbed_streams(server, hang_then_wake)
+    print(f"\nworker stopped: first token after SIGSTOP {recovery_s:.2f} s later")
+    assert f"worker-0 (pid {worker}) exited with status 0" in server.log()
+    assert worker not in _pids(server, "worker")
 
 
 def test_a_killed_tokenizer_frontend_and_scheduler_are_restarted_and_a_request_sent_meanwhile_is_served(
@@ -200,30 +226,42 @@ def test_a_killed_tokenizer_frontend_and_scheduler_are_restarted_and_a_request_s
         server.stop()
 
 
+def test_killing_a_tokenizer_under_load_loses_and_repeats_nothing(embedded_server, undisturbed_chats):
+    """A tokenizer killed (SIGKILL) under load: its streams go on through the other tokenizer, and
+    each client's text is exactly that of an undisturbed run (nothing lost, nothing repeated)."""
+    server, expected = embedded_server, undisturbed_chats
+    victim = member_pid(server, "tokenizer", "tokenizer-0")
+
+    async def kill() -> None:
+        os.kill(victim, signal.SIGKILL)
+
+    texts, recovery_s = asyncio.run(run_streams(server, kill))
+    print(f"\ntokenizer-0 killed under {NUM_CHAT_STREAMS} streams: all had text again {recovery_s:.2f} s later")
+    assert texts == expected
+    # The pool is whole again (tokenizer-0 restarted) and serves the same answers.
+    again, _ = asyncio.run(run_streams(server))
+    assert again == expected
+
+
 def test_a_killed_scheduler_is_restarted_and_streams_resubmitted_by_the_tokenizers_end_with_the_undisturbed_text(
-    tmp_path,
+    embedded_server, undisturbed_chats,
 ):
-    server = start_server(str(tmp_path), "--num-tokenizers", "2", "--max-model-len", "512")
-    try:
-        expected, _ = asyncio.run(run_streams(server))
-        assert all(len(t) > 40 for t in expected)
-        victim = member_pid(server, "scheduler")
+    server, expected = embedded_server, undisturbed_chats
+    victim = member_pid(server, "scheduler")
 
-        async def kill() -> None:
-            os.kill(victim, signal.SIGKILL)
+    async def kill() -> None:
+        os.kill(victim, signal.SIGKILL)
 
-        texts, recovery_s = asyncio.run(run_streams(server, kill))
-        print(f"\nscheduler killed under {len(texts)} streams: all had text again {recovery_s:.2f} s later")
-        assert texts == expected
-        log = server.log()
-        assert f"scheduler (pid {victim}) was killed by SIGKILL" in log
-        # Every stream was live at the kill, and went again to the new scheduler with its outputs so far.
-        resubmitted = re.findall(r"a new scheduler answered after [\d.]+ s; (\d+) live requests re-submitted", log)
-        assert sum(map(int, resubmitted)) == len(texts)
-        again, _ = asyncio.run(run_streams(server))
-        assert again == expected
-    finally:
-        server.stop()
+    texts, recovery_s = asyncio.run(run_streams(server, kill))
+    print(f"\nscheduler killed under {len(texts)} streams: all had text again {recovery_s:.2f} s later")
+    assert texts == expected
+    log = server.log()
+    assert f"scheduler (pid {victim}) was killed by SIGKILL" in log
+    # Every stream was live at the kill, and went again to the new scheduler with its outputs so far.
+    resubmitted = re.findall(r"a new scheduler answered after [\d.]+ s; (\d+) live requests re-submitted", log)
+    assert sum(map(int, resubmitted)) == len(texts)
+    again, _ = asyncio.run(run_streams(server))
+    assert again == expected
 
 
 def test_pagoda_serve_exits_1_when_the_worker_dies_more_than_5_times_in_60_s(tiny, tmp_path):

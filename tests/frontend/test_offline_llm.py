@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
 from frontend import LLM, SamplingParams
 from tests.model_check import assert_greedy_equal_up_to_near_ties
@@ -55,17 +52,12 @@ def test_chat_answers_paris(llm):
     assert "Paris" in out[0].outputs[0].text
 
 
-def test_first_32_greedy_tokens_follow_transformers_on_the_same_gguf(llm):
-    from transformers import AutoModelForCausalLM
-
-    from gpu_worker.loader import embedded_gguf_path
+def test_first_32_greedy_tokens_follow_transformers_on_the_same_gguf(llm, smollm2_gguf_hf_model):
     from protocol import EngineConfig
     from tokenizer_svc.tokenizer_loader import load_tokenizer
 
-    path = embedded_gguf_path()
     tok = load_tokenizer(EngineConfig())
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
+    model = smollm2_gguf_hf_model  # transformers on the same GGUF, dequantized to fp32
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     outs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     for ids, out in zip(prompt_ids, outs):

@@ -33,14 +33,9 @@ KEY = "tokenize-test-key"
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer():
+def hf_tokenizer(smollm2_gguf_tokenizer):
     """transformers' tokenizer read straight from the embedded GGUF file (not Pagoda's cached copy)."""
-    from transformers import AutoTokenizer
-
-    from tokenizer_svc.model_source import resolve_model_path
-
-    path = resolve_model_path(None, None)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return smollm2_gguf_tokenizer
 
 
 def tokenize(base_url: str, **body) -> dict:

@@ -1,26 +1,30 @@
 """The model runner on the CPU, driven by hand-built StepPlans, against `transformers`.
 
-One runner, one transformers model and one tokenizer are loaded per module (~30 s together);
-every test then runs a few dozen steps of SmolLM2-135M.
+One runner of each kind is loaded per module, and transformers' model and tokenizer once per
+session (tests/conftest.py; ~30 s together); transformers' greedy answers to the chat prompts
+are computed once, and every test then runs a few dozen steps of SmolLM2-135M.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpu_worker.cuda_graphs import mixed_graph_sizes
-from gpu_worker.loader import embedded_gguf_path
 from gpu_worker.model_runner import ModelRunner
 from protocol.config import EngineConfig
 from protocol.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
-from tests.model_check import NEAR_TIE, assert_greedy_equal_up_to_near_ties, runner_last_logits
+from tests.model_check import (
+    NEAR_TIE,
+    GreedyReference,
+    assert_greedy_equal_up_to_near_ties,
+    hf_greedy_reference,
+    runner_last_logits,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 QUESTIONS = [
@@ -28,11 +32,6 @@ QUESTIONS = [
     "Write a haiku about the sea.",
     "Explain in one sentence why the sky is blue.",
 ]
-
-
-@pytest.fixture(scope="module")
-def gguf_dir_and_file() -> tuple[str, str]:
-    return os.path.split(embedded_gguf_path())
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +49,13 @@ def quantized_runner() -> ModelRunner:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(gguf_dir_and_file: tuple[str, str]):
-    directory, file = gguf_dir_and_file
-    return AutoTokenizer.from_pretrained(directory, gguf_file=file)
+def tokenizer(smollm2_gguf_tokenizer):
+    return smollm2_gguf_tokenizer
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_dir_and_file: tuple[str, str]):
-    directory, file = gguf_dir_and_file
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32)
+def hf_model(smollm2_gguf_hf_model):
+    return smollm2_gguf_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +64,14 @@ def chat_prompts(tokenizer) -> list[list[int]]:
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
         for q in QUESTIONS
     ]
+
+
+@pytest.fixture(scope="module")
+def hf_answers(hf_model, chat_prompts) -> list[GreedyReference]:
+    """transformers' greedy 32 tokens after each chat prompt (eos_token_id=None: past <|im_end|>, as
+    the runner goes on; stops are the scheduler's), with the logits each was chosen from: the
+    reference of the batched, quantized and teacher-forced tests below."""
+    return [hf_greedy_reference(hf_model, prompt, 32) for prompt in chat_prompts]
 
 
 @dataclass
@@ -155,7 +160,7 @@ def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "quantized"])
 def test_three_prompts_batched_give_transformers_greedy_tokens(
-    quantized, runner, quantized_runner, hf_model, chat_prompts
+    quantized, runner, quantized_runner, hf_answers, chat_prompts
 ) -> None:
     scheduler = ToyScheduler(quantized_runner if quantized else runner, seed=1)
     for i, prompt in enumerate(chat_prompts):
@@ -165,12 +170,14 @@ def test_three_prompts_batched_give_transformers_greedy_tokens(
     outputs = scheduler.run()
     for i, prompt in enumerate(chat_prompts):
         if quantized:
-            assert_greedy_equal_up_to_near_ties(outputs[f"batched-{i}"], hf_model, prompt)
+            assert_greedy_equal_up_to_near_ties(outputs[f"batched-{i}"], None, prompt, reference=hf_answers[i])
         else:
-            assert outputs[f"batched-{i}"] == hf_greedy(hf_model, prompt, 32), QUESTIONS[i]
+            assert outputs[f"batched-{i}"] == hf_answers[i].token_ids, QUESTIONS[i]
 
 
-def test_quantized_logits_teacher_forced_stay_within_the_stated_bound(quantized_runner, hf_model, chat_prompts) -> None:
+def test_quantized_logits_teacher_forced_stay_within_the_stated_bound(
+    quantized_runner, hf_model, chat_prompts, hf_answers
+) -> None:
     """The embedded GGUF on the CPU runs 4-bit kernels with bf16 activations: along transformers'
     own greedy continuation (32 tokens each), every logit within 1.5 of fp32's (the tail comes
     from the LM head's int8 copy; the best are rescored exactly), the gap between
@@ -178,9 +185,8 @@ def test_quantized_logits_teacher_forced_stay_within_the_stated_bound(quantized_
     NEAR_TIE (the figures measured are in docs/BENCHMARKS.md)."""
     runner = quantized_runner
     assert any(getattr(m, "int4", None) is not None for m in runner.model.modules())  # kept quantized
-    for prompt in chat_prompts:
-        full = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0].tolist()
+    for prompt, answer in zip(chat_prompts, hf_answers, strict=True):
+        full = prompt + answer.token_ids
         with torch.inference_mode():
             ref = hf_model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
         ours = runner_last_logits(runner, [full[:-1]], last=32)  # positions len(prompt) - 1 .. len(full) - 2
