@@ -121,6 +121,22 @@ def _steps_by_group(path: Path) -> list[int]:
         return [json.loads(line)["group"] for line in f if line.strip()]
 
 
+def _groups_serving(d: Deployment) -> list[int]:
+    """The worker groups the engine view shows serving (its first event that has any)."""
+    try:
+        with httpx.stream("GET", d.base_url + "/engine/stream", timeout=5,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            if r.status_code != 200:
+                return []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    groups = json.loads(line[len("data: "):])["members"]["worker_groups"]
+                    return sorted(g["group"] for g in groups if g["state"] == "serving")
+    except httpx.HTTPError:
+        pass
+    return []
+
+
 def _start_all(d: Deployment) -> Path:
     """Scheduler, frontend, worker groups 0 and 1 (the `worker-cpu` service) and 3 tokenizer
     replicas; the scheduler's step log."""
@@ -146,6 +162,8 @@ def test_compose_services_over_curve_scale_tokenizers_and_worker_groups_mid_load
     d = deployment
     step_log = _start_all(d)
     d.wait("/health 200 with 3 tokenizers", lambda: len(d.health().get("tokenizers", {})) == 3)
+    # Both groups up before the streams (a slow start of one once left all of them to the other).
+    d.wait("worker groups 0 and 1 serving", lambda: _groups_serving(d) == [0, 1])
     assert httpx.get(d.base_url + "/v1/models", timeout=5).status_code == 401  # the key is required
 
     undisturbed = [""] * NUM_STREAMS
