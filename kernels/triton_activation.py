@@ -6,9 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_begin, pdl_kwargs
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < INTER
@@ -33,6 +37,6 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-        x2, out2, x2.stride(0), out2.stride(0), INTER=inter, BLOCK=block, num_warps=4
+        x2, out2, x2.stride(0), out2.stride(0), INTER=inter, BLOCK=block, num_warps=4, **pdl_kwargs(x.device)
     )
     return out

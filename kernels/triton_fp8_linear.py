@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from kernels.pdl import pdl_begin, pdl_kwargs, pdl_trigger, pdl_wait
 from kernels.triton_linear import _SHARED_MEMORY_HEADROOM, MAX_ROWS, LinearConfig
 from kernels.triton_linear import default_config as _bf16_default_config
 from kernels.triton_paged_attention import H100, device_limits
@@ -33,8 +34,9 @@ MAX_BLOCK = 4096
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, stride_q, scale_ub,
     STATIC: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
-    FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr,
+    FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -85,7 +87,7 @@ def quantize_rows_triton(
         x, q, scale, static_scale if static_scale is not None else scale, k, x.stride(0), q.stride(0),
         float(scale_ub) if scale_ub is not None else 0.0,
         STATIC=static_scale is not None, HAS_UB=scale_ub is not None, BLOCK=block,
-        FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, num_warps=warps,
+        FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, num_warps=warps, **pdl_kwargs(x.device),
     )
     return q, scale
 
@@ -98,8 +100,9 @@ def quantize_rows_triton(
 def _skinny_fp8_linear_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -127,30 +130,67 @@ def _skinny_fp8_linear_kernel(
 # One row (batch-1 decode): no tensor cores. Each program streams BLOCK_N weight rows, widens
 # e4m3 to fp32 and multiply-adds into a [BLOCK_N, BLOCK_K] fp32 tile, summed across `in` once at
 # the end. On an H200 this beat the tensor-core kernel below at every llama3-8b projection (7.6
-# against 11.8 us on 4096 x 4096; docs/BENCHMARKS.md).
+# against 11.8 us on 4096 x 4096; docs/BENCHMARKS.md). Under PDL (kernels/pdl.py) the first
+# tile's weights are requested before waiting for the kernel that writes x.
+# GATED (the MLP's gate/up projection followed by SiLU-and-mul): the weight holds N gate rows,
+# then N up rows; a program multiplies its gate rows and the matching up rows and writes
+# silu(gate) * up, rounded at each step as the two separate kernels would round.
+@triton.jit
+def _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_rows + k[None, :], mask=col_ok[:, None], other=0.0)
+    return tl.load(w_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _gemv_x_tile(x_ptr, k, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_ptr + k).to(tl.float32)
+    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_finish(acc, w_scale_ptr, b_ptr, rows, col_ok, HAS_BIAS: tl.constexpr):
+    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + rows, mask=col_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows, mask=col_ok, other=0.0).to(tl.float32)
+    return out
+
+
 @triton.jit
 def _gemv_fp8_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, N, K, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    GATED: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    up_rows = w_rows + N * stride_wn  # GATED only
+    # The first tile, its weights before the wait.
+    w = _gemv_w_tile(w_rows, ks, col_ok, K, EVEN_K)
+    if GATED:
+        w_up = _gemv_w_tile(up_rows, ks, col_ok, K, EVEN_K)
+    pdl_wait(PDL)
+    x = _gemv_x_tile(x_ptr, ks, K, EVEN_K)[None, :]
+    acc = w.to(tl.float32) * x
+    if GATED:
+        acc_up = w_up.to(tl.float32) * x
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + ks
-        if EVEN_K:
-            x = tl.load(x_ptr + k)
-            w = tl.load(w_rows + k[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
-            w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        x = _gemv_x_tile(x_ptr, k, K, EVEN_K)[None, :]
+        acc += _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K).to(tl.float32) * x
+        if GATED:
+            acc_up += _gemv_w_tile(up_rows, k, col_ok, K, EVEN_K).to(tl.float32) * x
+    dtype = out_ptr.dtype.element_ty
+    out = _gemv_finish(acc, w_scale_ptr, b_ptr, cols, col_ok, HAS_BIAS)
+    if GATED:
+        gate = out.to(dtype).to(tl.float32)
+        up = _gemv_finish(acc_up, w_scale_ptr, b_ptr, cols + N, col_ok, HAS_BIAS).to(dtype).to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    tl.store(out_ptr + cols, out.to(dtype), mask=col_ok)
 
 
 def gemv_fp8_config(n: int, k: int) -> LinearConfig:
@@ -197,18 +237,47 @@ def fp8_linear_skinny_triton(
         return out
     out2 = out.view(m, n)
     if m == 1 and config is None:
-        cfg = gemv_fp8_config(n, k)
-        _gemv_fp8_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-            num_warps=cfg.num_warps,
-        )
+        _launch_gemv(x2, w_fp8, scale, bias, out2, gated=False)
         return out
     cfg = config or skinny_fp8_config(n, k, device_limits(x.device).shared_mem)
     _skinny_fp8_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w_fp8, scale, bias if bias is not None else scale, out2, m, n, k, x2.stride(0), w_fp8.stride(0),
         out2.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, UPCAST=x.device.type == "cpu",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(x.device),
     )
+    return out
+
+
+def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 out2: torch.Tensor, gated: bool) -> None:
+    n, k = out2.shape[1], w_fp8.shape[1]
+    cfg = gemv_fp8_config(n, k)
+    _gemv_fp8_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+        GATED=gated, num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
+    )
+
+
+def fp8_gate_up_silu_triton(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """silu_and_mul(x W^T + b) for one row x [..., K] (bf16/fp16) and an e4m3 weight [2I, K] of
+    I gate rows, then I up rows (w_scale: 2I fp32 values): [..., I] in one kernel, equal to the
+    GEMV followed by `silu_and_mul_triton`."""
+    two_i, k = w_fp8.shape
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] != 1 or two_i % 2:
+        raise ValueError(f"fp8_gate_up_silu_triton takes one row and an even number of weight rows, got "
+                         f"{x2.shape[0]} rows and {two_i}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or w_fp8.dtype != FP8_DTYPE or w_fp8.stride(-1) != 1:
+        raise ValueError("fp8_gate_up_silu_triton takes bf16/fp16 x and a float8_e4m3fn weight with contiguous rows")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    scale = w_scale.reshape(-1)
+    if scale.dtype != torch.float32 or scale.stride(0) != 1:
+        scale = scale.float().contiguous()
+    out = torch.empty(*x.shape[:-1], two_i // 2, dtype=x.dtype, device=x.device)
+    _launch_gemv(x2, w_fp8, scale, bias, out.view(1, two_i // 2), gated=True)
     return out

@@ -6,15 +6,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_begin, pdl_kwargs
+
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     num_rows, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     """ROWS rows per program, each whole in registers: read once, written once."""
+    pdl_begin(PDL)
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     ok = (rows < num_rows) & (cols < N)
@@ -59,7 +62,7 @@ def _launch(
             x2, r2, weight, out2, ro2, num_rows, eps,
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
             N=n, BLOCK_N=block_n, ROWS=rows, ADD_RESIDUAL=residual is not None,
-            num_warps=min(16, max(1, rows * block_n // 512)),
+            num_warps=min(16, max(1, rows * block_n // 512)), **pdl_kwargs(x.device),
         )
     return out, residual_out
 

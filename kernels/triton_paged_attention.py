@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import is_fp8
+from kernels.pdl import pdl_begin, pdl_kwargs
 
 LOG2_E = 1.4426950408889634
 # Score of a masked key: finite, so that a row that sees no key in a slice gives exp2(0) = 1
@@ -125,7 +126,9 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     # Last q block first: with causal prefill the late blocks of a sequence carry the most keys,
     # and starting them first keeps the tail of the launch short.
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -213,8 +216,10 @@ def _paged_attention_kernel(
 def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, first_token, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[t, h] = the slices' partial outputs weighted by their share of the softmax mass."""
+    pdl_begin(PDL)
     token = first_token + tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -504,13 +509,13 @@ def _launch(
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
         NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
     )
     if splits > 1:
         _reduce_splits_kernel[(num_part_tokens, num_heads)](
             part_out, part_lse, out, first_token, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
-            num_warps=4,
+            num_warps=4, **pdl_kwargs(q.device),
         )
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import is_fp8
+from kernels.pdl import pdl_begin, pdl_kwargs
 from kernels.triton_kv_cache import to_e4m3
 
 
@@ -39,8 +40,9 @@ def _rope_write_kv_kernel(
     k_inv_scale, v_inv_scale,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NORM: tl.constexpr, FP8: tl.constexpr, EMULATE: tl.constexpr,
+    NORM: tl.constexpr, FP8: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
     dims = tl.arange(0, BLOCK_HALF)[None, :]
@@ -143,6 +145,6 @@ def rope_write_kv_triton(
         BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=block_size, NORM=norm,
         FP8=is_fp8(k_cache), EMULATE=qkv.device.type == "cpu",
-        num_warps=min(8, max(1, block_h * triton.next_power_of_2(half) // 512)),
+        num_warps=min(8, max(1, block_h * triton.next_power_of_2(half) // 512)), **pdl_kwargs(qkv.device),
     )
     return q

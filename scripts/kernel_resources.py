@@ -48,6 +48,8 @@ def compile_kernel(kernel, consts: dict, pointers: dict, floats: tuple = (), num
 
     aligned: tell the compiler what the launcher sees at run time, 16-byte aligned pointers
     and strides divisible by 16."""
+    if "PDL" in kernel.arg_names and "PDL" not in consts:  # kernels/pdl.py: the variant the H200 runs
+        consts = {**consts, "PDL": True}
     signature = {}
     for name in kernel.arg_names:
         if name in consts:
