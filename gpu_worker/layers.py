@@ -17,7 +17,7 @@ from torch import nn
 from gpu_worker.gguf_quant import GGUFQuantized
 from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
-from kernels import fused_add_rms_norm, linear, rms_norm, silu_and_mul
+from kernels import fused_add_rms_norm, linear, rms_norm
 from kernels.fp8_linear import FP8_DTYPE, Fp8Weight
 from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
@@ -73,13 +73,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
-
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu_and_mul(self(x)) for a gate/up projection (its output: the gate half, then the up
-        half). One FP8 kernel for a one-row input (kernels/fp8_linear.py), else the two steps."""
-        if self.fp8 is not None:
-            return self.fp8.silu_and_mul(x, self.bias)
-        return silu_and_mul(self(x))
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fp8 is not None:

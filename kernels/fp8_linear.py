@@ -242,15 +242,3 @@ class Fp8Weight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.scale, bias, self.input_scale, self.input_scale_ub)
-
-    def silu_and_mul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """silu_and_mul(self(x, bias)) for a gate/up weight (gate rows, then up rows). A one-row
-        CUDA input (batch-1 decode) takes one kernel: the W8A16 GEMV with SiLU-and-mul at its end,
-        equal to the two kernels it replaces."""
-        if use_skinny_w8a16(x) and x.numel() == x.shape[-1]:
-            from kernels.triton_fp8_linear import fp8_gate_up_silu_triton
-
-            return fp8_gate_up_silu_triton(x, self.weight, self.scale, bias)
-        from kernels import silu_and_mul
-
-        return silu_and_mul(self(x, bias))

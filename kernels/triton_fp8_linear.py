@@ -132,9 +132,6 @@ def _skinny_fp8_linear_kernel(
 # the end. On an H200 this beat the tensor-core kernel below at every llama3-8b projection (7.6
 # against 11.8 us on 4096 x 4096; docs/BENCHMARKS.md). Under PDL (kernels/pdl.py) the first
 # tile's weights are requested before waiting for the kernel that writes x.
-# GATED (the MLP's gate/up projection followed by SiLU-and-mul): the weight holds N gate rows,
-# then N up rows; a program multiplies its gate rows and the matching up rows and writes
-# silu(gate) * up, rounded at each step as the two separate kernels would round.
 @triton.jit
 def _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K: tl.constexpr):
     if EVEN_K:
@@ -150,47 +147,31 @@ def _gemv_x_tile(x_ptr, k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_finish(acc, w_scale_ptr, b_ptr, rows, col_ok, HAS_BIAS: tl.constexpr):
-    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + rows, mask=col_ok, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows, mask=col_ok, other=0.0).to(tl.float32)
-    return out
-
-
-@triton.jit
 def _gemv_fp8_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, N, K, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    GATED: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    up_rows = w_rows + N * stride_wn  # GATED only
-    # The first tile, its weights before the wait.
-    w = _gemv_w_tile(w_rows, ks, col_ok, K, EVEN_K)
-    if GATED:
-        w_up = _gemv_w_tile(up_rows, ks, col_ok, K, EVEN_K)
-    pdl_wait(PDL)
-    x = _gemv_x_tile(x_ptr, ks, K, EVEN_K)[None, :]
-    acc = w.to(tl.float32) * x
-    if GATED:
-        acc_up = w_up.to(tl.float32) * x
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if PDL:  # the first tile peeled: its weights loaded before the wait
+        w = _gemv_w_tile(w_rows, ks, col_ok, K, EVEN_K)
+        pdl_wait(PDL)
+        acc = w.to(tl.float32) * _gemv_x_tile(x_ptr, ks, K, EVEN_K)[None, :]
+        start = BLOCK_K
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        start = 0
+    for k0 in range(start, K, BLOCK_K):
         k = k0 + ks
-        x = _gemv_x_tile(x_ptr, k, K, EVEN_K)[None, :]
-        acc += _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K).to(tl.float32) * x
-        if GATED:
-            acc_up += _gemv_w_tile(up_rows, k, col_ok, K, EVEN_K).to(tl.float32) * x
-    dtype = out_ptr.dtype.element_ty
-    out = _gemv_finish(acc, w_scale_ptr, b_ptr, cols, col_ok, HAS_BIAS)
-    if GATED:
-        gate = out.to(dtype).to(tl.float32)
-        up = _gemv_finish(acc_up, w_scale_ptr, b_ptr, cols + N, col_ok, HAS_BIAS).to(dtype).to(tl.float32)
-        out = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-    tl.store(out_ptr + cols, out.to(dtype), mask=col_ok)
+        acc += _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K).to(tl.float32) * _gemv_x_tile(x_ptr, k, K, EVEN_K)[None, :]
+    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def gemv_fp8_config(n: int, k: int) -> LinearConfig:
@@ -237,7 +218,7 @@ def fp8_linear_skinny_triton(
         return out
     out2 = out.view(m, n)
     if m == 1 and config is None:
-        _launch_gemv(x2, w_fp8, scale, bias, out2, gated=False)
+        _launch_gemv(x2, w_fp8, scale, bias, out2)
         return out
     cfg = config or skinny_fp8_config(n, k, device_limits(x.device).shared_mem)
     _skinny_fp8_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
@@ -249,35 +230,13 @@ def fp8_linear_skinny_triton(
     return out
 
 
+
 def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out2: torch.Tensor, gated: bool) -> None:
-    n, k = out2.shape[1], w_fp8.shape[1]
+                 out2: torch.Tensor) -> None:
+    n, k = w_fp8.shape
     cfg = gemv_fp8_config(n, k)
     _gemv_fp8_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        GATED=gated, num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
+        num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
     )
-
-
-def fp8_gate_up_silu_triton(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """silu_and_mul(x W^T + b) for one row x [..., K] (bf16/fp16) and an e4m3 weight [2I, K] of
-    I gate rows, then I up rows (w_scale: 2I fp32 values): [..., I] in one kernel, equal to the
-    GEMV followed by `silu_and_mul_triton`."""
-    two_i, k = w_fp8.shape
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] != 1 or two_i % 2:
-        raise ValueError(f"fp8_gate_up_silu_triton takes one row and an even number of weight rows, got "
-                         f"{x2.shape[0]} rows and {two_i}")
-    if x.dtype not in (torch.bfloat16, torch.float16) or w_fp8.dtype != FP8_DTYPE or w_fp8.stride(-1) != 1:
-        raise ValueError("fp8_gate_up_silu_triton takes bf16/fp16 x and a float8_e4m3fn weight with contiguous rows")
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    scale = w_scale.reshape(-1)
-    if scale.dtype != torch.float32 or scale.stride(0) != 1:
-        scale = scale.float().contiguous()
-    out = torch.empty(*x.shape[:-1], two_i // 2, dtype=x.dtype, device=x.device)
-    _launch_gemv(x2, w_fp8, scale, bias, out.view(1, two_i // 2), gated=True)
-    return out

@@ -26,6 +26,7 @@ from gpu_worker.layers import (
 )
 from gpu_worker.model_config import rope_parameters
 from gpu_worker.models.base import CausalLM
+from kernels import silu_and_mul
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -102,7 +103,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.silu_and_mul(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
