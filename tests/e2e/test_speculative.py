@@ -115,7 +115,6 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
                           "--speculative-config", json.dumps(SELF_DRAFT))
     try:
         base = server.base_url
-        _wait_until(lambda: "worker-draft-0 ready" in server.log(), 300)
         chats = copy_messages()[:3]  # long answers: each stream is well under way at the kill
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
 
@@ -125,12 +124,17 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
             return out.choices[0].message.content
 
         # Without drafts (a seeded request gets none; greedy ignores the seed), all at once: in
-        # fp32 a row's tokens do not depend on the batch around it. Then with drafts.
+        # fp32 a row's tokens do not depend on the batch around it. These need no draft worker,
+        # so they run while it loads (it is set up once the target serves). Then with drafts.
         with ThreadPoolExecutor(len(chats + OTHER)) as pool:
             plain = list(pool.map(lambda m: answer(m, seed=0), chats + OTHER))
+        _wait_until(lambda: "worker-draft-0 ready" in server.log(), 300)
         before = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in ("drafts", "draft_tokens",
                                                                                  "accepted_tokens")}
-        assert [answer(m) for m in OTHER] == plain[3:]
+        assert before["drafts"] == 0  # the seeded requests got none
+        # The two short prompts together (2 at once: drafts stay on up to disable_by_batch_size, 4).
+        with ThreadPoolExecutor(len(OTHER)) as pool:
+            assert list(pool.map(answer, OTHER)) == plain[3:]
         undisturbed = greedy_chat_streams(server, chats, 36)
         assert undisturbed == plain[:3]
         after = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in before}
