@@ -376,6 +376,62 @@ def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, ge
     return row
 
 
+# The one-row FP8 GEMV's tilings swept with --sweep: (rows, keys, warps, unroll).
+FP8_GEMV_SWEEP = [(bn, bk, w, u) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for w in (2, 4, 8) for u in (1, 2)
+                  if bn * bk // (32 * w) >= 8]
+
+
+def bench_fp8_gemv(copy_bw: float, sweep: bool = False) -> list[dict[str, Any]]:
+    """The FP8 one-row GEMV (kernels/triton_fp8_linear.py, batch-1 decode with `--quantization
+    fp8`) at llama3-8b's projections: weights cycled through >= 512 MB so none is read from L2,
+    consecutive launches in one CUDA graph, with programmatic dependent launch (kernels/pdl.py)
+    off and on (the default tiling), and with --sweep every tiling of FP8_GEMV_SWEEP (PDL as
+    the machine has it). Each checked against `w8a16_linear_ref`."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    return [_fp8_gemv_case(name, k, n, copy_bw, gen, sweep) for name, k, n in GEMM_SHAPES["llama3-8b"][:4]]
+
+
+def _fp8_gemv_case(name: str, k: int, n: int, copy_bw: float, gen: torch.Generator, sweep: bool) -> dict[str, Any]:
+    import kernels.pdl as pdl
+    from kernels.fp8_linear import quantize_weight, w8a16_linear_ref
+    from kernels.triton_fp8_linear import GemvConfig, fp8_linear_skinny_triton, gemv_fp8_config
+
+    copies = max(2, -(-(512 << 20) // (n * k)))
+    ws = []
+    for _ in range(copies):
+        w, scale = quantize_weight(torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) / 64)
+        ws.append((w, scale.reshape(-1).float().contiguous()))
+    x = torch.randn(1, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    ref = w8a16_linear_ref(x, *ws[0]).float()
+    nbytes = n * k + 2 * (k + n)
+
+    def timing(cfg: GemvConfig) -> dict[str, Any]:
+        try:
+            err = ((fp8_linear_skinny_triton(x, *ws[0], config=cfg).float() - ref).norm() / ref.norm()).item()
+            t = timed_in_graph([lambda w=w, s=s: fp8_linear_skinny_triton(x, w, s, config=cfg) for w, s in ws])
+            return {"config": cfg.__dict__, "seconds": t, "fraction_of_copy": nbytes / t / copy_bw, "rel_err": err}
+        except Exception as e:  # a tiling that does not compile is a result too
+            return {"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+    default = gemv_fp8_config(n, k)
+    row: dict[str, Any] = {"name": name, "k": k, "n": n, "bytes": nbytes, "copies": copies}
+    env = pdl._ENV
+    try:
+        for setting in ("0", "1"):
+            pdl._ENV = setting
+            row[f"pdl_{setting}"] = timing(default)
+    finally:
+        pdl._ENV = env
+    if sweep:
+        variants = [timing(GemvConfig(*spec)) for spec in FP8_GEMV_SWEEP]
+        row["variants"] = sorted(variants, key=lambda v: v.get("seconds", float("inf")))
+    best = row.get("variants", [{}])[0]
+    print(f"  fp8 gemv {name}: default {row['pdl_0'].get('seconds', 0) * 1e6:.1f} us without PDL, "
+          f"{row['pdl_1'].get('seconds', 0) * 1e6:.1f} with; best {best.get('config')} "
+          f"{best.get('seconds', 0) * 1e6:.1f} us", file=sys.stderr)
+    return row
+
+
 def bench_prefill(sweep: bool) -> dict[str, Any]:
     s = PREFILL
     b, n, h, kvh, d = s["batch"], s["tokens"], s["num_heads"], s["num_kv_heads"], s["head_dim"]
@@ -423,7 +479,7 @@ def bench_prefill(sweep: bool) -> dict[str, Any]:
     return result
 
 
-SECTIONS = ("decode", "t_decode", "t_decode_fp8", "prefill", "pointwise", "gemm")
+SECTIONS = ("decode", "t_decode", "t_decode_fp8", "prefill", "pointwise", "gemm", "fp8_gemv")
 
 
 def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -443,6 +499,8 @@ def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
         result["pointwise"] = bench_pointwise(copy_bw)
     if "gemm" in only:
         result["gemm"] = bench_gemm(copy_bw, sweep)
+    if "fp8_gemv" in only:
+        result["fp8_gemv"] = bench_fp8_gemv(copy_bw, sweep)
     return result
 
 
@@ -477,6 +535,12 @@ def summary(r: dict[str, Any]) -> str:
                      f"{row['linear_seconds'] * 1e6:7.1f} us ({100 * row['linear_fraction_of_copy']:.0f}% of copy), "
                      f"x @ Wt {row['mm_transposed_seconds'] * 1e6:7.1f} us"
                      + (f", triton {row['triton_seconds'] * 1e6:7.1f} us" if row.get("triton_seconds") else ""))
+    for row in r.get("fp8_gemv", []):
+        off, on = row["pdl_0"], row["pdl_1"]
+        best = (row.get("variants") or [{}])[0]
+        lines.append(f"fp8 gemv {row['name']:8s} PDL off {off.get('seconds', 0) * 1e6:6.1f} us, on "
+                     f"{on.get('seconds', 0) * 1e6:6.1f} us ({100 * on.get('fraction_of_copy', 0):.0f}% of copy)"
+                     + (f"; best {best['config']} {best['seconds'] * 1e6:6.1f} us" if "seconds" in best else ""))
     for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn") if pre else ():
         x = pre.get(name, {})
         if "seconds" in x:

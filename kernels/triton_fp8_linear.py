@@ -17,6 +17,8 @@ it; one launch, where the W8A8 path needs two (quantize x, `_scaled_mm`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -150,7 +152,7 @@ def _gemv_x_tile(x_ptr, k, K, EVEN_K: tl.constexpr):
 def _gemv_fp8_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, N, K, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr,
+    UNROLL: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,20 +167,43 @@ def _gemv_fp8_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         start = 0
-    for k0 in range(start, K, BLOCK_K):
-        k = k0 + ks
-        acc += _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K).to(tl.float32) * _gemv_x_tile(x_ptr, k, K, EVEN_K)[None, :]
+    if UNROLL == 2:  # two tiles' loads issued before either is used (the second masked past K)
+        for k0 in range(start, K, 2 * BLOCK_K):
+            ka = k0 + ks
+            kb = ka + BLOCK_K
+            wa = _gemv_w_tile(w_rows, ka, col_ok, K, EVEN_K)
+            wb = _gemv_w_tile(w_rows, kb, col_ok, K, False)
+            xa = _gemv_x_tile(x_ptr, ka, K, EVEN_K)
+            xb = _gemv_x_tile(x_ptr, kb, K, False)
+            acc += wa.to(tl.float32) * xa[None, :]
+            acc += wb.to(tl.float32) * xb[None, :]
+    else:
+        for k0 in range(start, K, BLOCK_K):
+            k = k0 + ks
+            w = _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K)
+            acc += w.to(tl.float32) * _gemv_x_tile(x_ptr, k, K, EVEN_K)[None, :]
     out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def gemv_fp8_config(n: int, k: int) -> LinearConfig:
-    """The one-row kernel's tiling (num_stages unused: Triton does not pipeline a loop without a
-    dot). From the H200 sweep at llama3-8b's projections: 4 rows x 1,024 keys a program, 4 warps,
-    was best or within 10% of best at each; `in` below 1,024 takes one tile."""
-    return LinearConfig(block_n=4, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4, num_stages=1)
+@dataclass(frozen=True)
+class GemvConfig:
+    """The one-row kernel's tiling: weight rows and keys a program holds, warps, and how many
+    key tiles each loop step loads before using them (1 or 2)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    unroll: int = 1
+
+
+def gemv_fp8_config(n: int, k: int) -> GemvConfig:
+    """The one-row kernel's tiling. From the H200 sweep at llama3-8b's projections: 4 rows x
+    1,024 keys a program, 4 warps, was best or within 10% of best at each; `in` below 1,024
+    takes one tile. `pagoda bench kernels --only fp8_gemv --sweep` times the others."""
+    return GemvConfig(block_n=4, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4)
 
 
 def skinny_fp8_config(n: int, k: int, shared_mem: int = H100.shared_mem) -> LinearConfig:
@@ -195,7 +220,7 @@ def skinny_fp8_config(n: int, k: int, shared_mem: int = H100.shared_mem) -> Line
 
 def fp8_linear_skinny_triton(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    config: LinearConfig | None = None,
+    config: LinearConfig | GemvConfig | None = None,
 ) -> torch.Tensor:
     """`w8a16_linear_ref` (kernels/fp8_linear.py) for x [..., K] (bf16/fp16) of at most MAX_ROWS
     rows in all: w_fp8 [N, K] e4m3 with rows contiguous, w_scale N fp32 values ([N] or [1, N])."""
@@ -217,9 +242,11 @@ def fp8_linear_skinny_triton(
     if m == 0:
         return out
     out2 = out.view(m, n)
-    if m == 1 and config is None:
-        _launch_gemv(x2, w_fp8, scale, bias, out2)
+    if m == 1 and (config is None or isinstance(config, GemvConfig)):
+        _launch_gemv(x2, w_fp8, scale, bias, out2, config)
         return out
+    if isinstance(config, GemvConfig):
+        raise ValueError(f"a GemvConfig is for one row, not {m}")
     cfg = config or skinny_fp8_config(n, k, device_limits(x.device).shared_mem)
     _skinny_fp8_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w_fp8, scale, bias if bias is not None else scale, out2, m, n, k, x2.stride(0), w_fp8.stride(0),
@@ -232,11 +259,11 @@ def fp8_linear_skinny_triton(
 
 
 def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out2: torch.Tensor) -> None:
+                 out2: torch.Tensor, config: GemvConfig | None = None) -> None:
     n, k = w_fp8.shape
-    cfg = gemv_fp8_config(n, k)
+    cfg = config or gemv_fp8_config(n, k)
     _gemv_fp8_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
+        UNROLL=cfg.unroll, num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
     )

@@ -225,7 +225,7 @@ COMPILED = textwrap.dedent("""
 SKINNY_INTERPRETED = textwrap.dedent("""
     import torch
     from kernels.fp8_linear import Fp8Weight, w8a16_linear_ref
-    from kernels.triton_fp8_linear import fp8_linear_skinny_triton, skinny_fp8_config
+    from kernels.triton_fp8_linear import GemvConfig, fp8_linear_skinny_triton, skinny_fp8_config
     from kernels.triton_linear import LinearConfig
     torch.manual_seed(0)
     for n, k in [(48, 64), (40, 72), (33, 100), (64, 1024)]:
@@ -234,7 +234,8 @@ SKINNY_INTERPRETED = textwrap.dedent("""
             for dtype, ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
                 x = torch.randn(m, k).to(dtype)
                 for bias in (None, torch.randn(n).to(dtype)):
-                    for cfg in (None, LinearConfig(16, 64, 4, 2)):
+                    gemv = (GemvConfig(4, 32, 2, 2), GemvConfig(2, 64, 1)) if m == 1 else ()
+                    for cfg in (None, LinearConfig(16, 64, 4, 2), *gemv):
                         out = fp8_linear_skinny_triton(x, w.weight, w.scale, bias, config=cfg)
                         ref = w8a16_linear_ref(x, w.weight, w.scale, bias)
                         assert out.dtype == dtype and out.shape == (m, n)
@@ -245,9 +246,10 @@ SKINNY_INTERPRETED = textwrap.dedent("""
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # leading dims kept
     w = Fp8Weight.quantize(torch.randn(48, 64))
     assert fp8_linear_skinny_triton(x, w.weight, w.scale).shape == (2, 3, 48)
-    for bad in (torch.randn(17, 64, dtype=torch.bfloat16), torch.randn(2, 64)):
+    for bad, cfg in ((torch.randn(17, 64, dtype=torch.bfloat16), None), (torch.randn(2, 64), None),
+                     (torch.randn(2, 64, dtype=torch.bfloat16), GemvConfig(4, 64, 4))):
         try:
-            fp8_linear_skinny_triton(bad, w.weight, w.scale)
+            fp8_linear_skinny_triton(bad, w.weight, w.scale, config=cfg)
         except ValueError:
             pass
         else:
@@ -295,9 +297,9 @@ SKINNY_COMPILED = textwrap.dedent("""
             for pdl in (False, True):
                 c = compile_kernel(
                     t._gemv_fp8_kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
-                                             PDL=pdl),
+                                             UNROLL=1 + pdl, PDL=pdl),
                     dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, out_ptr=dtype),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=True)
+                    num_warps=cfg.num_warps, aligned=True)
                 ptx = c.asm["ptx"]
                 # PDL (kernels/pdl.py): the dependents launched, the wait after the first weight loads
                 has_pdl = "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
