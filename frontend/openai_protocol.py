@@ -144,7 +144,7 @@ def _schema_text(schema: dict[str, Any] | str, field: str) -> str:
     if isinstance(schema, str):
         try:
             json.loads(schema)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested past Python's limit
             raise APIError(400, f"Invalid '{field}': the JSON schema is not valid JSON ({e}).", param=field) from None
         return schema
     return json.dumps(schema)
@@ -372,7 +372,7 @@ class ToolCallIn(BaseModel):
     def _arguments_are_an_object(cls, value: FunctionCallIn) -> FunctionCallIn:
         try:
             arguments = json.loads(value.arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
             arguments = None
         if not isinstance(arguments, dict):
             raise PydanticCustomError("invalid_arguments", "arguments must be the JSON text of an object")

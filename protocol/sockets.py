@@ -88,10 +88,13 @@ class Decoder:
         self._decoder = msgspec.msgpack.Decoder(accepts)
 
     def decode(self, frame: bytes) -> Any | None:
-        """The message, or None for a malformed or unexpected frame (logged, never raised)."""
+        """The message, or None for a malformed or unexpected frame (logged, never raised).
+
+        RecursionError too: msgspec skips a field it does not know by walking its value, and a
+        value nested deeper than Python's recursion limit (a few bytes a level) raises that."""
         try:
             return self._decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
             logger.warning("dropping a malformed frame of %d bytes: %s", len(frame), e)
             return None
 

@@ -252,6 +252,31 @@ def test_missing_or_bad_messages_are_400s(api: TestClient) -> None:
     assert_openai_error(resp, 400, "messages[0].role")
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # nested past Python's recursion limit once parsed
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "expected"),
+    [
+        ({"guided_json": DEEP}, "guided_json", "not valid JSON"),
+        ({"structured_outputs": {"json": DEEP}}, "structured_outputs", "not valid JSON"),
+        ({"messages": [{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
+                                                             "function": {"name": "f", "arguments": DEEP}}]},
+                       {"role": "tool", "tool_call_id": "a", "content": "x"}]},
+         "messages[1].tool_calls[0].function", "JSON text of an object"),
+    ],
+)
+def test_json_text_nested_too_deep_is_a_400_not_a_500(api: TestClient, body: dict, param: str, expected: str) -> None:
+    """JSON given as text inside a field is parsed by the frontend: nested deeper than Python's
+    recursion limit, that raised RecursionError (a 500) before it became a 400 naming the field."""
+    assert_openai_error(api.post("/v1/chat/completions", json=chat_body(**body)), 400, param, expected)
+    head = json.dumps(chat_body())[:-1]  # the body's object left open for one more field
+    deep_body = (head + ', "x": ' + DEEP + "}").encode()
+    resp = api.post("/v1/chat/completions", content=deep_body, headers={"content-type": "application/json"})
+    assert_openai_error(resp, 400, None, "JSON", "recursion")
+
+
 def test_no_422_ever_reaches_a_client(api: TestClient) -> None:
     for body in (b"", b"[]", b'"text"', b"null", b'{"messages": "not a list"}'):
         resp = api.post("/v1/chat/completions", content=body)

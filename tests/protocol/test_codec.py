@@ -128,3 +128,19 @@ def test_a_malformed_frame_is_dropped_not_raised(frame: bytes, caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="protocol.sockets"):
         assert Decoder(SchedulerInbound).decode(frame) is None
     assert "dropping a malformed frame" in caplog.text
+
+
+@pytest.mark.parametrize("socket", UNIONS)
+def test_a_field_nested_past_the_recursion_limit_is_dropped_not_raised(
+    socket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by tests/e2e/test_fuzz.py: an unknown field whose value is 100,000 nested arrays
+    (msgspec walks it to skip it, and Python's recursion limit ends the walk) killed the worker."""
+    union = UNIONS[socket]
+    msg = next(m for m in EXAMPLES if accepts(union, m))
+    head = msgspec.msgpack.encode({"type": type(msg).__name__})
+    frame = bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("junk") + b"\x91" * 100_000 + b"\x00"
+    with caplog.at_level(logging.WARNING, logger="protocol.sockets"):
+        assert Decoder(union).decode(frame) is None
+    assert "dropping a malformed frame" in caplog.text and "recursion" in caplog.text
+    assert Decoder(union).decode(encode(msg)) == msg  # the next frame still decodes
