@@ -101,7 +101,10 @@ class GrammarCompiler:
             )
         kind = kinds[0]
         param = "response_format" if kind in ("json", "json_object") else "structured_outputs"
-        grammar = to_grammar(spec)
+        try:
+            grammar = to_grammar(spec)
+        except ValueError as e:  # llguidance reading the constraint, e.g. a schema nested past its limit
+            raise RequestRejected(f"Invalid structured output ({kind}): {_one_line(str(e))}", param) from None
         error = LLMatcher.validate_grammar(grammar, self.lltokenizer)
         if error:
             raise RequestRejected(f"Invalid structured output ({kind}): {_one_line(error)}", param)
@@ -120,7 +123,7 @@ def to_grammar(spec: StructuredOutputs) -> str:
     if spec.json is not None:
         try:
             json.loads(spec.json)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested past Python's limit
             message = f"Invalid structured output (json): the schema is not JSON: {e}"
             raise RequestRejected(message, "response_format") from None
         return LLMatcher.grammar_from_json_schema(spec.json, defaults=defaults)

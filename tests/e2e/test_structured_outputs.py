@@ -187,6 +187,11 @@ def test_choice_regex_grammar_and_stop_strings(client):
     assert "\n" not in text and ", " in text and '": ' in text
 
 
+DEEP_SCHEMA = '{"type": "string"}'
+for _ in range(95):
+    DEEP_SCHEMA = '{"type": "object", "properties": {"a": ' + DEEP_SCHEMA + '}, "required": ["a"]}'
+
+
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
@@ -198,6 +203,8 @@ def test_choice_regex_grammar_and_stop_strings(client):
         ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs", "exactly one"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+        # Valid JSON, nested past llguidance's limit for a schema (128): was a 500.
+        ({"extra_body": {"guided_json": DEEP_SCHEMA}}, "response_format", "recursion limit"),
     ],
 )
 def test_bad_constraints_are_400s_naming_the_field(client, body, param, words):
