@@ -118,52 +118,13 @@ def _vocab(model: str) -> int:
     from bench.workloads import pretrained_args
 
     if model.endswith(".gguf") and os.path.isfile(model):
-        vocab = _gguf_vocab(model)
-        if vocab:
-            return vocab
+        # The engine's own reading of the file (the embedding's rows), from its metadata and
+        # mapped tensors: transformers' GGUF config reads every tensor (seconds more).
+        from gpu_worker.gguf_checkpoint import read_gguf
+
+        return int(read_gguf(model).hf_config["vocab_size"])
     path, kw = pretrained_args(model)
     return AutoConfig.from_pretrained(path, **kw).vocab_size
-
-
-def _gguf_vocab(path: str) -> int | None:
-    """A GGUF file's vocabulary size as transformers' config has it (`<arch>.vocab_size`, else the
-    number of `tokenizer.ggml.tokens`), from the metadata at the head of the file alone: transformers
-    reads every tensor to make its config (seconds for the embedded model), and gguf's GGUFReader
-    parses every array (2.3 s for the embedded model's tokens, against 0.05 s here). None if it is
-    not there."""
-    import struct
-
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    with open(path, "rb") as f:
-
-        def read(fmt: str) -> Any:
-            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", errors="replace")
-
-        def value(kind: int) -> Any:
-            if kind == 8:
-                return string()
-            if kind == 9:  # an array: only its length is kept
-                item, n = read("I"), read("Q")
-                if item in scalar:
-                    f.seek(n * struct.calcsize(scalar[item]), os.SEEK_CUR)
-                else:
-                    for _ in range(n):
-                        value(item)
-                return n
-            return read(scalar[kind])
-
-        if f.read(4) != b"GGUF" or read("I") < 2:
-            return None
-        read("Q")  # tensors
-        fields = {}
-        for _ in range(read("Q")):
-            key = string()
-            fields[key] = value(read("I"))
-    size = fields.get(f"{fields.get('general.architecture')}.vocab_size", fields.get("tokenizer.ggml.tokens"))
-    return int(size) if size else None
 
 
 def _ratio(x: float, ref: float | None) -> float | None:

@@ -257,7 +257,6 @@ def fp8_linear_skinny_triton(
     return out
 
 
-
 def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  out2: torch.Tensor, config: GemvConfig | None = None) -> None:
     n, k = w_fp8.shape
