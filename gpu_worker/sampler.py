@@ -24,6 +24,7 @@ import torch
 from gpu_worker.sampling_metadata import MAX_LOGPROBS, Penalties, RandomRows, SamplingMetadata
 from gpu_worker.structured_outputs import GrammarMask, apply_grammar_mask
 from gpu_worker.transfer import to_device
+from kernels import argmax_rows
 
 
 class SamplerOutput(NamedTuple):
@@ -48,7 +49,7 @@ class Sampler:
         if meta.plain_argmax:
             if grammar is not None:
                 logits = apply_grammar_mask(logits, grammar)
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+            return SamplerOutput(argmax_rows(logits), None, None, None)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         if grammar is not None:
@@ -59,7 +60,7 @@ class Sampler:
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
 
-        chosen = logits.argmax(dim=-1)
+        chosen = argmax_rows(logits)
         if meta.random is not None:
             chosen[meta.random.index] = sample_random(logits[meta.random.index], meta.random)
 

@@ -155,6 +155,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [N, V] -> [N] int64: the first index of each row's maximum (NaN the largest), as
+    `x.argmax(dim=-1)`; on CUDA two Triton launches (kernels/triton_argmax.py: torch's reduction
+    gives a batch-1 row of 128k logits too few blocks)."""
+    if _triton(x) and x.dim() == 2:
+        from kernels.triton_argmax import argmax_rows_triton
+
+        return argmax_rows_triton(x)
+    return x.argmax(dim=-1)
+
+
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x W^T takes kernels/triton_linear.py (see _SKINNY_LINEAR): CUDA, 16-bit, <= 16 rows."""
     if _SKINNY_LINEAR == "0" or not _triton(x) or x.dtype == torch.float32 or x.numel() > 16 * x.shape[-1]:
@@ -173,6 +184,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 __all__ = [
+    "argmax_rows",
     "apply_rotary_ref",
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",

@@ -200,9 +200,15 @@ class GemvConfig:
 
 
 def gemv_fp8_config(n: int, k: int) -> GemvConfig:
-    """The one-row kernel's tiling. From the H200 sweep at llama3-8b's projections: 4 rows x
-    1,024 keys a program, 4 warps, was best or within 10% of best at each; `in` below 1,024
-    takes one tile. `pagoda bench kernels --only fp8_gemv --sweep` times the others."""
+    """The one-row kernel's tiling, from the H200 sweep at llama3-8b's projections (`pagoda bench
+    kernels --only fp8_gemv --sweep`, docs/BENCHMARKS.md): 4 rows x 1,024 keys a program, 4
+    warps, where `out` <= `in` (o 4096 -> 4096, down 14336 -> 4096: best of 52 tilings at each);
+    where `out` > `in` (qkv, gate_up: more programs, each with fewer keys) 512 keys and 2 warps,
+    and two key tiles loaded per loop step when there are at most 2x as many rows as keys
+    (qkv 9.5 -> 8.5 us, gate_up 34.9 -> 33.6 us). `in` below the key tile takes one tile."""
+    if n > k:
+        return GemvConfig(block_n=4, block_k=min(512, triton.next_power_of_2(k)), num_warps=2,
+                          unroll=2 if n <= 2 * k else 1)
     return GemvConfig(block_n=4, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4)
 
 

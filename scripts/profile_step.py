@@ -78,6 +78,7 @@ def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
         model=folder, device=args.device, max_model_len=args.max_model_len, enforce_eager=eager,
         kv_cache_memory_gb=args.kv_gb, max_num_seqs=2 * max(args.batch, 8),
         max_num_batched_tokens=args.max_num_batched_tokens, cuda_graph_mixed_tokens=args.mixed_graph_tokens,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format,
     )
     began = time.perf_counter()
     runner = ModelRunner(config)
@@ -98,7 +99,7 @@ def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
     table_gpu = ""
     if args.device == "cuda":
-        table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60)
+        table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.gpu_rows, max_name_column_width=60)
     # One more prefill step, warm this time (kernels compiled, allocator settled): new prompts.
     fresh = Driver(runner, args.batch, args.prompt_len, runner.model.config.vocab_size, "p", driver.next_block)
     with torch.profiler.profile(activities=activities) as prefill_prof:
@@ -145,10 +146,15 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,graphs")
     parser.add_argument("--mixed-graph-tokens", type=int, default=0,
                         help="graphs for prefill steps too, up to this many tokens (--cuda-graph-mixed-tokens)")
+    parser.add_argument("--quantization", default=None, help="as `pagoda serve --quantization` (fp8)")
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--load-format", default="auto", help="dummy: weights made at load (no weights saved)")
+    parser.add_argument("--gpu-rows", type=int, default=12, help="rows of the table by device time")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models-dir", default="/tmp/pagoda-bench-models")
     args = parser.parse_args()
-    folder = make_random_model(args.shape, args.models_dir, args.device)
+    folder = make_random_model(args.shape, args.models_dir, args.device,
+                               weights=None if args.load_format != "dummy" else False)
     results = [run_mode(folder, args, eager=(m == "eager")) for m in args.modes.split(",")]
     print("SUMMARY", args.shape, args.batch, json.dumps(results))
 

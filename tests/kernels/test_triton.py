@@ -34,6 +34,7 @@ from kernels import (  # noqa: E402
     write_kv_ref,
 )
 from kernels import triton_activation as activation  # noqa: E402
+from kernels import triton_argmax  # noqa: E402
 from kernels import triton_kv_cache as kv  # noqa: E402
 from kernels import triton_linear as skinny  # noqa: E402
 from kernels import triton_norm as norm  # noqa: E402
@@ -342,6 +343,33 @@ def test_silu_and_mul(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     assert rel_err(activation.silu_and_mul_triton(x), silu_and_mul_ref(x)) < TOLERANCE[dtype]
 
 
+def argmax_cases(device: str, vocab: int, rows: int) -> list[torch.Tensor]:
+    """Rows whose argmax torch's and ours could disagree on: ties across chunks (the first wins),
+    NaNs (the first NaN wins), -inf everywhere, the maximum at the very end or at 0, -0.0 tied
+    with +0.0, all negative values (the key's flipped bits)."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=gen)
+    x[0, [5, vocab - 1, (triton_argmax.CHUNK + 3) % vocab]] = 50.0  # a tie across chunks
+    x[1, vocab - 1] = 60.0  # the last column
+    x[2] = float("-inf")
+    x[3, [(triton_argmax.CHUNK + 1) % vocab, 7]] = float("nan")  # the first NaN, not the larger index
+    x[4] = -x[4].abs() - 1  # every value negative
+    x[5] = -1.0
+    x[5, [9, 3]] = torch.tensor([0.0, -0.0])  # equal: the first (3) wins
+    x[6, 0] = 70.0
+    return [x.to(device, dtype) for dtype in (torch.float32, torch.bfloat16)]
+
+
+@in_process
+@pytest.mark.parametrize("vocab", [5000, 2048, 17])
+def test_argmax_rows_equals_torch(vocab: int) -> None:
+    for x in argmax_cases(DEVICE, vocab, 9):
+        out = triton_argmax.argmax_rows_triton(x)
+        assert out.dtype == torch.int64
+        assert out.tolist() == x.argmax(dim=-1).tolist(), x.dtype
+    assert triton_argmax.argmax_rows_triton(torch.zeros(0, 7, device=DEVICE)).shape == (0,)
+
+
 def check_rope_write_kv(num_heads: int, num_kv_heads: int, head_dim: int, normed: bool, dtype: torch.dtype,
                         num_tokens: int, num_blocks: int, block_size: int = 16) -> None:
     """The fused kernel against `rope_write_kv_ref` in float32: q, the written slots, and
@@ -492,6 +520,17 @@ def test_gpu_paged_attention_fp32_is_exact_to_fp32_rounding() -> None:
     rng = random.Random(32)
     seqs = random_batch(rng, num_seqs=8, max_ctx=2000, decode_share=0.5)
     assert run_paged_attention(seqs, (32, 8, 128, 16), torch.float32, seed=1) < 1e-5
+
+
+@gpu
+def test_gpu_argmax_rows_full_vocab() -> None:
+    """A 128k vocabulary (llama3's), batch 1 and 256, and the hard rows."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for rows in (1, 256):
+        x = torch.randn(rows, 128256, generator=gen, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(triton_argmax.argmax_rows_triton(x), x.argmax(dim=-1))
+    for x in argmax_cases("cuda", 128256, 9):
+        assert torch.equal(triton_argmax.argmax_rows_triton(x), x.argmax(dim=-1))
 
 
 @gpu
