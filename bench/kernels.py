@@ -376,9 +376,11 @@ def _gemm_case(model: str, name: str, m: int, k: int, n: int, copy_bw: float, ge
     return row
 
 
-# The one-row FP8 GEMV's tilings swept with --sweep: (rows, keys, warps, unroll).
-FP8_GEMV_SWEEP = [(bn, bk, w, u) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for w in (2, 4, 8) for u in (1, 2)
-                  if bn * bk // (32 * w) >= 8]
+# The one-row FP8 GEMV's tilings swept with --sweep: (rows, keys, warps, unroll, vec); vec 16 is
+# the kernel that sums each thread's 16 keys every step (`_gemv_fp8_vec_kernel`).
+FP8_GEMV_SWEEP = [(bn, bk, w, u, 0) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for w in (2, 4, 8) for u in (1, 2)
+                  if bn * bk // (32 * w) >= 8] + [
+    (bn, bk, w, 1, 16) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for w in (1, 2, 4) if bn * bk // (32 * w) >= 16]
 
 
 def bench_fp8_gemv(copy_bw: float, sweep: bool = False) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ _SKINNY_LINEAR = os.environ.get("PAGODA_SKINNY_LINEAR", "auto")
 if _SKINNY_LINEAR not in ("auto", "0", "1"):
     raise ValueError(f"PAGODA_SKINNY_LINEAR must be auto, 0 or 1, not {_SKINNY_LINEAR!r}")
 SKINNY_AUTO_MAX_OUT = 4096
+ARGMAX_TRITON_MAX_ROWS = 16
 
 
 def _triton(t: torch.Tensor) -> bool:
@@ -157,9 +158,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x [N, V] -> [N] int64: the first index of each row's maximum (NaN the largest), as
-    `x.argmax(dim=-1)`; on CUDA two Triton launches (kernels/triton_argmax.py: torch's reduction
-    gives a batch-1 row of 128k logits too few blocks)."""
-    if _triton(x) and x.dim() == 2:
+    `x.argmax(dim=-1)`. On CUDA, for at most ARGMAX_TRITON_MAX_ROWS rows, two Triton launches
+    (kernels/triton_argmax.py: torch's reduction gives a batch-1 row of 128k logits too few
+    blocks, 37 us on an H200 against 3.3); larger batches fill the GPU with rows as they are."""
+    if _triton(x) and x.dim() == 2 and x.shape[0] <= ARGMAX_TRITON_MAX_ROWS:
         from kernels.triton_argmax import argmax_rows_triton
 
         return argmax_rows_triton(x)

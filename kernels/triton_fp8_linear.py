@@ -188,6 +188,42 @@ def _gemv_fp8_kernel(
     tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _gemv_fp8_vec_kernel(
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, N, K, stride_wn,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    VEC: tl.constexpr, PDL: tl.constexpr,
+):
+    """`_gemv_fp8_kernel` with the key tile seen as [BLOCK_K / VEC, VEC]: the VEC products of
+    consecutive keys (one thread's 16-byte load) are summed in the thread every step, so the
+    running sum is [BLOCK_N, BLOCK_K / VEC] (a VEC-th of the registers): more programs fit an SM,
+    more loads in flight (the 2D kernel stalls on its loads, ncu: long scoreboard)."""
+    pdl_trigger(PDL)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kk = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * stride_wn
+    ok3 = col_ok[:, None, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :, :], mask=ok3, other=0.0)
+        else:
+            w = tl.load(w_rows + k[None, :, :], mask=ok3 & (k < K)[None, :, :], other=0.0)
+        if k0 == 0:
+            pdl_wait(PDL)  # x is written by the kernel before; the weights are constants
+        if EVEN_K:
+            x = tl.load(x_ptr + k).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)
+    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     """The one-row kernel's tiling: weight rows and keys a program holds, warps, and how many
@@ -197,18 +233,21 @@ class GemvConfig:
     block_k: int
     num_warps: int
     unroll: int = 1
+    vec: int = 0  # > 0: `_gemv_fp8_vec_kernel`, VEC keys summed in the thread each step (unroll ignored)
 
 
 def gemv_fp8_config(n: int, k: int) -> GemvConfig:
-    """The one-row kernel's tiling, from the H200 sweep at llama3-8b's projections (`pagoda bench
+    """The one-row kernel's tiling, from H200 sweeps at llama3-8b's projections (`pagoda bench
     kernels --only fp8_gemv --sweep`, docs/BENCHMARKS.md): 4 rows x 1,024 keys a program, 4
-    warps, where `out` <= `in` (o 4096 -> 4096, down 14336 -> 4096: best of 52 tilings at each);
-    where `out` > `in` (qkv, gate_up: more programs, each with fewer keys) 512 keys and 2 warps,
-    and two key tiles loaded per loop step when there are at most 2x as many rows as keys
-    (qkv 9.5 -> 8.5 us, gate_up 34.9 -> 33.6 us). `in` below the key tile takes one tile."""
+    warps, where `out` <= `in` (o 4096 -> 4096, down 14336 -> 4096: best of 52 tilings and of 21
+    `vec` ones at each); where `out` > `in` (more programs, each with fewer keys) 512 keys and 2
+    warps, two key tiles loaded per loop step (qkv 4096 -> 6144: 9.5 -> 8.4 us); where `out` >
+    2 x `in` (gate_up 4096 -> 28672) the `vec` kernel, 2 rows x 1,024 keys (34.9 -> 32.4 us).
+    `in` below the key tile takes one tile."""
+    if n > 2 * k:
+        return GemvConfig(block_n=2, block_k=min(1024, triton.next_power_of_2(k)), num_warps=2, vec=16)
     if n > k:
-        return GemvConfig(block_n=4, block_k=min(512, triton.next_power_of_2(k)), num_warps=2,
-                          unroll=2 if n <= 2 * k else 1)
+        return GemvConfig(block_n=4, block_k=min(512, triton.next_power_of_2(k)), num_warps=2, unroll=2)
     return GemvConfig(block_n=4, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4)
 
 
@@ -267,6 +306,13 @@ def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bia
                  out2: torch.Tensor, config: GemvConfig | None = None) -> None:
     n, k = w_fp8.shape
     cfg = config or gemv_fp8_config(n, k)
+    if cfg.vec:
+        _gemv_fp8_vec_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+            VEC=cfg.vec, num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
+        )
+        return
     _gemv_fp8_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,

@@ -234,7 +234,7 @@ SKINNY_INTERPRETED = textwrap.dedent("""
             for dtype, ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
                 x = torch.randn(m, k).to(dtype)
                 for bias in (None, torch.randn(n).to(dtype)):
-                    gemv = (GemvConfig(4, 32, 2, 2), GemvConfig(2, 64, 1)) if m == 1 else ()
+                    gemv = (GemvConfig(4, 32, 2, 2), GemvConfig(2, 64, 1), GemvConfig(4, 64, 2, vec=16)) if m == 1 else ()
                     for cfg in (None, LinearConfig(16, 64, 4, 2), *gemv):
                         out = fp8_linear_skinny_triton(x, w.weight, w.scale, bias, config=cfg)
                         ref = w8a16_linear_ref(x, w.weight, w.scale, bias)
@@ -295,9 +295,11 @@ SKINNY_COMPILED = textwrap.dedent("""
             print("dot", n, k, dtype, report(c))
             cfg = t.gemv_fp8_config(n, k)
             for pdl in (False, True):
+                kernel, extra = ((t._gemv_fp8_vec_kernel, dict(VEC=cfg.vec)) if cfg.vec
+                                 else (t._gemv_fp8_kernel, dict(UNROLL=1 + pdl)))
                 c = compile_kernel(
-                    t._gemv_fp8_kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
-                                             UNROLL=1 + pdl, PDL=pdl),
+                    kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
+                                 PDL=pdl, **extra),
                     dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, out_ptr=dtype),
                     num_warps=cfg.num_warps, aligned=True)
                 ptx = c.asm["ptx"]
