@@ -99,7 +99,8 @@ def run_mode(folder: str, args: argparse.Namespace, eager: bool) -> dict:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
     table_gpu = ""
     if args.device == "cuda":
-        table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.gpu_rows, max_name_column_width=60)
+        table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.gpu_rows,
+                                              max_name_column_width=60)
     # One more prefill step, warm this time (kernels compiled, allocator settled): new prompts.
     fresh = Driver(runner, args.batch, args.prompt_len, runner.model.config.vocab_size, "p", driver.next_block)
     with torch.profiler.profile(activities=activities) as prefill_prof:

@@ -234,7 +234,8 @@ SKINNY_INTERPRETED = textwrap.dedent("""
             for dtype, ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
                 x = torch.randn(m, k).to(dtype)
                 for bias in (None, torch.randn(n).to(dtype)):
-                    gemv = (GemvConfig(4, 32, 2, 2), GemvConfig(2, 64, 1), GemvConfig(4, 64, 2, vec=16)) if m == 1 else ()
+                    gemv = (GemvConfig(4, 32, 2, 2), GemvConfig(2, 64, 1), GemvConfig(4, 64, 2, vec=16))
+                    gemv = gemv if m == 1 else ()
                     for cfg in (None, LinearConfig(16, 64, 4, 2), *gemv):
                         out = fp8_linear_skinny_triton(x, w.weight, w.scale, bias, config=cfg)
                         ref = w8a16_linear_ref(x, w.weight, w.scale, bias)

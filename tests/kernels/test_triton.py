@@ -31,10 +31,10 @@ from kernels import (  # noqa: E402
     rms_norm_ref,
     rope_write_kv_ref,
     silu_and_mul_ref,
+    triton_argmax,  # noqa: E402
     write_kv_ref,
 )
 from kernels import triton_activation as activation  # noqa: E402
-from kernels import triton_argmax  # noqa: E402
 from kernels import triton_kv_cache as kv  # noqa: E402
 from kernels import triton_linear as skinny  # noqa: E402
 from kernels import triton_norm as norm  # noqa: E402
