@@ -254,12 +254,14 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp().rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim))
         self.quantized: GGUFQuantized | None = None
+        self.dtype = torch.get_default_dtype()  # set from the weight when `quantized` replaces it
         self.int8: Int8RowWeight | None = None  # the LM head's matmul, when quantized
 
     def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
         if tp().size != 1:
             raise ValueError(f"quantized {name} is only read whole, by one rank")
         check_shape(src, (self.num_embeddings, self.weight.shape[1]), name)
+        self.dtype = self.weight.dtype  # the model's: the dequantized rows a lookup returns
         self.quantized, self.weight = src, None
 
     def prepare_logits(self) -> None:
@@ -297,7 +299,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
-            return self.quantized.take_rows(input_ids.cpu()).to(input_ids.device)
+            return self.quantized.take_rows(input_ids.cpu()).to(input_ids.device, self.dtype)
         if tp().size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.start
