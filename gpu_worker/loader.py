@@ -8,7 +8,6 @@ architecture, a damaged file) is a `ModelLoadError` with a one-line message.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -76,7 +75,6 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         keep_quantized = (config.quantization not in ("none", "fp8") and device.type == "cpu"
                           and config.tensor_parallel_size == 1)
         checkpoint = read_checkpoint(config.model, config.revision, keep_quantized)
-    cpu_quantized = not dummy and keep_quantized and checkpoint.dtype is None  # a GGUF's 4-bit kernels
     hf_config = checkpoint.hf_config
     architecture = (hf_config.get("architectures") or ["(none given)"])[0]
     model_class = MODEL_REGISTRY.get(architecture)
@@ -94,7 +92,7 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         raise ModelLoadError(f"{name}: {e}") from None
     if fp8_plan is not None and dummy:  # random weights: quantized like a 16-bit checkpoint's
         fp8_plan = fp8.Fp8Plan(quantize=True)
-    dtype = resolve_dtype(config.dtype, device, checkpoint.dtype, cpu_quantized)
+    dtype = resolve_dtype(config.dtype, device, checkpoint.dtype)
     # Built on the meta device: no memory and no random init for weights we overwrite anyway.
     with torch.device("meta"):
         module = model_class(model_config)
@@ -150,30 +148,13 @@ def _process_age_s() -> float:
     return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16; Linux's cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(
-    dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None, cpu_quantized: bool = False
-) -> torch.dtype:
-    """The dtype to run in. "auto" on a GPU is the checkpoint's float16 or bfloat16, and bfloat16
-    for float32 and quantized (GGUF) checkpoints, as vLLM does. On the CPU it is float32 (the
-    tokens of transformers' fp32), except for a GGUF whose matrices stay quantized
-    (`cpu_quantized`) on a CPU with bf16 instructions (`cpu_has_bf16`): there the 4-bit kernels
-    take bf16 activations anyway, and bf16 end to end drops two casts a matmul (the embedded
-    model's decode 33-36 -> 46 tok/s on this 2-core machine; logits within a stated bound of
-    fp32's, docs/ARCHITECTURE.md)."""
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to run in. "auto" is float32 on the CPU (bf16 there is barely faster and no
+    longer matches transformers' fp32 tokens); on a GPU it is the checkpoint's float16 or
+    bfloat16, and bfloat16 for float32 and quantized (GGUF) checkpoints, as vLLM does."""
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.bfloat16 if cpu_quantized and cpu_has_bf16() else torch.float32
+            return torch.float32
         return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")

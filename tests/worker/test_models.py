@@ -261,17 +261,9 @@ def test_missing_tokenizer_is_one_line_that_suggests_the_flag(tiny, tmp_path) ->
     assert len(load_tokenizer(EngineConfig(model=str(tmp_path), tokenizer=str(folder)))) > 2
 
 
-def test_auto_dtype_is_fp32_on_cpu_and_the_checkpoints_half_dtype_on_gpu(monkeypatch) -> None:
-    import gpu_worker.loader as loader
-
+def test_auto_dtype_is_fp32_on_cpu_and_the_checkpoints_half_dtype_on_gpu() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_dtype("auto", cpu, torch.bfloat16) == torch.float32
-    # A GGUF kept in its 4-bit blocks: bf16 where the CPU has bf16 instructions, else fp32.
-    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loader, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
-        assert resolve_dtype("auto", cpu, None, cpu_quantized=True) == expected
-        assert resolve_dtype("auto", cpu, None) == torch.float32  # dequantized (--quantization none)
-        assert resolve_dtype("float32", cpu, None, cpu_quantized=True) == torch.float32
     assert resolve_dtype("auto", gpu, torch.float16) == torch.float16
     assert resolve_dtype("auto", gpu, torch.float32) == torch.bfloat16
     assert resolve_dtype("auto", gpu, None) == torch.bfloat16  # GGUF
