@@ -481,7 +481,28 @@ def bench_prefill(sweep: bool) -> dict[str, Any]:
     return result
 
 
-SECTIONS = ("decode", "t_decode", "t_decode_fp8", "prefill", "pointwise", "gemm", "fp8_gemv")
+def bench_argmax(copy_bw: float) -> list[dict[str, Any]]:
+    """Greedy argmax over llama3-8b's 128,256 bf16 logits at 1..256 rows: torch's reduction
+    against kernels/triton_argmax.py, each call replayed in a CUDA graph as the engine's decode
+    steps run (timed one call at a time from Python, host launch costs dominate at these sizes),
+    checked equal to torch's."""
+    from kernels.triton_argmax import argmax_rows_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    rows = []
+    for n in (1, 4, 16, 64, 256):
+        x = torch.randn(n, 128256, generator=gen, device="cuda", dtype=torch.bfloat16)
+        if not torch.equal(argmax_rows_triton(x), x.argmax(dim=-1)):
+            raise AssertionError(f"argmax_rows_triton differs from torch at {n} rows")
+        t_torch = timed_in_graph([lambda x=x: x.argmax(dim=-1)])
+        t_triton = timed_in_graph([lambda x=x: argmax_rows_triton(x)])
+        rows.append({"rows": n, "torch_seconds": t_torch, "triton_seconds": t_triton,
+                     "triton_fraction_of_copy": x.numel() * 2 / t_triton / copy_bw})
+        print(f"  argmax rows {n}: torch {t_torch * 1e6:.1f} us, triton {t_triton * 1e6:.1f} us", file=sys.stderr)
+    return rows
+
+
+SECTIONS = ("decode", "t_decode", "t_decode_fp8", "prefill", "pointwise", "gemm", "fp8_gemv", "argmax")
 
 
 def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -503,6 +524,8 @@ def run(sweep: bool = False, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
         result["gemm"] = bench_gemm(copy_bw, sweep)
     if "fp8_gemv" in only:
         result["fp8_gemv"] = bench_fp8_gemv(copy_bw, sweep)
+    if "argmax" in only:
+        result["argmax"] = bench_argmax(copy_bw)
     return result
 
 
@@ -543,6 +566,9 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"fp8 gemv {row['name']:8s} PDL off {off.get('seconds', 0) * 1e6:6.1f} us, on "
                      f"{on.get('seconds', 0) * 1e6:6.1f} us ({100 * on.get('fraction_of_copy', 0):.0f}% of copy)"
                      + (f"; best {best['config']} {best['seconds'] * 1e6:6.1f} us" if "seconds" in best else ""))
+    for row in r.get("argmax", []):
+        lines.append(f"argmax {row['rows']:3d} rows x 128256: torch {row['torch_seconds'] * 1e6:6.1f} us, "
+                     f"triton {row['triton_seconds'] * 1e6:6.1f} us")
     for name in ("triton_paged", "sdpa_flash", "sdpa_cudnn") if pre else ():
         x = pre.get(name, {})
         if "seconds" in x:
