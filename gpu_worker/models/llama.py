@@ -26,7 +26,9 @@ from gpu_worker.layers import (
 )
 from gpu_worker.model_config import rope_parameters
 from gpu_worker.models.base import CausalLM
+from gpu_worker.parallel import tp
 from kernels import silu_and_mul
+from kernels.fp8_linear import use_fused_gemv
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -117,13 +119,37 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the MLP's output, the residual stream before it), so the next norm adds them fused."""
+        """(the MLP's output, the residual stream before it), so the next norm adds them fused;
+        or, one row with FP8 projections, (the residual stream, None): see `forward_fused`."""
+        if self.fusable(x):
+            return self.forward_fused(x, residual, cos_sin, meta)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos_sin, meta), residual)
         return self.mlp(h), residual
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """One decode row, FP8 projections, one rank: `forward_fused` applies."""
+        attn, mlp = self.self_attn, self.mlp
+        return (x.shape[0] == 1 and tp().size == 1 and use_fused_gemv(x)
+                and all(p.fp8 is not None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
+
+    def forward_fused(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, None]:
+        """The layer as four FP8 projections and the attention, the norms, residual adds and
+        SwiGLU's activation folded into the projections' kernels (kernels/fp8_linear.py,
+        `fp8_gemv_fused`): at batch 1 a step is then 6 launches a layer, not 9. The norms' input
+        is not rounded to the activation dtype (the one numerical difference, ~2^-8 of a value in
+        bf16). Returns (the residual stream after the layer, None)."""
+        s = x if residual is None else x + residual
+        attn, mlp = self.self_attn, self.mlp
+        qkv = attn.qkv_proj.fused(s, norm=self.input_layernorm)
+        s = attn.o_proj.fused(attn.attn(qkv, meta, cos_sin), residual=s)
+        act = mlp.gate_up_proj.fused(s, norm=self.post_attention_layernorm, gated=True)
+        return mlp.down_proj.fused(act, residual=s), None
 
 
 class LlamaModel(nn.Module):
@@ -141,7 +167,7 @@ class LlamaModel(nn.Module):
         h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             h, residual = layer(h, residual, cos_sin, meta)
-        return self.norm.add_and_norm(h, residual)[0]
+        return self.norm(h) if residual is None else self.norm.add_and_norm(h, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):

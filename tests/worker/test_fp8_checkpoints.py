@@ -24,7 +24,7 @@ from gpu_worker.layers import MergedLinear, RowParallelLinear
 from gpu_worker.loader import ModelLoadError
 from gpu_worker.parallel import set_tensor_parallel
 from gpu_worker.weight_source import WeightSource
-from kernels.fp8_linear import Fp8Weight
+from kernels.fp8_linear import Fp8Weight, w8a16_linear_ref
 from tests.model_check import make_runner, random_prompts, relative_error, runner_greedy, runner_last_logits
 from tests.tiny_models import REAL_INIT
 
@@ -175,6 +175,38 @@ def test_dummy_weights_are_quantized_too(llama) -> None:
 
 
 # ---- tensor parallelism: each rank quantizes its shard --------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the q/k/v biases in the fused projection
+def test_one_row_steps_fold_norms_adds_and_activation_into_the_fp8_projections(family, tiny, prompts,
+                                                                              monkeypatch) -> None:
+    """`LlamaDecoderLayer.forward_fused` (one row: norms, residual adds and SwiGLU inside the FP8
+    projections' kernels) against the unfused layer. On the CPU the fused functions run their
+    reference, in fp32 here, so the two agree to fp32's rounding: the logits of a one-token
+    prompt, and greedy decoding (one-row steps after the prompt's prefill). Both with W8A16
+    projections, as a GPU runs rows this few (the CPU's `fp8_linear` otherwise quantizes x)."""
+    import gpu_worker.models.llama as llama_module
+    import kernels.fp8_linear as fp8_module
+
+    monkeypatch.setattr(fp8_module, "fp8_linear",
+                        lambda x, w, scale, bias=None, *a: w8a16_linear_ref(x, w, scale, bias))
+    folder, hf_model = tiny(family, REAL_INIT)
+    runner = make_runner(str(folder), quantization="fp8")
+    one_token = [[p[0]] for p in prompts]
+    plain_logits = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
+    plain = runner_greedy(runner, prompts[:1], 8)
+    calls = []
+    real = llama_module.LlamaDecoderLayer.forward_fused
+    monkeypatch.setattr(llama_module, "use_fused_gemv", lambda x: True)  # else CUDA only
+    monkeypatch.setattr(llama_module.LlamaDecoderLayer, "forward_fused",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    fused_logits = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
+    layers = hf_model.config.num_hidden_layers
+    assert len(calls) == len(one_token) * layers
+    assert relative_error(fused_logits, plain_logits) < 1e-5
+    calls.clear()
+    assert runner_greedy(runner, prompts[:1], 8) == plain
+    assert len(calls) == 7 * layers  # the 7 decode steps after the prefill's token
 
 
 @pytest.fixture
@@ -375,3 +407,29 @@ def test_quantization_fp8_on_gpu_runs_scaled_mm_in_cuda_graphs(family, tiny, pro
     full, _ = runner_logits(folder, prompts, device="cuda", dtype="bfloat16", enforce_eager=True)
     assert relative_error(ours, full) < FP8_VS_FULL_RTOL
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.gpu
+def test_fused_one_row_steps_on_gpu_in_cuda_graphs(tiny, prompts, monkeypatch) -> None:
+    """bf16, --quantization fp8 on the GPU: batch-1 decode steps take the fused projections
+    (captured in the batch-1 graph), equal to the same steps run eagerly, and the one-row
+    logits within bf16's rounding of the unfused layers' (PAGODA_FUSED_GEMV=0)."""
+    import kernels.fp8_linear as fp8_module
+    import kernels.triton_fp8_linear as triton_fp8
+
+    folder, _ = tiny("llama", REAL_INIT)
+    calls = []
+    real = triton_fp8.fp8_gemv_fused_triton
+    monkeypatch.setattr(triton_fp8, "fp8_gemv_fused_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    runner = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8")
+    assert calls  # captured in the batch-1 decode graph
+    graphs = runner_greedy(runner, prompts[:1], 16)
+    one_token = [[p[0]] for p in prompts]
+    fused = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
+    monkeypatch.setattr(fp8_module, "_FUSED_GEMV", "0")
+    plain = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
+    assert not torch.equal(fused, plain) and relative_error(fused, plain) < 0.02
+    monkeypatch.setattr(fp8_module, "_FUSED_GEMV", "1")
+    del runner
+    eager = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8", enforce_eager=True)
+    assert runner_greedy(eager, prompts[:1], 16) == graphs
