@@ -212,99 +212,6 @@ def _paged_attention_kernel(
         tl.store(part_lse_ptr + part_row, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_bt"])
-def _decode_slots_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, v_scale, first_seq, num_seqs,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KV_FP8: tl.constexpr, PDL: tl.constexpr,
-):
-    """Decode attention on the CUDA cores, one program per (sequence, KV head, split): for
-    caches whose values must be widened before any product (fp8), where the tensor-core
-    kernel above pays a shared-memory round trip per tile and pads a query group of 2 to 16 rows.
-
-    Each of the TILE_N key slots of a tile keeps, for each query head of the group, its own
-    running softmax (max, sum, output) over the keys that pass through it, so a tile needs no
-    reduction across keys: a score is a sum over the head dim (within the few lanes holding a
-    key's row), an output a multiply-add per value. The rows of every tensor are (head, slot)
-    pairs, row r = head r // TILE_N at slot r % TILE_N: one 2D layout throughout (a key's row is
-    loaded once per head of the group; the repeats hit L1). The slots are merged once at the end.
-    Costs two exponentials a score instead of one."""
-    pdl_begin(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    block_tables_ptr += first_seq * stride_bt
-    seq_lens_ptr += first_seq
-    query_start_loc_ptr += first_seq
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    seq_len = tl.load(seq_lens_ptr + seq)
-
-    rows = tl.arange(0, GROUP_PAD * TILE_N)
-    g = rows // TILE_N
-    slot = rows % TILE_N
-    head = kv_head * GROUP + g
-    g_ok = g < GROUP
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + dims[None, :],
-                mask=g_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-
-    num_tiles = tl.cdiv(seq_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    m = tl.full([GROUP_PAD * TILE_N], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD * TILE_N], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD * TILE_N, HEAD_DIM_PAD], dtype=tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        keys = tile * TILE_N + slot
-        key_ok = keys < seq_len
-        block = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        in_block = keys % BLOCK_SIZE
-        kv_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None]
-                    + dims[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None]
-                    + dims[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-        s = tl.where(key_ok, tl.sum(q * k, axis=1), MASKED_SCORE)
-        m_new = tl.maximum(m, s)
-        alpha = tl.math.exp2(m - m_new)
-        p = tl.math.exp2(s - m_new)
-        l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v
-        m = m_new
-
-    # Merge the slots. A slot that saw only masked keys has m = MASKED_SCORE and weighs 0 beside
-    # any real key; a split with no tiles (m = -inf everywhere) writes 0 and a log-sum-exp of
-    # -inf, which the merge weighs 0.
-    m3 = tl.reshape(m, [GROUP_PAD, TILE_N])
-    m_row = tl.max(m3, 1)
-    m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-    w = tl.math.exp2(m3 - m_safe[:, None])
-    l_row = tl.sum(tl.reshape(l_i, [GROUP_PAD, TILE_N]) * w, 1)
-    out = tl.sum(tl.reshape(acc, [GROUP_PAD, TILE_N, HEAD_DIM_PAD]) * w[:, :, None], 1)
-    out = out / tl.maximum(l_row, 1e-30)[:, None]
-    if KV_FP8:
-        out = out * v_scale
-    gs = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + gs
-    store_ok = (gs < GROUP)[:, None] & dim_ok[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=store_ok)
-    else:
-        part_row = (token * NUM_HEADS + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=store_ok)
-        tl.store(part_lse_ptr + part_row, m_row + tl.math.log2(l_row), mask=gs < GROUP)
-
-
 @triton.jit(do_not_specialize=["first_token"])
 def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, first_token, stride_ot, stride_oh,
@@ -335,7 +242,6 @@ class AttentionConfig:
     num_splits: int
     num_warps: int
     num_stages: int
-    slots: bool = False  # decodes only: `_decode_slots_kernel` (block_m unused, tile_n its key slots)
 
 
 @dataclass(frozen=True)
@@ -382,24 +288,6 @@ def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
 _DECODE_TILINGS_GROUP_2 = [(16, 64, 4, 5)] + _DECODE_TILINGS
 _ENV_DECODE_TILING = _tiling_from_env("PAGODA_ATTN_DECODE_TILING")
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
-
-
-def _slots_from_env() -> tuple[int, int] | None:
-    """PAGODA_ATTN_DECODE_SLOTS=key_slots,warps: decode-only launches take `_decode_slots_kernel`
-    with that tiling (to compare it with the tensor-core kernel inside the whole engine)."""
-    value = os.environ.get("PAGODA_ATTN_DECODE_SLOTS", "").strip()
-    if not value:
-        return None
-    try:
-        tile_n, warps = (int(x) for x in value.split(","))
-    except ValueError:
-        tile_n = warps = 0
-    if tile_n <= 0 or warps <= 0 or tile_n & (tile_n - 1):
-        raise ValueError(f"PAGODA_ATTN_DECODE_SLOTS={value!r}: expected key_slots (a power of two),warps")
-    return tile_n, warps
-
-
-_ENV_DECODE_SLOTS = _slots_from_env()
 
 
 def _shared_bytes(
@@ -452,14 +340,11 @@ def choose_config(
     size, kv_elem_size the cache's where it differs (fp8).
     """
     group = num_heads // num_kv_heads
-    decode = num_tokens == num_seqs
-    block_m, tile_n, num_warps, num_stages = _tiling(decode, group, head_dim, elem_size, limits, kv_elem_size)
+    block_m, tile_n, num_warps, num_stages = _tiling(
+        num_tokens == num_seqs, group, head_dim, elem_size, limits, kv_elem_size
+    )
     block_q = block_m // group
     programs = (num_tokens // block_q + num_seqs) * num_kv_heads
-    slots = decode and _ENV_DECODE_SLOTS is not None
-    if slots:
-        tile_n, num_warps = _ENV_DECODE_SLOTS
-        programs, num_stages = num_seqs * num_kv_heads, 2
     target = 2 * limits.num_sms
     num_splits = 1
     if programs < target:
@@ -468,7 +353,7 @@ def choose_config(
             # Each slice should stream at least 4 tiles, or the merge costs more than it saves.
             useful = max(1, max_seq_len // (4 * tile_n))
             num_splits = min(num_splits, 1 << (useful.bit_length() - 1))
-    return AttentionConfig(block_m, tile_n, num_splits, num_warps, num_stages, slots)
+    return AttentionConfig(block_m, tile_n, num_splits, num_warps, num_stages)
 
 
 def possible_configs(
@@ -486,9 +371,6 @@ def possible_configs(
         block_m, tile_n, num_warps, num_stages = _tiling(decode, group, head_dim, elem_size, limits, kv_elem_size)
         splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
         configs += [AttentionConfig(block_m, tile_n, n, num_warps, num_stages) for n in splits]
-        if decode and _ENV_DECODE_SLOTS is not None:
-            tile_n, num_warps = _ENV_DECODE_SLOTS
-            configs += [AttentionConfig(block_m, tile_n, n, num_warps, 2, slots=True) for n in splits]
     return configs
 
 
@@ -507,12 +389,8 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     configs = possible_configs(
         q.shape[1], k_cache.shape[2], q.shape[2], q.element_size(), device_limits(q.device), k_cache.element_size()
     )
-    one = torch.ones(1, dtype=torch.int32, device=q.device)
     for config in configs:
-        if config.slots:  # decodes only: one query of a one-key sequence
-            paged_attention_triton(q[:1], k_cache, v_cache, tables, one, qsl.clamp(max=1), scale, config=config)
-        else:
-            paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
+        paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
     return len(configs)
 
 
@@ -617,38 +495,22 @@ def _launch(
         part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # never touched: NUM_SPLITS == 1 writes `out` directly
-    if cfg.slots:
-        if num_part_tokens != num_seqs:
-            raise ValueError("the key-slot decode kernel takes decodes only (one query a sequence)")
-        _decode_slots_kernel[(num_seqs, num_kv_heads, splits)](
-            q, k_cache, v_cache, out, part_out, part_lse,
-            block_tables, seq_lens, query_start_loc,
-            (scale * k_scale if fp8 else scale) * LOG2_E, v_scale, first_seq, num_seqs,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_tables.stride(0),
-            NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, TILE_N=cfg.tile_n, NUM_SPLITS=splits, KV_FP8=fp8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
-        )
-    else:
-        # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
-        grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
-        _paged_attention_kernel[grid](
-            q, k_cache, v_cache, out, part_out, part_lse,
-            block_tables, seq_lens, query_start_loc,
-            (scale * k_scale if fp8 else scale) * LOG2_E, v_scale, first_seq, num_seqs,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_tables.stride(0),
-            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
-            NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
-        )
+    # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part_out, part_lse,
+        block_tables, seq_lens, query_start_loc,
+        (scale * k_scale if fp8 else scale) * LOG2_E, v_scale, first_seq, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
+        NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
+    )
     if splits > 1:
         _reduce_splits_kernel[(num_part_tokens, num_heads)](
             part_out, part_lse, out, first_token, out.stride(0), out.stride(1),

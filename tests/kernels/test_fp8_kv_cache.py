@@ -394,24 +394,6 @@ def test_triton_paged_attention_over_fp8_split_kv_and_two_launches(num_splits: i
 
 
 @triton_in_process
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", [(8, 2, 64, 16), (9, 3, 80, 16)], ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
-def test_key_slot_decode_kernel_over_fp8(layout: tuple[int, ...], dtype: torch.dtype) -> None:
-    """`_decode_slots_kernel` (decodes on the CUDA cores, a running softmax per key slot): the
-    reference's answer with one slice and with 4 (some empty: contexts shorter than 4 tiles),
-    a group of 3 padded to 4 and a head dim of 80 padded to 128; prefill chunks refused."""
-    _, attn, _ = _triton_modules()
-    rng = random.Random(f"slots-{layout}-{dtype}")
-    seqs = [(rng.randint(1, 90), 1) for _ in range(5)] + [(3, 1)]
-    for tile_n, splits in ((16, 1), (8, 4)):
-        config = attn.AttentionConfig(16, tile_n, splits, num_warps=4, num_stages=2, slots=True)
-        err = run_attention_over_fp8(seqs, layout, dtype, seed=rng.randrange(1 << 30), config=config)
-        assert err < TOLERANCE[dtype], (tile_n, splits, err)
-    with pytest.raises(ValueError, match="decodes only"):
-        run_attention_over_fp8([(9, 4)], layout, dtype, seed=0, config=attn.AttentionConfig(16, 16, 1, 4, 2, True))
-
-
-@triton_in_process
 def test_triton_attention_checks_dtypes_and_fp8_tiles_take_less_shared_memory() -> None:
     _, attn, _ = _triton_modules()
     batch = build_paged_batch([5], [1], 4, 2, 16, 4, seed=0)
