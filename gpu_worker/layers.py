@@ -82,15 +82,15 @@ class Linear(nn.Linear):
         y = self.int4(x)
         return y if bias is None else y + bias
 
-    def fused(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
+    def fused(self, x: torch.Tensor, rms_eps: float | None = None, residual: torch.Tensor | None = None,
               gated: bool = False) -> torch.Tensor:
         """An FP8 projection of one decode row with its neighbours folded in (`fp8_gemv_fused`):
-        `norm` before it (x is then the residual stream), the `residual` added after it, or
-        SwiGLU's activation of a gate/up pair (`gated`). Whole weights only (one rank)."""
+        an RMSNorm before it whose weight is already in this weight's columns (`rms_eps`; x is
+        then the residual stream), the `residual` added after it, or SwiGLU's activation of a
+        gate/up pair (`gated`). Whole weights only (one rank)."""
         assert self.fp8 is not None
-        return fp8_gemv_fused(x, self.fp8.weight, self.fp8.scale, self.bias,
-                              norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
-                              residual=residual, gated=gated)
+        return fp8_gemv_fused(x, self.fp8.weight, self.fp8.scale, self.bias, rms_eps=rms_eps, residual=residual,
+                              gated=gated)
 
     # ---- FP8 (gpu_worker/fp8.py) ----
 

@@ -214,24 +214,26 @@ if _FUSED_GEMV not in ("0", "1"):
 
 def fp8_gemv_fused_ref(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-    norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+    rms_eps: float | None = None, norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
     gated: bool = False,
 ) -> torch.Tensor:
     """W8A16 (`w8a16_linear_ref`) with the layer's small operators around it folded in, as the
     one-row kernel runs them (kernels/triton_fp8_linear.py), for x [..., K]:
-    - norm_weight g: the input is RMSNorm(x) * g, never rounded: x * g multiplies the weight in
-      fp32 and the sums are scaled by 1 / rms(x) (x's statistics in fp32). The unfused layer
-      rounds the normed x to x's dtype twice first (`rms_norm_ref`), so the two differ by those
-      roundings (~2^-8 of each input value in bf16).
+    - rms_eps: the input is RMSNorm(x) (times `norm_weight` g, if given; else g is 1 or already
+      folded into the weight's columns), never rounded: x (* g) multiplies the weight in fp32 and
+      the sums are scaled by 1 / rms(x) (x's statistics in fp32). The unfused layer rounds the
+      normed x to x's dtype first (`rms_norm_ref`, twice with a weight), so the two differ by
+      those roundings (~2^-8 of each input value in bf16).
     - residual [..., N]: the rounded output plus the residual, rounded (the next residual stream).
     - gated (N even, rows [gate; up]): silu(gate) * up of the rounded outputs ([..., N / 2],
       `silu_and_mul_ref`'s rounding)."""
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
     scale = w_scale.float().reshape(1, -1)
-    if norm_weight is not None:
-        scale = scale * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        xf = xf * norm_weight.float()
+    if rms_eps is not None:
+        scale = scale * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
+        if norm_weight is not None:
+            xf = xf * norm_weight.float()
     y = (xf @ w_fp8.float().t()) * scale
     if bias is not None:
         y = y + bias.float()
@@ -254,25 +256,24 @@ def use_fused_gemv(x: torch.Tensor) -> bool:
 
 def fp8_gemv_fused(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-    norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+    rms_eps: float | None = None, norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
     gated: bool = False,
 ) -> torch.Tensor:
     """`fp8_gemv_fused_ref`, by one launch of the one-row Triton kernel where `use_fused_gemv`."""
     n, k = w_fp8.shape
     if gated and (n % 2 or residual is not None):
         raise ValueError(f"a gated projection has an even number of rows ({n}) and no residual")
-    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
-        raise ValueError(f"the norm's weight {tuple(norm_weight.shape)} does not fit an input of {k}")
+    if norm_weight is not None and (rms_eps is None or tuple(norm_weight.shape) != (k,)):
+        raise ValueError(f"the norm's weight {tuple(norm_weight.shape)} needs rms_eps and an input of {k}")
     if residual is not None and residual.numel() != x.numel() // k * n:
         raise ValueError(f"the residual {tuple(residual.shape)} does not fit an output of {n}")
+    kw = dict(rms_eps=rms_eps, norm_weight=norm_weight, residual=residual, gated=gated)
     if use_fused_gemv(x):
         from kernels.triton_fp8_linear import fp8_gemv_fused_triton
 
-        out = fp8_gemv_fused_triton(x, w_fp8, w_scale, bias, norm_weight=norm_weight, eps=eps, residual=residual,
-                                    gated=gated)
+        out = fp8_gemv_fused_triton(x, w_fp8, w_scale, bias, **kw)
         return out.reshape(*x.shape[:-1], out.shape[-1])
-    return fp8_gemv_fused_ref(x, w_fp8, w_scale, bias, norm_weight=norm_weight, eps=eps, residual=residual,
-                              gated=gated)
+    return fp8_gemv_fused_ref(x, w_fp8, w_scale, bias, **kw)
 
 
 class Fp8Weight:

@@ -137,10 +137,11 @@ def _skinny_fp8_linear_kernel(
 #
 # Every program reads the whole of x, so the decoder layer's small kernels around a projection
 # fold into it (`fp8_gemv_fused`, the decode step of a Llama-style layer at batch 1):
-# - NORM: x is the residual stream and the projection's input is RMSNorm(x) * g: each program
-#   sums x's squares as it streams x (no extra pass), multiplies x by g (the norm's weight) key
-#   by key, and scales its outputs by 1 / rms(x) at the end (a scalar per row: it commutes with
-#   the sum).
+# - NORM: x is the residual stream and the projection's input is RMSNorm(x) (* g): each program
+#   sums x's squares as it streams x (no extra pass) and scales its outputs by 1 / rms(x) at the
+#   end (a scalar per row: it commutes with the sum). NORM_W: x is also multiplied by g (the
+#   norm's weight) key by key, one more load per x load; without it g must already be folded into
+#   the weight's columns (gpu_worker/fp8.py does that when it quantizes a 16-bit checkpoint).
 # - RESIDUAL: the output, rounded, plus the residual stream's value at each output column: the
 #   next residual stream (what the next norm's fused add would have written).
 # - GATED: the program's rows are pairs (gate row j, up row j + N / 2) of a merged gate/up
@@ -153,13 +154,13 @@ def _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K: tl.constexpr, NORM: tl.constexpr):
-    """(x's keys `k` in fp32, times the norm's weight where NORM; x's squares)."""
+def _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K: tl.constexpr, NORM_W: tl.constexpr):
+    """(x's keys `k` in fp32, times the norm's weight where NORM_W; x's squares)."""
     if EVEN_K:
         x = tl.load(x_ptr + k).to(tl.float32)
     else:
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    if NORM:
+    if NORM_W:
         if EVEN_K:
             g = tl.load(g_ptr + k).to(tl.float32)
         else:
@@ -212,7 +213,8 @@ def _gemv_fp8_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, eps,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     UNROLL: tl.constexpr, PDL: tl.constexpr,
-    NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False, GATED: tl.constexpr = False,
+    NORM: tl.constexpr = False, NORM_W: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+    GATED: tl.constexpr = False,
 ):
     pdl_trigger(PDL)
     cols, col_ok = _gemv_rows(BLOCK_N, N, GATED)
@@ -222,7 +224,7 @@ def _gemv_fp8_kernel(
     if PDL:  # the first tile peeled: its weights loaded before the wait
         w = _gemv_w_tile(w_rows, ks, col_ok, K, EVEN_K)
         pdl_wait(PDL)
-        x, sq = _gemv_x_tile(x_ptr, g_ptr, ks, K, EVEN_K, NORM)
+        x, sq = _gemv_x_tile(x_ptr, g_ptr, ks, K, EVEN_K, NORM_W)
         acc = w.to(tl.float32) * x[None, :]
         ss += sq
         start = BLOCK_K
@@ -235,8 +237,8 @@ def _gemv_fp8_kernel(
             kb = ka + BLOCK_K
             wa = _gemv_w_tile(w_rows, ka, col_ok, K, EVEN_K)
             wb = _gemv_w_tile(w_rows, kb, col_ok, K, False)
-            xa, sqa = _gemv_x_tile(x_ptr, g_ptr, ka, K, EVEN_K, NORM)
-            xb, sqb = _gemv_x_tile(x_ptr, g_ptr, kb, K, False, NORM)
+            xa, sqa = _gemv_x_tile(x_ptr, g_ptr, ka, K, EVEN_K, NORM_W)
+            xb, sqb = _gemv_x_tile(x_ptr, g_ptr, kb, K, False, NORM_W)
             acc += wa.to(tl.float32) * xa[None, :]
             acc += wb.to(tl.float32) * xb[None, :]
             ss += sqa + sqb
@@ -244,7 +246,7 @@ def _gemv_fp8_kernel(
         for k0 in range(start, K, BLOCK_K):
             k = k0 + ks
             w = _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K)
-            x, sq = _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K, NORM)
+            x, sq = _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K, NORM_W)
             acc += w.to(tl.float32) * x[None, :]
             ss += sq
     _gemv_epilogue(tl.sum(acc, axis=1), tl.sum(ss, axis=0), cols, col_ok, w_scale_ptr, b_ptr, res_ptr, out_ptr,
@@ -256,7 +258,8 @@ def _gemv_fp8_vec_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, eps,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, PDL: tl.constexpr,
-    NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False, GATED: tl.constexpr = False,
+    NORM: tl.constexpr = False, NORM_W: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+    GATED: tl.constexpr = False,
 ):
     """`_gemv_fp8_kernel` with the key tile seen as [BLOCK_K / VEC, VEC]: the VEC products of
     consecutive keys (one thread's 16-byte load) are summed in the thread every step, so the
@@ -277,7 +280,7 @@ def _gemv_fp8_vec_kernel(
             w = tl.load(w_rows + k[None, :, :], mask=ok3 & (k < K)[None, :, :], other=0.0)
         if k0 == 0:
             pdl_wait(PDL)  # x is written by the kernel before; the weights are constants
-        x, sq = _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K, NORM)
+        x, sq = _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K, NORM_W)
         acc += tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)
         ss += tl.sum(sq, axis=1)
     _gemv_epilogue(tl.sum(acc, axis=1), tl.sum(ss, axis=0), cols, col_ok, w_scale_ptr, b_ptr, res_ptr, out_ptr,
@@ -363,8 +366,9 @@ def fp8_linear_skinny_triton(
 
 
 def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out2: torch.Tensor, config: GemvConfig | None = None, norm_weight: torch.Tensor | None = None,
-                 eps: float = 0.0, residual: torch.Tensor | None = None, gated: bool = False) -> None:
+                 out2: torch.Tensor, config: GemvConfig | None = None, rms_eps: float | None = None,
+                 norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 gated: bool = False) -> None:
     n, k = w_fp8.shape
     cfg = config or gemv_fp8_config(n, k)
     outputs = n // 2 if gated else n
@@ -373,10 +377,11 @@ def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bia
         raise ValueError(f"a gated projection takes an even block of rows, not {cfg.block_n}")
     dummy = scale  # an unread pointer for the inputs a variant does not have
     args = (x2, w_fp8, scale, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
-            residual if residual is not None else dummy, out2, n, k, w_fp8.stride(0), float(eps))
+            residual if residual is not None else dummy, out2, n, k, w_fp8.stride(0),
+            0.0 if rms_eps is None else float(rms_eps))
     common = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-                  NORM=norm_weight is not None, RESIDUAL=residual is not None, GATED=gated,
-                  num_warps=cfg.num_warps, **pdl_kwargs(x2.device))
+                  NORM=rms_eps is not None, NORM_W=norm_weight is not None, RESIDUAL=residual is not None,
+                  GATED=gated, num_warps=cfg.num_warps, **pdl_kwargs(x2.device))
     grid = (triton.cdiv(outputs, rows_per_program),)
     if cfg.vec:
         _gemv_fp8_vec_kernel[grid](*args, VEC=cfg.vec, **common)
@@ -386,7 +391,7 @@ def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bia
 
 def fp8_gemv_fused_triton(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-    norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+    rms_eps: float | None = None, norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
     gated: bool = False, config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """`fp8_gemv_fused_ref` (kernels/fp8_linear.py) for one row x [1, K] (bf16/fp16), in one
@@ -399,6 +404,6 @@ def fp8_gemv_fused_triton(
     scale = w_scale.reshape(-1)
     if scale.dtype != torch.float32 or scale.stride(0) != 1:
         scale = scale.float().contiguous()
-    _launch_gemv(x2, w_fp8, scale, bias, out, config, norm_weight, eps,
+    _launch_gemv(x2, w_fp8, scale, bias, out, config, rms_eps, norm_weight,
                  None if residual is None else residual.reshape(-1).contiguous(), gated)
     return out

@@ -279,8 +279,8 @@ FUSED_INTERPRETED = textwrap.dedent("""
         g = (0.5 + torch.rand(k)).to(torch.bfloat16)
         res = torch.randn(1, n).to(torch.bfloat16)
         for bias in (None, torch.randn(n).to(torch.bfloat16)):
-            for kw in (dict(norm_weight=g, eps=1e-5), dict(residual=res), dict(norm_weight=g, eps=1e-5, gated=True),
-                       dict(gated=True)):
+            for kw in (dict(rms_eps=1e-5), dict(rms_eps=1e-5, norm_weight=g), dict(residual=res),
+                       dict(rms_eps=1e-5, gated=True), dict(gated=True)):
                 ref = fp8_gemv_fused_ref(x, w.weight, w.scale, bias, **kw)
                 plain = w8a16_linear_ref(x, w.weight, w.scale, bias)
                 assert ref.shape[-1] != n or not torch.allclose(ref.float(), plain.float(), atol=0.05), kw
@@ -319,7 +319,7 @@ def test_fused_gemv_reference_is_the_unfused_layer_up_to_the_norms_rounding() ->
     norm_w = (0.5 + torch.rand(k, generator=g)).to(torch.bfloat16)
     res = torch.randn(1, n, generator=g).to(torch.bfloat16)
     unfused = w8a16_linear_ref(rms_norm_ref(x, norm_w, 1e-6), w.weight, w.scale)
-    fused = fp8_gemv_fused_ref(x, w.weight, w.scale, norm_weight=norm_w, eps=1e-6)
+    fused = fp8_gemv_fused_ref(x, w.weight, w.scale, rms_eps=1e-6, norm_weight=norm_w)
     # Each normed input value rounds twice in bf16 (<= 2^-8 relative): the sum moves by at most
     # 2^-8 of sum |w h|, plus the output's own rounding.
     h = rms_norm_ref(x, norm_w, 1e-6).float()
@@ -331,7 +331,8 @@ def test_fused_gemv_reference_is_the_unfused_layer_up_to_the_norms_rounding() ->
     assert torch.equal(fp8_gemv_fused_ref(x, w.weight, w.scale, gated=True), silu_and_mul_ref(y))
     # On the CPU the dispatch runs the reference; bad shapes are refused.
     assert torch.equal(fp8_gemv_fused(x, w.weight, w.scale, residual=res), y + res)
-    for kw in (dict(gated=True, residual=res[:, :32]), dict(norm_weight=norm_w[:8]), dict(residual=res[:, :8])):
+    for kw in (dict(gated=True, residual=res[:, :32]), dict(rms_eps=1e-6, norm_weight=norm_w[:8]),
+               dict(norm_weight=norm_w), dict(residual=res[:, :8])):
         with pytest.raises(ValueError):
             fp8_gemv_fused(x, w.weight, w.scale, **kw)
 
@@ -368,8 +369,8 @@ SKINNY_COMPILED = textwrap.dedent("""
                 kernel, extra = ((t._gemv_fp8_vec_kernel, dict(VEC=cfg.vec)) if cfg.vec
                                  else (t._gemv_fp8_kernel, dict(UNROLL=1 + pdl)))
                 # The plain projection, then (bf16, PDL) the fused variant the decoder layer runs on it
-                fused = dict(NORM=n != 4096, RESIDUAL=n == 4096, GATED=n == 28672)
-                for variant in [dict(NORM=False, RESIDUAL=False, GATED=False)] + [fused] * (pdl and dtype == "bf16"):
+                fused = dict(NORM=n != 4096, NORM_W=False, RESIDUAL=n == 4096, GATED=n == 28672)
+                for variant in [dict(NORM=False, NORM_W=False, RESIDUAL=False, GATED=False)] + [fused] * (pdl and dtype == "bf16"):
                     c = compile_kernel(
                         kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
                                      PDL=pdl, **extra, **variant),
@@ -532,10 +533,9 @@ def test_fused_gemv_matches_its_reference_at_llama3_8b_shapes(proj) -> None:
     g = torch.Generator(device="cuda").manual_seed(3)
     w = Fp8Weight.quantize(torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
     x = torch.randn(1, k, device="cuda", generator=g, dtype=torch.bfloat16) * 3
-    kw = {"qkv": dict(norm_weight=(torch.rand(k, device="cuda", generator=g) + 0.5).bfloat16(), eps=1e-5),
+    kw = {"qkv": dict(rms_eps=1e-5),
           "o": dict(residual=torch.randn(1, n, device="cuda", generator=g, dtype=torch.bfloat16)),
-          "gate_up": dict(norm_weight=(torch.rand(k, device="cuda", generator=g) + 0.5).bfloat16(), eps=1e-5,
-                          gated=True),
+          "gate_up": dict(rms_eps=1e-5, gated=True),
           "down": dict(residual=torch.randn(1, n, device="cuda", generator=g, dtype=torch.bfloat16))}[proj]
     out = fp8_gemv_fused(x, w.weight, w.scale, **kw)
     ref = fp8_gemv_fused_ref(x, w.weight, w.scale, **kw)

@@ -83,6 +83,21 @@ def fake_quantized(hf_model: nn.Module, plans: dict[str, dict]) -> nn.Module:
     return hf_model
 
 
+def folded_norms(hf_model: nn.Module) -> nn.Module:
+    """A copy of transformers' Llama-style model with each decoder layer's RMSNorm weights
+    multiplied into the columns of q/k/v and gate/up, the norms' weights then 1."""
+    hf_model = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            pairs = ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                     (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)))
+            for norm, projections in pairs:
+                for proj in projections:
+                    proj.weight.mul_(norm.weight[None, :])
+                norm.weight.fill_(1.0)
+    return hf_model
+
+
 def decoder_linears(hf_model: nn.Module) -> list[str]:
     return [n for n, m in hf_model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in LINEARS]
 
@@ -157,9 +172,17 @@ def test_quantization_fp8_is_transformers_with_fake_quantized_linears(family, ti
     kept = [m for m in runner.model.modules() if isinstance(m, (MergedLinear, RowParallelLinear))]
     assert all(m.weight is None for m in kept)  # the fp32 weights are gone
     full, _ = runner_logits(folder, prompts)
-    modules = dict(hf_model.named_modules())
-    plans = {n: dict(zip(("w", "scale"), to_e4m3(modules[n].weight))) for n in decoder_linears(hf_model)}
-    assert relative_error(ours, hf_logits(fake_quantized(hf_model, plans), prompts)) < FAKE_QUANT_RTOL
+    # The runner multiplies each norm's weight into the projection after it before quantizing
+    # (LlamaDecoderLayer.fold_norms): the reference does the same, then fake-quantizes.
+    folded = folded_norms(hf_model)
+    modules = dict(folded.named_modules())
+    plans = {n: dict(zip(("w", "scale"), to_e4m3(modules[n].weight))) for n in decoder_linears(folded)}
+    assert relative_error(ours, hf_logits(fake_quantized(folded, plans), prompts)) < FAKE_QUANT_RTOL
+    # Folding is the same function before quantization, and within FP8's error of it after.
+    assert relative_error(hf_logits(folded, prompts), hf_logits(hf_model, prompts)) < 1e-5
+    unfolded = dict(hf_model.named_modules())
+    plans = {n: dict(zip(("w", "scale"), to_e4m3(unfolded[n].weight))) for n in decoder_linears(hf_model)}
+    assert relative_error(ours, hf_logits(fake_quantized(hf_model, plans), prompts)) < FP8_VS_FULL_RTOL
     assert relative_error(ours, full) < FP8_VS_FULL_RTOL
     # Top-1 agreement with the unquantized model: wherever its best logit leads by more than
     # twice the largest change FP8 makes to any logit, the argmax cannot move.
@@ -265,11 +288,16 @@ def test_a_rank_reads_its_rows_of_each_parts_checkpoint_scales(as_rank) -> None:
 def test_compressed_tensors_per_channel_dynamic_equals_quantization_fp8(llama, prompts, tmp_path) -> None:
     """llm-compressor's FP8_DYNAMIC: e4m3 weights, a scale per channel [rows, 1], activations per
     token, the LM head ignored. The same values --quantization fp8 makes, so the same logits
-    exactly; the KV-cache scales it may carry are skipped."""
+    exactly (the checkpoint made, as --quantization fp8 does, with the norms' weights in the
+    projections); the KV-cache scales it may carry are skipped."""
     folder, hf_model = llama
-    modules, tensors = dict(hf_model.named_modules()), {}
-    for name in decoder_linears(hf_model):
+    folded = folded_norms(hf_model)
+    modules, tensors = dict(folded.named_modules()), {}
+    for name in decoder_linears(folded):
         tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = to_e4m3(modules[name].weight)
+    for name, norm in modules.items():
+        if name.endswith("layernorm"):
+            tensors[f"{name}.weight"] = norm.weight.detach().clone()
     for layer in range(hf_model.config.num_hidden_layers):
         tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(1.0)
         tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(1.0)
