@@ -9,6 +9,11 @@ instead (`GGUFQuantized`, views of the memory-mapped file) for the 4-bit kernels
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +24,9 @@ import torch
 from gpu_worker.checkpoint import READ_ERRORS, Checkpoint
 from gpu_worker.gguf_quant import KEPT_QUANTIZED, GGUFQuantized
 from tokenizer_svc.model_source import ModelLoadError
+from tokenizer_svc.tokenizer_loader import cache_dir
+
+logger = logging.getLogger("pagoda.worker")
 
 # llama.cpp's architecture name -> the Hugging Face architecture and model_type it maps onto.
 # (llama.cpp converts Mistral and SmolLM2 as "llama".)
@@ -50,15 +58,74 @@ GGUF_GLOBAL_TENSORS = {
 ROPE_FREQS = "rope_freqs.weight"
 
 
+# Metadata arrays longer than this (the vocabulary, its merges and scores) are not kept in the
+# index: the worker reads none of them.
+INDEX_MAX_ARRAY = 64
+INDEX_VERSION = 1
+
+
+def _index_path(path: str) -> str:
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "gguf-index", f"{key}.json")
+
+
+def gguf_contents(path: str) -> tuple[dict[str, Any], list[gguf.ReaderTensor]]:
+    """A GGUF file's metadata values (arrays of more than INDEX_MAX_ARRAY items left out) and
+    its tensors, each a view of the memory-mapped file as `gguf.GGUFReader` gives it.
+
+    GGUFReader parses every metadata item, the tokenizer's 49k-token vocabulary and merges one
+    numpy view at a time: 3 s of each worker start on a small CPU for the embedded model. So its
+    answer is kept as an index (values, and each tensor's type, shape, offset and layout) in the
+    cache beside the converted tokenizers, keyed by the file's path, size and mtime; a later
+    start maps the file and makes the same views from the index."""
+    index = _index_path(path)
+    try:
+        with open(index) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("version") == INDEX_VERSION:
+        data = np.memmap(path, mode="r")
+        tensors = [
+            gguf.ReaderTensor(
+                name=t["name"], tensor_type=gguf.GGMLQuantizationType(t["type"]),
+                shape=np.array(t["shape"], dtype=np.uint64), n_elements=t["n_elements"], n_bytes=t["n_bytes"],
+                data_offset=t["offset"], field=None,
+                data=data[t["offset"] : t["offset"] + t["nbytes"]].view(np.dtype(t["dtype"])).reshape(t["layout"]),
+            )
+            for t in cached["tensors"]
+        ]
+        return cached["fields"], tensors
+    reader = gguf.GGUFReader(path)
+    fields = {key: f.contents() for key, f in reader.fields.items() if len(f.data) <= INDEX_MAX_ARRAY}
+    tensors = list(reader.tensors)
+    entry = {"version": INDEX_VERSION, "fields": fields, "tensors": [
+        {"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+         "n_elements": int(t.n_elements), "n_bytes": int(t.n_bytes), "offset": int(t.data_offset),
+         "nbytes": int(t.data.nbytes), "dtype": t.data.dtype.str, "layout": list(t.data.shape)}
+        for t in tensors
+    ]}
+    try:  # written whole, then renamed: a reader never sees half an index
+        os.makedirs(os.path.dirname(index), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(index), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, index)
+    except (OSError, TypeError, ValueError) as e:  # a read-only cache, a value JSON cannot hold: parse next time
+        logger.info("GGUF index of %s not cached: %s", path, e)
+    return fields, tensors
+
+
 def read_gguf(path: str, keep_quantized: bool = False) -> Checkpoint:
     try:
-        reader = gguf.GGUFReader(path)
+        fields, tensor_list = gguf_contents(path)
     except READ_ERRORS as e:
         raise ModelLoadError(f"cannot read GGUF file {path} (corrupt or incomplete?): {e}") from None
 
     def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+        return fields.get(key, default)
 
     arch = field("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -66,7 +133,7 @@ def read_gguf(path: str, keep_quantized: bool = False) -> Checkpoint:
             f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
     architecture, model_type = GGUF_ARCHITECTURES[arch]
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in tensor_list}
     num_heads = field(f"{arch}.attention.head_count")
     num_kv_heads = field(f"{arch}.attention.head_count_kv", num_heads)
     hidden_size = field(f"{arch}.embedding_length")

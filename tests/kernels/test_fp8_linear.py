@@ -370,7 +370,8 @@ SKINNY_COMPILED = textwrap.dedent("""
                                  else (t._gemv_fp8_kernel, dict(UNROLL=1 + pdl)))
                 # The plain projection, then (bf16, PDL) the fused variant the decoder layer runs on it
                 fused = dict(NORM=n != 4096, NORM_W=False, RESIDUAL=n == 4096, GATED=n == 28672)
-                for variant in [dict(NORM=False, NORM_W=False, RESIDUAL=False, GATED=False)] + [fused] * (pdl and dtype == "bf16"):
+                plain = dict(NORM=False, NORM_W=False, RESIDUAL=False, GATED=False)
+                for variant in [plain] + [fused] * (pdl and dtype == "bf16"):
                     c = compile_kernel(
                         kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
                                      PDL=pdl, **extra, **variant),

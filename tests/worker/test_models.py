@@ -11,11 +11,13 @@ quantization are compared with transformers reading the same file. bf16 logits s
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -167,6 +169,46 @@ def test_gguf_llama3_rope_freqs_match_the_hugging_face_model(tiny, tokenizer, tm
     head_dim = hf_model.config.head_dim
     write_gguf(hf_model, path, "llama", [Q.F32], eos_token_id=0, rope_freqs=llama3_rope_freqs(LLAMA3_ROPE, head_dim))
     assert_matches_transformers(str(path), hf_model, len(tokenizer))
+
+
+def test_a_gguf_files_index_is_cached_and_the_next_load_reads_it_instead_of_parsing(tiny, tokenizer, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """gguf_contents keeps GGUFReader's metadata values and tensor views as an index in the cache:
+    the next load of the same file builds the same views from it (GGUFReader not called) and
+    gives transformers' numbers; long arrays (a vocabulary) are left out; a damaged index is
+    parsed again and rewritten; an unwritable cache only costs the parse."""
+    from gpu_worker.gguf_checkpoint import INDEX_MAX_ARRAY, gguf_contents
+
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "cache"))
+    _, hf_model = tiny("llama")
+    path = tmp_path / "m.gguf"
+    write_gguf(hf_model, path, "llama", [Q.Q4_1, Q.F16, Q.F32], eos_token_id=0)
+    fields, tensors = gguf_contents(str(path))
+    (index,) = (tmp_path / "cache" / "gguf-index").glob("*.json")
+    reader = gguf.GGUFReader(str(path))
+    assert fields == {k: f.contents() for k, f in reader.fields.items() if len(f.data) <= INDEX_MAX_ARRAY}
+    real = gguf.GGUFReader
+
+    def parse(*a, **kw):
+        parsed.append(1)
+        return real(*a, **kw)
+
+    parsed: list[int] = []
+    monkeypatch.setattr(gguf, "GGUFReader", parse)
+    again, views = gguf_contents(str(path))
+    assert not parsed and again == fields and fields["llama.block_count"] == hf_model.config.num_hidden_layers
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in views] == [(t.name, t.tensor_type, list(t.shape))
+                                                                        for t in reader.tensors]
+    assert all(a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data) for a, b in zip(views, reader.tensors))
+    hf_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    parsed.clear()  # (transformers parsed the file for itself)
+    assert_matches_transformers(str(path), hf_gguf, len(tokenizer), quantization="none")  # loaded from the index
+    assert not parsed
+    index.write_text("{not json")
+    assert gguf_contents(str(path))[0] == fields and len(parsed) == 1
+    assert json.loads(index.read_text())["fields"] == fields
+    monkeypatch.setenv("PAGODA_CACHE_DIR", "/proc/no-cache-here")
+    assert gguf_contents(str(path))[0] == fields and len(parsed) == 2
 
 
 # ---- user errors -----------------------------------------------------------------------------
