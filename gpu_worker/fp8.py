@@ -183,8 +183,6 @@ def finish(model: nn.Module, plan: Fp8Plan) -> int:
     """After the weights are in: pack an FP8 checkpoint's tensors, or quantize every decoder
     linear (`plan.quantize`). The number of FP8 linears."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if plan.quantize and hasattr(model, "fold_norms_into_projections"):
-        model.fold_norms_into_projections()  # before quantizing: the products go into the e4m3 weights
     for layer in linears:
         if "weight_scale" in layer._parameters:
             layer.finish_fp8(plan.input_scale_ub)

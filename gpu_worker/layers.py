@@ -18,7 +18,7 @@ from gpu_worker.gguf_quant import GGUFQuantized
 from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm
-from kernels.fp8_linear import FP8_DTYPE, Fp8Weight, fp8_gemv_fused
+from kernels.fp8_linear import FP8_DTYPE, Fp8Weight
 from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
 # ---- activations ---------------------------------------------------------------------------
@@ -81,16 +81,6 @@ class Linear(nn.Linear):
             return linear(x, self.weight, bias)
         y = self.int4(x)
         return y if bias is None else y + bias
-
-    def fused(self, x: torch.Tensor, rms_eps: float | None = None, residual: torch.Tensor | None = None,
-              gated: bool = False) -> torch.Tensor:
-        """An FP8 projection of one decode row with its neighbours folded in (`fp8_gemv_fused`):
-        an RMSNorm before it whose weight is already in this weight's columns (`rms_eps`; x is
-        then the residual stream), the `residual` added after it, or SwiGLU's activation of a
-        gate/up pair (`gated`). Whole weights only (one rank)."""
-        assert self.fp8 is not None
-        return fp8_gemv_fused(x, self.fp8.weight, self.fp8.scale, self.bias, rms_eps=rms_eps, residual=residual,
-                              gated=gated)
 
     # ---- FP8 (gpu_worker/fp8.py) ----
 

@@ -134,18 +134,6 @@ def _skinny_fp8_linear_kernel(
 # the end. On an H200 this beat the tensor-core kernel below at every llama3-8b projection (7.6
 # against 11.8 us on 4096 x 4096; docs/BENCHMARKS.md). Under PDL (kernels/pdl.py) the first
 # tile's weights are requested before waiting for the kernel that writes x.
-#
-# Every program reads the whole of x, so the decoder layer's small kernels around a projection
-# fold into it (`fp8_gemv_fused`, the decode step of a Llama-style layer at batch 1):
-# - NORM: x is the residual stream and the projection's input is RMSNorm(x) (* g): each program
-#   sums x's squares as it streams x (no extra pass) and scales its outputs by 1 / rms(x) at the
-#   end (a scalar per row: it commutes with the sum). NORM_W: x is also multiplied by g (the
-#   norm's weight) key by key, one more load per x load; without it g must already be folded into
-#   the weight's columns (gpu_worker/fp8.py does that when it quantizes a 16-bit checkpoint).
-# - RESIDUAL: the output, rounded, plus the residual stream's value at each output column: the
-#   next residual stream (what the next norm's fused add would have written).
-# - GATED: the program's rows are pairs (gate row j, up row j + N / 2) of a merged gate/up
-#   weight, and it writes silu(gate_j) * up_j: SwiGLU's activation without its own launch.
 @triton.jit
 def _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K: tl.constexpr):
     if EVEN_K:
@@ -154,79 +142,27 @@ def _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K: tl.constexpr, NORM_W: tl.constexpr):
-    """(x's keys `k` in fp32, times the norm's weight where NORM_W; x's squares)."""
+def _gemv_x_tile(x_ptr, k, K, EVEN_K: tl.constexpr):
     if EVEN_K:
-        x = tl.load(x_ptr + k).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    if NORM_W:
-        if EVEN_K:
-            g = tl.load(g_ptr + k).to(tl.float32)
-        else:
-            g = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        return x * g, x * x
-    return x, x * x
-
-
-@triton.jit
-def _gemv_rows(BLOCK_N: tl.constexpr, N, GATED: tl.constexpr):
-    """The program's weight rows: BLOCK_N consecutive ones, or (GATED) BLOCK_N / 2 gate/up pairs,
-    gate row j beside up row j + N / 2."""
-    r = tl.arange(0, BLOCK_N)
-    if GATED:
-        half = N // 2
-        j = tl.program_id(0) * (BLOCK_N // 2) + r // 2
-        return j + (r % 2) * half, j < half
-    cols = tl.program_id(0) * BLOCK_N + r
-    return cols, cols < N
-
-
-@triton.jit
-def _gemv_epilogue(
-    dot, ss, cols, col_ok, w_scale_ptr, b_ptr, res_ptr, out_ptr, N, K, eps,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The rows' sums `dot` ([BLOCK_N] fp32) -> the outputs: scaled, the bias added, rounded;
-    then the residual added or SwiGLU's activation taken (see above). ss: x's squares summed."""
-    scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
-    if NORM:
-        scale = scale / tl.sqrt(ss / K + eps)
-    out = dot * scale
-    if HAS_BIAS:
-        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    if GATED:  # rounded as the projection's output, then as silu(gate) * up is in PyTorch
-        gate, up = tl.split(tl.reshape(out.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        j = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(out_ptr + j, (act * up).to(dtype), mask=j < N // 2)
-    else:
-        if RESIDUAL:
-            out = out.to(dtype).to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, out.to(dtype), mask=col_ok)
+        return tl.load(x_ptr + k).to(tl.float32)
+    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _gemv_fp8_kernel(
-    x_ptr, w_ptr, w_scale_ptr, b_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, eps,
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, N, K, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     UNROLL: tl.constexpr, PDL: tl.constexpr,
-    NORM: tl.constexpr = False, NORM_W: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-    GATED: tl.constexpr = False,
 ):
     pdl_trigger(PDL)
-    cols, col_ok = _gemv_rows(BLOCK_N, N, GATED)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     if PDL:  # the first tile peeled: its weights loaded before the wait
         w = _gemv_w_tile(w_rows, ks, col_ok, K, EVEN_K)
         pdl_wait(PDL)
-        x, sq = _gemv_x_tile(x_ptr, g_ptr, ks, K, EVEN_K, NORM_W)
-        acc = w.to(tl.float32) * x[None, :]
-        ss += sq
+        acc = w.to(tl.float32) * _gemv_x_tile(x_ptr, ks, K, EVEN_K)[None, :]
         start = BLOCK_K
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -237,41 +173,38 @@ def _gemv_fp8_kernel(
             kb = ka + BLOCK_K
             wa = _gemv_w_tile(w_rows, ka, col_ok, K, EVEN_K)
             wb = _gemv_w_tile(w_rows, kb, col_ok, K, False)
-            xa, sqa = _gemv_x_tile(x_ptr, g_ptr, ka, K, EVEN_K, NORM_W)
-            xb, sqb = _gemv_x_tile(x_ptr, g_ptr, kb, K, False, NORM_W)
+            xa = _gemv_x_tile(x_ptr, ka, K, EVEN_K)
+            xb = _gemv_x_tile(x_ptr, kb, K, False)
             acc += wa.to(tl.float32) * xa[None, :]
             acc += wb.to(tl.float32) * xb[None, :]
-            ss += sqa + sqb
     else:
         for k0 in range(start, K, BLOCK_K):
             k = k0 + ks
             w = _gemv_w_tile(w_rows, k, col_ok, K, EVEN_K)
-            x, sq = _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K, NORM_W)
-            acc += w.to(tl.float32) * x[None, :]
-            ss += sq
-    _gemv_epilogue(tl.sum(acc, axis=1), tl.sum(ss, axis=0), cols, col_ok, w_scale_ptr, b_ptr, res_ptr, out_ptr,
-                   N, K, eps, HAS_BIAS, NORM, RESIDUAL, GATED, BLOCK_N)
+            acc += w.to(tl.float32) * _gemv_x_tile(x_ptr, k, K, EVEN_K)[None, :]
+    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def _gemv_fp8_vec_kernel(
-    x_ptr, w_ptr, w_scale_ptr, b_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, eps,
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, N, K, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     VEC: tl.constexpr, PDL: tl.constexpr,
-    NORM: tl.constexpr = False, NORM_W: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-    GATED: tl.constexpr = False,
 ):
     """`_gemv_fp8_kernel` with the key tile seen as [BLOCK_K / VEC, VEC]: the VEC products of
     consecutive keys (one thread's 16-byte load) are summed in the thread every step, so the
     running sum is [BLOCK_N, BLOCK_K / VEC] (a VEC-th of the registers): more programs fit an SM,
     more loads in flight (the 2D kernel stalls on its loads, ncu: long scoreboard)."""
     pdl_trigger(PDL)
-    cols, col_ok = _gemv_rows(BLOCK_N, N, GATED)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     kk = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * stride_wn
     ok3 = col_ok[:, None, None]
     acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_K // VEC], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         if EVEN_K:
@@ -280,11 +213,15 @@ def _gemv_fp8_vec_kernel(
             w = tl.load(w_rows + k[None, :, :], mask=ok3 & (k < K)[None, :, :], other=0.0)
         if k0 == 0:
             pdl_wait(PDL)  # x is written by the kernel before; the weights are constants
-        x, sq = _gemv_x_tile(x_ptr, g_ptr, k, K, EVEN_K, NORM_W)
+        if EVEN_K:
+            x = tl.load(x_ptr + k).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc += tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)
-        ss += tl.sum(sq, axis=1)
-    _gemv_epilogue(tl.sum(acc, axis=1), tl.sum(ss, axis=0), cols, col_ok, w_scale_ptr, b_ptr, res_ptr, out_ptr,
-                   N, K, eps, HAS_BIAS, NORM, RESIDUAL, GATED, BLOCK_N)
+    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @dataclass(frozen=True)
@@ -366,44 +303,18 @@ def fp8_linear_skinny_triton(
 
 
 def _launch_gemv(x2: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out2: torch.Tensor, config: GemvConfig | None = None, rms_eps: float | None = None,
-                 norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 gated: bool = False) -> None:
+                 out2: torch.Tensor, config: GemvConfig | None = None) -> None:
     n, k = w_fp8.shape
     cfg = config or gemv_fp8_config(n, k)
-    outputs = n // 2 if gated else n
-    rows_per_program = cfg.block_n // 2 if gated else cfg.block_n
-    if gated and cfg.block_n % 2:
-        raise ValueError(f"a gated projection takes an even block of rows, not {cfg.block_n}")
-    dummy = scale  # an unread pointer for the inputs a variant does not have
-    args = (x2, w_fp8, scale, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
-            residual if residual is not None else dummy, out2, n, k, w_fp8.stride(0),
-            0.0 if rms_eps is None else float(rms_eps))
-    common = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-                  NORM=rms_eps is not None, NORM_W=norm_weight is not None, RESIDUAL=residual is not None,
-                  GATED=gated, num_warps=cfg.num_warps, **pdl_kwargs(x2.device))
-    grid = (triton.cdiv(outputs, rows_per_program),)
     if cfg.vec:
-        _gemv_fp8_vec_kernel[grid](*args, VEC=cfg.vec, **common)
-    else:
-        _gemv_fp8_kernel[grid](*args, UNROLL=cfg.unroll, **common)
-
-
-def fp8_gemv_fused_triton(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-    rms_eps: float | None = None, norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-    gated: bool = False, config: GemvConfig | None = None,
-) -> torch.Tensor:
-    """`fp8_gemv_fused_ref` (kernels/fp8_linear.py) for one row x [1, K] (bf16/fp16), in one
-    launch of the one-row kernel. The caller checks the arguments (`fp8_gemv_fused`)."""
-    n, k = w_fp8.shape
-    x2 = x.reshape(1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    scale = w_scale.reshape(-1)
-    if scale.dtype != torch.float32 or scale.stride(0) != 1:
-        scale = scale.float().contiguous()
-    _launch_gemv(x2, w_fp8, scale, bias, out, config, rms_eps, norm_weight,
-                 None if residual is None else residual.reshape(-1).contiguous(), gated)
-    return out
+        _gemv_fp8_vec_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+            VEC=cfg.vec, num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
+        )
+        return
+    _gemv_fp8_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, w_fp8, scale, bias if bias is not None else scale, out2, n, k, w_fp8.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+        UNROLL=cfg.unroll, num_warps=cfg.num_warps, **pdl_kwargs(x2.device),
+    )

@@ -26,9 +26,7 @@ from gpu_worker.layers import (
 )
 from gpu_worker.model_config import rope_parameters
 from gpu_worker.models.base import CausalLM
-from gpu_worker.parallel import tp
 from kernels import silu_and_mul
-from kernels.fp8_linear import use_fused_gemv
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,8 +107,6 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    norms_folded = False  # the norms' weights are in the projections after them (`fold_norms`)
-
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -121,54 +117,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the MLP's output, the residual stream before it), so the next norm adds them fused;
-        or, one row with FP8 projections, (the residual stream, None): see `forward_fused`."""
-        if self.fusable(x):
-            return self.forward_fused(x, residual, cos_sin, meta)
+        """(the MLP's output, the residual stream before it), so the next norm adds them fused."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos_sin, meta), residual)
         return self.mlp(h), residual
-
-    @torch.no_grad()
-    def fold_norms(self) -> None:
-        """Multiply each RMSNorm's weight into the columns of the projection it feeds (q/k/v,
-        gate/up) and make the norm's weight 1: the same function, W (g * h) = (W diag(g)) h. Done
-        before `--quantization fp8` quantizes the 16-bit weights, so that the one-row kernel
-        (`forward_fused`) needs no per-key load of g. e4m3 is a floating-point format: scaling a
-        column leaves each value's relative rounding error (<= 2^-4) as it was, unless it moves
-        values into e4m3's subnormals (more than ~2^15 below their row's largest)."""
-        pairs = ((self.input_layernorm, self.self_attn.qkv_proj),
-                 (self.post_attention_layernorm, self.mlp.gate_up_proj))
-        if any(proj.weight is None for _, proj in pairs):
-            return  # already quantized (an FP8 checkpoint) or 4-bit
-        for norm, proj in pairs:
-            proj.weight.mul_(norm.weight.to(proj.weight.dtype)[None, :])
-            norm.weight.fill_(1.0)
-        self.norms_folded = True
-
-    def fusable(self, x: torch.Tensor) -> bool:
-        """One decode row, FP8 projections with the norms folded in, one rank: `forward_fused`."""
-        attn, mlp = self.self_attn, self.mlp
-        return (x.shape[0] == 1 and self.norms_folded and tp().size == 1 and use_fused_gemv(x)
-                and all(p.fp8 is not None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
-
-    def forward_fused(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, None]:
-        """The layer as four FP8 projections and the attention, the norms, residual adds and
-        SwiGLU's activation folded into the projections' kernels (kernels/fp8_linear.py,
-        `fp8_gemv_fused`): at batch 1 a step is then 6 launches a layer, not 9. The norms' input
-        is not rounded to the activation dtype (the one numerical difference, ~2^-8 of a value in
-        bf16). Returns (the residual stream after the layer, None)."""
-        s = x if residual is None else x + residual
-        attn, mlp = self.self_attn, self.mlp
-        qkv = attn.qkv_proj.fused(s, rms_eps=self.input_layernorm.eps)
-        s = attn.o_proj.fused(attn.attn(qkv, meta, cos_sin), residual=s)
-        act = mlp.gate_up_proj.fused(s, rms_eps=self.post_attention_layernorm.eps, gated=True)
-        return mlp.down_proj.fused(act, residual=s), None
 
 
 class LlamaModel(nn.Module):
@@ -186,7 +141,7 @@ class LlamaModel(nn.Module):
         h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             h, residual = layer(h, residual, cos_sin, meta)
-        return self.norm(h) if residual is None else self.norm.add_and_norm(h, residual)[0]
+        return self.norm.add_and_norm(h, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -208,11 +163,6 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
-
-    def fold_norms_into_projections(self) -> None:
-        """gpu_worker/fp8.py, before quantizing: `LlamaDecoderLayer.fold_norms` in every layer."""
-        for layer in self.model.layers:
-            layer.fold_norms()
 
     def output_layer(self) -> VocabParallelEmbedding:
         return self.model.embed_tokens if self.lm_head is None else self.lm_head

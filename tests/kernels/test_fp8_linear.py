@@ -267,76 +267,6 @@ def test_skinny_w8a16_kernel_in_the_interpreter_matches_the_reference() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-FUSED_INTERPRETED = textwrap.dedent("""
-    import torch
-    from kernels.fp8_linear import Fp8Weight, fp8_gemv_fused_ref, w8a16_linear_ref
-    from kernels.triton_fp8_linear import GemvConfig, fp8_gemv_fused_triton
-    torch.manual_seed(0)
-    ulp = 2.0**-8
-    for n, k in [(48, 64), (40, 72)]:
-        w = Fp8Weight.quantize(torch.randn(n, k) * torch.logspace(-2, 1, n)[:, None])
-        x = (3 * torch.randn(1, k)).to(torch.bfloat16)  # rms far from 1: the norm's scale shows
-        g = (0.5 + torch.rand(k)).to(torch.bfloat16)
-        res = torch.randn(1, n).to(torch.bfloat16)
-        for bias in (None, torch.randn(n).to(torch.bfloat16)):
-            for kw in (dict(rms_eps=1e-5), dict(rms_eps=1e-5, norm_weight=g), dict(residual=res),
-                       dict(rms_eps=1e-5, gated=True), dict(gated=True)):
-                ref = fp8_gemv_fused_ref(x, w.weight, w.scale, bias, **kw)
-                plain = w8a16_linear_ref(x, w.weight, w.scale, bias)
-                assert ref.shape[-1] != n or not torch.allclose(ref.float(), plain.float(), atol=0.05), kw
-                for cfg in (None, GemvConfig(4, 32, 2, 2), GemvConfig(2, 64, 1), GemvConfig(4, 64, 2, vec=16)):
-                    out = fp8_gemv_fused_triton(x, w.weight, w.scale, bias, config=cfg, **kw)
-                    assert out.dtype == torch.bfloat16 and out.shape == ref.shape, (out.shape, ref.shape)
-                    # As the plain kernel's test, and the silu's rounding once more where gated.
-                    bound = 8 * ulp * ref.float().abs() + 1e-4 * ref.float().abs().max()
-                    assert bool(((out.float() - ref.float()).abs() <= bound).all()), (n, k, cfg, kw, out, ref)
-    print("ok")
-""")
-
-
-def test_fused_gemv_in_the_interpreter_matches_its_reference() -> None:
-    """The one-row kernel with the RMSNorm folded in front, the residual add or SwiGLU's
-    activation behind: each variant equals `fp8_gemv_fused_ref` at each tiling, and that
-    reference differs from the plain projection (so a variant that ignored its extra input fails)."""
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-c", FUSED_INTERPRETED], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
-
-
-def test_fused_gemv_reference_is_the_unfused_layer_up_to_the_norms_rounding() -> None:
-    """`fp8_gemv_fused_ref` against the operators it replaces: rms_norm_ref then the W8A16
-    product; the product plus the residual; silu_and_mul_ref of the product. Equal but for the
-    normed input's rounding to bf16 (which the fused form skips), bounded here."""
-    from kernels.activation import silu_and_mul_ref
-    from kernels.fp8_linear import fp8_gemv_fused, fp8_gemv_fused_ref
-    from kernels.norm import rms_norm_ref
-
-    g = torch.Generator().manual_seed(1)
-    n, k = 64, 256
-    w = Fp8Weight.quantize(torch.randn(n, k, generator=g) / 16)
-    x = (4 * torch.randn(1, k, generator=g)).to(torch.bfloat16)
-    norm_w = (0.5 + torch.rand(k, generator=g)).to(torch.bfloat16)
-    res = torch.randn(1, n, generator=g).to(torch.bfloat16)
-    unfused = w8a16_linear_ref(rms_norm_ref(x, norm_w, 1e-6), w.weight, w.scale)
-    fused = fp8_gemv_fused_ref(x, w.weight, w.scale, rms_eps=1e-6, norm_weight=norm_w)
-    # Each normed input value rounds twice in bf16 (<= 2^-8 relative): the sum moves by at most
-    # 2^-8 of sum |w h|, plus the output's own rounding.
-    h = rms_norm_ref(x, norm_w, 1e-6).float()
-    slack = 2.0**-8 * (h.abs() @ w.dequantize().abs().t()) + 2.0**-8 * unfused.float().abs()
-    assert bool(((fused.float() - unfused.float()).abs() <= slack).all())
-    assert not torch.equal(fused, unfused)  # the rounding skipped is real
-    y = w8a16_linear_ref(x, w.weight, w.scale)
-    assert torch.equal(fp8_gemv_fused_ref(x, w.weight, w.scale, residual=res), y + res)
-    assert torch.equal(fp8_gemv_fused_ref(x, w.weight, w.scale, gated=True), silu_and_mul_ref(y))
-    # On the CPU the dispatch runs the reference; bad shapes are refused.
-    assert torch.equal(fp8_gemv_fused(x, w.weight, w.scale, residual=res), y + res)
-    for kw in (dict(gated=True, residual=res[:, :32]), dict(rms_eps=1e-6, norm_weight=norm_w[:8]),
-               dict(norm_weight=norm_w), dict(residual=res[:, :8])):
-        with pytest.raises(ValueError):
-            fp8_gemv_fused(x, w.weight, w.scale, **kw)
-
-
 def test_triton_kernel_compiles_for_sm90_with_ieee_division_and_nearest_even_casts() -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -368,22 +298,17 @@ SKINNY_COMPILED = textwrap.dedent("""
             for pdl in (False, True):
                 kernel, extra = ((t._gemv_fp8_vec_kernel, dict(VEC=cfg.vec)) if cfg.vec
                                  else (t._gemv_fp8_kernel, dict(UNROLL=1 + pdl)))
-                # The plain projection, then (bf16, PDL) the fused variant the decoder layer runs on it
-                fused = dict(NORM=n != 4096, NORM_W=False, RESIDUAL=n == 4096, GATED=n == 28672)
-                plain = dict(NORM=False, NORM_W=False, RESIDUAL=False, GATED=False)
-                for variant in [plain] + [fused] * (pdl and dtype == "bf16"):
-                    c = compile_kernel(
-                        kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
-                                     PDL=pdl, **extra, **variant),
-                        dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, g_ptr=dtype, res_ptr=dtype,
-                             out_ptr=dtype),
-                        floats=("eps",), num_warps=cfg.num_warps, aligned=True)
-                    ptx = c.asm["ptx"]
-                    # PDL (kernels/pdl.py): the dependents launched, the wait after the first weight loads
-                    has_pdl = "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
-                    first_load = ptx.find("ld.global")
-                    print("gemv", n, k, dtype, variant, report(c), has_pdl == pdl,
-                          not pdl or 0 <= first_load < ptx.find("griddepcontrol.wait"))
+                c = compile_kernel(
+                    kernel, dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True,
+                                 PDL=pdl, **extra),
+                    dict(x_ptr=dtype, w_ptr="fp8e4nv", w_scale_ptr="fp32", b_ptr=dtype, out_ptr=dtype),
+                    num_warps=cfg.num_warps, aligned=True)
+                ptx = c.asm["ptx"]
+                # PDL (kernels/pdl.py): the dependents launched, the wait after the first weight loads
+                has_pdl = "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
+                first_load = ptx.find("ld.global")
+                print("gemv", n, k, dtype, report(c), has_pdl == pdl,
+                      not pdl or 0 <= first_load < ptx.find("griddepcontrol.wait"))
 """)
 
 
@@ -394,7 +319,7 @@ def test_skinny_w8a16_kernel_compiles_for_sm90_without_spills() -> None:
                           timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 28 and sum(line.startswith("gemv") for line in lines) == 20
+    assert len(lines) == 24 and sum(line.startswith("gemv") for line in lines) == 16
     for line in lines:
         assert "stack 0 B" in line, line
         shared = int(line.split("shared ")[1].split(" B")[0])
@@ -520,26 +445,3 @@ def test_skinny_w8a16_fp16_odd_shapes_static_scales_and_the_switch(monkeypatch) 
     assert len(calls) == 1
     monkeypatch.setattr(fp8_module, "_SKINNY_LINEAR", "0")
     assert _rel(w(x), fp8_linear_ref(x, w.weight, w.scale, None, w.input_scale)) < 5e-3 and len(calls) == 2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("proj", list(LLAMA3_8B))
-def test_fused_gemv_matches_its_reference_at_llama3_8b_shapes(proj) -> None:
-    """The decoder layer's fused one-row projections at llama3-8b's shapes, as `forward_fused`
-    runs them: qkv after the input norm, o with the residual, gate_up after the second norm with
-    SwiGLU's activation, down with the residual; against `fp8_gemv_fused_ref`."""
-    from kernels.fp8_linear import fp8_gemv_fused, fp8_gemv_fused_ref
-
-    n, k = LLAMA3_8B[proj]
-    g = torch.Generator(device="cuda").manual_seed(3)
-    w = Fp8Weight.quantize(torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
-    x = torch.randn(1, k, device="cuda", generator=g, dtype=torch.bfloat16) * 3
-    kw = {"qkv": dict(rms_eps=1e-5),
-          "o": dict(residual=torch.randn(1, n, device="cuda", generator=g, dtype=torch.bfloat16)),
-          "gate_up": dict(rms_eps=1e-5, gated=True),
-          "down": dict(residual=torch.randn(1, n, device="cuda", generator=g, dtype=torch.bfloat16))}[proj]
-    out = fp8_gemv_fused(x, w.weight, w.scale, **kw)
-    ref = fp8_gemv_fused_ref(x, w.weight, w.scale, **kw)
-    assert out.shape == ref.shape == (1, n // 2 if proj == "gate_up" else n)
-    assert _rel(out, ref) < 5e-3
-    assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()

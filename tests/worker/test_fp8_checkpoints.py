@@ -24,7 +24,7 @@ from gpu_worker.layers import MergedLinear, RowParallelLinear
 from gpu_worker.loader import ModelLoadError
 from gpu_worker.parallel import set_tensor_parallel
 from gpu_worker.weight_source import WeightSource
-from kernels.fp8_linear import Fp8Weight, w8a16_linear_ref
+from kernels.fp8_linear import Fp8Weight
 from tests.model_check import make_runner, random_prompts, relative_error, runner_greedy, runner_last_logits
 from tests.tiny_models import REAL_INIT
 
@@ -80,21 +80,6 @@ def fake_quantized(hf_model: nn.Module, plans: dict[str, dict]) -> nn.Module:
             return ((x / s).clamp(-448, 448).to(E4M3).float() * s,)
 
         linear.register_forward_pre_hook(quantize_input)
-    return hf_model
-
-
-def folded_norms(hf_model: nn.Module) -> nn.Module:
-    """A copy of transformers' Llama-style model with each decoder layer's RMSNorm weights
-    multiplied into the columns of q/k/v and gate/up, the norms' weights then 1."""
-    hf_model = copy.deepcopy(hf_model)
-    with torch.no_grad():
-        for layer in hf_model.model.layers:
-            pairs = ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
-                     (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)))
-            for norm, projections in pairs:
-                for proj in projections:
-                    proj.weight.mul_(norm.weight[None, :])
-                norm.weight.fill_(1.0)
     return hf_model
 
 
@@ -172,17 +157,9 @@ def test_quantization_fp8_is_transformers_with_fake_quantized_linears(family, ti
     kept = [m for m in runner.model.modules() if isinstance(m, (MergedLinear, RowParallelLinear))]
     assert all(m.weight is None for m in kept)  # the fp32 weights are gone
     full, _ = runner_logits(folder, prompts)
-    # The runner multiplies each norm's weight into the projection after it before quantizing
-    # (LlamaDecoderLayer.fold_norms): the reference does the same, then fake-quantizes.
-    folded = folded_norms(hf_model)
-    modules = dict(folded.named_modules())
-    plans = {n: dict(zip(("w", "scale"), to_e4m3(modules[n].weight))) for n in decoder_linears(folded)}
-    assert relative_error(ours, hf_logits(fake_quantized(folded, plans), prompts)) < FAKE_QUANT_RTOL
-    # Folding is the same function before quantization, and within FP8's error of it after.
-    assert relative_error(hf_logits(folded, prompts), hf_logits(hf_model, prompts)) < 1e-5
-    unfolded = dict(hf_model.named_modules())
-    plans = {n: dict(zip(("w", "scale"), to_e4m3(unfolded[n].weight))) for n in decoder_linears(hf_model)}
-    assert relative_error(ours, hf_logits(fake_quantized(hf_model, plans), prompts)) < FP8_VS_FULL_RTOL
+    modules = dict(hf_model.named_modules())
+    plans = {n: dict(zip(("w", "scale"), to_e4m3(modules[n].weight))) for n in decoder_linears(hf_model)}
+    assert relative_error(ours, hf_logits(fake_quantized(hf_model, plans), prompts)) < FAKE_QUANT_RTOL
     assert relative_error(ours, full) < FP8_VS_FULL_RTOL
     # Top-1 agreement with the unquantized model: wherever its best logit leads by more than
     # twice the largest change FP8 makes to any logit, the argmax cannot move.
@@ -198,38 +175,6 @@ def test_dummy_weights_are_quantized_too(llama) -> None:
 
 
 # ---- tensor parallelism: each rank quantizes its shard --------------------------------------
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the q/k/v biases in the fused projection
-def test_one_row_steps_fold_norms_adds_and_activation_into_the_fp8_projections(family, tiny, prompts,
-                                                                              monkeypatch) -> None:
-    """`LlamaDecoderLayer.forward_fused` (one row: norms, residual adds and SwiGLU inside the FP8
-    projections' kernels) against the unfused layer. On the CPU the fused functions run their
-    reference, in fp32 here, so the two agree to fp32's rounding: the logits of a one-token
-    prompt, and greedy decoding (one-row steps after the prompt's prefill). Both with W8A16
-    projections, as a GPU runs rows this few (the CPU's `fp8_linear` otherwise quantizes x)."""
-    import gpu_worker.models.llama as llama_module
-    import kernels.fp8_linear as fp8_module
-
-    monkeypatch.setattr(fp8_module, "fp8_linear",
-                        lambda x, w, scale, bias=None, *a: w8a16_linear_ref(x, w, scale, bias))
-    folder, hf_model = tiny(family, REAL_INIT)
-    runner = make_runner(str(folder), quantization="fp8")
-    one_token = [[p[0]] for p in prompts]
-    plain_logits = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
-    plain = runner_greedy(runner, prompts[:1], 8)
-    calls = []
-    real = llama_module.LlamaDecoderLayer.forward_fused
-    monkeypatch.setattr(llama_module, "use_fused_gemv", lambda x: True)  # else CUDA only
-    monkeypatch.setattr(llama_module.LlamaDecoderLayer, "forward_fused",
-                        lambda self, *a: calls.append(1) or real(self, *a))
-    fused_logits = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
-    layers = hf_model.config.num_hidden_layers
-    assert len(calls) == len(one_token) * layers
-    assert relative_error(fused_logits, plain_logits) < 1e-5
-    calls.clear()
-    assert runner_greedy(runner, prompts[:1], 8) == plain
-    assert len(calls) == 7 * layers  # the 7 decode steps after the prefill's token
 
 
 @pytest.fixture
@@ -288,16 +233,11 @@ def test_a_rank_reads_its_rows_of_each_parts_checkpoint_scales(as_rank) -> None:
 def test_compressed_tensors_per_channel_dynamic_equals_quantization_fp8(llama, prompts, tmp_path) -> None:
     """llm-compressor's FP8_DYNAMIC: e4m3 weights, a scale per channel [rows, 1], activations per
     token, the LM head ignored. The same values --quantization fp8 makes, so the same logits
-    exactly (the checkpoint made, as --quantization fp8 does, with the norms' weights in the
-    projections); the KV-cache scales it may carry are skipped."""
+    exactly; the KV-cache scales it may carry are skipped."""
     folder, hf_model = llama
-    folded = folded_norms(hf_model)
-    modules, tensors = dict(folded.named_modules()), {}
-    for name in decoder_linears(folded):
+    modules, tensors = dict(hf_model.named_modules()), {}
+    for name in decoder_linears(hf_model):
         tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = to_e4m3(modules[name].weight)
-    for name, norm in modules.items():
-        if name.endswith("layernorm"):
-            tensors[f"{name}.weight"] = norm.weight.detach().clone()
     for layer in range(hf_model.config.num_hidden_layers):
         tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(1.0)
         tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(1.0)
@@ -435,29 +375,3 @@ def test_quantization_fp8_on_gpu_runs_scaled_mm_in_cuda_graphs(family, tiny, pro
     full, _ = runner_logits(folder, prompts, device="cuda", dtype="bfloat16", enforce_eager=True)
     assert relative_error(ours, full) < FP8_VS_FULL_RTOL
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8
-
-
-@pytest.mark.gpu
-def test_fused_one_row_steps_on_gpu_in_cuda_graphs(tiny, prompts, monkeypatch) -> None:
-    """bf16, --quantization fp8 on the GPU: batch-1 decode steps take the fused projections
-    (captured in the batch-1 graph), equal to the same steps run eagerly, and the one-row
-    logits within bf16's rounding of the unfused layers' (PAGODA_FUSED_GEMV=0)."""
-    import kernels.fp8_linear as fp8_module
-    import kernels.triton_fp8_linear as triton_fp8
-
-    folder, _ = tiny("llama", REAL_INIT)
-    calls = []
-    real = triton_fp8.fp8_gemv_fused_triton
-    monkeypatch.setattr(triton_fp8, "fp8_gemv_fused_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    runner = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8")
-    assert calls  # captured in the batch-1 decode graph
-    graphs = runner_greedy(runner, prompts[:1], 16)
-    one_token = [[p[0]] for p in prompts]
-    fused = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
-    monkeypatch.setattr(fp8_module, "_FUSED_GEMV", "0")
-    plain = torch.cat([runner_last_logits(runner, [p]) for p in one_token])
-    assert not torch.equal(fused, plain) and relative_error(fused, plain) < 0.02
-    monkeypatch.setattr(fp8_module, "_FUSED_GEMV", "1")
-    del runner
-    eager = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8", enforce_eager=True)
-    assert runner_greedy(eager, prompts[:1], 16) == graphs
