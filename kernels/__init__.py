@@ -32,7 +32,7 @@ _SKINNY_LINEAR = os.environ.get("PAGODA_SKINNY_LINEAR", "auto")
 if _SKINNY_LINEAR not in ("auto", "0", "1"):
     raise ValueError(f"PAGODA_SKINNY_LINEAR must be auto, 0 or 1, not {_SKINNY_LINEAR!r}")
 SKINNY_AUTO_MAX_OUT = 4096
-ARGMAX_TRITON_MAX_ROWS = 16
+ARGMAX_TRITON_MAX_ROWS = 256  # the most rows `pagoda bench kernels --only argmax` timed
 
 
 def _triton(t: torch.Tensor) -> bool:
@@ -159,8 +159,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x [N, V] -> [N] int64: the first index of each row's maximum (NaN the largest), as
     `x.argmax(dim=-1)`. On CUDA, for at most ARGMAX_TRITON_MAX_ROWS rows, two Triton launches
-    (kernels/triton_argmax.py: torch's reduction gives a batch-1 row of 128k logits too few
-    blocks, 37 us on an H200 against 3.3); larger batches fill the GPU with rows as they are."""
+    (kernels/triton_argmax.py): over 128k bf16 logits in CUDA graphs on an H200, 6.6 us against
+    torch's 39.4 at one row, 15.0 against 41.6 at 64, 38.1 against 52.3 at 256 (torch's
+    reduction gives a few rows too few blocks; docs/BENCHMARKS.md). More rows: torch's."""
     if _triton(x) and x.dim() == 2 and x.shape[0] <= ARGMAX_TRITON_MAX_ROWS:
         from kernels.triton_argmax import argmax_rows_triton
 
