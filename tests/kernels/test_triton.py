@@ -531,6 +531,12 @@ def test_gpu_argmax_rows_full_vocab() -> None:
         assert torch.equal(triton_argmax.argmax_rows_triton(x), x.argmax(dim=-1))
     for x in argmax_cases("cuda", 128256, 9):
         assert torch.equal(triton_argmax.argmax_rows_triton(x), x.argmax(dim=-1))
+    # The dispatch: Triton up to ARGMAX_TRITON_MAX_ROWS rows, torch's above; the same answers.
+    import kernels
+
+    for rows in (17, kernels.ARGMAX_TRITON_MAX_ROWS, kernels.ARGMAX_TRITON_MAX_ROWS + 1):
+        x = torch.randn(rows, 151936, generator=gen, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))
 
 
 @gpu
