@@ -216,11 +216,50 @@ def pretrained_args(model: str) -> tuple[str, dict[str, Any]]:
     return (model, {})
 
 
+def hf_folder_for_gguf(path: str) -> str:
+    """transformers' own model of a GGUF file, dequantized to fp32 once and saved (safetensors)
+    under $PAGODA_CACHE_DIR/hf-from-gguf, keyed by the file's path, size and mtime as the
+    converted tokenizers are: transformers' GGUF load takes ~17 s for the embedded model on a
+    2-core CPU (it walks the whole vocabulary, then dequantizes), the saved copy about a second.
+    The same tensors either way (fp32 saved as it is)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenizer_svc.tokenizer_loader import cache_dir
+
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir(), "hf-from-gguf", key)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    directory, file = os.path.split(os.path.abspath(path))
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32)
+    # Dequantized, the model is a plain fp32 one: saved as such (transformers refuses to save a
+    # model that still names its GGUF quantizer).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    model.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def _hf_model(model: str, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if model.endswith(".gguf") and os.path.isfile(model):
+        return AutoModelForCausalLM.from_pretrained(hf_folder_for_gguf(model), dtype=dtype).to(device).eval()
     path, kw = pretrained_args(model)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
 

@@ -158,15 +158,16 @@ def smollm2_gguf_tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_hf_model():
-    """transformers' model on the embedded GGUF, dequantized to fp32 (~10 s to load: once a session).
-    Read only: a test that moves it to a device moves a copy."""
+    """transformers' model on the embedded GGUF, dequantized to fp32 by transformers (once per
+    cache: `hf_folder_for_gguf` saves it, as `pagoda bench`'s peers load it). Read only: a test
+    that moves it to a device moves a copy."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bench.workloads import hf_folder_for_gguf
     from tokenizer_svc.model_source import embedded_gguf_path
 
-    directory, file = os.path.split(embedded_gguf_path())
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(hf_folder_for_gguf(embedded_gguf_path()), dtype=torch.float32)
 
 
 # ---- tiny random models of every family (tests/tiny_models.py) -------------------------

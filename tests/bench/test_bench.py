@@ -198,3 +198,31 @@ def test_no_model_benchmarks_the_embedded_model_as_serve_serves_it(tmp_path):
     res = report["results"]
     assert all(r["output_tokens"] == r["requested_output_tokens"] == 8 for r in res["pagoda"]["runs"])
     assert res["pagoda"]["decode_tokens_per_s"] > 0 and "limit" not in res  # no limit for a GGUF yet
+
+
+def test_a_gguf_peer_is_converted_once_and_loads_transformers_own_tensors(tiny, tmp_path, monkeypatch):
+    """`hf_folder_for_gguf`: transformers' dequantized model of a GGUF file saved once in the
+    cache; the saved copy holds the very tensors transformers' GGUF load gives, and a second
+    call finds it without reading the GGUF again."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from bench.workloads import hf_folder_for_gguf
+    from tests.tiny_gguf import Q, write_gguf
+
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "cache"))
+    _, hf_model = tiny("llama")
+    path = tmp_path / "m.gguf"
+    write_gguf(hf_model, path, "llama", [Q.Q8_0, Q.F32], eos_token_id=0)
+    folder = hf_folder_for_gguf(str(path))
+    direct = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours, theirs = saved.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(ours[name], hf_model.state_dict()[name])  # the GGUF's rounding, not the source's
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: pytest.fail("read the GGUF again") if "gguf_file" in kw else real(*a, **kw))
+    assert hf_folder_for_gguf(str(path)) == folder
