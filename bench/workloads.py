@@ -222,18 +222,15 @@ def hf_folder_for_gguf(path: str) -> str:
     converted tokenizers are: transformers' GGUF load takes ~17 s for the embedded model on a
     2-core CPU (it walks the whole vocabulary, then dequantizes), the saved copy about a second.
     The same tensors either way (fp32 saved as it is)."""
-    import hashlib
     import shutil
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokenizer_svc.tokenizer_loader import cache_dir
+    from tokenizer_svc.tokenizer_loader import cache_dir, file_cache_key
 
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir(), "hf-from-gguf", key)
+    folder = os.path.join(cache_dir(), "hf-from-gguf", file_cache_key(path))
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     directory, file = os.path.split(os.path.abspath(path))

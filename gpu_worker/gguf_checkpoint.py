@@ -9,7 +9,6 @@ instead (`GGUFQuantized`, views of the memory-mapped file) for the 4-bit kernels
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import torch
 from gpu_worker.checkpoint import READ_ERRORS, Checkpoint
 from gpu_worker.gguf_quant import KEPT_QUANTIZED, GGUFQuantized
 from tokenizer_svc.model_source import ModelLoadError
-from tokenizer_svc.tokenizer_loader import cache_dir
+from tokenizer_svc.tokenizer_loader import cache_dir, file_cache_key
 
 logger = logging.getLogger("pagoda.worker")
 
@@ -64,10 +63,26 @@ INDEX_MAX_ARRAY = 64
 INDEX_VERSION = 1
 
 
-def _index_path(path: str) -> str:
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(), "gguf-index", f"{key}.json")
+def _from_index(path: str, index: str) -> tuple[dict[str, Any], list[gguf.ReaderTensor]] | None:
+    """The contents an index written by `gguf_contents` describes, or None (no index, another
+    version, or one that does not fit the file)."""
+    try:
+        with open(index) as f:
+            cached = json.load(f)
+        if cached.get("version") != INDEX_VERSION:
+            return None
+        data = np.memmap(path, mode="r")
+        tensors = []
+        for t in cached["tensors"]:
+            view = data[t["offset"] : t["offset"] + t["nbytes"]].view(np.dtype(t["dtype"])).reshape(t["layout"])
+            tensors.append(gguf.ReaderTensor(
+                name=t["name"], tensor_type=gguf.GGMLQuantizationType(t["type"]),
+                shape=np.array(t["shape"], dtype=np.uint64), n_elements=t["n_elements"], n_bytes=t["n_bytes"],
+                data_offset=t["offset"], data=view, field=None,
+            ))
+        return cached["fields"], tensors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def gguf_contents(path: str) -> tuple[dict[str, Any], list[gguf.ReaderTensor]]:
@@ -79,24 +94,10 @@ def gguf_contents(path: str) -> tuple[dict[str, Any], list[gguf.ReaderTensor]]:
     answer is kept as an index (values, and each tensor's type, shape, offset and layout) in the
     cache beside the converted tokenizers, keyed by the file's path, size and mtime; a later
     start maps the file and makes the same views from the index."""
-    index = _index_path(path)
-    try:
-        with open(index) as f:
-            cached = json.load(f)
-    except (OSError, ValueError):
-        cached = None
-    if isinstance(cached, dict) and cached.get("version") == INDEX_VERSION:
-        data = np.memmap(path, mode="r")
-        tensors = [
-            gguf.ReaderTensor(
-                name=t["name"], tensor_type=gguf.GGMLQuantizationType(t["type"]),
-                shape=np.array(t["shape"], dtype=np.uint64), n_elements=t["n_elements"], n_bytes=t["n_bytes"],
-                data_offset=t["offset"], field=None,
-                data=data[t["offset"] : t["offset"] + t["nbytes"]].view(np.dtype(t["dtype"])).reshape(t["layout"]),
-            )
-            for t in cached["tensors"]
-        ]
-        return cached["fields"], tensors
+    index = os.path.join(cache_dir(), "gguf-index", f"{file_cache_key(path)}.json")
+    cached = _from_index(path, index)
+    if cached is not None:
+        return cached
     reader = gguf.GGUFReader(path)
     fields = {key: f.contents() for key, f in reader.fields.items() if len(f.data) <= INDEX_MAX_ARRAY}
     tensors = list(reader.tensors)
@@ -106,6 +107,7 @@ def gguf_contents(path: str) -> tuple[dict[str, Any], list[gguf.ReaderTensor]]:
          "nbytes": int(t.data.nbytes), "dtype": t.data.dtype.str, "layout": list(t.data.shape)}
         for t in tensors
     ]}
+    tmp = None
     try:  # written whole, then renamed: a reader never sees half an index
         os.makedirs(os.path.dirname(index), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(index), suffix=".tmp")
@@ -115,6 +117,8 @@ def gguf_contents(path: str) -> tuple[dict[str, Any], list[gguf.ReaderTensor]]:
         os.replace(tmp, index)
     except (OSError, TypeError, ValueError) as e:  # a read-only cache, a value JSON cannot hold: parse next time
         logger.info("GGUF index of %s not cached: %s", path, e)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return fields, tensors
 
 

@@ -28,11 +28,15 @@ def cache_dir() -> str:
     return os.environ.get("PAGODA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagoda")
 
 
+def file_cache_key(path: str) -> str:
+    """The cache's name for what is made from a file: its path, size and mtime, hashed."""
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
 def _gguf_tokenizer_folder(path: str) -> str:
     """Where the tokenizer converted from a GGUF file is kept."""
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(), "tokenizers", key)
+    return os.path.join(cache_dir(), "tokenizers", file_cache_key(path))
 
 
 def _load_gguf_tokenizer(path: str) -> Any:

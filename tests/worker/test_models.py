@@ -207,8 +207,10 @@ def test_a_gguf_files_index_is_cached_and_the_next_load_reads_it_instead_of_pars
     index.write_text("{not json")
     assert gguf_contents(str(path))[0] == fields and len(parsed) == 1
     assert json.loads(index.read_text())["fields"] == fields
-    monkeypatch.setenv("PAGODA_CACHE_DIR", "/proc/no-cache-here")
+    index.write_text(json.dumps({"version": 1, "fields": {}, "tensors": [{"name": "x"}]}))  # not this file's
     assert gguf_contents(str(path))[0] == fields and len(parsed) == 2
+    monkeypatch.setenv("PAGODA_CACHE_DIR", "/proc/no-cache-here")
+    assert gguf_contents(str(path))[0] == fields and len(parsed) == 3
 
 
 # ---- user errors -----------------------------------------------------------------------------
