@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from gpu_worker import fp8
@@ -96,7 +97,7 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     # Built on the meta device: no memory and no random init for weights we overwrite anyway.
     with torch.device("meta"):
         module = model_class(model_config)
-    module = module.to(dtype).to_empty(device=device)
+    module = materialize(module.to(dtype), device)
     if dummy:
         fill_dummy_weights(module, config.seed)
     else:
@@ -124,6 +125,25 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         dtype=dtype,
         device=device,
     )
+
+
+def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """`module.to_empty(device=device)`, each parameter and buffer made by `torch.empty` in its
+    shape and dtype (a parameter two modules share stays shared). `to_empty` goes through
+    `torch.empty_like` on meta tensors, whose stride logic imports sympy: half a second of every
+    worker start on a small CPU, for nothing else in the worker needs it."""
+    made: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:  # a new Parameter, as `to_empty` makes for a meta one
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                               requires_grad=p.requires_grad)
+                m._parameters[name] = made[id(p)]
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    return module
 
 
 def read_checkpoint(model: str | None, revision: str | None = None, keep_quantized: bool = False) -> Checkpoint:

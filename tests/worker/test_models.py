@@ -213,6 +213,34 @@ def test_a_gguf_files_index_is_cached_and_the_next_load_reads_it_instead_of_pars
     assert gguf_contents(str(path))[0] == fields and len(parsed) == 3
 
 
+def test_materialize_keeps_shared_parameters_shared_and_the_worker_never_imports_sympy(tiny, tmp_path) -> None:
+    """gpu_worker.loader.materialize (the model built on the meta device, then given storage)
+    in place of `to_empty`, whose meta-tensor stride logic imports sympy (~0.5 s of a worker
+    start): shapes and dtypes kept, a parameter two modules share stays one, and loading a model
+    and decoding leave sympy unimported (in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    from torch import nn
+
+    from gpu_worker.loader import materialize
+
+    with torch.device("meta"):
+        a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+        b.weight = a.weight
+        model = nn.Sequential(a, b, nn.BatchNorm1d(3)).to(torch.float16)
+    materialize(model, "cpu")
+    assert model[0].weight is model[1].weight and model[0].weight.device.type == "cpu"
+    assert model[0].weight.dtype == torch.float16 and model[2].running_mean.shape == (3,)
+    assert isinstance(model[0].bias, nn.Parameter) and model[0].bias is not model[1].bias
+    folder, _ = tiny("llama")
+    code = ("import sys; from tests.model_check import make_runner, runner_greedy; "
+            f"r = make_runner({str(folder)!r}); runner_greedy(r, [[3, 4, 5]], 2); print('sympy' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stderr[-2000:]
+
+
 # ---- user errors -----------------------------------------------------------------------------
 
 
