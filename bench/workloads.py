@@ -209,10 +209,10 @@ def _idle_fraction(before: Any, after: Any) -> float:
 
 
 def pretrained_args(model: str) -> tuple[str, dict[str, Any]]:
-    """`from_pretrained`'s arguments for a folder or hub id, or for a GGUF file (its folder and
-    `gguf_file`: transformers dequantizes it)."""
+    """`from_pretrained`'s arguments for a folder or hub id, or for a GGUF file (transformers'
+    dequantized model of it, converted once: `hf_folder_for_gguf`)."""
     if model.endswith(".gguf") and os.path.isfile(model):
-        return (os.path.dirname(model) or ".", {"gguf_file": os.path.basename(model)})
+        return (hf_folder_for_gguf(model), {})
     return (model, {})
 
 
@@ -222,13 +222,10 @@ def hf_folder_for_gguf(path: str) -> str:
     converted tokenizers are: transformers' GGUF load takes ~17 s for the embedded model on a
     2-core CPU (it walks the whole vocabulary, then dequantizes), the saved copy about a second.
     The same tensors either way (fp32 saved as it is)."""
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokenizer_svc.tokenizer_loader import cache_dir, file_cache_key
+    from tokenizer_svc.tokenizer_loader import cache_dir, file_cache_key, save_to_cache
 
     folder = os.path.join(cache_dir(), "hf-from-gguf", file_cache_key(path))
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -240,13 +237,7 @@ def hf_folder_for_gguf(path: str) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
-    model.save_pretrained(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_to_cache(folder, model.save_pretrained)
     return folder
 
 
@@ -255,8 +246,6 @@ def _hf_model(model: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if model.endswith(".gguf") and os.path.isfile(model):
-        return AutoModelForCausalLM.from_pretrained(hf_folder_for_gguf(model), dtype=dtype).to(device).eval()
     path, kw = pretrained_args(model)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
 

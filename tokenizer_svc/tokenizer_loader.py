@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,19 @@ def file_cache_key(path: str) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def save_to_cache(folder: str, save: Callable[[str], None]) -> None:
+    """Make cache folder `folder` whole: `save` writes into a new folder beside it, renamed into
+    place, so a reader never sees half of one; where another process got there first, its copy
+    stays."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    save(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _gguf_tokenizer_folder(path: str) -> str:
     """Where the tokenizer converted from a GGUF file is kept."""
     return os.path.join(cache_dir(), "tokenizers", file_cache_key(path))
@@ -47,13 +61,7 @@ def _load_gguf_tokenizer(path: str) -> Any:
         return AutoTokenizer.from_pretrained(cached)
     logger.info("converting the tokenizer of %s (once; cached in %s)", path, cached)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(cached))
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, cached)
-    except OSError:  # another tokenizer process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_to_cache(cached, tok.save_pretrained)
     return tok
 
 
