@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gpu_worker.layers import RMSNorm
-from kernels import paged_attention, rope_write_kv, write_kv
+from kernels import native_decode_attention, paged_attention, rope_write_kv, write_kv
 from kernels.paged_attention import decode_attention, decode_context
 from kernels.qkv import split_qkv
 
@@ -102,6 +102,11 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if not q.is_cuda and meta.num_decodes == len(meta.seq_lens):
+            out = native_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, meta.max_seq_len
+            )
+            if out is not None:
+                return out
             if meta.decode_context is None:
                 meta.decode_context = decode_context(meta.block_tables, meta.seq_lens, self.k_cache.shape[1])
             return decode_attention(

@@ -1,8 +1,10 @@
 """Kernels: each Triton kernel beside a plain-PyTorch reference with the same function.
 
-The references (`*_ref`) are the CPU path; the Triton kernels (`kernels/triton_*.py`) are the
-GPU path. The dispatch functions below pick by device: Triton for CUDA tensors, the reference
-otherwise. `PAGODA_KERNELS=torch` forces the references on CUDA too (to compare or debug).
+The Triton kernels (`kernels/triton_*.py`) are the GPU path. On the CPU the small per-layer
+operators (RMSNorm, rotary with the K/V write, SiLU-and-mul, decode attention) run in C
+(kernels/cpu_decode.c through kernels/cpu_native.py, compiled on first use) where it applies,
+and the references (`*_ref`) otherwise. `PAGODA_KERNELS=torch` forces the references everywhere
+(to compare or debug); `PAGODA_CPU_NATIVE=0` only on the CPU.
 
 The Triton modules are imported on first CUDA use only: `import kernels` needs neither Triton
 nor a GPU, and Triton's `@jit` decides between compiling and interpreting when a kernel module
@@ -15,6 +17,7 @@ import os
 
 import torch
 
+from kernels import cpu_native
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
 from kernels.linear import linear_ref
@@ -37,6 +40,11 @@ ARGMAX_TRITON_MAX_ROWS = 256  # the most rows `pagoda bench kernels --only argma
 
 def _triton(t: torch.Tensor) -> bool:
     return _USE_TRITON and t.is_cuda
+
+
+def _native(t: torch.Tensor) -> bool:
+    """Whether the C functions of kernels/cpu_native.py may take this CPU tensor's operator."""
+    return _USE_TRITON and not t.is_cuda
 
 
 def paged_attention(
@@ -68,6 +76,23 @@ def paged_attention(
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale, v_scale=v_scale
     )
+
+
+def native_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor | None:
+    """A CPU step of decodes only ([B, heads, d]: one query each) in C, straight from the block
+    tables; None where the C function does not apply (a GPU tensor, an fp8 cache, a batch big
+    enough for SDPA's threads): the caller then runs `decode_attention` or `paged_attention`."""
+    if not _native(q):
+        return None
+    return cpu_native.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
 
 
 def warm_up_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> int:
@@ -122,6 +147,12 @@ def rope_write_kv(
     fn = rope_write_kv_ref
     if _triton(qkv):
         from kernels.triton_qkv import rope_write_kv_triton as fn
+    elif _native(qkv):  # (declines an fp8 cache)
+        q = cpu_native.rope_write_kv(
+            qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, eps
+        )
+        if q is not None:
+            return q
     return fn(
         qkv, num_heads, num_kv_heads, cos, sin, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, eps,
         k_scale=k_scale, v_scale=v_scale,
@@ -133,6 +164,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from kernels.triton_norm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
+    if _native(x) and (done := cpu_native.rms_norm(x, weight, eps)) is not None:
+        return done[0]
     return rms_norm_ref(x, weight, eps)
 
 
@@ -144,6 +177,8 @@ def fused_add_rms_norm(
         from kernels.triton_norm import fused_add_rms_norm_triton
 
         return fused_add_rms_norm_triton(x, residual, weight, eps)
+    if _native(x) and (done := cpu_native.rms_norm(x, weight, eps, residual)) is not None:
+        return done  # type: ignore[return-value]
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -153,6 +188,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from kernels.triton_activation import silu_and_mul_triton
 
         return silu_and_mul_triton(x)
+    if _native(x) and (out := cpu_native.silu_and_mul(x)) is not None:
+        return out
     return silu_and_mul_ref(x)
 
 
@@ -193,6 +230,7 @@ __all__ = [
     "fused_add_rms_norm_ref",
     "linear",
     "linear_ref",
+    "native_decode_attention",
     "paged_attention",
     "paged_attention_ref",
     "rms_norm",

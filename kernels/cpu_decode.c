@@ -1,0 +1,432 @@
+/* The CPU's small per-layer operators in C: what sits between a decoder layer's matmuls.
+ *
+ * On a CPU a batch-1 decode step of a small model is mostly PyTorch dispatching operators on
+ * vectors of a few hundred elements (an RMSNorm is ~10 operators, rotary and the K/V write ~15,
+ * attention over the paged cache ~10). Each function here is one call doing the same
+ * arithmetic as the reference beside it in kernels/, in fp32, rounding where the reference rounds
+ * (bf16 tensors: after each operator the reference runs in bf16). Compiled and loaded by
+ * kernels/cpu_native.py; single-threaded (the matmuls keep PyTorch's threads). Every tensor is
+ * contiguous; dtype codes: 0 float32, 1 bfloat16.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1 };
+
+typedef union {
+    uint32_t u;
+    float f;
+} bits32;
+
+static inline float bf16_to_f32(uint16_t h) {
+    bits32 v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch */
+    bits32 v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* NaN stays NaN */
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+static inline float round_to(float f, int dt) { return dt == BF16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
+
+static void load(const void *src, int dt, int64_t offset, float *dst, int64_t n) {
+    if (dt == F32) {
+        memcpy(dst, (const float *)src + offset, (size_t)n * sizeof(float));
+    } else {
+        const uint16_t *s = (const uint16_t *)src + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    }
+}
+
+static void store(void *dst, int dt, int64_t offset, const float *src, int64_t n) {
+    if (dt == F32) {
+        memcpy((float *)dst + offset, src, (size_t)n * sizeof(float));
+    } else {
+        uint16_t *d = (uint16_t *)dst + offset;
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    }
+}
+
+/* exp(x) in fp32 that vectorizes (libm's expf does not without -ffast-math): x = k ln2 + r,
+ * |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial (about 1 ulp), times 2^k as two powers
+ * of two built in the exponent bits (so that neither overflows at the ends of the range). x is
+ * clamped to [-104, 89]: 0 below, inf above (exp(89) overflows, as expf does). */
+static inline float exp_f32(float x) {
+    x = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+    float kf = x * 1.44269504088896341f + 12582912.0f; /* 1.5 * 2^23: rounds to an integer */
+    bits32 kb;
+    kb.f = kf;
+    int32_t k = (int32_t)kb.u - 0x4B400000;
+    kf -= 12582912.0f;
+    float r = x - kf * 0.693359375f;
+    r = r + kf * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t k1 = k / 2;
+    bits32 s1, s2;
+    s1.u = (uint32_t)(k1 + 127) << 23;
+    s2.u = (uint32_t)(k - k1 + 127) << 23;
+    return p * s1.f * s2.f;
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* x <- rms_norm(x) * w over n elements, in place, rounded as the reference rounds in dtype dt:
+ * fp32: x * rsqrt(mean(x^2) + eps) * w; bf16: w * bf16(x * rsqrt(...)), rounded again. */
+static void rms_norm_row(float *x, const float *w, int64_t n, float eps, int dt) {
+    float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    if (dt == BF16) {
+        for (int64_t i = 0; i < n; i++) x[i] = round_to(w[i] * round_to(x[i] * r, BF16), BF16);
+    } else {
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] * r * w[i];
+    }
+}
+
+/* out = rms_norm(x [+ residual]) * w for `rows` rows of `dim`; given a residual, residual_out
+ * gets x + residual (rounded to dt), which is what gets normalized. x, residual, residual_out in
+ * dt; w in w_dt; out in out_dt (the model's dtype, or the next matmul's activation dtype: the
+ * norm's fp32 result rounded once). */
+int pg_rms_norm(const void *x, const void *residual, void *residual_out, int dt, const void *w, int w_dt,
+                void *out, int out_dt, int64_t rows, int64_t dim, float eps) {
+    float *buf = malloc((size_t)(3 * dim) * sizeof(float));
+    if (!buf) return 1;
+    float *row = buf, *wf = buf + dim, *res = buf + 2 * dim;
+    load(w, w_dt, 0, wf, dim);
+    for (int64_t t = 0; t < rows; t++) {
+        load(x, dt, t * dim, row, dim);
+        if (residual) {
+            load(residual, dt, t * dim, res, dim);
+            for (int64_t i = 0; i < dim; i++) row[i] = round_to(row[i] + res[i], dt);
+            store(residual_out, dt, t * dim, row, dim);
+        }
+        rms_norm_row(row, wf, dim, eps, dt);
+        store(out, out_dt, t * dim, row, dim);
+    }
+    free(buf);
+    return 0;
+}
+
+/* silu(gate) * up for x = [gate, up] of `rows` rows of 2 * d: out [rows, d]. */
+int pg_silu_and_mul(const void *x, int dt, void *out, int out_dt, int64_t rows, int64_t d) {
+    float *buf = malloc((size_t)(2 * d) * sizeof(float));
+    if (!buf) return 1;
+    for (int64_t t = 0; t < rows; t++) {
+        load(x, dt, t * 2 * d, buf, 2 * d);
+        const float *up = buf + d;
+        if (dt == BF16) {
+            for (int64_t i = 0; i < d; i++) buf[i] = round_to(round_to(buf[i] / (1.0f + exp_f32(-buf[i])), dt) * up[i], dt);
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) buf[i] = buf[i] / (1.0f + exp_f32(-buf[i])) * up[i];
+        }
+        store(out, out_dt, t * d, buf, d);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Neox rotary of one head in place: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+ * bf16: the reference casts cos and sin to bf16 and rounds x * cos before the addcmul. */
+static void rotate(float *x, const float *cos, const float *sin, int64_t d, int dt, float *tmp) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float r = i < half ? -x[i + half] : x[i - half];
+        tmp[i] = round_to(round_to(x[i] * cos[i], dt) + r * sin[i], dt);
+    }
+    memcpy(x, tmp, (size_t)d * sizeof(float));
+}
+
+/* From qkv [T, (H + 2 KV) D] (dt): q normed per head (if q_norm is given, k then too) and rotated
+ * into q_out [T, H, D] (dt); k (normed, rotated) and v written to the caches [blocks, block_size,
+ * KV, D] (dt) at slot_mapping[t] (negative: padding, not written). cos, sin: [T, D] fp32. */
+int pg_rope_write_kv(const void *qkv, int dt, int64_t T, int64_t H, int64_t KV, int64_t D, const float *cos,
+                     const float *sin, const void *q_norm, const void *k_norm, int norm_dt, float eps,
+                     void *k_cache, void *v_cache, const int64_t *slot_mapping, void *q_out) {
+    int64_t width = (H + 2 * KV) * D;
+    float *buf = malloc((size_t)(width + 4 * D) * sizeof(float));
+    if (!buf) return 1;
+    float *c = buf + width, *s = c + D, *tmp = s + D, *wq = tmp + D, *wk = NULL;
+    float *wbuf = NULL;
+    if (q_norm) {
+        wbuf = malloc((size_t)(2 * D) * sizeof(float));
+        if (!wbuf) {
+            free(buf);
+            return 1;
+        }
+        wq = wbuf;
+        wk = wbuf + D;
+        load(q_norm, norm_dt, 0, wq, D);
+        load(k_norm, norm_dt, 0, wk, D);
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float *row = buf;
+        load(qkv, dt, t * width, row, width);
+        for (int64_t i = 0; i < D; i++) {
+            c[i] = round_to(cos[t * D + i], dt);
+            s[i] = round_to(sin[t * D + i], dt);
+        }
+        for (int64_t h = 0; h < H + KV; h++) {
+            float *x = row + h * D;
+            if (q_norm) rms_norm_row(x, h < H ? wq : wk, D, eps, dt);
+            rotate(x, c, s, D, dt, tmp);
+        }
+        store(q_out, dt, t * H * D, row, H * D);
+        int64_t slot = slot_mapping[t];
+        if (slot >= 0) {
+            store(k_cache, dt, slot * KV * D, row + H * D, KV * D);
+            store(v_cache, dt, slot * KV * D, row + (H + KV) * D, KV * D);
+        }
+    }
+    free(wbuf);
+    free(buf);
+    return 0;
+}
+
+/* One query per sequence over its paged context: q [B, H, D] (dt) -> out [B, H, D] (out_dt).
+ * Sequence b's positions 0 .. seq_lens[b] - 1 live at cache row block_tables[b][j / bs] * bs +
+ * j % bs (caches [blocks, bs, KV, D] in cache_dt); query head h reads KV head h / (H / KV).
+ * Softmax in fp32 with its maximum subtracted, as SDPA does. */
+int pg_decode_attention(const void *q, int dt, const void *k_cache, const void *v_cache, int cache_dt,
+                        const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int64_t B,
+                        int64_t H, int64_t KV, int64_t D, int64_t block_size, float scale, void *out,
+                        int out_dt) {
+    int64_t group = H / KV, max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    /* per KV head: its group's queries, scores [group, max_len], outputs, one K/V row */
+    size_t n = (size_t)(group * D + group * max_len + group * D + D);
+    float *buf = malloc(n * sizeof(float));
+    if (!buf) return 1;
+    float *qs = buf, *p = qs + group * D, *acc = p + group * max_len, *kv = acc + group * D;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t len = seq_lens[b];
+        const int32_t *table = block_tables + b * table_stride;
+        for (int64_t g = 0; g < KV; g++) {
+            load(q, dt, (b * H + g * group) * D, qs, group * D);
+            for (int64_t j = 0; j < len; j++) {
+                int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * KV + g;
+                load(k_cache, cache_dt, row * D, kv, D);
+                for (int64_t i = 0; i < group; i++) p[i * max_len + j] = dot(qs + i * D, kv, D) * scale;
+            }
+            for (int64_t i = 0; i < group; i++) {
+                float *pi = p + i * max_len, m = -INFINITY, sum = 0.0f;
+                for (int64_t j = 0; j < len; j++) m = pi[j] > m ? pi[j] : m;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < len; j++) {
+                    pi[j] = exp_f32(pi[j] - m);
+                    sum += pi[j];
+                }
+                float inv = 1.0f / sum;
+                for (int64_t j = 0; j < len; j++) pi[j] *= inv;
+            }
+            memset(acc, 0, (size_t)(group * D) * sizeof(float));
+            for (int64_t j = 0; j < len; j++) {
+                int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * KV + g;
+                load(v_cache, cache_dt, row * D, kv, D);
+                for (int64_t i = 0; i < group; i++) {
+                    float pj = p[i * max_len + j], *a = acc + i * D;
+#pragma omp simd
+                    for (int64_t e = 0; e < D; e++) a[e] += pj * kv[e];
+                }
+            }
+            store(out, out_dt, (b * H + g * group) * D, acc, group * D);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- Quantized matmuls: 4-bit weights (GGUF's formats as kernels/quant_linear.py's parts) and
+ * the LM head's int8 rows, against activations quantized to int8 in the call ----
+ *
+ * Integer dot products as llama.cpp's CPU kernels do them (AVX512-VNNI's vpdpbusd: 64 unsigned
+ * x signed byte products a µop), so a weight costs a nibble of memory and a fraction of an
+ * instruction, and the matmul runs at the memory's speed. x is quantized per group of 32 inputs
+ * (4-bit) or 64 (int8) with scale max|x| / 127; the 4-bit weights' zeros multiply the exact
+ * sum of x. Rows are shared among OpenMP threads (PyTorch's own runtime: this library's libgomp
+ * is the one PyTorch loaded). Only built where the CPU has AVX512-VNNI; elsewhere PyTorch's
+ * kernels run. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define PG_VNNI 1
+#else
+#define PG_VNNI 0
+#endif
+
+int pg_int8_dot_supported(void) { return PG_VNNI; }
+
+#if PG_VNNI
+/* Rows of x [M, K] (K = 32 G) quantized per group, for weights laid out by quads of groups (4
+ * groups = 128 inputs, G padded to Q quads with zeros): xq [M, Q, 2, 64] int8, the low halves
+ * of the quad's 4 groups then their high halves (the order the weights' nibbles unpack in);
+ * xpat [M, Q, 16]: each group's scale repeated over its 4 lanes; sx [M, 4Q]: each group's sum. */
+static void quantize_groups(const void *x, int dt, int64_t M, int64_t K, int64_t Q, int8_t *xq, float *xpat,
+                            float *sx) {
+    float v[32];
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < 4 * Q; g++) {
+            int64_t quad = g / 4, slot = g % 4;
+            int8_t *lo = xq + ((m * Q + quad) * 2) * 64 + slot * 16, *hi = lo + 64;
+            float amax = 0.0f, sum = 0.0f;
+            if (g * 32 < K) {
+                load(x, dt, m * K + g * 32, v, 32);
+                for (int i = 0; i < 32; i++) {
+                    float a = fabsf(v[i]);
+                    amax = a > amax ? a : amax;
+                    sum += v[i];
+                }
+            } else {
+                memset(v, 0, sizeof(v));
+            }
+            float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int i = 0; i < 16; i++) {
+                lo[i] = (int8_t)lrintf(v[i] * inv);
+                hi[i] = (int8_t)lrintf(v[i + 16] * inv);
+            }
+            for (int i = 0; i < 4; i++) xpat[(m * Q + quad) * 16 + slot * 4 + i] = d;
+            sx[m * 4 * Q + g] = sum;
+        }
+    }
+}
+#endif
+
+/* y [M, N] (y_dt) = x [M, K] (x_dt) W^T, W the sum of P parts of N rows: nib [P N, Q, 64] (per
+ * group of 32: byte j = q[j] | q[j + 16] << 4), d and mn [P N, 4Q] bf16: w = q d + mn. */
+int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t *nib, const uint16_t *d,
+                   const uint16_t *mn, int64_t P, int64_t N, int64_t Q, void *y, int y_dt) {
+#if PG_VNNI
+    int64_t G4 = 4 * Q;
+    int8_t *xq = malloc((size_t)(M * Q * 128));
+    float *xpat = malloc((size_t)(M * Q * 16) * sizeof(float)), *sx = malloc((size_t)(M * G4) * sizeof(float));
+    if (!xq || !xpat || !sx) {
+        free(xq);
+        free(xpat);
+        free(sx);
+        return 1;
+    }
+    quantize_groups(x, x_dt, M, K, Q, xq, xpat, sx);
+    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int64_t mc = M - m0 < 4 ? M - m0 : 4;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            float zsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t p = 0; p < P; p++) {
+                int64_t r = p * N + n;
+                const uint8_t *wr = nib + r * Q * 64;
+                const uint16_t *dr = d + r * G4, *mr = mn + r * G4;
+                for (int64_t q = 0; q < Q; q++) {
+                    __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
+                    __m512i lo = _mm512_and_si512(v, mask);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                    __m128i d4 = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(dr + 4 * q))), 16);
+                    __m512 dw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castsi128_ps(d4)));
+                    for (int64_t i = 0; i < mc; i++) {
+                        const int8_t *xr = xq + ((m0 + i) * Q + q) * 128;
+                        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr));
+                        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xr + 64)));
+                        __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xpat + ((m0 + i) * Q + q) * 16));
+                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[i]);
+                    }
+                }
+                for (int64_t i = 0; i < mc; i++) {
+                    const float *s = sx + (m0 + i) * G4;
+                    float z = 0.0f;
+                    for (int64_t g = 0; g < G4; g++) z += bf16_to_f32(mr[g]) * s[g];
+                    zsum[i] += z;
+                }
+            }
+            for (int64_t i = 0; i < mc; i++) {
+                out[0] = _mm512_reduce_add_ps(acc[i]) + zsum[i];
+                store(y, y_dt, (m0 + i) * N + n, out, 1);
+            }
+        }
+    }
+    free(xq);
+    free(xpat);
+    free(sx);
+    return 0;
+#else
+    (void)x, (void)x_dt, (void)M, (void)K, (void)nib, (void)d, (void)mn, (void)P, (void)N, (void)Q, (void)y, (void)y_dt;
+    return 2;
+#endif
+}
+
+/* y [M, N] (y_dt) = x [M, K] (x_dt) W^T for int8 rows stored as w + 128: wu [N, Kp] uint8 (Kp = 64
+ * G, zero-padded: byte 128), scale [N] fp32. x quantized per group of 64 inputs. */
+int pg_int8_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t *wu, const float *scale, int64_t N,
+                   int64_t G, void *y, int y_dt) {
+#if PG_VNNI
+    int64_t Kp = 64 * G;
+    int8_t *xq = calloc((size_t)(M * Kp), 1);
+    float *dx = malloc((size_t)(M * G) * sizeof(float)), *corr = malloc((size_t)M * sizeof(float));
+    float *v = malloc((size_t)K * sizeof(float));
+    if (!xq || !dx || !corr || !v) {
+        free(xq);
+        free(dx);
+        free(corr);
+        free(v);
+        return 1;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        load(x, x_dt, m * K, v, K);
+        corr[m] = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            int64_t end = (g + 1) * 64 < K ? (g + 1) * 64 : K;
+            float amax = 0.0f;
+            for (int64_t k = g * 64; k < end; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t qsum = 0;
+            for (int64_t k = g * 64; k < end; k++) {
+                xq[m * Kp + k] = (int8_t)lrintf(v[k] * inv);
+                qsum += xq[m * Kp + k];
+            }
+            dx[m * G + g] = amax / 127.0f;
+            corr[m] += 128.0f * (float)qsum * dx[m * G + g]; /* the +128 of the stored weights */
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = wu + n * Kp;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xr = xq + m * Kp;
+            const float *dr = dx + m * G;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void *)(wr + g * 64)),
+                                                _mm512_loadu_si512((const void *)(xr + g * 64)));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dr[g]), acc);
+            }
+            float out = scale[n] * (_mm512_reduce_add_ps(acc) - corr[m]);
+            store(y, y_dt, m * N + n, &out, 1);
+        }
+    }
+    free(xq);
+    free(dx);
+    free(corr);
+    free(v);
+    return 0;
+#else
+    (void)x, (void)x_dt, (void)M, (void)K, (void)wu, (void)scale, (void)N, (void)G, (void)y, (void)y_dt;
+    return 2;
+#endif
+}

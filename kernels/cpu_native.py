@@ -1,0 +1,318 @@
+"""The CPU's per-layer small operators in C (kernels/cpu_decode.c), loaded through ctypes.
+
+A decode step of a small model on a CPU spends more time dispatching PyTorch operators on
+vectors of a few hundred elements than in its matmuls (docs/BENCHMARKS.md): an RMSNorm is ~10
+operators, rotary with the K/V write ~15, attention over the paged cache ~10. The C file does
+each of those in one call. It is compiled on first use with the machine's C compiler (`cc`, or
+$CC) for this very CPU (-march=native) and kept under $PAGODA_CACHE_DIR/cpu-kernels, keyed by
+the source, the compiler's version and the CPU; in a process where that fails (no compiler) the
+PyTorch references run instead, with one warning. `PAGODA_CPU_NATIVE=0` turns it off (the
+references then run, as they do for anything the C functions do not cover: fp16 or fp8
+tensors, non-contiguous ones).
+
+Each wrapper returns None where it does not apply, and the caller runs the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Contexts x heads x head_dim (summed over the batch) above which decode attention stays with
+# SDPA, which uses every core; the C loop is single-threaded.
+ATTENTION_MAX_WORK = 1 << 22
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "pg_rms_norm": [_P, _P, _P, _I, _P, _I, _P, _I, _L, _L, _F],
+    "pg_silu_and_mul": [_P, _I, _P, _I, _L, _L],
+    "pg_rope_write_kv": [_P, _I, _L, _L, _L, _L, _P, _P, _P, _P, _I, _F, _P, _P, _P, _P],
+    "pg_decode_attention": [_P, _I, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _I],
+    "pg_int8_dot_supported": [],
+    "pg_int4_matmul": [_P, _I, _L, _L, _P, _P, _P, _L, _L, _L, _P, _I],
+    "pg_int8_matmul": [_P, _I, _L, _L, _P, _P, _L, _L, _P, _I],
+}
+
+
+# Read once: the wrappers run ~150 times a decode step (tests and A/B timings set it directly).
+ENABLED = os.environ.get("PAGODA_CPU_NATIVE", "1") != "0"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def library_path(cc: str) -> Path:
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _compiler_version(cc).encode() + _cpu_identity().encode()
+    ).hexdigest()[:16]
+    root = os.environ.get("PAGODA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagoda")
+    return Path(root) / "cpu-kernels" / f"cpu_decode-{key}.so"
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Build into a temporary file beside `target`, renamed into place: processes starting
+    together never load half a library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, built on first use; None where it is off or cannot be built."""
+    global _lib, _tried
+    if _tried or not ENABLED:
+        return _lib if ENABLED else None
+    _tried = True
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    try:
+        if cc is None:
+            raise FileNotFoundError("no C compiler (cc, gcc or $CC) on PATH")
+        path = library_path(cc)
+        if not path.exists():
+            _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        _lib = lib
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        logger.warning("the CPU kernels in C are not built (%s %s); PyTorch's operators run instead", e, detail)
+    return _lib
+
+
+def _usable(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype in _DTYPES and not t.is_cuda and t.is_contiguous())
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int, name: str) -> None:
+    if status:
+        raise MemoryError(f"{name}: the C kernel could not allocate its buffers")
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(rms_norm(x [+ residual]) * weight, x + residual or None), as kernels/norm.py rounds; None
+    where the C function does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or not _usable(x)
+        or not _usable(weight)
+        or (residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous()))
+    ):
+        return None
+    dim = x.shape[-1]
+    out = torch.empty_like(x)
+    res_out = None if residual is None else torch.empty_like(x)
+    dt = _DTYPES[x.dtype]
+    _check(lib.pg_rms_norm(
+        x.data_ptr(), _ptr(residual), _ptr(res_out), dt, weight.data_ptr(), _DTYPES[weight.dtype],
+        out.data_ptr(), dt, x.numel() // dim, dim, eps,
+    ), "rms_norm")
+    return out, res_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    lib = library()
+    if lib is None or not _usable(x):
+        return None
+    d = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], d)
+    dt = _DTYPES[x.dtype]
+    _check(lib.pg_silu_and_mul(x.data_ptr(), dt, out.data_ptr(), dt, x.numel() // (2 * d), d), "silu_and_mul")
+    return out
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor | None:
+    """As kernels/qkv.py's `rope_write_kv_ref` for a cache in the model's dtype; None otherwise."""
+    lib = library()
+    if (
+        lib is None
+        or not _usable(qkv)
+        or not _usable(k_cache)
+        or not _usable(v_cache)
+        or not _usable(q_norm_weight)
+        or not _usable(k_norm_weight)
+        or k_cache.dtype != qkv.dtype
+        or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
+        or not cos.is_contiguous()
+        or not sin.is_contiguous()
+        or slot_mapping.dtype != torch.int64
+        or (q_norm_weight is None) != (k_norm_weight is None)
+        or (q_norm_weight is not None and q_norm_weight.dtype != k_norm_weight.dtype)
+    ):
+        return None
+    tokens, head_dim = qkv.shape[0], k_cache.shape[-1]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        return None  # the reference raises the error that names the shapes
+    q = qkv.new_empty(tokens, num_heads, head_dim)
+    norm_dt = _DTYPES[q_norm_weight.dtype] if q_norm_weight is not None else 0
+    _check(lib.pg_rope_write_kv(
+        qkv.data_ptr(), _DTYPES[qkv.dtype], tokens, num_heads, num_kv_heads, head_dim, cos.data_ptr(),
+        sin.data_ptr(), _ptr(q_norm_weight), _ptr(k_norm_weight), norm_dt, eps, k_cache.data_ptr(),
+        v_cache.data_ptr(), slot_mapping.contiguous().data_ptr(), q.data_ptr(),
+    ), "rope_write_kv")
+    return q
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor | None:
+    """One query per sequence, [B, heads, d] -> [B, heads, d], over each one's paged context (as
+    kernels/paged_attention.py's `decode_attention`); None for an fp8 cache or a batch whose
+    attention is big enough for SDPA's threads."""
+    lib = library()
+    if (
+        lib is None
+        or not _usable(q)
+        or not _usable(k_cache)
+        or k_cache.dtype != v_cache.dtype
+        or block_tables.dtype != torch.int32
+        or seq_lens.dtype != torch.int32
+        or not block_tables.is_contiguous()
+        or not seq_lens.is_contiguous()
+    ):
+        return None
+    b, num_heads, d = q.shape
+    bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * k_cache.shape[1]
+    if b * bound * num_heads * d > ATTENTION_MAX_WORK:
+        return None
+    out = torch.empty_like(q)
+    _check(lib.pg_decode_attention(
+        q.data_ptr(), _DTYPES[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype],
+        block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), b, num_heads, k_cache.shape[2], d,
+        k_cache.shape[1], scale, out.data_ptr(), _DTYPES[q.dtype],
+    ), "decode_attention")
+    return out
+
+
+# ---- Quantized matmuls (int8 activations, AVX512-VNNI) ----
+
+
+def int8_dot_supported() -> bool:
+    """Whether the quantized matmuls are built: this CPU has AVX512-VNNI (and the library built)."""
+    lib = library()
+    return lib is not None and bool(lib.pg_int8_dot_supported())
+
+
+class PackedInt4:
+    """A 4-bit weight of P parts (kernels/quant_linear.py's `Int4Parts`) for `pg_int4_matmul`:
+    per row, quads of 4 groups of 32 inputs (64 bytes: a group's byte j holds q[j] in its low
+    nibble, q[j + 16] in its high one), and per group w = q d + mn with d, mn in bf16 (as
+    PyTorch's 4-bit kernel keeps its scales)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        p, n, k = q.shape
+        g = k // 32
+        self.num_parts, self.out_features, self.in_features, self.quads = p, n, k, -(-g // 4)
+        pad = 4 * self.quads - g
+        halves = q.reshape(p * n, g, 2, 16).to(torch.uint8)
+        nib = halves[:, :, 0] | (halves[:, :, 1] << 4)
+        self.nib = torch.nn.functional.pad(nib, (0, 0, 0, pad)).reshape(p * n, self.quads, 64).contiguous()
+        self.d = torch.nn.functional.pad(scale.reshape(p * n, g), (0, pad)).to(torch.bfloat16).contiguous()
+        mn = (zero - 8 * scale).reshape(p * n, g)
+        self.mn = torch.nn.functional.pad(mn, (0, pad)).to(torch.bfloat16).contiguous()
+
+
+def int4_matmul(x: torch.Tensor, w: PackedInt4) -> torch.Tensor | None:
+    """x [M, K] -> [M, N] in x's dtype (fp32 or bf16); None where the C function does not apply."""
+    lib = library()
+    if lib is None or not _usable(x) or x.dim() != 2:
+        return None
+    m = x.shape[0]
+    y = x.new_empty(m, w.out_features)
+    status = lib.pg_int4_matmul(
+        x.data_ptr(), _DTYPES[x.dtype], m, w.in_features, w.nib.data_ptr(), w.d.data_ptr(), w.mn.data_ptr(),
+        w.num_parts, w.out_features, w.quads, y.data_ptr(), _DTYPES[x.dtype],
+    )
+    _check(status, "int4_matmul")
+    return y
+
+
+class PackedInt8:
+    """Int8 rows with a scale each (kernels/quant_linear.py's `Int8RowWeight`) for
+    `pg_int8_matmul`: stored as q + 128 in uint8 (VNNI multiplies unsigned by signed bytes),
+    the inputs padded to groups of 64 with 128s (zeros)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        n, k = q.shape
+        self.out_features, self.in_features, self.groups = n, k, -(-k // 64)
+        wu = (q.to(torch.int16) + 128).to(torch.uint8)
+        self.wu = torch.nn.functional.pad(wu, (0, 64 * self.groups - k), value=128).contiguous()
+        self.scale = scale.float().contiguous()
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.wu[:, : self.in_features].float() - 128) * self.scale[:, None]
+
+
+def int8_matmul(x: torch.Tensor, w: PackedInt8) -> torch.Tensor | None:
+    lib = library()
+    if lib is None or not _usable(x) or x.dim() != 2:
+        return None
+    m = x.shape[0]
+    y = x.new_empty(m, w.out_features)
+    status = lib.pg_int8_matmul(
+        x.data_ptr(), _DTYPES[x.dtype], m, w.in_features, w.wu.data_ptr(), w.scale.data_ptr(), w.out_features,
+        w.groups, y.data_ptr(), _DTYPES[x.dtype],
+    )
+    _check(status, "int8_matmul")
+    return y

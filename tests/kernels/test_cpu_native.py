@@ -1,0 +1,136 @@
+"""The CPU's small operators in C (kernels/cpu_decode.c) against the PyTorch references.
+
+fp32: the same arithmetic up to summation order (a few fp32 ulps); bf16: the same roundings,
+so the same bits (attention excepted: SDPA's internal order moves its last bit).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_native
+from kernels.activation import silu_and_mul_ref
+from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+from kernels.paged_attention import paged_attention_ref
+from kernels.qkv import rope_write_kv_ref
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def built():
+    if cpu_native.library() is None:
+        pytest.fail("the C kernels did not build on this machine (a C compiler is part of the test setup)")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, fp32_tol: float = 2e-6) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, atol=fp32_tol, rtol=fp32_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_add_rms_norm_match_the_references(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(3, 576, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(576, generator=gen).to(dtype)
+    out, none = cpu_native.rms_norm(x, weight, 1e-5)
+    assert none is None
+    close(out, rms_norm_ref(x, weight, 1e-5), dtype)
+    out, summed = cpu_native.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_sum = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
+    close(out, ref_out, dtype)
+    assert torch.equal(summed, ref_sum)
+    # The dispatch takes the C function on the CPU and gives the same tensors.
+    assert torch.equal(kernels.fused_add_rms_norm(x, residual, weight, 1e-5)[0], out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_the_reference_over_a_wide_range(dtype):
+    gate_up = torch.linspace(-90, 90, 2 * 2 * 1536).view(2, -1).to(dtype)  # exp's clamps included
+    gate_up[1] = torch.randn(2 * 1536, generator=torch.Generator().manual_seed(1)) * 4
+    close(cpu_native.silu_and_mul(gate_up), silu_and_mul_ref(gate_up), dtype)
+
+
+def _rotary(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions[:, None].float() * inv_freq[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+def test_rope_write_kv_matches_the_reference(dtype, qk_norm):
+    heads, kv_heads, d, block_size = 6, 2, 64, 16
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    cos, sin = _rotary(torch.tensor([5, 17, 400]), d)
+    slots = torch.tensor([5, -1, 70])  # -1: a padding token, written nowhere
+    norms = tuple(torch.randn(d, generator=gen).to(dtype) if qk_norm else None for _ in range(2))
+    caches = [torch.full((10, block_size, kv_heads, d), 7.0, dtype=dtype) for _ in range(4)]
+    q = cpu_native.rope_write_kv(qkv, heads, kv_heads, cos, sin, caches[0], caches[1], slots, *norms, 1e-6)
+    q_ref = rope_write_kv_ref(qkv, heads, kv_heads, cos, sin, caches[2], caches[3], slots, *norms, 1e-6)
+    close(q, q_ref, dtype)
+    close(caches[0], caches[2], dtype)
+    assert torch.equal(caches[1], caches[3])
+    assert (caches[0].view(-1, kv_heads, d)[5] != 7.0).all() and (caches[0].view(-1, kv_heads, d)[6] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3)])
+def test_decode_attention_reads_the_paged_cache_as_the_reference(dtype, heads, kv_heads):
+    d, block_size, num_blocks = 64, 16, 40
+    gen = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    seq_lens = torch.tensor([1, 37, 100], dtype=torch.int32)
+    # Scattered blocks, each table padded past its sequence with blocks it must not read.
+    tables = torch.randperm(num_blocks, generator=gen)[:21].view(3, 7).to(torch.int32)
+    q = torch.randn(3, heads, d, generator=gen).to(dtype)
+    out = cpu_native.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, 100)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, torch.arange(4, dtype=torch.int32), 0.125)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-6  # SDPA's own order: its last bf16 bit moves
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    # Changing what lies past a sequence's context (its padding blocks) changes nothing.
+    k_cache[tables[0, 1:].long()] = 1e4
+    assert torch.equal(cpu_native.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, 100)[0], out[0])
+
+
+def test_what_the_c_functions_do_not_take_goes_to_the_references():
+    x = torch.randn(2, 64)
+    assert cpu_native.rms_norm(x.half(), torch.ones(64).half(), 1e-5) is None  # fp16
+    assert cpu_native.silu_and_mul(torch.randn(4, 64).t()) is None  # not contiguous
+    fp8_cache = torch.zeros(4, 16, 2, 64, dtype=torch.float8_e4m3fn)
+    q = torch.randn(1, 4, 64)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    assert cpu_native.decode_attention(q, fp8_cache, fp8_cache, tables, lens, 0.1, 1) is None
+    # A batch of attention big enough for SDPA's threads stays with SDPA.
+    big = cpu_native.ATTENTION_MAX_WORK // (4 * 64) + 1
+    cache = torch.zeros(4, 16, 2, 64)
+    assert cpu_native.decode_attention(q, cache, cache, tables, lens, 0.1, big) is None
+
+
+def test_no_compiler_means_the_references_and_a_warning(tmp_path):
+    """In a process where the library cannot be built, every operator still runs (PyTorch's)."""
+    code = (
+        "import logging, torch, kernels; from kernels import cpu_native; logging.basicConfig();"
+        "x = torch.randn(2, 64); w = torch.randn(64);"
+        "assert cpu_native.library() is None and cpu_native.rms_norm(x, w, 1e-5) is None;"
+        "from kernels.norm import rms_norm_ref;"
+        "assert torch.equal(kernels.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)); print('ok')"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "PAGODA_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "the CPU kernels in C are not built" in done.stderr
+    assert not list((tmp_path / "cache").rglob("*.so"))
