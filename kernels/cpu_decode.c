@@ -258,8 +258,8 @@ int pg_decode_attention(const void *q, int dt, const void *k_cache, const void *
  * Integer dot products as llama.cpp's CPU kernels do them (AVX512-VNNI's vpdpbusd: 64 unsigned
  * x signed byte products a µop), so a weight costs a nibble of memory and a fraction of an
  * instruction, and the matmul runs at the memory's speed. x is quantized per group of 32 inputs
- * (4-bit) or 64 (int8) with scale max|x| / 127; the 4-bit weights' zeros multiply the exact
- * sum of x. Rows are shared among OpenMP threads (PyTorch's own runtime: this library's libgomp
+ * (4-bit) or 64 (int8) with scale max|x| / 127; the 4-bit weights' zeros multiply the sum of
+ * the quantized x (llama.cpp's Q8_1). Rows are shared among OpenMP threads (PyTorch's own runtime: this library's libgomp
  * is the one PyTorch loaded). Only built where the CPU has AVX512-VNNI; elsewhere PyTorch's
  * kernels run. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -272,101 +272,174 @@ int pg_decode_attention(const void *q, int dt, const void *k_cache, const void *
 int pg_int8_dot_supported(void) { return PG_VNNI; }
 
 #if PG_VNNI
-/* Rows of x [M, K] (K = 32 G) quantized per group, for weights laid out by quads of groups (4
- * groups = 128 inputs, G padded to Q quads with zeros): xq [M, Q, 2, 64] int8, the low halves
- * of the quad's 4 groups then their high halves (the order the weights' nibbles unpack in);
- * xpat [M, Q, 16]: each group's scale repeated over its 4 lanes; sx [M, 4Q]: each group's sum. */
-static void quantize_groups(const void *x, int dt, int64_t M, int64_t K, int64_t Q, int8_t *xq, float *xpat,
-                            float *sx) {
+/* The 4-bit layout: a row's groups of 32 inputs in quads of 4 groups (G padded with zero groups
+ * to 4Q), a quad in 64 bytes read as 16 lanes of 4 bytes, lane l holding group l % 4's inputs
+ * 4 (l / 4) .. + 3 in its low nibbles and 16 + 4 (l / 4) .. + 3 in its high ones. So vpdpbusd
+ * leaves lane l with a partial dot product of group l % 4 alone, and one 4-float broadcast of the
+ * quad's scales (A B C D A B C D ...) scales all 16 lanes. The activations are quantized into
+ * the same lane order: xq [M, Q, 2, 64] (the low-nibble inputs, then the high ones). */
+static inline int64_t lane_input(int64_t byte) { /* byte of a 64-byte half -> input within its group */
+    return 4 * (byte / 16) + byte % 4;
+}
+
+static inline int64_t lane_group(int64_t byte) { return (byte / 4) % 4; }
+
+/* xq [M, Q, 4, 64]: per quad, x's int8 part in the lane order above (low-nibble inputs, then
+ * high), then the int8 part of what it leaves (x - its part, at a 256th of its scale), the same
+ * way: x = (256 x1 + x2) dx within dx / 512 (about fp32's last 16 bits of the group's largest
+ * input, far finer than bf16). dx [M, G16]: each group's dx; sx [M, G16]: each group's sum of the
+ * quantized x (G16: G rounded up to 16, zeros past G). */
+static void quantize_groups(const void *x, int dt, int64_t M, int64_t K, int64_t Q, int64_t G16, int8_t *xq,
+                            float *dx, float *sx) {
+    int64_t G = K / 32;
     float v[32];
+    int8_t q1[32], q2[32];
+    memset(dx, 0, (size_t)(M * G16) * sizeof(float));
+    memset(sx, 0, (size_t)(M * G16) * sizeof(float));
+    memset(xq, 0, (size_t)(M * Q * 256));
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t g = 0; g < 4 * Q; g++) {
-            int64_t quad = g / 4, slot = g % 4;
-            int8_t *lo = xq + ((m * Q + quad) * 2) * 64 + slot * 16, *hi = lo + 64;
-            float amax = 0.0f, sum = 0.0f;
-            if (g * 32 < K) {
-                load(x, dt, m * K + g * 32, v, 32);
-                for (int i = 0; i < 32; i++) {
-                    float a = fabsf(v[i]);
-                    amax = a > amax ? a : amax;
-                    sum += v[i];
-                }
-            } else {
-                memset(v, 0, sizeof(v));
+        for (int64_t g = 0; g < G; g++) {
+            load(x, dt, m * K + g * 32, v, 32);
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                float a = fabsf(v[i]);
+                amax = a > amax ? a : amax;
             }
-            float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (int i = 0; i < 16; i++) {
-                lo[i] = (int8_t)lrintf(v[i] * inv);
-                hi[i] = (int8_t)lrintf(v[i + 16] * inv);
+            float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t qsum = 0;
+            for (int i = 0; i < 32; i++) {
+                q1[i] = (int8_t)lrintf(v[i] * inv);
+                float r = lrintf((v[i] - (float)q1[i] * step) * inv * 256.0f);
+                q2[i] = (int8_t)(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+                qsum += 256 * q1[i] + q2[i];
             }
-            for (int i = 0; i < 4; i++) xpat[(m * Q + quad) * 16 + slot * 4 + i] = d;
-            sx[m * 4 * Q + g] = sum;
+            dx[m * G16 + g] = step / 256.0f;
+            /* the sum of the quantized x, not of x: w = q d + mn then sums as (q d + mn) x^ exactly,
+             * so a zero point that offsets q (Q4_0's -8 d) cancels instead of adding its own error */
+            sx[m * G16 + g] = step / 256.0f * (float)qsum;
+            int8_t *part = xq + (m * Q + g / 4) * 256;
+            for (int64_t b = 0; b < 64; b++) {
+                if (lane_group(b) != g % 4) continue;
+                part[b] = q1[lane_input(b)];
+                part[64 + b] = q1[16 + lane_input(b)];
+                part[128 + b] = q2[lane_input(b)];
+                part[192 + b] = q2[16 + lane_input(b)];
+            }
         }
     }
 }
 #endif
 
-/* y [M, N] (y_dt) = x [M, K] (x_dt) W^T, W the sum of P parts of N rows: nib [P N, Q, 64] (per
- * group of 32: byte j = q[j] | q[j + 16] << 4), d and mn [P N, 4Q] bf16: w = q d + mn. */
+/* y [M, N] (y_dt) = x [M, K] (x_dt) W^T, W the sum of P parts of N rows: nib [P N, Q, 64] (the
+ * lane layout above), d and mn [P N, G16] bf16 (zeros past G): w = q d + mn. */
 int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t *nib, const uint16_t *d,
-                   const uint16_t *mn, int64_t P, int64_t N, int64_t Q, void *y, int y_dt) {
+                   const uint16_t *mn, int64_t P, int64_t N, int64_t Q, int64_t G16, void *y, int y_dt) {
 #if PG_VNNI
-    int64_t G4 = 4 * Q;
-    int8_t *xq = malloc((size_t)(M * Q * 128));
-    float *xpat = malloc((size_t)(M * Q * 16) * sizeof(float)), *sx = malloc((size_t)(M * G4) * sizeof(float));
-    if (!xq || !xpat || !sx) {
+    int8_t *xq = malloc((size_t)(M * Q * 256));
+    float *dx = malloc((size_t)(M * G16) * sizeof(float)), *sx = malloc((size_t)(M * G16) * sizeof(float));
+    if (!xq || !dx || !sx) {
         free(xq);
-        free(xpat);
+        free(dx);
         free(sx);
         return 1;
     }
-    quantize_groups(x, x_dt, M, K, Q, xq, xpat, sx);
-    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    quantize_groups(x, x_dt, M, K, Q, G16, xq, dx, sx);
     const __m512i mask = _mm512_set1_epi8(0x0F);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[4];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int64_t mc = M - m0 < 4 ? M - m0 : 4;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            float zsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int64_t p = 0; p < P; p++) {
-                int64_t r = p * N + n;
-                const uint8_t *wr = nib + r * Q * 64;
-                const uint16_t *dr = d + r * G4, *mr = mn + r * G4;
-                for (int64_t q = 0; q < Q; q++) {
-                    __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
-                    __m512i lo = _mm512_and_si512(v, mask);
-                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                    __m128i d4 = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(dr + 4 * q))), 16);
-                    __m512 dw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castsi128_ps(d4)));
-                    for (int64_t i = 0; i < mc; i++) {
-                        const int8_t *xr = xq + ((m0 + i) * Q + q) * 128;
-                        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr));
-                        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xr + 64)));
-                        __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xpat + ((m0 + i) * Q + q) * 16));
-                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[i]);
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *ds = malloc((size_t)(4 * G16) * sizeof(float)); /* d * dx for a row and 4 rows of x */
+        if (!ds) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (!ds) continue;
+            if (M == 1) { /* a decode row: everything in registers */
+                __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
+                for (int64_t p = 0; p < P; p++) {
+                    int64_t r = p * N + n;
+                    const uint8_t *wr = nib + r * Q * 64;
+                    for (int64_t g = 0; g < G16; g += 16) {
+                        __m512 dv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(d + r * G16 + g))), 16));
+                        __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(mn + r * G16 + g))), 16));
+                        _mm512_storeu_ps(ds + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dx + g)));
+                        zacc = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + g), zacc);
+                    }
+                    for (int64_t q = 0; q < Q; q++) {
+                        __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
+                        __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                        const int8_t *xr = xq + q * 256;
+                        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr));
+                        __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                                         _mm512_loadu_si512((const void *)(xr + 128)));
+                        s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_loadu_si512((const void *)(xr + 64)));
+                        s2 = _mm512_dpbusd_epi32(s2, hi, _mm512_loadu_si512((const void *)(xr + 192)));
+                        __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2));
+                        __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(ds + 4 * q));
+                        if (q & 1) acc1 = _mm512_fmadd_ps(f, scale, acc1);
+                        else acc0 = _mm512_fmadd_ps(f, scale, acc0);
+                    }
+                }
+                float out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), zacc));
+                if (y_dt == F32) ((float *)y)[n] = out;
+                else ((uint16_t *)y)[n] = f32_to_bf16(out);
+                continue;
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                int64_t mc = M - m0 < 4 ? M - m0 : 4;
+                __m512 acc[4], zacc[4];
+                for (int64_t i = 0; i < 4; i++) acc[i] = zacc[i] = _mm512_setzero_ps();
+                for (int64_t p = 0; p < P; p++) {
+                    int64_t r = p * N + n;
+                    const uint8_t *wr = nib + r * Q * 64;
+                    for (int64_t g = 0; g < G16; g += 16) {
+                        __m512 dv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(d + r * G16 + g))), 16));
+                        __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(mn + r * G16 + g))), 16));
+                        for (int64_t i = 0; i < mc; i++) {
+                            const float *dxi = dx + (m0 + i) * G16 + g, *sxi = sx + (m0 + i) * G16 + g;
+                            _mm512_storeu_ps(ds + i * G16 + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dxi)));
+                            zacc[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sxi), zacc[i]);
+                        }
+                    }
+                    for (int64_t q = 0; q < Q; q++) {
+                        __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
+                        __m512i lo = _mm512_and_si512(v, mask);
+                        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                        for (int64_t i = 0; i < mc; i++) {
+                            const int8_t *xr = xq + ((m0 + i) * Q + q) * 256;
+                            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                                             _mm512_loadu_si512((const void *)xr));
+                            __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                                             _mm512_loadu_si512((const void *)(xr + 128)));
+                            s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_loadu_si512((const void *)(xr + 64)));
+                            s2 = _mm512_dpbusd_epi32(s2, hi, _mm512_loadu_si512((const void *)(xr + 192)));
+                            __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2));
+                            __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(ds + i * G16 + 4 * q));
+                            acc[i] = _mm512_fmadd_ps(f, scale, acc[i]);
+                        }
                     }
                 }
                 for (int64_t i = 0; i < mc; i++) {
-                    const float *s = sx + (m0 + i) * G4;
-                    float z = 0.0f;
-                    for (int64_t g = 0; g < G4; g++) z += bf16_to_f32(mr[g]) * s[g];
-                    zsum[i] += z;
+                    float out = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], zacc[i]));
+                    store(y, y_dt, (m0 + i) * N + n, &out, 1);
                 }
             }
-            for (int64_t i = 0; i < mc; i++) {
-                out[0] = _mm512_reduce_add_ps(acc[i]) + zsum[i];
-                store(y, y_dt, (m0 + i) * N + n, out, 1);
-            }
         }
+        free(ds);
     }
     free(xq);
-    free(xpat);
+    free(dx);
     free(sx);
-    return 0;
+    return failed;
 #else
-    (void)x, (void)x_dt, (void)M, (void)K, (void)nib, (void)d, (void)mn, (void)P, (void)N, (void)Q, (void)y, (void)y_dt;
+    (void)x, (void)x_dt, (void)M, (void)K, (void)nib, (void)d, (void)mn, (void)P, (void)N, (void)Q, (void)G16;
+    (void)y, (void)y_dt;
     return 2;
 #endif
 }

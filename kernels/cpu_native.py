@@ -46,7 +46,7 @@ _SIGNATURES = {
     "pg_rope_write_kv": [_P, _I, _L, _L, _L, _L, _P, _P, _P, _P, _I, _F, _P, _P, _P, _P],
     "pg_decode_attention": [_P, _I, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _I],
     "pg_int8_dot_supported": [],
-    "pg_int4_matmul": [_P, _I, _L, _L, _P, _P, _P, _L, _L, _L, _P, _I],
+    "pg_int4_matmul": [_P, _I, _L, _L, _P, _P, _P, _L, _L, _L, _L, _P, _I],
     "pg_int8_matmul": [_P, _I, _L, _L, _P, _P, _L, _L, _P, _I],
 }
 
@@ -256,33 +256,40 @@ def int8_dot_supported() -> bool:
 
 class PackedInt4:
     """A 4-bit weight of P parts (kernels/quant_linear.py's `Int4Parts`) for `pg_int4_matmul`:
-    per row, quads of 4 groups of 32 inputs (64 bytes: a group's byte j holds q[j] in its low
-    nibble, q[j + 16] in its high one), and per group w = q d + mn with d, mn in bf16 (as
-    PyTorch's 4-bit kernel keeps its scales)."""
+    per row, quads of 4 groups of 32 inputs in 64 bytes, lane l (4 bytes) holding group l % 4's
+    inputs 4 (l // 4) .. + 3 in its low nibbles and 16 + 4 (l // 4) .. + 3 in its high ones
+    (kernels/cpu_decode.c); per group w = q d + mn, d and mn in bf16 (as PyTorch's 4-bit kernel
+    keeps its scales), G padded to 16 with zeros."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         p, n, k = q.shape
         g = k // 32
-        self.num_parts, self.out_features, self.in_features, self.quads = p, n, k, -(-g // 4)
-        pad = 4 * self.quads - g
-        halves = q.reshape(p * n, g, 2, 16).to(torch.uint8)
-        nib = halves[:, :, 0] | (halves[:, :, 1] << 4)
-        self.nib = torch.nn.functional.pad(nib, (0, 0, 0, pad)).reshape(p * n, self.quads, 64).contiguous()
-        self.d = torch.nn.functional.pad(scale.reshape(p * n, g), (0, pad)).to(torch.bfloat16).contiguous()
-        mn = (zero - 8 * scale).reshape(p * n, g)
-        self.mn = torch.nn.functional.pad(mn, (0, pad)).to(torch.bfloat16).contiguous()
+        self.num_parts, self.out_features, self.in_features = p, n, k
+        self.quads, self.groups16 = -(-g // 4), -(-g // 16) * 16
+        groups = torch.nn.functional.pad(q.reshape(p * n, g, 32).to(torch.uint8), (0, 0, 0, 4 * self.quads - g))
+        # [rows, Q, 4 groups, 2 halves, 4 lanes' runs, 4] -> [rows, Q, runs, groups, 4]: lane = run * 4 + group
+        runs = groups.view(p * n, self.quads, 4, 2, 4, 4).permute(0, 1, 3, 4, 2, 5)
+        self.nib = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(p * n, self.quads, 64).contiguous()
+        pad = (0, self.groups16 - g)
+        self.d = torch.nn.functional.pad(scale.reshape(p * n, g), pad).to(torch.bfloat16).contiguous()
+        self.mn = torch.nn.functional.pad((zero - 8 * scale).reshape(p * n, g), pad).to(torch.bfloat16).contiguous()
 
 
-def int4_matmul(x: torch.Tensor, w: PackedInt4) -> torch.Tensor | None:
-    """x [M, K] -> [M, N] in x's dtype (fp32 or bf16); None where the C function does not apply."""
-    lib = library()
-    if lib is None or not _usable(x) or x.dim() != 2:
-        return None
+def _packed_lib() -> ctypes.CDLL:
+    """The library a packed weight was made for (packing asked `int8_dot_supported` first)."""
+    if _lib is None:
+        raise RuntimeError("a weight packed for the C kernels, but they are not loaded")
+    return _lib
+
+
+def int4_matmul(x: torch.Tensor, w: PackedInt4) -> torch.Tensor:
+    """x [M, K] (contiguous, fp32 or bf16) -> [M, N] in x's dtype."""
+    lib = _packed_lib()
     m = x.shape[0]
     y = x.new_empty(m, w.out_features)
     status = lib.pg_int4_matmul(
         x.data_ptr(), _DTYPES[x.dtype], m, w.in_features, w.nib.data_ptr(), w.d.data_ptr(), w.mn.data_ptr(),
-        w.num_parts, w.out_features, w.quads, y.data_ptr(), _DTYPES[x.dtype],
+        w.num_parts, w.out_features, w.quads, w.groups16, y.data_ptr(), _DTYPES[x.dtype],
     )
     _check(status, "int4_matmul")
     return y
@@ -304,10 +311,9 @@ class PackedInt8:
         return (self.wu[:, : self.in_features].float() - 128) * self.scale[:, None]
 
 
-def int8_matmul(x: torch.Tensor, w: PackedInt8) -> torch.Tensor | None:
-    lib = library()
-    if lib is None or not _usable(x) or x.dim() != 2:
-        return None
+def int8_matmul(x: torch.Tensor, w: PackedInt8) -> torch.Tensor:
+    """x [M, K] (contiguous, fp32 or bf16) -> [M, N] in x's dtype."""
+    lib = _packed_lib()
     m = x.shape[0]
     y = x.new_empty(m, w.out_features)
     status = lib.pg_int8_matmul(

@@ -5,10 +5,13 @@ high and a low nibble, gpu_worker/gguf_quant.py), each part's element being
 
     w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32],    q in 0..15
 
-(the layout torch's int4 CPU kernel, `aten._weight_int4pack_mm_for_cpu`, reads). On the CPU
-the P parts are packed as one matrix of P * N rows and multiplied by that kernel with bf16
-activations, and the parts' outputs added; `int4_linear_ref` is the reference (dequantize in
-fp32, then one matmul), which also runs on any other device.
+(the layout torch's int4 CPU kernel, `aten._weight_int4pack_mm_for_cpu`, reads). On a CPU with
+AVX512-VNNI the weights are packed for kernels/cpu_decode.c's integer matmul instead (the
+activations quantized to int8 per group of 32 in the call, as llama.cpp does; 1.7-1.8x
+torch's kernel at the embedded model's decode shapes, docs/BENCHMARKS.md); elsewhere, or with
+`dtype` given, the P parts are packed as one matrix of P * N rows for torch's kernel with bf16
+(or the given) activations, and the parts' outputs added. `int4_linear_ref` is the reference
+(dequantize in fp32, then one matmul), which also runs on any other device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels import cpu_native
 
 GROUP = 32
 # The activations' dtype in the CPU kernel: its bf16 path is ~30x faster than its fp32 one, which
@@ -65,14 +70,32 @@ def int4_linear_ref(x: torch.Tensor, parts: Int4Parts, bias: torch.Tensor | None
     return F.linear(x, parts.dequantize().to(x.dtype), bias)
 
 
+def use_int8_activations(dtype: torch.dtype | None) -> bool:
+    """Whether a quantized weight takes kernels/cpu_decode.c's int8-activation kernel: the
+    default (no dtype asked for) where this CPU has it (AVX512-VNNI and a C compiler)."""
+    return dtype is None and KERNEL_DTYPE == torch.bfloat16 and cpu_native.int8_dot_supported()
+
+
+def _native_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the C kernels take it: contiguous, fp32 or bf16."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    return x.contiguous()
+
+
 class Int4Weight:
     """A weight packed for the CPU kernel: `weight(x)` is x W^T for x [..., K] of any float dtype."""
+
+    native: cpu_native.PackedInt4 | None = None
 
     def __init__(self, parts: Int4Parts, dtype: torch.dtype | None = None) -> None:
         p, n, k = parts.q.shape
         if k % GROUP:
             raise ValueError(f"a 4-bit weight needs a multiple of {GROUP} inputs, not {k}")
         self.num_parts, self.out_features, self.in_features = p, n, k
+        if use_int8_activations(dtype):
+            self.native = cpu_native.PackedInt4(parts.q, parts.scale, parts.zero)
+            return
         self.dtype = dtype or KERNEL_DTYPE  # the kernel's activation dtype
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(parts.q.reshape(p * n, k).to(torch.int32), 1)
         # [K // 32, P * N, 2]: each group's (scale, zero) for every packed row.
@@ -83,6 +106,10 @@ class Int4Weight:
         # A decode step calls this 4 times a layer: no reshape or view where x is already 2-D
         # (each skipped op is a few microseconds of dispatch on the CPU).
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.native is not None:
+            y = cpu_native.int4_matmul(_native_input(x2), self.native)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2 if x2.dtype == self.dtype else x2.to(self.dtype), self.packed, GROUP, self.scale_zero
         )
@@ -94,24 +121,37 @@ class Int4Weight:
 
 
 class Int8RowWeight:
-    """A weight re-quantized to int8 with one scale per output row (torch's int8 CPU kernel,
-    `aten._weight_int8pack_mm`, bf16 activations): one byte a weight and ~1.5x the 4-bit kernel's
-    speed at the LM head's shape, at an error of up to max|row| / 254 a weight, which is why the
-    quantized LM head recomputes its best logits exactly (gpu_worker/layers.py)."""
+    """A weight re-quantized to int8 with one scale per output row, at an error of up to
+    max|row| / 254 a weight, which is why the quantized LM head recomputes its best logits
+    exactly (gpu_worker/layers.py). Multiplied by kernels/cpu_decode.c's integer kernel (int8
+    activations per group of 64) where `use_int8_activations`, 1.8x torch's at the embedded
+    model's LM head; else by torch's int8 CPU kernel (`aten._weight_int8pack_mm`, bf16
+    activations)."""
+
+    native: cpu_native.PackedInt8 | None = None
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-        self.dtype = dtype or KERNEL_DTYPE
         self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.scale = scale.to(self.dtype)
+        q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        if use_int8_activations(dtype):
+            self.native = cpu_native.PackedInt8(q, scale)
+            return
+        self.dtype = dtype or KERNEL_DTYPE
+        self.q, self.scale = q, scale.to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.dequantize()
         return self.q.float() * self.scale.float()[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(x2 if x2.dtype == self.dtype else x2.to(self.dtype), self.q, self.scale)
+        if self.native is not None:
+            y = cpu_native.int8_matmul(_native_input(x2), self.native)
+        else:
+            x2 = x2 if x2.dtype == self.dtype else x2.to(self.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)

@@ -134,3 +134,61 @@ def test_no_compiler_means_the_references_and_a_warning(tmp_path):
     assert done.stdout.strip() == "ok"
     assert "the CPU kernels in C are not built" in done.stderr
     assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def _quantized_activations(x: torch.Tensor, group: int, two_parts: bool = False) -> torch.Tensor:
+    """x as the integer kernels see it: per group of `group` inputs, round(x / s) * s with
+    s = max|x| / 127 (round half to even, as the C code's lrintf); with `two_parts`, plus what
+    that leaves quantized again at s / 256 (the 4-bit kernel's second int8 part)."""
+    g = x.float().view(*x.shape[:-1], -1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    step, inv = amax / 127, torch.where(amax > 0, 127 / amax, 0)
+    q1 = torch.round(g * inv)
+    out = q1.double() * step.double()
+    if two_parts:
+        q2 = torch.round((g - q1 * step) * inv * 256).clamp(-127, 127)
+        out = out + q2.double() * step.double() / 256
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts,k", [(1, 576), (2, 160), (1, 1536)])
+def test_int4_matmul_is_the_quantized_product_exactly(rows, dtype, parts, k):
+    """The VNNI kernel's lanes, padding, parts and zero points: the same sum as x quantized per 32
+    inputs (in two int8 parts) times the weights with bf16 scales, to fp32 rounding."""
+    if not cpu_native.int8_dot_supported():
+        pytest.skip("this CPU has no AVX512-VNNI: PyTorch's 4-bit kernel runs")
+    gen = torch.Generator().manual_seed(rows * k + parts)
+    n = 72
+    q = torch.randint(0, 16, (parts, n, k), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(parts, n, k // 32, generator=gen) * 0.02
+    zero = (torch.rand(parts, n, k // 32, generator=gen) - 0.5) * 0.2
+    packed = cpu_native.PackedInt4(q, scale, zero)
+    d, mn = scale.bfloat16().double(), (zero - 8 * scale).bfloat16().double()
+    w = (q.double() * d.repeat_interleave(32, -1) + mn.repeat_interleave(32, -1)).sum(0)
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen) * 3).to(dtype)
+    expected = _quantized_activations(x.float(), 32, two_parts=True) @ w.T
+    y = cpu_native.int4_matmul(x, packed)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    tol = 8e-3 if dtype == torch.bfloat16 else 2e-5  # bf16: the output's own rounding
+    torch.testing.assert_close(y.double(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+    # Against the dequantized weights and x itself: far inside bf16 activations' error (2^-9).
+    exact = x.double() @ w.T
+    assert (y.double() - exact).abs().max() <= 2e-4 * exact.abs().max() + tol * exact.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("k", [576, 100])
+def test_int8_matmul_is_the_quantized_product_exactly(rows, k):
+    if not cpu_native.int8_dot_supported():
+        pytest.skip("this CPU has no AVX512-VNNI: PyTorch's int8 kernel runs")
+    gen = torch.Generator().manual_seed(k + rows)
+    q = torch.randint(-127, 128, (300, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(300, generator=gen) * 0.01
+    packed = cpu_native.PackedInt8(q, scale)
+    assert torch.equal(packed.dequantize(), q.float() * scale[:, None])
+    x = torch.randn(rows, k, generator=gen) * 4
+    padded = torch.nn.functional.pad(x, (0, -k % 64))
+    expected = (_quantized_activations(padded, 64)[:, :k] @ (q.double() * scale.double()[:, None]).T)
+    torch.testing.assert_close(cpu_native.int8_matmul(x, packed).double(), expected, atol=1e-5, rtol=1e-5)
