@@ -289,14 +289,14 @@ static inline int64_t lane_group(int64_t byte) { return (byte / 4) % 4; }
  * way: x = (256 x1 + x2) dx within dx / 512 (about fp32's last 16 bits of the group's largest
  * input, far finer than bf16). dx [M, G16]: each group's dx; sx [M, G16]: each group's sum of the
  * quantized x (G16: G rounded up to 16, zeros past G). */
-static void quantize_groups(const void *x, int dt, int64_t M, int64_t K, int64_t Q, int64_t G16, int8_t *xq,
-                            float *dx, float *sx) {
+static void quantize_groups(const void *x, int dt, int64_t M, int64_t rows, int64_t K, int64_t Q, int64_t G16,
+                            int8_t *xq, float *dx, float *sx) {
     int64_t G = K / 32;
     float v[32];
     int8_t q1[32], q2[32];
-    memset(dx, 0, (size_t)(M * G16) * sizeof(float));
-    memset(sx, 0, (size_t)(M * G16) * sizeof(float));
-    memset(xq, 0, (size_t)(M * Q * 256));
+    memset(dx, 0, (size_t)(rows * G16) * sizeof(float)); /* rows >= M: the rest stay zero */
+    memset(sx, 0, (size_t)(rows * G16) * sizeof(float));
+    memset(xq, 0, (size_t)(rows * Q * 256));
     for (int64_t m = 0; m < M; m++) {
         for (int64_t g = 0; g < G; g++) {
             load(x, dt, m * K + g * 32, v, 32);
@@ -335,15 +335,16 @@ static void quantize_groups(const void *x, int dt, int64_t M, int64_t K, int64_t
 int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t *nib, const uint16_t *d,
                    const uint16_t *mn, int64_t P, int64_t N, int64_t Q, int64_t G16, void *y, int y_dt) {
 #if PG_VNNI
-    int8_t *xq = malloc((size_t)(M * Q * 256));
-    float *dx = malloc((size_t)(M * G16) * sizeof(float)), *sx = malloc((size_t)(M * G16) * sizeof(float));
+    int64_t M4 = (M + 3) / 4 * 4; /* the 4-row loop reads zero rows past M */
+    int8_t *xq = malloc((size_t)(M4 * Q * 256));
+    float *dx = malloc((size_t)(M4 * G16) * sizeof(float)), *sx = malloc((size_t)(M4 * G16) * sizeof(float));
     if (!xq || !dx || !sx) {
         free(xq);
         free(dx);
         free(sx);
         return 1;
     }
-    quantize_groups(x, x_dt, M, K, Q, G16, xq, dx, sx);
+    quantize_groups(x, x_dt, M, M4, K, Q, G16, xq, dx, sx);
     const __m512i mask = _mm512_set1_epi8(0x0F);
     int failed = 0;
 #pragma omp parallel
@@ -389,10 +390,11 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                 else ((uint16_t *)y)[n] = f32_to_bf16(out);
                 continue;
             }
+            /* Rows of x 4 at a time (xq has zero rows up to a multiple of 4), each row's sums in the
+             * same order as the single-row path above: a row's result does not depend on M. */
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                int64_t mc = M - m0 < 4 ? M - m0 : 4;
-                __m512 acc[4], zacc[4];
-                for (int64_t i = 0; i < 4; i++) acc[i] = zacc[i] = _mm512_setzero_ps();
+                __m512 a0[4], a1[4], z[4];
+                for (int i = 0; i < 4; i++) a0[i] = a1[i] = z[i] = _mm512_setzero_ps();
                 for (int64_t p = 0; p < P; p++) {
                     int64_t r = p * N + n;
                     const uint8_t *wr = nib + r * Q * 64;
@@ -401,17 +403,15 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(d + r * G16 + g))), 16));
                         __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(
                             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(mn + r * G16 + g))), 16));
-                        for (int64_t i = 0; i < mc; i++) {
-                            const float *dxi = dx + (m0 + i) * G16 + g, *sxi = sx + (m0 + i) * G16 + g;
-                            _mm512_storeu_ps(ds + i * G16 + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dxi)));
-                            zacc[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sxi), zacc[i]);
+                        for (int i = 0; i < 4; i++) {
+                            _mm512_storeu_ps(ds + i * G16 + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (m0 + i) * G16 + g)));
+                            z[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + (m0 + i) * G16 + g), z[i]);
                         }
                     }
                     for (int64_t q = 0; q < Q; q++) {
                         __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
-                        __m512i lo = _mm512_and_si512(v, mask);
-                        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                        for (int64_t i = 0; i < mc; i++) {
+                        __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                        for (int i = 0; i < 4; i++) {
                             const int8_t *xr = xq + ((m0 + i) * Q + q) * 256;
                             __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
                                                              _mm512_loadu_si512((const void *)xr));
@@ -421,13 +421,15 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                             s2 = _mm512_dpbusd_epi32(s2, hi, _mm512_loadu_si512((const void *)(xr + 192)));
                             __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2));
                             __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(ds + i * G16 + 4 * q));
-                            acc[i] = _mm512_fmadd_ps(f, scale, acc[i]);
+                            if (q & 1) a1[i] = _mm512_fmadd_ps(f, scale, a1[i]);
+                            else a0[i] = _mm512_fmadd_ps(f, scale, a0[i]);
                         }
                     }
                 }
-                for (int64_t i = 0; i < mc; i++) {
-                    float out = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], zacc[i]));
-                    store(y, y_dt, (m0 + i) * N + n, &out, 1);
+                for (int64_t i = 0; i < 4 && m0 + i < M; i++) {
+                    float out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[i], a1[i]), z[i]));
+                    if (y_dt == F32) ((float *)y)[(m0 + i) * N + n] = out;
+                    else ((uint16_t *)y)[(m0 + i) * N + n] = f32_to_bf16(out);
                 }
             }
         }

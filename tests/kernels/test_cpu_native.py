@@ -173,6 +173,9 @@ def test_int4_matmul_is_the_quantized_product_exactly(rows, dtype, parts, k):
     assert y.dtype == dtype and y.shape == (rows, n)
     tol = 8e-3 if dtype == torch.bfloat16 else 2e-5  # bf16: the output's own rounding
     torch.testing.assert_close(y.double(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+    # A row's result does not depend on the rows beside it (decodes beside a prefill chunk).
+    for i in range(rows):
+        assert torch.equal(cpu_native.int4_matmul(x[i : i + 1].contiguous(), packed)[0], y[i])
     # Against the dequantized weights and x itself: far inside bf16 activations' error (2^-9).
     exact = x.double() @ w.T
     assert (y.double() - exact).abs().max() <= 2e-4 * exact.abs().max() + tol * exact.abs().max()
@@ -191,4 +194,6 @@ def test_int8_matmul_is_the_quantized_product_exactly(rows, k):
     x = torch.randn(rows, k, generator=gen) * 4
     padded = torch.nn.functional.pad(x, (0, -k % 64))
     expected = (_quantized_activations(padded, 64)[:, :k] @ (q.double() * scale.double()[:, None]).T)
-    torch.testing.assert_close(cpu_native.int8_matmul(x, packed).double(), expected, atol=1e-5, rtol=1e-5)
+    y = cpu_native.int8_matmul(x, packed)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cpu_native.int8_matmul(x[-1:].contiguous(), packed)[0], y[-1])
