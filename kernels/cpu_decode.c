@@ -278,12 +278,6 @@ int pg_int8_dot_supported(void) { return PG_VNNI; }
  * leaves lane l with a partial dot product of group l % 4 alone, and one 4-float broadcast of the
  * quad's scales (A B C D A B C D ...) scales all 16 lanes. The activations are quantized into
  * the same lane order: xq [M, Q, 2, 64] (the low-nibble inputs, then the high ones). */
-static inline int64_t lane_input(int64_t byte) { /* byte of a 64-byte half -> input within its group */
-    return 4 * (byte / 16) + byte % 4;
-}
-
-static inline int64_t lane_group(int64_t byte) { return (byte / 4) % 4; }
-
 /* xq [M, Q, 4, 64]: per quad, x's int8 part in the lane order above (low-nibble inputs, then
  * high), then the int8 part of what it leaves (x - its part, at a 256th of its scale), the same
  * way: x = (256 x1 + x2) dx within dx / 512 (about fp32's last 16 bits of the group's largest
@@ -292,12 +286,13 @@ static inline int64_t lane_group(int64_t byte) { return (byte / 4) % 4; }
 static void quantize_groups(const void *x, int dt, int64_t M, int64_t rows, int64_t K, int64_t Q, int64_t G16,
                             int8_t *xq, float *dx, float *sx) {
     int64_t G = K / 32;
-    float v[32];
-    int8_t q1[32], q2[32];
     memset(dx, 0, (size_t)(rows * G16) * sizeof(float)); /* rows >= M: the rest stay zero */
     memset(sx, 0, (size_t)(rows * G16) * sizeof(float));
     memset(xq, 0, (size_t)(rows * Q * 256));
+#pragma omp parallel for schedule(static) if (M >= 8)
     for (int64_t m = 0; m < M; m++) {
+        float v[32];
+        int8_t q1[32], q2[32];
         for (int64_t g = 0; g < G; g++) {
             load(x, dt, m * K + g * 32, v, 32);
             float amax = 0.0f;
@@ -317,16 +312,29 @@ static void quantize_groups(const void *x, int dt, int64_t M, int64_t rows, int6
             /* the sum of the quantized x, not of x: w = q d + mn then sums as (q d + mn) x^ exactly,
              * so a zero point that offsets q (Q4_0's -8 d) cancels instead of adding its own error */
             sx[m * G16 + g] = step / 256.0f * (float)qsum;
-            int8_t *part = xq + (m * Q + g / 4) * 256;
-            for (int64_t b = 0; b < 64; b++) {
-                if (lane_group(b) != g % 4) continue;
-                part[b] = q1[lane_input(b)];
-                part[64 + b] = q1[16 + lane_input(b)];
-                part[128 + b] = q2[lane_input(b)];
-                part[192 + b] = q2[16 + lane_input(b)];
+            /* byte 16 r + 4 slot + e of each 64-byte half: lane 4 r + slot, input 4 r + e */
+            int8_t *part = xq + (m * Q + g / 4) * 256 + 4 * (g % 4);
+            for (int r = 0; r < 4; r++) {
+                memcpy(part + 16 * r, q1 + 4 * r, 4);
+                memcpy(part + 64 + 16 * r, q1 + 16 + 4 * r, 4);
+                memcpy(part + 128 + 16 * r, q2 + 4 * r, 4);
+                memcpy(part + 192 + 16 * r, q2 + 16 + 4 * r, 4);
             }
         }
     }
+}
+#endif
+
+#if PG_VNNI
+/* acc + one quad's dot products (weights' nibbles lo, hi; x's two int8 parts at xr) x the quad's
+ * 4 group scales (ds, broadcast): the one sequence of operations every row goes through. */
+static inline __m512 quad_fma(__m512i lo, __m512i hi, const int8_t *xr, const float *ds, __m512 acc) {
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr));
+    __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xr + 128)));
+    s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_loadu_si512((const void *)(xr + 64)));
+    s2 = _mm512_dpbusd_epi32(s2, hi, _mm512_loadu_si512((const void *)(xr + 192)));
+    __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2));
+    return _mm512_fmadd_ps(f, _mm512_broadcast_f32x4(_mm_loadu_ps(ds)), acc);
 }
 #endif
 
@@ -355,8 +363,12 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            if (!ds) continue;
+        for (int64_t nb = 0; nb < N; nb += 8) { /* blocks of 8 weight rows */
+          int64_t nend = nb + 8 < N ? nb + 8 : N;
+          if (!ds) continue;
+          /* With many rows of x, a block's weight rows each meet a chunk of x while it is in L1. */
+          for (int64_t m0 = 0; m0 < (M == 1 ? 1 : M); m0 += 4) {
+          for (int64_t n = nb; n < nend; n++) {
             if (M == 1) { /* a decode row: everything in registers */
                 __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
                 for (int64_t p = 0; p < P; p++) {
@@ -373,16 +385,8 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                     for (int64_t q = 0; q < Q; q++) {
                         __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
                         __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                        const int8_t *xr = xq + q * 256;
-                        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr));
-                        __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                         _mm512_loadu_si512((const void *)(xr + 128)));
-                        s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_loadu_si512((const void *)(xr + 64)));
-                        s2 = _mm512_dpbusd_epi32(s2, hi, _mm512_loadu_si512((const void *)(xr + 192)));
-                        __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2));
-                        __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(ds + 4 * q));
-                        if (q & 1) acc1 = _mm512_fmadd_ps(f, scale, acc1);
-                        else acc0 = _mm512_fmadd_ps(f, scale, acc0);
+                        if (q & 1) acc1 = quad_fma(lo, hi, xq + q * 256, ds + 4 * q, acc1);
+                        else acc0 = quad_fma(lo, hi, xq + q * 256, ds + 4 * q, acc0);
                     }
                 }
                 float out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), zacc));
@@ -392,7 +396,7 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
             }
             /* Rows of x 4 at a time (xq has zero rows up to a multiple of 4), each row's sums in the
              * same order as the single-row path above: a row's result does not depend on M. */
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            {
                 __m512 a0[4], a1[4], z[4];
                 for (int i = 0; i < 4; i++) a0[i] = a1[i] = z[i] = _mm512_setzero_ps();
                 for (int64_t p = 0; p < P; p++) {
@@ -408,21 +412,16 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                             z[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + (m0 + i) * G16 + g), z[i]);
                         }
                     }
-                    for (int64_t q = 0; q < Q; q++) {
-                        __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
-                        __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                    for (int64_t q = 0; q < Q; q += 2) { /* even quads into a0, odd into a1 */
+                        int two = q + 1 < Q;
+                        __m512i v0 = _mm512_loadu_si512((const void *)(wr + q * 64));
+                        __m512i v1 = two ? _mm512_loadu_si512((const void *)(wr + q * 64 + 64)) : _mm512_setzero_si512();
+                        __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
+                        __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+#pragma GCC unroll 4
                         for (int i = 0; i < 4; i++) {
-                            const int8_t *xr = xq + ((m0 + i) * Q + q) * 256;
-                            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                             _mm512_loadu_si512((const void *)xr));
-                            __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                             _mm512_loadu_si512((const void *)(xr + 128)));
-                            s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_loadu_si512((const void *)(xr + 64)));
-                            s2 = _mm512_dpbusd_epi32(s2, hi, _mm512_loadu_si512((const void *)(xr + 192)));
-                            __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s1, 8), s2));
-                            __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(ds + i * G16 + 4 * q));
-                            if (q & 1) a1[i] = _mm512_fmadd_ps(f, scale, a1[i]);
-                            else a0[i] = _mm512_fmadd_ps(f, scale, a0[i]);
+                            a0[i] = quad_fma(lo0, hi0, xq + ((m0 + i) * Q + q) * 256, ds + i * G16 + 4 * q, a0[i]);
+                            if (two) a1[i] = quad_fma(lo1, hi1, xq + ((m0 + i) * Q + q + 1) * 256, ds + i * G16 + 4 * q + 4, a1[i]);
                         }
                     }
                 }
@@ -432,6 +431,8 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                     else ((uint16_t *)y)[(m0 + i) * N + n] = f32_to_bf16(out);
                 }
             }
+          }
+          }
         }
         free(ds);
     }
