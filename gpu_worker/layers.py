@@ -17,7 +17,7 @@ from torch import nn
 from gpu_worker.gguf_quant import GGUFQuantized
 from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
-from kernels import fused_add_rms_norm, linear, rms_norm
+from kernels import fused_add_rms_norm, linear, rms_norm, topk_indices
 from kernels.fp8_linear import FP8_DTYPE, Fp8Weight
 from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
@@ -282,7 +282,7 @@ class VocabParallelEmbedding(nn.Module):
         self.prepare_logits()
         assert self.int8 is not None
         logits = self.int8(hidden)
-        top = logits.topk(min(RESCORED, logits.shape[-1]), dim=-1).indices
+        top = topk_indices(logits, min(RESCORED, logits.shape[-1]))
         for start in range(0, len(hidden), 64):  # bounded memory for long prompt-logprob runs
             ids = top[start : start + 64]
             rows = self.quantized.take_rows(ids.cpu()).to(hidden.device, hidden.dtype)  # [n, R, hidden]

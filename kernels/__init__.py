@@ -198,12 +198,24 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     `x.argmax(dim=-1)`. On CUDA, for at most ARGMAX_TRITON_MAX_ROWS rows, two Triton launches
     (kernels/triton_argmax.py): over 128k bf16 logits in CUDA graphs on an H200, 6.6 us against
     torch's 39.4 at one row, 15.0 against 41.6 at 64, 38.1 against 52.3 at 256 (torch's
-    reduction gives a few rows too few blocks; docs/BENCHMARKS.md). More rows: torch's."""
+    reduction gives a few rows too few blocks; docs/BENCHMARKS.md). More rows: torch's. On the
+    CPU a scan in C (kernels/cpu_native.py): ~130 us for torch over 49k fp32 logits."""
     if _triton(x) and x.dim() == 2 and x.shape[0] <= ARGMAX_TRITON_MAX_ROWS:
         from kernels.triton_argmax import argmax_rows_triton
 
         return argmax_rows_triton(x)
+    if _native(x) and (out := cpu_native.argmax_rows(x)) is not None:
+        return out
     return x.argmax(dim=-1)
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [N, V] -> [N, k] int64: the indices of each row's k largest values, in no particular
+    order (a set: the quantized LM head rescores them). On the CPU a heap in C (kernels/cpu_native.py);
+    elsewhere torch.topk."""
+    if _native(x) and (out := cpu_native.topk_indices(x, k)) is not None:
+        return out
+    return x.topk(k, dim=-1).indices
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -231,6 +243,7 @@ __all__ = [
     "linear",
     "linear_ref",
     "native_decode_attention",
+    "topk_indices",
     "paged_attention",
     "paged_attention_ref",
     "rms_norm",

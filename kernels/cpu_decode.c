@@ -506,3 +506,79 @@ int pg_int8_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
     return 2;
 #endif
 }
+
+/* ---- Selection over a row of logits ---- */
+
+static inline float selectable(float v) { return v != v ? INFINITY : v; } /* NaN: the largest */
+
+/* idx [rows, k] int64: for each row of x [rows, V], the indices of its k largest values (in no
+ * particular order; NaN counts as the largest). A min-heap of k: one comparison for most of the
+ * V values. */
+int pg_topk(const void *x, int dt, int64_t rows, int64_t V, int64_t k, int64_t *idx) {
+    if (k <= 0 || k > V) return 3;
+    float *row = malloc((size_t)V * sizeof(float)), *hv = malloc((size_t)k * sizeof(float));
+    int64_t *hi = malloc((size_t)k * sizeof(int64_t));
+    if (!row || !hv || !hi) {
+        free(row);
+        free(hv);
+        free(hi);
+        return 1;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        load(x, dt, r * V, row, V);
+        int64_t n = 0;
+        for (int64_t j = 0; j < V; j++) {
+            float v = selectable(row[j]);
+            if (n == k && !(v > hv[0])) continue;
+            int64_t at;
+            if (n < k) { /* push: sift up */
+                at = n++;
+                while (at > 0 && hv[(at - 1) / 2] > v) {
+                    hv[at] = hv[(at - 1) / 2];
+                    hi[at] = hi[(at - 1) / 2];
+                    at = (at - 1) / 2;
+                }
+            } else { /* replace the root: sift down */
+                at = 0;
+                for (;;) {
+                    int64_t c = 2 * at + 1;
+                    if (c >= k) break;
+                    if (c + 1 < k && hv[c + 1] < hv[c]) c++;
+                    if (!(hv[c] < v)) break;
+                    hv[at] = hv[c];
+                    hi[at] = hi[c];
+                    at = c;
+                }
+            }
+            hv[at] = v;
+            hi[at] = j;
+        }
+        memcpy(idx + r * k, hi, (size_t)k * sizeof(int64_t));
+    }
+    free(row);
+    free(hv);
+    free(hi);
+    return 0;
+}
+
+/* out [rows] int64: each row's first index of its maximum, a NaN being the largest (torch's
+ * argmax). */
+int pg_argmax(const void *x, int dt, int64_t rows, int64_t V, int64_t *out) {
+    float *row = malloc((size_t)V * sizeof(float));
+    if (!row) return 1;
+    for (int64_t r = 0; r < rows; r++) {
+        load(x, dt, r * V, row, V);
+        int64_t best = 0;
+        float m = row[0];
+        for (int64_t j = 0; j < V && m == m; j++) {
+            float v = row[j];
+            if (v > m || v != v) {
+                m = v;
+                best = j;
+            }
+        }
+        out[r] = best;
+    }
+    free(row);
+    return 0;
+}

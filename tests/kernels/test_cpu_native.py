@@ -197,3 +197,22 @@ def test_int8_matmul_is_the_quantized_product_exactly(rows, k):
     y = cpu_native.int8_matmul(x, packed)
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(cpu_native.int8_matmul(x[-1:].contiguous(), packed)[0], y[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_and_argmax_select_as_torch(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 49152, generator=gen).to(dtype)
+    x[1, 100:110] = 9.0  # ties at the top: argmax takes the first
+    x[2, 7] = float("nan")  # NaN counts as the largest
+    x[2, 9] = float("nan")
+    x[3] = 0.0  # all equal
+    top = cpu_native.topk_indices(x, 32)
+    for row, idx in zip(x, top, strict=True):
+        assert len(set(idx.tolist())) == 32
+        expected = row.float().nan_to_num(nan=float("inf")).topk(32).values
+        assert torch.equal(row.float()[idx].nan_to_num(nan=float("inf")).sort(descending=True).values, expected)
+    assert {7, 9} <= set(top[2].tolist())
+    assert torch.equal(cpu_native.argmax_rows(x), x.argmax(dim=-1))
+    assert cpu_native.argmax_rows(x).tolist()[:4] == [x[0].float().argmax().item(), 100, 7, 0]
+    assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))
