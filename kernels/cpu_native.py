@@ -1,16 +1,18 @@
-"""The CPU's per-layer small operators in C (kernels/cpu_decode.c), loaded through ctypes.
+"""The CPU worker's kernels in C (kernels/cpu_decode.c), loaded through ctypes.
 
 A decode step of a small model on a CPU spends more time dispatching PyTorch operators on
 vectors of a few hundred elements than in its matmuls (docs/BENCHMARKS.md): an RMSNorm is ~10
 operators, rotary with the K/V write ~15, attention over the paged cache ~10. The C file does
-each of those in one call. It is compiled on first use with the machine's C compiler (`cc`, or
-$CC) for this very CPU (-march=native) and kept under $PAGODA_CACHE_DIR/cpu-kernels, keyed by
-the source, the compiler's version and the CPU; in a process where that fails (no compiler) the
-PyTorch references run instead, with one warning. `PAGODA_CPU_NATIVE=0` turns it off (the
-references then run, as they do for anything the C functions do not cover: fp16 or fp8
-tensors, non-contiguous ones).
+each of those in one call, and also the quantized matmuls on AVX512-VNNI (`PackedInt4`,
+`PackedInt8`, used by kernels/quant_linear.py) and the selections over a row of logits. It is
+compiled on first use with the machine's C compiler (`cc`, or $CC) for this very CPU
+(-march=native) and kept under $PAGODA_CACHE_DIR/cpu-kernels, keyed by the source, the
+compiler's version and the CPU; in a process where that fails (no compiler) PyTorch runs
+instead, with one warning. `PAGODA_CPU_NATIVE=0` turns it off (the references then run, as they
+do for anything the C functions do not cover: fp16 or fp8 tensors, non-contiguous ones).
 
-Each wrapper returns None where it does not apply, and the caller runs the reference.
+Each wrapper of a per-layer operator returns None where it does not apply, and the caller runs
+the reference.
 """
 
 from __future__ import annotations
@@ -126,8 +128,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(status: int, name: str) -> None:
-    if status:
+    if status == 1:
         raise MemoryError(f"{name}: the C kernel could not allocate its buffers")
+    if status:
+        raise RuntimeError(f"{name}: the C kernel refused its arguments (status {status})")
 
 
 def rms_norm(
@@ -281,8 +285,8 @@ class PackedInt4:
     """A 4-bit weight of P parts (kernels/quant_linear.py's `Int4Parts`) for `pg_int4_matmul`:
     per row, quads of 4 groups of 32 inputs in 64 bytes, lane l (4 bytes) holding group l % 4's
     inputs 4 (l // 4) .. + 3 in its low nibbles and 16 + 4 (l // 4) .. + 3 in its high ones
-    (kernels/cpu_decode.c); per group w = q d + mn, d and mn in bf16 (as PyTorch's 4-bit kernel
-    keeps its scales), G padded to 16 with zeros."""
+    (kernels/cpu_decode.c); per group w = (q - 8) d + z, d and z in bf16 (as PyTorch's 4-bit
+    kernel keeps them: the same weights), G padded to 16 with zeros."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         p, n, k = q.shape
@@ -295,7 +299,7 @@ class PackedInt4:
         self.nib = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(p * n, self.quads, 64).contiguous()
         pad = (0, self.groups16 - g)
         self.d = torch.nn.functional.pad(scale.reshape(p * n, g), pad).to(torch.bfloat16).contiguous()
-        self.mn = torch.nn.functional.pad((zero - 8 * scale).reshape(p * n, g), pad).to(torch.bfloat16).contiguous()
+        self.z = torch.nn.functional.pad(zero.reshape(p * n, g), pad).to(torch.bfloat16).contiguous()
 
 
 def _packed_lib() -> ctypes.CDLL:
@@ -311,7 +315,7 @@ def int4_matmul(x: torch.Tensor, w: PackedInt4) -> torch.Tensor:
     m = x.shape[0]
     y = x.new_empty(m, w.out_features)
     status = lib.pg_int4_matmul(
-        x.data_ptr(), _DTYPES[x.dtype], m, w.in_features, w.nib.data_ptr(), w.d.data_ptr(), w.mn.data_ptr(),
+        x.data_ptr(), _DTYPES[x.dtype], m, w.in_features, w.nib.data_ptr(), w.d.data_ptr(), w.z.data_ptr(),
         w.num_parts, w.out_features, w.quads, w.groups16, y.data_ptr(), _DTYPES[x.dtype],
     )
     _check(status, "int4_matmul")
