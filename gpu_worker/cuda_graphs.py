@@ -10,6 +10,7 @@ run eagerly after the replay.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -149,8 +150,17 @@ class CudaGraphs:
                 self.model(*args)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                hidden[size] = self.model(*args)
+            # No garbage collection inside a capture (torch.cuda.graph collects just before it):
+            # a collection there frees whatever died meanwhile, CUDA events of finished steps
+            # included, and a CUDA call of the wrong kind invalidates the whole capture.
+            gc_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    hidden[size] = self.model(*args)
+            finally:
+                if gc_enabled:
+                    gc.enable()
             graphs[size] = graph.replay
         ordered = dict(sorted(graphs.items()))
         graphs.clear()
