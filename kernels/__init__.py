@@ -88,8 +88,8 @@ def native_decode_attention(
     max_seq_len: int | None = None,
 ) -> torch.Tensor | None:
     """A CPU step of decodes only ([B, heads, d]: one query each) in C, straight from the block
-    tables; None where the C function does not apply (a GPU tensor, an fp8 cache, a batch big
-    enough for SDPA's threads): the caller then runs `decode_attention` or `paged_attention`."""
+    tables; None where the C function does not apply (a GPU tensor, an fp8 cache): the caller
+    then runs `decode_attention` or `paged_attention`."""
     if not _native(q):
         return None
     return cpu_native.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)

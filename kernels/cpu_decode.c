@@ -207,49 +207,63 @@ int pg_decode_attention(const void *q, int dt, const void *k_cache, const void *
                         const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int64_t B,
                         int64_t H, int64_t KV, int64_t D, int64_t block_size, float scale, void *out,
                         int out_dt) {
-    int64_t group = H / KV, max_len = 0;
-    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    /* per KV head: its group's queries, scores [group, max_len], outputs, one K/V row */
-    size_t n = (size_t)(group * D + group * max_len + group * D + D);
-    float *buf = malloc(n * sizeof(float));
-    if (!buf) return 1;
-    float *qs = buf, *p = qs + group * D, *acc = p + group * max_len, *kv = acc + group * D;
+    int64_t group = H / KV, max_len = 0, total = 0;
     for (int64_t b = 0; b < B; b++) {
-        int64_t len = seq_lens[b];
-        const int32_t *table = block_tables + b * table_stride;
-        for (int64_t g = 0; g < KV; g++) {
-            load(q, dt, (b * H + g * group) * D, qs, group * D);
-            for (int64_t j = 0; j < len; j++) {
-                int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * KV + g;
-                load(k_cache, cache_dt, row * D, kv, D);
-                for (int64_t i = 0; i < group; i++) p[i * max_len + j] = dot(qs + i * D, kv, D) * scale;
-            }
-            for (int64_t i = 0; i < group; i++) {
-                float *pi = p + i * max_len, m = -INFINITY, sum = 0.0f;
-                for (int64_t j = 0; j < len; j++) m = pi[j] > m ? pi[j] : m;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < len; j++) {
-                    pi[j] = exp_f32(pi[j] - m);
-                    sum += pi[j];
-                }
-                float inv = 1.0f / sum;
-                for (int64_t j = 0; j < len; j++) pi[j] *= inv;
-            }
-            memset(acc, 0, (size_t)(group * D) * sizeof(float));
-            for (int64_t j = 0; j < len; j++) {
-                int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * KV + g;
-                load(v_cache, cache_dt, row * D, kv, D);
-                for (int64_t i = 0; i < group; i++) {
-                    float pj = p[i * max_len + j], *a = acc + i * D;
-#pragma omp simd
-                    for (int64_t e = 0; e < D; e++) a[e] += pj * kv[e];
-                }
-            }
-            store(out, out_dt, (b * H + g * group) * D, acc, group * D);
-        }
+        max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+        total += seq_lens[b];
     }
-    free(buf);
-    return 0;
+    /* per thread, for one (sequence, KV head): its group's queries, scores [group, max_len],
+     * outputs, one K/V row */
+    size_t n = (size_t)(group * D + group * max_len + group * D + D);
+    int failed = 0;
+    /* (sequence, KV head) pairs over the threads, once there is enough to share */
+#pragma omp parallel if (total * H * D >= 65536)
+    {
+        float *buf = malloc(n * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t g = 0; g < KV; g++) {
+                if (!buf) continue;
+                float *qs = buf, *p = qs + group * D, *acc = p + group * max_len, *kv = acc + group * D;
+                int64_t len = seq_lens[b];
+                const int32_t *table = block_tables + b * table_stride;
+                load(q, dt, (b * H + g * group) * D, qs, group * D);
+                for (int64_t j = 0; j < len; j++) {
+                    int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * KV + g;
+                    load(k_cache, cache_dt, row * D, kv, D);
+                    for (int64_t i = 0; i < group; i++) p[i * max_len + j] = dot(qs + i * D, kv, D) * scale;
+                }
+                for (int64_t i = 0; i < group; i++) {
+                    float *pi = p + i * max_len, m = -INFINITY, sum = 0.0f;
+                    for (int64_t j = 0; j < len; j++) m = pi[j] > m ? pi[j] : m;
+#pragma omp simd reduction(+ : sum)
+                    for (int64_t j = 0; j < len; j++) {
+                        pi[j] = exp_f32(pi[j] - m);
+                        sum += pi[j];
+                    }
+                    float inv = 1.0f / sum;
+                    for (int64_t j = 0; j < len; j++) pi[j] *= inv;
+                }
+                memset(acc, 0, (size_t)(group * D) * sizeof(float));
+                for (int64_t j = 0; j < len; j++) {
+                    int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * KV + g;
+                    load(v_cache, cache_dt, row * D, kv, D);
+                    for (int64_t i = 0; i < group; i++) {
+                        float pj = p[i * max_len + j], *a = acc + i * D;
+#pragma omp simd
+                        for (int64_t e = 0; e < D; e++) a[e] += pj * kv[e];
+                    }
+                }
+                store(out, out_dt, (b * H + g * group) * D, acc, group * D);
+            }
+        }
+        free(buf);
+    }
+    return failed;
 }
 
 /* ---- Quantized matmuls: 4-bit weights (GGUF's formats as kernels/quant_linear.py's parts) and

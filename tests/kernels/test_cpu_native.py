@@ -87,22 +87,29 @@ def test_rope_write_kv_matches_the_reference(dtype, qk_norm):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3)])
-def test_decode_attention_reads_the_paged_cache_as_the_reference(dtype, heads, kv_heads):
-    d, block_size, num_blocks = 64, 16, 40
+@pytest.mark.parametrize("lens", [[5], [1, 37, 300]], ids=["one-thread", "threads"])
+def test_decode_attention_reads_the_paged_cache_as_the_reference(dtype, heads, kv_heads, lens):
+    """One short sequence runs on one thread; the batch's (sequence, KV head) pairs over 64k
+    context x heads x head_dim go to OpenMP's threads."""
+    d, block_size, width = 64, 16, 20
+    num_blocks = width * len(lens) + 5
     gen = torch.Generator().manual_seed(3)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
-    seq_lens = torch.tensor([1, 37, 100], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    assert (sum(lens) * heads * d >= 65536) == (len(lens) > 1)
     # Scattered blocks, each table padded past its sequence with blocks it must not read.
-    tables = torch.randperm(num_blocks, generator=gen)[:21].view(3, 7).to(torch.int32)
-    q = torch.randn(3, heads, d, generator=gen).to(dtype)
-    out = cpu_native.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, 100)
-    ref = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, torch.arange(4, dtype=torch.int32), 0.125)
+    tables = torch.randperm(num_blocks, generator=gen)[: width * len(lens)].view(len(lens), width).to(torch.int32)
+    q = torch.randn(len(lens), heads, d, generator=gen).to(dtype)
+    out = cpu_native.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, max(lens))
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-6  # SDPA's own order: its last bf16 bit moves
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     # Changing what lies past a sequence's context (its padding blocks) changes nothing.
-    k_cache[tables[0, 1:].long()] = 1e4
-    assert torch.equal(cpu_native.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, 100)[0], out[0])
+    used = -(-lens[0] // block_size)
+    k_cache[tables[0, used:].long()] = 1e4
+    assert torch.equal(cpu_native.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, max(lens))[0], out[0])
 
 
 def test_what_the_c_functions_do_not_take_goes_to_the_references():
@@ -113,10 +120,6 @@ def test_what_the_c_functions_do_not_take_goes_to_the_references():
     q = torch.randn(1, 4, 64)
     tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     assert cpu_native.decode_attention(q, fp8_cache, fp8_cache, tables, lens, 0.1, 1) is None
-    # A batch of attention big enough for SDPA's threads stays with SDPA.
-    big = cpu_native.ATTENTION_MAX_WORK // (4 * 64) + 1
-    cache = torch.zeros(4, 16, 2, 64)
-    assert cpu_native.decode_attention(q, cache, cache, tables, lens, 0.1, big) is None
 
 
 def test_no_compiler_means_the_references_and_a_warning(tmp_path):
