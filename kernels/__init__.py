@@ -73,6 +73,20 @@ def paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
             max_seq_len=max_seq_len, num_decodes=num_decodes, k_scale=k_scale, v_scale=v_scale,
         )
+    if _native(q) and num_decodes:
+        # The leading decodes in C, as in a step of decodes only, so that a decode's numbers do
+        # not depend on whether a prefill chunk shares its step; the chunks by the reference.
+        head = cpu_native.decode_attention(
+            q[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], seq_lens[:num_decodes], scale, max_seq_len
+        )
+        if head is not None:
+            if num_decodes == len(seq_lens):
+                return head
+            tail = paged_attention_ref(
+                q[num_decodes:], k_cache, v_cache, block_tables[num_decodes:], seq_lens[num_decodes:],
+                query_start_loc[num_decodes:] - num_decodes, scale, k_scale=k_scale, v_scale=v_scale,
+            )
+            return torch.cat([head, tail])
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=k_scale, v_scale=v_scale
     )

@@ -225,3 +225,23 @@ def test_topk_and_argmax_select_as_torch(dtype):
     assert torch.equal(cpu_native.argmax_rows(x), x.argmax(dim=-1))
     assert cpu_native.argmax_rows(x).tolist()[:4] == [x[0].float().argmax().item(), 100, 7, 0]
     assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_a_decode_beside_a_prefill_chunk_gets_the_same_numbers_as_alone():
+    """Decodes lead a mixed step (`num_decodes`): they take the C function there too, so a
+    decode's attention is the same bits with or without a prefill chunk in its step."""
+    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(30, block_size, kv_heads, d, generator=gen)
+    v_cache = torch.randn(30, block_size, kv_heads, d, generator=gen)
+    tables = torch.randperm(30, generator=gen)[:24].view(3, 8).to(torch.int32).contiguous()
+    seq_lens = torch.tensor([40, 90, 120], dtype=torch.int32)  # two decodes, then a 20-token chunk
+    qsl = torch.tensor([0, 1, 2, 22], dtype=torch.int32)
+    q = torch.randn(22, heads, d, generator=gen)
+    mixed = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125, max_seq_len=120, num_decodes=2)
+    alone = kernels.paged_attention(q[:2].contiguous(), k_cache, v_cache, tables[:2].contiguous(), seq_lens[:2],
+                                    qsl[:3], 0.125, max_seq_len=90, num_decodes=2)
+    assert torch.equal(mixed[:2], alone)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125)
+    torch.testing.assert_close(mixed, ref, atol=2e-6, rtol=2e-6)
+    assert torch.equal(mixed[2:], ref[2:])  # the chunk: the reference itself
