@@ -352,6 +352,25 @@ static void quantize_groups(const void *x, int dt, int64_t M, int64_t rows, int6
 #endif
 
 #if PG_VNNI
+static inline __m512 bf16x16(const uint16_t *p) { /* 16 bf16 values widened to fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* A weight row's group scales (dr, zr: bf16 d and z, G16 of them) against `rows` rows of x (dx,
+ * sx: theirs, G16 apart): ds[i G16 + g] = d dx, the quads' scales; zacc[i] += (z - 8 d) sx, the
+ * zero points' share (w = q d + (z - 8 d)). The same operations whatever `rows`. */
+static inline void row_scales(const uint16_t *dr, const uint16_t *zr, int64_t G16, const float *dx, const float *sx,
+                              int rows, float *ds, __m512 *zacc) {
+    for (int64_t g = 0; g < G16; g += 16) {
+        __m512 dv = bf16x16(dr + g);
+        __m512 mv = _mm512_fmadd_ps(dv, _mm512_set1_ps(-8.0f), bf16x16(zr + g));
+        for (int i = 0; i < rows; i++) {
+            _mm512_storeu_ps(ds + i * G16 + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dx + i * G16 + g)));
+            zacc[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + i * G16 + g), zacc[i]);
+        }
+    }
+}
+
 /* acc + one quad's dot products (weights' nibbles lo, hi; x's two int8 parts at xr) x the quad's
  * 4 group scales (ds, broadcast): the one sequence of operations every row goes through. */
 static inline __m512 quad_fma(__m512i lo, __m512i hi, const int8_t *xr, const float *ds, __m512 acc) {
@@ -404,15 +423,7 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                 for (int64_t p = 0; p < P; p++) {
                     int64_t r = p * N + n;
                     const uint8_t *wr = nib + r * Q * 64;
-                    for (int64_t g = 0; g < G16; g += 16) {
-                        __m512 dv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(d + r * G16 + g))), 16));
-                        __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(zp + r * G16 + g))), 16));
-                        __m512 mv = _mm512_fmadd_ps(dv, _mm512_set1_ps(-8.0f), zv); /* w = q d + (z - 8 d) */
-                        _mm512_storeu_ps(ds + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dx + g)));
-                        zacc = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + g), zacc);
-                    }
+                    row_scales(d + r * G16, zp + r * G16, G16, dx, sx, 1, ds, &zacc);
                     for (int64_t q = 0; q < Q; q++) {
                         __m512i v = _mm512_loadu_si512((const void *)(wr + q * 64));
                         __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
@@ -421,8 +432,7 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                     }
                 }
                 float out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), zacc));
-                if (y_dt == F32) ((float *)y)[n] = out;
-                else ((uint16_t *)y)[n] = f32_to_bf16(out);
+                store(y, y_dt, n, &out, 1);
                 continue;
             }
             /* Rows of x 4 at a time (xq has zero rows up to a multiple of 4), each row's sums in the
@@ -433,17 +443,7 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                 for (int64_t p = 0; p < P; p++) {
                     int64_t r = p * N + n;
                     const uint8_t *wr = nib + r * Q * 64;
-                    for (int64_t g = 0; g < G16; g += 16) {
-                        __m512 dv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(d + r * G16 + g))), 16));
-                        __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(zp + r * G16 + g))), 16));
-                        __m512 mv = _mm512_fmadd_ps(dv, _mm512_set1_ps(-8.0f), zv); /* w = q d + (z - 8 d) */
-                        for (int i = 0; i < 4; i++) {
-                            _mm512_storeu_ps(ds + i * G16 + g, _mm512_mul_ps(dv, _mm512_loadu_ps(dx + (m0 + i) * G16 + g)));
-                            z[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(sx + (m0 + i) * G16 + g), z[i]);
-                        }
-                    }
+                    row_scales(d + r * G16, zp + r * G16, G16, dx + m0 * G16, sx + m0 * G16, 4, ds, z);
                     for (int64_t q = 0; q < Q; q += 2) { /* even quads into a0, odd into a1 */
                         int two = q + 1 < Q;
                         __m512i v0 = _mm512_loadu_si512((const void *)(wr + q * 64));
@@ -459,8 +459,7 @@ int pg_int4_matmul(const void *x, int x_dt, int64_t M, int64_t K, const uint8_t 
                 }
                 for (int64_t i = 0; i < 4 && m0 + i < M; i++) {
                     float out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[i], a1[i]), z[i]));
-                    if (y_dt == F32) ((float *)y)[(m0 + i) * N + n] = out;
-                    else ((uint16_t *)y)[(m0 + i) * N + n] = f32_to_bf16(out);
+                    store(y, y_dt, (m0 + i) * N + n, &out, 1);
                 }
             }
           }

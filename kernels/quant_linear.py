@@ -6,8 +6,8 @@ high and a low nibble, gpu_worker/gguf_quant.py), each part's element being
     w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32],    q in 0..15
 
 (the layout torch's int4 CPU kernel, `aten._weight_int4pack_mm_for_cpu`, reads). On a CPU with
-AVX512-VNNI the weights are packed for kernels/cpu_decode.c's integer matmul instead (the
-activations quantized to int8 per group of 32 in the call, as llama.cpp does; 1.7-1.8x
+AVX512-VNNI the weights are packed for kernels/cpu_decode.c's integer matmul instead (the same
+weights; the activations quantized in the call, two int8 parts per group of 32; 1.25-1.7x
 torch's kernel at the embedded model's decode shapes, docs/BENCHMARKS.md); elsewhere, or with
 `dtype` given, the P parts are packed as one matrix of P * N rows for torch's kernel with bf16
 (or the given) activations, and the parts' outputs added. `int4_linear_ref` is the reference
