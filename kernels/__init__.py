@@ -47,6 +47,12 @@ def _native(t: torch.Tensor) -> bool:
     return _USE_TRITON and not t.is_cuda
 
 
+def native_enabled(t: torch.Tensor) -> bool:
+    """Whether a model may hand this CPU tensor's work to kernels/cpu_native.py's C functions
+    (not with PAGODA_KERNELS=torch, not on a GPU, not where the library is off or unbuilt)."""
+    return _native(t) and cpu_native.ENABLED and cpu_native.library() is not None
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ _SIGNATURES = {
     "pg_argmax": [_P, _I, _L, _L, _P],
     "pg_int4_matmul": [_P, _I, _L, _L, _P, _P, _P, _L, _L, _L, _L, _P, _I],
     "pg_int8_matmul": [_P, _I, _L, _L, _P, _P, _L, _L, _P, _I],
+    "pg_decoder_layers": [_P, _P, _P, _P],
 }
 
 
@@ -344,3 +346,126 @@ def int8_matmul(x: torch.Tensor, w: PackedInt8) -> torch.Tensor:
     )
     _check(status, "int8_matmul")
     return y
+
+
+# ---- A decode step's decoder layers in one call ----
+
+
+class _Int4(ctypes.Structure):
+    _fields_ = [("nib", _P), ("d", _P), ("z", _P), ("parts", _L), ("rows", _L), ("quads", _L), ("groups16", _L),
+                ("in_features", _L)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P), ("qkv", _Int4), ("o", _Int4),
+                ("gate_up", _Int4), ("down", _Int4), ("k_cache", _P), ("v_cache", _P)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("num_layers", _L), ("tokens", _L), ("hidden", _L), ("heads", _L), ("kv_heads", _L),
+                ("head_dim", _L), ("intermediate", _L), ("block_size", _L), ("table_stride", _L), ("dt", _I),
+                ("norm_dt", _I), ("qk_norm_dt", _I), ("eps", _F), ("qk_eps", _F), ("scale", _F), ("cos", _P),
+                ("sin", _P), ("slot_mapping", _P), ("block_tables", _P), ("seq_lens", _P)]
+
+
+@dataclass
+class LayerWeights:
+    """One Llama-style decoder layer as `pg_decoder_layers` takes it (no biases)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qkv: PackedInt4
+    o: PackedInt4
+    gate_up: PackedInt4
+    down: PackedInt4
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+def _int4(w: PackedInt4) -> _Int4:
+    return _Int4(w.nib.data_ptr(), w.d.data_ptr(), w.z.data_ptr(), w.num_parts, w.out_features, w.quads, w.groups16,
+                 w.in_features)
+
+
+class DecoderStack:
+    """A model's decoder layers for `pg_decoder_layers`: a decode step's layers in one call, the
+    same operators in the same order as the Python path (kernels/cpu_decode.c), so the same
+    numbers; `None` from `make` where it does not apply (then the Python path runs)."""
+
+    def __init__(self, layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
+                 qk_eps: float, scale: float) -> None:
+        self.layers = layers  # keeps every tensor the pointers below point into alive
+        self.caches = [(w.k_cache, w.v_cache) for w in layers]
+        first = layers[0]
+        self.dt = _DTYPES[first.k_cache.dtype]
+        self.norm_dt = _DTYPES[first.input_norm.dtype]
+        self.qk_norm_dt = _DTYPES[first.q_norm.dtype] if first.q_norm is not None else 0
+        self.hidden, self.intermediate = first.qkv.in_features, first.down.in_features
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.eps, self.qk_eps, self.scale = eps, qk_eps, scale
+        self.block_size = first.k_cache.shape[1]
+        self.array = (_Layer * len(layers))(*[
+            _Layer(w.input_norm.data_ptr(), w.post_norm.data_ptr(), _ptr(w.q_norm), _ptr(w.k_norm), _int4(w.qkv),
+                   _int4(w.o), _int4(w.gate_up), _int4(w.down), w.k_cache.data_ptr(), w.v_cache.data_ptr())
+            for w in layers
+        ])
+
+    @classmethod
+    def make(cls, layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float, qk_eps: float,
+             scale: float) -> DecoderStack | None:
+        if not layers or not int8_dot_supported():
+            return None
+        first = layers[0]
+        dt = first.k_cache.dtype
+        hidden, inter = first.qkv.in_features, first.down.in_features
+        for w in layers:
+            norms = [w.input_norm, w.post_norm] + ([w.q_norm, w.k_norm] if w.q_norm is not None else [])
+            if (
+                any(not _usable(t) or t.dtype != first.input_norm.dtype or t.numel() == 0 for t in norms[:2])
+                or any(not _usable(t) or t.dtype != norms[2].dtype for t in norms[2:])
+                or (w.q_norm is None) != (w.k_norm is None)
+                or (w.q_norm is None) != (first.q_norm is None)
+                or not _usable(w.k_cache) or not _usable(w.v_cache)
+                or w.k_cache.dtype != dt or w.v_cache.dtype != dt
+                or w.k_cache.shape[1:] != (first.k_cache.shape[1], kv_heads, head_dim)
+                or (w.qkv.in_features, w.qkv.out_features) != (hidden, (heads + 2 * kv_heads) * head_dim)
+                or (w.o.in_features, w.o.out_features) != (heads * head_dim, hidden)
+                or (w.gate_up.in_features, w.gate_up.out_features) != (hidden, 2 * inter)
+                or (w.down.in_features, w.down.out_features) != (inter, hidden)
+            ):
+                return None
+        return cls(layers, heads, kv_heads, head_dim, eps, qk_eps, scale)
+
+    def bound_to(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Whether the layers still hold the caches this stack points into."""
+        return all(k is mk and v is mv for (k, v), (mk, mv) in zip(caches, self.caches))
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """h [T, hidden] (the embeddings; one decode a sequence) -> (the last layer's MLP output,
+        the residual stream before it); None where the step's tensors do not fit."""
+        lib = library()
+        t = h.shape[0]
+        if (
+            lib is None
+            or h.dtype != self.layers[0].k_cache.dtype
+            or h.shape[1] != self.hidden
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or not cos.is_contiguous() or not sin.is_contiguous()
+            or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()
+            or block_tables.dtype != torch.int32 or not block_tables.is_contiguous()
+            or seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous()
+            or seq_lens.shape[0] != t or slot_mapping.shape[0] != t
+        ):
+            return None
+        out = h.contiguous().clone()
+        residual = torch.empty_like(out)
+        step = _Step(len(self.layers), t, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate,
+                     self.block_size, block_tables.shape[1], self.dt, self.norm_dt, self.qk_norm_dt, self.eps,
+                     self.qk_eps, self.scale, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+                     block_tables.data_ptr(), seq_lens.data_ptr())
+        _check(lib.pg_decoder_layers(ctypes.addressof(self.array), ctypes.addressof(step), out.data_ptr(),
+                                     residual.data_ptr()), "decoder_layers")
+        return out, residual

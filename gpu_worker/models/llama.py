@@ -26,7 +26,8 @@ from gpu_worker.layers import (
 )
 from gpu_worker.model_config import rope_parameters
 from gpu_worker.models.base import CausalLM
-from kernels import silu_and_mul
+from gpu_worker.parallel import tp
+from kernels import cpu_native, native_enabled, silu_and_mul
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -136,12 +137,57 @@ class LlamaModel(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
 
+        # (the layers' KV caches, the C stack over them or None): kernels/cpu_native.py's DecoderStack
+        self._native: tuple[list[tuple[torch.Tensor, torch.Tensor]], cpu_native.DecoderStack | None] | None = None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cos_sin = self.rotary_emb.cos_sin(positions)
-        h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos_sin, meta)
+        h = self.embed_tokens(input_ids)
+        stack = self._native_stack(h, meta)
+        done = None if stack is None else stack(h, *cos_sin, meta.slot_mapping, meta.block_tables, meta.seq_lens)
+        if done is not None:
+            h, residual = done
+        else:
+            residual = None
+            for layer in self.layers:
+                h, residual = layer(h, residual, cos_sin, meta)
         return self.norm.add_and_norm(h, residual)[0]
+
+    def _native_stack(self, h: torch.Tensor, meta: AttentionMetadata) -> cpu_native.DecoderStack | None:
+        """On the CPU, for a step of decodes only (one token a sequence), every layer in one C call
+        (`pg_decoder_layers`: the same operators, the same numbers, none of the ~25 Python
+        dispatches a layer costs) where all four projections are 4-bit (a GGUF's), there are no
+        biases and no tensor parallelism; else None, and the layers run one by one."""
+        if not native_enabled(h) or meta.num_decodes != len(meta.seq_lens) or h.shape[0] != meta.num_decodes:
+            return None
+        caches = [(layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in self.layers]
+        if self._native is None or not all(k is ck and v is cv for (k, v), (ck, cv) in zip(caches, self._native[0])):
+            self._native = (caches, self._make_native_stack())
+        return self._native[1]
+
+    def _make_native_stack(self) -> cpu_native.DecoderStack | None:
+        if tp().size != 1:
+            return None
+        weights = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(lin.int4 is None or lin.int4.native is None or lin.bias is not None for lin in linears):
+                return None
+            q_norm, k_norm = attn.attn.q_norm, attn.attn.k_norm
+            weights.append(cpu_native.LayerWeights(
+                layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
+                None if q_norm is None else q_norm.weight.data, None if k_norm is None else k_norm.weight.data,
+                *(lin.int4.native for lin in linears), attn.attn.k_cache, attn.attn.v_cache,
+            ))
+        first = self.layers[0]
+        a = first.self_attn.attn
+        qk_eps = a.q_norm.eps if a.q_norm is not None else 0.0
+        if any(layer.input_layernorm.eps != first.input_layernorm.eps
+               or layer.post_attention_layernorm.eps != first.input_layernorm.eps for layer in self.layers):
+            return None
+        return cpu_native.DecoderStack.make(weights, a.num_heads, a.num_kv_heads, a.head_dim,
+                                            first.input_layernorm.eps, qk_eps, a.scale)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -147,11 +147,12 @@ def _quantized_activations(x: torch.Tensor, group: int, parts: int = 1) -> torch
     amax = g.abs().amax(-1, keepdim=True)
     step, inv = amax / 127, torch.where(amax > 0, 127 / amax, 0)
     q = torch.round(g * inv)
-    out, rest = q.double() * step.double(), g - q * step
+    # What each part leaves, rounded once (the C code's fmaf: exact in float64, then to fp32).
+    out, rest = q.double() * step.double(), (g.double() - q.double() * step.double()).float()
     for k in range(1, parts):
         q = torch.round(rest * inv * 256**k).clamp(-127, 127)
         out = out + q.double() * step.double() / 256**k
-        rest = rest - q * (step / 256**k)
+        rest = (rest.double() - q.double() * (step / 256**k).double()).float()
     return out.view(x.shape)
 
 
@@ -202,7 +203,7 @@ def test_int8_matmul_is_the_quantized_product_exactly(rows, k):
     assert torch.equal(packed.dequantize(), q.float() * scale[:, None])
     x = torch.randn(rows, k, generator=gen) * 4
     padded = torch.nn.functional.pad(x, (0, -k % 64))
-    expected = (_quantized_activations(padded, 64)[:, :k] @ (q.double() * scale.double()[:, None]).T)
+    expected = (_quantized_activations(padded, 64, parts=2)[:, :k] @ (q.double() * scale.double()[:, None]).T)
     y = cpu_native.int8_matmul(x, packed)
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(cpu_native.int8_matmul(x[-1:].contiguous(), packed)[0], y[-1])

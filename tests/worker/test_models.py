@@ -162,6 +162,46 @@ def test_gguf_of_every_quant_type_matches_transformers_reading_the_same_file(arc
     assert {type(m).__name__ for m in kept} >= {"MergedLinear", "RowParallelLinear"}  # the path was taken
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
+def test_decode_steps_of_a_4bit_gguf_run_every_layer_in_one_c_call_with_the_same_numbers(arch, tmp_path,
+                                                                                        monkeypatch) -> None:
+    """A CPU step of decodes only runs the decoder layers in one C call (kernels/cpu_native.py's
+    DecoderStack) where the four projections are 4-bit: the final hidden states bit for bit those
+    of the layer-by-layer Python path, decode after decode at batch 3; Qwen2's q/k/v biases keep
+    it on the Python path."""
+    from gpu_worker.models import llama
+    from kernels import cpu_native
+
+    if not cpu_native.int8_dot_supported():
+        pytest.skip("the 4-bit C kernels need AVX512-VNNI")
+    model_class, config = family_config(arch, 320)
+    config.update(dict(hidden_size=256, intermediate_size=512, head_dim=64, tie_word_embeddings=False))
+    torch.manual_seed(0)
+    path = tmp_path / "m.gguf"
+    write_gguf(GGUF_CLASSES[arch](config).eval(), path, arch, [Q.Q4_1], eos_token_id=0)
+    prompts = random_prompts(320, (5, 17, 33))
+    forward, calls = llama.LlamaModel.forward, []
+    monkeypatch.setattr(llama.LlamaModel, "forward", lambda self, *a: calls.append(forward(self, *a)) or calls[-1])
+    stacks = []
+    make = llama.LlamaModel._make_native_stack
+    monkeypatch.setattr(llama.LlamaModel, "_make_native_stack", lambda self: stacks.append(make(self)) or stacks[-1])
+    run, ran = cpu_native.DecoderStack.__call__, []
+    monkeypatch.setattr(cpu_native.DecoderStack, "__call__", lambda self, *a: ran.append(run(self, *a)) or ran[-1])
+    native_tokens = runner_greedy(make_runner(str(path)), prompts, 6)
+    native = list(calls)
+    assert len(native) == 6 and [h.shape[0] for h in native] == [55, 3, 3, 3, 3, 3]
+    if arch == "qwen2":
+        assert stacks == [None]
+        return
+    assert len(stacks) == 1 and isinstance(stacks[0], cpu_native.DecoderStack)  # built once, then reused
+    assert len(ran) == 5 and all(r is not None for r in ran)  # every decode step took it
+    calls.clear()
+    monkeypatch.setattr(llama.LlamaModel, "_native_stack", lambda self, h, meta: None)
+    assert runner_greedy(make_runner(str(path)), prompts, 6) == native_tokens
+    for a, b in zip(native, calls):
+        assert torch.equal(a, b)
+
+
 def test_gguf_llama3_rope_freqs_match_the_hugging_face_model(tiny, tokenizer, tmp_path) -> None:
     """llama.cpp stores Llama 3.1's rope scaling as a rope_freqs tensor; transformers ignores it."""
     _, hf_model = tiny("llama")
