@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
+import multiprocessing
 import os
 import random
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from bench.limits import ModelCost
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -350,15 +356,52 @@ def run_hf_latency(model: str, req: Req, device: str) -> dict[str, Any]:
     return {"ttft_s": ttft, "decode_tokens_per_s": (req.output_len - 1) / max(total - ttft, 1e-9)}
 
 
-def run_llamacpp_latency(model: str, req: Req, device: str) -> dict[str, Any]:
+def run_llamacpp_latency(model: str, req: Req, device: str, measure: Any = None) -> dict[str, Any]:
     """llama.cpp (llama-cpp-python) on the same GGUF file, greedy, one stream: its TTFT and decode
-    tok/s measured as `run_hf_latency` does, through its Python generator."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SystemExit("--peer llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
+    tok/s measured as `run_hf_latency` does, through its Python generator.
+
+    It runs in a child process: llama.cpp's AMX matmul (its "extra buffer types", taken where the
+    CPU has AMX) died with SIGSEGV on a 2-core AMX VM (ggml_backend_amx_mul_mat), which would take
+    the whole bench down. Where the child dies by a signal, it runs again without the extra buffer
+    types (llama_model_params.use_extra_bufts = false), and the result says so. `measure`: what
+    the child runs (tests), `_llamacpp_latency` by default."""
+    if measure is None:
+        measure = _llamacpp_latency
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise SystemExit("--peer llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
     if not model.endswith(".gguf"):
         raise SystemExit(f"--peer llama.cpp runs GGUF files, not {model}")
+    for extra in (True, False):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                result = pool.submit(measure, model, req, device, extra).result()
+            except BrokenProcessPool:  # the child died (a signal)
+                if not extra:
+                    raise
+                logger.warning("llama.cpp died in its child process; running it again without extra buffer types")
+                continue
+        result["extra_buffer_types"] = extra
+        if not extra:
+            result["note"] = "llama.cpp's extra buffer types (AMX, repacking) crashed here; run without them"
+        return result
+    raise AssertionError("unreachable")  # the second attempt returns or raises
+
+
+def _llamacpp_latency(model: str, req: Req, device: str, extra_buffer_types: bool) -> dict[str, Any]:
+    import llama_cpp.llama_cpp as lib
+    from llama_cpp import Llama
+
+    if not extra_buffer_types:
+        defaults = lib.llama_model_default_params
+
+        def without_extra() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = without_extra  # what Llama() builds its model params from
     gpu_layers = -1 if device.startswith("cuda") else 0
     llm = Llama(model_path=model, n_ctx=len(req.prompt_ids) + req.output_len + 8, n_threads=os.cpu_count(),
                 n_gpu_layers=gpu_layers, verbose=False)

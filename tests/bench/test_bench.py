@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -226,3 +227,18 @@ def test_a_gguf_peer_is_converted_once_and_loads_transformers_own_tensors(tiny, 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **kw: pytest.fail("read the GGUF again") if "gguf_file" in kw else real(*a, **kw))
     assert hf_folder_for_gguf(str(path)) == folder
+
+
+def crash_with_extra_buffer_types(model: str, req, device: str, extra_buffer_types: bool) -> dict:
+    """A stand-in for llama.cpp's peer run whose AMX path dies by a signal, as it did on an AMX VM."""
+    if extra_buffer_types:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return {"ttft_s": 0.01, "decode_tokens_per_s": 50.0, "pid": os.getpid()}
+
+
+def test_the_llamacpp_peer_runs_in_a_child_and_again_without_extra_buffer_types_when_it_crashes():
+    from bench.workloads import Req, run_llamacpp_latency
+
+    out = run_llamacpp_latency("m.gguf", Req([1, 2, 3], 8), "cpu", measure=crash_with_extra_buffer_types)
+    assert out["extra_buffer_types"] is False and "crashed" in out["note"]
+    assert out["decode_tokens_per_s"] == 50.0 and out["pid"] != os.getpid()  # the bench itself lived on
