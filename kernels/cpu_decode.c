@@ -313,26 +313,29 @@ static void quantize_groups(const void *x, int dt, int64_t M, int64_t rows, int6
         int8_t qp[XQ_PARTS][32];
         for (int64_t g = 0; g < G; g++) {
             load(x, dt, m * K + g * 32, v, 32);
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                float a = fabsf(v[i]);
-                amax = a > amax ? a : amax;
-            }
+            /* AVX-512, 32 inputs in two vectors: the scalar steps exactly (round to nearest even as
+             * lrintf, the rest by one fused multiply-add as fmaf); ~0.9 ms of a step when scalar */
+            __m512 r0 = _mm512_loadu_ps(v), r1 = _mm512_loadu_ps(v + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(r0), _mm512_abs_ps(r1)));
             float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int64_t qsum = 0;
             float unit = step; /* each part's step: the last one's / 256 */
-            for (int i = 0; i < 32; i++) {
-                float rest = v[i];
-                int64_t q = 0;
-                for (int k = 0; k < XQ_PARTS; k++) {
-                    float t = lrintf(rest * inv * (float)(1 << (8 * k)));
-                    t = t > 127.0f ? 127.0f : (t < -127.0f ? -127.0f : t);
-                    qp[k][i] = (int8_t)t;
-                    rest = fmaf(-t, step / (float)(1 << (8 * k)), rest); /* one rounding, whatever the compiler */
-                    q = 256 * q + (int64_t)t;
-                }
-                qsum += q;
+            const __m512 lim = _mm512_set1_ps(127.0f), vinv = _mm512_set1_ps(inv);
+            __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+            for (int k = 0; k < XQ_PARTS; k++) {
+                const __m512 mul = _mm512_set1_ps((float)(1 << (8 * k))), sk = _mm512_set1_ps(step / (float)(1 << (8 * k)));
+                __m512 t0 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(r0, vinv), mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m512 t1 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(r1, vinv), mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                t0 = _mm512_max_ps(_mm512_min_ps(t0, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+                t1 = _mm512_max_ps(_mm512_min_ps(t1, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+                r0 = _mm512_fnmadd_ps(t0, sk, r0);
+                r1 = _mm512_fnmadd_ps(t1, sk, r1);
+                __m512i i0 = _mm512_cvtps_epi32(t0), i1 = _mm512_cvtps_epi32(t1);
+                q0 = _mm512_add_epi32(_mm512_slli_epi32(q0, 8), i0);
+                q1 = _mm512_add_epi32(_mm512_slli_epi32(q1, 8), i1);
+                _mm_storeu_si128((__m128i *)qp[k], _mm512_cvtsepi32_epi8(i0));
+                _mm_storeu_si128((__m128i *)(qp[k] + 16), _mm512_cvtsepi32_epi8(i1));
             }
+            int64_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             for (int k = 1; k < XQ_PARTS; k++) unit /= 256.0f;
             dx[m * G16 + g] = unit;
             /* the sum of the quantized x, not of x: w = q d + (zp - 8 d) then sums exactly over x^,
