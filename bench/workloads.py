@@ -373,20 +373,16 @@ def run_llamacpp_latency(model: str, req: Req, device: str, measure: Any = None)
             raise SystemExit("--peer llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
     if not model.endswith(".gguf"):
         raise SystemExit(f"--peer llama.cpp runs GGUF files, not {model}")
-    for extra in (True, False):
+
+    def in_child(extra: bool) -> dict[str, Any]:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            try:
-                result = pool.submit(measure, model, req, device, extra).result()
-            except BrokenProcessPool:  # the child died (a signal)
-                if not extra:
-                    raise
-                logger.warning("llama.cpp died in its child process; running it again without extra buffer types")
-                continue
-        result["extra_buffer_types"] = extra
-        if not extra:
-            result["note"] = "llama.cpp's extra buffer types (AMX, repacking) crashed here; run without them"
-        return result
-    raise AssertionError("unreachable")  # the second attempt returns or raises
+            return {**pool.submit(measure, model, req, device, extra).result(), "extra_buffer_types": extra}
+
+    try:
+        return in_child(True)
+    except BrokenProcessPool:  # the child died (a signal)
+        logger.warning("llama.cpp died in its child process; running it again without extra buffer types")
+    return {**in_child(False), "note": "llama.cpp's extra buffer types (AMX, repacking) crashed here; run without them"}
 
 
 def _llamacpp_latency(model: str, req: Req, device: str, extra_buffer_types: bool) -> dict[str, Any]:

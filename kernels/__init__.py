@@ -50,7 +50,7 @@ def _native(t: torch.Tensor) -> bool:
 def native_enabled(t: torch.Tensor) -> bool:
     """Whether a model may hand this CPU tensor's work to kernels/cpu_native.py's C functions
     (not with PAGODA_KERNELS=torch, not on a GPU, not where the library is off or unbuilt)."""
-    return _native(t) and cpu_native.ENABLED and cpu_native.library() is not None
+    return _native(t) and cpu_native.library() is not None  # None where PAGODA_CPU_NATIVE=0
 
 
 def paged_attention(

@@ -319,14 +319,14 @@ static void quantize_groups(const void *x, int dt, int64_t M, int64_t rows, int6
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(r0), _mm512_abs_ps(r1)));
             float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             float unit = step; /* each part's step: the last one's / 256 */
-            const __m512 lim = _mm512_set1_ps(127.0f), vinv = _mm512_set1_ps(inv);
+            const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f), vinv = _mm512_set1_ps(inv);
             __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
             for (int k = 0; k < XQ_PARTS; k++) {
                 const __m512 mul = _mm512_set1_ps((float)(1 << (8 * k))), sk = _mm512_set1_ps(step / (float)(1 << (8 * k)));
                 __m512 t0 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(r0, vinv), mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 __m512 t1 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(r1, vinv), mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                t0 = _mm512_max_ps(_mm512_min_ps(t0, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
-                t1 = _mm512_max_ps(_mm512_min_ps(t1, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+                t0 = _mm512_max_ps(_mm512_min_ps(t0, lim), nlim);
+                t1 = _mm512_max_ps(_mm512_min_ps(t1, lim), nlim);
                 r0 = _mm512_fnmadd_ps(t0, sk, r0);
                 r1 = _mm512_fnmadd_ps(t1, sk, r1);
                 __m512i i0 = _mm512_cvtps_epi32(t0), i1 = _mm512_cvtps_epi32(t1);

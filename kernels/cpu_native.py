@@ -397,7 +397,6 @@ class DecoderStack:
     def __init__(self, layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
                  qk_eps: float, scale: float) -> None:
         self.layers = layers  # keeps every tensor the pointers below point into alive
-        self.caches = [(w.k_cache, w.v_cache) for w in layers]
         first = layers[0]
         self.dt = _DTYPES[first.k_cache.dtype]
         self.norm_dt = _DTYPES[first.input_norm.dtype]
@@ -438,10 +437,6 @@ class DecoderStack:
                 return None
         return cls(layers, heads, kv_heads, head_dim, eps, qk_eps, scale)
 
-    def bound_to(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Whether the layers still hold the caches this stack points into."""
-        return all(k is mk and v is mv for (k, v), (mk, mv) in zip(caches, self.caches))
-
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """h [T, hidden] (the embeddings; one decode a sequence) -> (the last layer's MLP output,
@@ -450,7 +445,7 @@ class DecoderStack:
         t = h.shape[0]
         if (
             lib is None
-            or h.dtype != self.layers[0].k_cache.dtype
+            or _DTYPES.get(h.dtype) != self.dt
             or h.shape[1] != self.hidden
             or cos.dtype != torch.float32 or sin.dtype != torch.float32
             or not cos.is_contiguous() or not sin.is_contiguous()
@@ -460,7 +455,7 @@ class DecoderStack:
             or seq_lens.shape[0] != t or slot_mapping.shape[0] != t
         ):
             return None
-        out = h.contiguous().clone()
+        out = h.clone(memory_format=torch.contiguous_format)
         residual = torch.empty_like(out)
         step = _Step(len(self.layers), t, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate,
                      self.block_size, block_tables.shape[1], self.dt, self.norm_dt, self.qk_norm_dt, self.eps,

@@ -160,13 +160,19 @@ class LlamaModel(nn.Module):
         biases and no tensor parallelism; else None, and the layers run one by one."""
         if not native_enabled(h) or meta.num_decodes != len(meta.seq_lens) or h.shape[0] != meta.num_decodes:
             return None
-        caches = [(layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in self.layers]
-        if self._native is None or not all(k is ck and v is cv for (k, v), (ck, cv) in zip(caches, self._native[0])):
-            self._native = (caches, self._make_native_stack())
+        attns = [layer.self_attn.attn for layer in self.layers]
+        if self._native is None or any(
+            a.k_cache is not k or a.v_cache is not v for a, (k, v) in zip(attns, self._native[0])
+        ):  # first use, or the caches were bound anew: the stack's pointers are stale
+            self._native = ([(a.k_cache, a.v_cache) for a in attns], self._make_native_stack())
         return self._native[1]
 
     def _make_native_stack(self) -> cpu_native.DecoderStack | None:
-        if tp().size != 1:
+        first = self.layers[0]
+        eps = first.input_layernorm.eps
+        if tp().size != 1 or any(
+            layer.input_layernorm.eps != eps or layer.post_attention_layernorm.eps != eps for layer in self.layers
+        ):
             return None
         weights = []
         for layer in self.layers:
@@ -180,14 +186,9 @@ class LlamaModel(nn.Module):
                 None if q_norm is None else q_norm.weight.data, None if k_norm is None else k_norm.weight.data,
                 *(lin.int4.native for lin in linears), attn.attn.k_cache, attn.attn.v_cache,
             ))
-        first = self.layers[0]
         a = first.self_attn.attn
         qk_eps = a.q_norm.eps if a.q_norm is not None else 0.0
-        if any(layer.input_layernorm.eps != first.input_layernorm.eps
-               or layer.post_attention_layernorm.eps != first.input_layernorm.eps for layer in self.layers):
-            return None
-        return cpu_native.DecoderStack.make(weights, a.num_heads, a.num_kv_heads, a.head_dim,
-                                            first.input_layernorm.eps, qk_eps, a.scale)
+        return cpu_native.DecoderStack.make(weights, a.num_heads, a.num_kv_heads, a.head_dim, eps, qk_eps, a.scale)
 
 
 class LlamaForCausalLM(CausalLM):
