@@ -129,15 +129,15 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
         with ThreadPoolExecutor(len(chats + OTHER)) as pool:
             plain = list(pool.map(lambda m: answer(m, seed=0), chats + OTHER))
         _wait_until(lambda: "worker-draft-0 ready" in server.log(), 300)
-        before = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in ("drafts", "draft_tokens",
-                                                                                 "accepted_tokens")}
+        names = ("drafts", "draft_tokens", "accepted_tokens")
+        before = _settled_spec_counters(base, names)
         assert before["drafts"] == 0  # the seeded requests got none
         # The two short prompts together (2 at once: drafts stay on up to disable_by_batch_size, 4).
         with ThreadPoolExecutor(len(OTHER)) as pool:
             assert list(pool.map(answer, OTHER)) == plain[3:]
         undisturbed = greedy_chat_streams(server, chats, 36)
         assert undisturbed == plain[:3]
-        after = {n: _metric(base, f"pagoda:spec_decode_num_{n}_total") for n in before}
+        after = _settled_spec_counters(base, names)
         drafts, draft_tokens, accepted = (after[n] - before[n] for n in ("drafts", "draft_tokens", "accepted_tokens"))
         assert drafts > 20 and accepted == draft_tokens  # acceptance rate 1.0
         assert draft_tokens >= 3 * drafts - 2 * len(plain)  # k = 3 but where max_tokens leaves fewer
@@ -154,7 +154,32 @@ def test_self_draft_keeps_every_draft_and_a_killed_draft_worker_loses_no_stream(
 
 
 def _metric(base: str, name: str) -> float:
-    for line in httpx.get(base + "/metrics").text.splitlines():
+    return _metric_in(httpx.get(base + "/metrics").text, name)
+
+
+def _settled_spec_counters(base: str, names: tuple[str, ...], timeout_s: float = 10.0) -> dict[str, float]:
+    """The spec-decode counters from one /metrics scrape (one snapshot of the scheduler's stats),
+    once two scrapes in a row agree: the last step's stats reach the frontend after its tokens,
+    so a scrape right after a stream ends may still lack them."""
+    import time
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(base + "/metrics").text
+        return {n: _metric_in(text, f"pagoda:spec_decode_num_{n}_total") for n in names}
+
+    deadline = time.monotonic() + timeout_s
+    last = scrape()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = scrape()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the spec-decode counters did not settle in {timeout_s} s: {last}")
+
+
+def _metric_in(text: str, name: str) -> float:
+    for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no {name} in /metrics")
