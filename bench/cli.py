@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     kv_bytes = 1 if engine_flag("--kv-cache-dtype") in ("fp8", "fp8_e4m3") else 2 if device.startswith("cuda") else 4
     cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
     if cost is not None and engine_flag("--quantization") == "fp8":
-        cost = cost.with_fp8_linears()  # the limit of the bytes this engine reads
+        cost = cost.with_fp8_linears("--fp8-lm-head" in flags)  # the limit of the bytes this engine reads
     vocab = _vocab(model)
     results: dict[str, Any] = {}
     report["results"] = results

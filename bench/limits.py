@@ -20,6 +20,7 @@ class ModelCost:
     flops: float
     lm_head_params: int = 0  # vocab x hidden: the one matmul `--quantization fp8` leaves as it was
     params: int = 0  # all of the file's parameters (weight_bytes / params: the bytes of one)
+    tied: bool = False  # the LM head is the embedding's matrix
 
     @classmethod
     def of(cls, folder: str, hw: dict[str, float], kv_dtype_bytes: int) -> ModelCost:
@@ -39,12 +40,14 @@ class ModelCost:
             flops=hw["matmul_flops_per_s"],
             lm_head_params=embed,
             params=params,
+            tied=bool(cfg.get("tie_word_embeddings")),
         )
 
-    def with_fp8_linears(self) -> ModelCost:
+    def with_fp8_linears(self, lm_head: bool = False) -> ModelCost:
         """The cost under `--quantization fp8`: the decoder's linears read one byte a weight
-        instead of the checkpoint's two or four; the LM head and the embedding keep theirs."""
-        decoder = max(0, self.matmul_params - self.lm_head_params)
+        instead of the checkpoint's two or four; the LM head (unless `lm_head`: an untied one
+        under `--fp8-lm-head`) and the embedding keep theirs."""
+        decoder = max(0, self.matmul_params - (0 if lm_head and not self.tied else self.lm_head_params))
         elem = self.weight_bytes / self.params if self.params else 2.0
         return dataclasses.replace(self, weight_bytes=max(0, round(self.weight_bytes - decoder * (elem - 1))))
 

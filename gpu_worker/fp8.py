@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from gpu_worker.checkpoint import Checkpoint
-from gpu_worker.layers import FP8_SCALES, Linear, MergedLinear
+from gpu_worker.layers import FP8_SCALES, Linear, MergedLinear, ParallelLMHead
 from kernels.fp8_linear import scaled_mm_supported
 
 logger = logging.getLogger(__name__)
@@ -179,15 +179,24 @@ def prepare_checkpoint(
 
 
 @torch.no_grad()
-def finish(model: nn.Module, plan: Fp8Plan) -> int:
+def finish(model: nn.Module, plan: Fp8Plan, lm_head: bool = False) -> int:
     """After the weights are in: pack an FP8 checkpoint's tensors, or quantize every decoder
-    linear (`plan.quantize`). The number of FP8 linears."""
+    linear (`plan.quantize`); `lm_head` (`--fp8-lm-head`): quantize an untied LM head as well
+    (a tied one is the embedding's matrix and stays as it is). The number of FP8 linears (the
+    LM head not counted)."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     for layer in linears:
         if "weight_scale" in layer._parameters:
             layer.finish_fp8(plan.input_scale_ub)
         elif plan.quantize and layer.fp8 is None and layer.int4 is None:
             layer.quantize_fp8()
+    if lm_head:
+        head = model.output_layer()
+        if isinstance(head, ParallelLMHead) and head.quantized is None:
+            head.quantize_fp8()
+            logger.info("FP8: the LM head in FP8 too (%d x %d)", *head.fp8.weight.shape)
+        else:
+            logger.warning("fp8_lm_head: the LM head is tied to the embedding (or kept quantized): left as it is")
     done = fp8_linears(model)
     odd = [m for m in done if not scaled_mm_supported(m.fp8.in_features, m.fp8.out_features)]
     device = done[0].fp8.weight.device if done else torch.device("cpu")

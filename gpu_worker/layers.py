@@ -256,6 +256,7 @@ class VocabParallelEmbedding(nn.Module):
         self.quantized: GGUFQuantized | None = None
         self.dtype = torch.get_default_dtype()  # set from the weight when `quantized` replaces it
         self.int8: Int8RowWeight | None = None  # the LM head's matmul, when quantized
+        self.fp8: Fp8Weight | None = None  # an untied LM head under --fp8-lm-head (then weight is None)
 
     def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
         if tp().size != 1:
@@ -277,6 +278,8 @@ class VocabParallelEmbedding(nn.Module):
         the argmax and the likeliest tokens' logits are then exact whenever the true best token
         is among the RESCORED best approximate ones (its approximate logit is off by a few
         hundredths; the RESCORED-th is typically several units below the best)."""
+        if self.fp8 is not None:
+            return self.fp8(hidden)
         if self.quantized is None:
             return linear(hidden, self.weight)
         self.prepare_logits()
@@ -314,6 +317,13 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__(vocab_size, hidden_size)
+
+    def quantize_fp8(self) -> None:
+        """`--fp8-lm-head`: this rank's rows to e4m3 with a scale per row (its zero padding rows
+        get the smallest scale and stay zero); the 16/32-bit weight is dropped. Never looked up:
+        only the embedding, a separate matrix here, is."""
+        self.fp8 = Fp8Weight.quantize(self.weight.data)
+        self.weight = None
 
 
 def check_shape(src: WeightSource | GGUFQuantized, expected: tuple[int, ...], name: str) -> None:

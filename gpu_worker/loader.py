@@ -108,7 +108,9 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
             module.load_weights(tensors)
         except ValueError as e:
             raise ModelLoadError(f"{name}: {e}") from None
-    num_fp8 = fp8.finish(module, fp8_plan) if fp8_plan is not None else 0
+    if config.fp8_lm_head and fp8_plan is None:
+        raise ModelLoadError(f"{name}: fp8_lm_head needs FP8 weights (--quantization fp8, or an FP8 checkpoint)")
+    num_fp8 = fp8.finish(module, fp8_plan, lm_head=config.fp8_lm_head) if fp8_plan is not None else 0
     module.eval()
     kept = sum(getattr(m, "int4", None) is not None for m in module.modules())
     logger.info("loaded %s (%s) in %s on %s in %.1f s%s%s%s", name, architecture, str(dtype).removeprefix("torch."),

@@ -129,11 +129,15 @@ def _paged_attention_kernel(
     PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
-    # Last q block first: with causal prefill the late blocks of a sequence carry the most keys,
-    # and starting them first keeps the tail of the launch short.
-    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # Grid axis 0 is (q block, kv head), the kv head fastest: the programs running at once read
+    # every head of the same cache blocks (measured at T's decode shapes: 3% faster than the kv
+    # head slowest, over bf16 and fp8 caches alike). Last q block first: with causal prefill the
+    # late blocks of a sequence carry the most keys, and starting them first keeps the tail of
+    # the launch short.
+    num_kv_heads = NUM_HEADS // GROUP
+    q_block = tl.num_programs(0) // num_kv_heads - 1 - tl.program_id(0) // num_kv_heads
+    kv_head = tl.program_id(0) % num_kv_heads
+    split = tl.program_id(1)
     # This launch's sequences start at first_seq: offset here rather than by slicing on the
     # host, whose pointers' alignment would vary and make Triton compile a variant per kind.
     block_tables_ptr += first_seq * stride_bt
@@ -490,13 +494,13 @@ def _launch(
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {group} query heads of a group")
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     splits = cfg.num_splits
+    # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
+    grid = ((num_tokens // block_q + num_seqs) * num_kv_heads, splits)
     if splits > 1:
         part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # never touched: NUM_SPLITS == 1 writes `out` directly
-    # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse,
         block_tables, seq_lens, query_start_loc,

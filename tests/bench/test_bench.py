@@ -143,6 +143,10 @@ def test_config_only_shapes_save_no_weights_and_are_sized_from_their_config(tmp_
     embed = 128256 * 4096
     assert cost.weight_bytes == 2 * params and cost.weight_bytes - fp8.weight_bytes == params - 2 * embed
     assert 0.56 < fp8.weight_bytes / cost.weight_bytes < 0.57  # (6.98 + 2 x 2 x 0.53) / (2 x 8.03) GB
+    # --fp8-lm-head: the (untied) LM head at a byte too; a tied one (qwen3-0.6b's) is the embedding.
+    assert fp8.weight_bytes - cost.with_fp8_linears(lm_head=True).weight_bytes == embed
+    q06 = ModelCost.of(make_random_model("qwen3-0.6b", str(tmp_path / "q06"), "cuda", weights=False), hw, 2)
+    assert q06.tied and q06.with_fp8_linears(lm_head=True) == q06.with_fp8_linears()
 
     assert "llama3-70b" in CONFIG_ONLY
     big = make_random_model("llama3-70b", str(tmp_path / "big"), "cuda")  # no weights: nothing made on a GPU

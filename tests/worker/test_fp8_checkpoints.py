@@ -174,6 +174,32 @@ def test_dummy_weights_are_quantized_too(llama) -> None:
     assert fp8_layer_count(runner) == 12
 
 
+def test_fp8_lm_head_is_transformers_with_its_lm_head_fake_quantized_too(llama, tiny, prompts, caplog) -> None:
+    """--fp8-lm-head: the untied LM head in e4m3 with a scale per vocabulary row, the 16/32-bit
+    matrix dropped; the logits are transformers' with every decoder linear and the LM head
+    fake-quantized alike, and not those of --quantization fp8 alone. Refused without FP8
+    weights; a tied head (the embedding's matrix) is left as it is, with a warning."""
+    folder, hf_model = llama
+    ours, runner = runner_logits(folder, prompts, quantization="fp8", fp8_lm_head=True)
+    head = runner.model.output_layer()
+    assert head.fp8 is not None and head.weight is None
+    assert head.fp8.weight.shape == (hf_model.config.vocab_size, hf_model.config.hidden_size)
+    modules = dict(hf_model.named_modules())
+    plans = {n: dict(zip(("w", "scale"), to_e4m3(modules[n].weight))) for n in [*decoder_linears(hf_model), "lm_head"]}
+    assert relative_error(ours, hf_logits(fake_quantized(hf_model, plans), prompts)) < FAKE_QUANT_RTOL
+    head_16bit, _ = runner_logits(folder, prompts, quantization="fp8")
+    assert relative_error(ours, head_16bit) > 10 * FAKE_QUANT_RTOL  # the head's own FP8 error
+    assert relative_error(ours, head_16bit) < FP8_VS_FULL_RTOL
+
+    assert "fp8_lm_head needs FP8 weights (--quantization fp8, or an FP8 checkpoint)" in load_error(
+        folder, fp8_lm_head=True)
+    tied_folder, _ = tiny("qwen2", REAL_INIT)
+    with caplog.at_level("WARNING", logger="gpu_worker.fp8"):
+        tied = make_runner(str(tied_folder), quantization="fp8", fp8_lm_head=True)
+    assert tied.model.output_layer().fp8 is None and tied.model.output_layer().weight is not None
+    assert "the LM head is tied to the embedding" in caplog.text
+
+
 # ---- tensor parallelism: each rank quantizes its shard --------------------------------------
 
 
@@ -375,3 +401,20 @@ def test_quantization_fp8_on_gpu_runs_scaled_mm_in_cuda_graphs(family, tiny, pro
     full, _ = runner_logits(folder, prompts, device="cuda", dtype="bfloat16", enforce_eager=True)
     assert relative_error(ours, full) < FP8_VS_FULL_RTOL
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.gpu
+def test_fp8_lm_head_on_gpu_through_the_gemv_in_cuda_graphs(llama, prompts) -> None:
+    """--fp8-lm-head in bf16 on the GPU: the LM head's decode-sized logits through the FP8 GEMV
+    (captured in the decode graphs), prefill's through `_scaled_mm`; against the CPU's fp32
+    reference of the same FP8 model (FP8's own error apart, as the test above measures)."""
+    folder, _ = llama
+    runner = make_runner(str(folder), device="cuda", dtype="bfloat16", quantization="fp8", fp8_lm_head=True)
+    assert runner.model.output_layer().fp8 is not None and runner.graphs.sizes("decode")
+    ours = runner_last_logits(runner, prompts, last=LAST)
+    tokens = runner_greedy(runner, prompts, 8)
+    assert all(len(t) == 8 for t in tokens)
+    del runner
+    cpu, _ = runner_logits(folder, prompts, quantization="fp8", fp8_lm_head=True)
+    assert relative_error(ours, cpu) < FP8_VS_FULL_RTOL
+    assert (ours.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.8
