@@ -188,6 +188,8 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
     if cost is not None and engine_flag("--quantization") == "fp8":
         cost = cost.with_fp8_linears("--fp8-lm-head" in flags)  # the limit of the bytes this engine reads
+    elif cost is not None and engine_flag("--quantization") in ("gptq", "awq"):
+        cost = cost.with_int4_linears()  # dummy weights quantized at load: groups of 128
     vocab = _vocab(model)
     results: dict[str, Any] = {}
     report["results"] = results

@@ -51,6 +51,15 @@ class ModelCost:
         elem = self.weight_bytes / self.params if self.params else 2.0
         return dataclasses.replace(self, weight_bytes=max(0, round(self.weight_bytes - decoder * (elem - 1))))
 
+    def with_int4_linears(self, group_size: int = 128) -> ModelCost:
+        """The cost with GPTQ / AWQ 4-bit decoder linears (W4A16): half a byte a weight plus a
+        16-bit scale and zero per group of `group_size` input rows; the LM head and the
+        embedding keep their bytes."""
+        decoder = max(0, self.matmul_params - self.lm_head_params)
+        elem = self.weight_bytes / self.params if self.params else 2.0
+        int4 = 0.5 + 4 / group_size
+        return dataclasses.replace(self, weight_bytes=max(0, round(self.weight_bytes - decoder * (elem - int4))))
+
     def decode_step_seconds(self, total_context: int) -> float:
         return (self.weight_bytes + self.kv_bytes_per_token * total_context) / self.bandwidth
 

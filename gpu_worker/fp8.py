@@ -76,7 +76,7 @@ def checkpoint_fp8_method(hf_config: dict) -> tuple[str | None, float | None]:
     if not qc:
         return None, None
     method = qc.get("quant_method")
-    supported = f"supported: FP8 checkpoints of {', '.join(FP8_METHODS)}"
+    supported = f"supported: FP8 checkpoints of {', '.join(FP8_METHODS)}; 4-bit ones of gptq, awq"
     if method == "compressed-tensors":
         _check_compressed_tensors(qc)
         return method, None

@@ -19,6 +19,7 @@ from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm, topk_indices
 from kernels.fp8_linear import FP8_DTYPE, Fp8Weight
+from kernels.int4_linear import Int4GroupWeight, pack_int4_rows
 from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
 # ---- activations ---------------------------------------------------------------------------
@@ -59,6 +60,8 @@ class RMSNorm(nn.Module):
 
 # An FP8 checkpoint's per-layer tensors besides `weight` (gpu_worker/fp8.py).
 FP8_SCALES = ("weight_scale", "input_scale")
+# A GPTQ / AWQ checkpoint's per-layer tensors instead of `weight` (gpu_worker/int4.py).
+INT4_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class Linear(nn.Linear):
@@ -70,6 +73,7 @@ class Linear(nn.Linear):
 
     int4: Int4Weight | None = None
     fp8: Fp8Weight | None = None
+    w4: Int4GroupWeight | None = None  # GPTQ / AWQ 4-bit groups (gpu_worker/int4.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -77,6 +81,8 @@ class Linear(nn.Linear):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fp8 is not None:
             return self.fp8(x, bias)
+        if self.w4 is not None:
+            return self.w4(x, bias)
         if self.int4 is None:
             return linear(x, self.weight, bias)
         y = self.int4(x)
@@ -130,6 +136,87 @@ class Linear(nn.Linear):
             else:
                 self.weight_scale.data[dest : dest + size] = src.rows(start, start + size).float().reshape(size)
 
+    # ---- GPTQ / AWQ (gpu_worker/int4.py) ----
+
+    def expect_int4(self, g_idx: bool) -> None:
+        """Take a GPTQ / AWQ checkpoint's tensors for this layer instead of `weight`: each part's
+        qweight, qzeros, scales (and g_idx) are kept whole as they load, `finish_int4` packs them."""
+        device = self.weight.device
+        self.weight = None
+        for name in INT4_TENSORS if g_idx else INT4_TENSORS[:3]:
+            self.register_parameter(name, nn.Parameter(torch.empty(0, device=device), requires_grad=False))
+        self.__dict__["_int4_parts"] = {}
+
+    def load_int4(self, name: str, src: WeightSource, part: int | None) -> None:
+        self.__dict__["_int4_parts"][(name, part)] = src.full().to(self._parameters[name].device)
+
+    def _int4_columns(self) -> list[tuple[int | None, int, int]]:
+        """(part, first column, columns) of each checkpoint part this rank keeps, in order."""
+        return [(None, 0, self.out_features)]
+
+    def _int4_rows(self) -> tuple[int, int]:
+        """The checkpoint's input rows this rank keeps, of `_int4_full_in`."""
+        return 0, self.in_features
+
+    def _int4_full_in(self) -> int:
+        return self.in_features
+
+    def finish_int4(self, plan, dtype: torch.dtype) -> None:
+        """The loaded parts -> `w4`: unpacked to 4-bit values [K, N], stacked along N, this rank's
+        columns and input rows taken, packed in GPTQ's layout with float zeros (docstring of
+        gpu_worker/int4.py)."""
+        from gpu_worker.int4 import AWQ_ORDER, unpack_cols, unpack_rows
+
+        parts = self.__dict__.pop("_int4_parts")
+        qs, zeros, scales, g_idx = [], [], [], None
+        for part, start, size in self._int4_columns():
+            if ("qweight", part) not in parts:
+                raise ValueError(f"4-bit weights for only some of its stacked projections (part {part} missing)")
+            qw, qz, sc = (parts[(n, part)] for n in INT4_TENSORS[:3])
+            if plan.method == "awq":
+                q, z = unpack_cols(qw, AWQ_ORDER), unpack_cols(qz, AWQ_ORDER)
+            else:
+                q, z = unpack_rows(qw), unpack_cols(qz)
+            if q.shape[1] < start + size or z.shape[1] != q.shape[1] or sc.shape != z.shape:
+                raise ValueError(f"4-bit tensors of part {part} do not fit: qweight unpacks to {list(q.shape)}, "
+                                 f"qzeros to {list(z.shape)}, scales {list(sc.shape)}")
+            qs.append(q[:, start : start + size])
+            zeros.append(z[:, start : start + size] + plan.zero_offset)
+            scales.append(sc[:, start : start + size])
+            if ("g_idx", part) in parts:
+                gi = parts[("g_idx", part)].to(torch.int32)
+                if g_idx is not None and not torch.equal(gi, g_idx):
+                    raise ValueError("its stacked projections have different g_idx (act-order groups)")
+                g_idx = gi
+        q, z, sc = torch.cat(qs, 1), torch.cat(zeros, 1), torch.cat(scales, 1)
+        rows_start, rows_stop = self._int4_rows()
+        k_full, num_groups = q.shape[0], sc.shape[0]
+        if q.shape[1] != self.out_features or k_full != self._int4_full_in():
+            raise ValueError(f"4-bit weights unpack to {list(q.shape)}, expected [{self._int4_full_in()}, "
+                             f"{self.out_features}] (this rank's columns)")
+        group_size = plan.group_size if plan.group_size > 0 else k_full
+        if g_idx is None:
+            g_idx = torch.arange(k_full, dtype=torch.int32, device=q.device) // group_size
+        if int(g_idx.max()) >= num_groups or g_idx.numel() != k_full:
+            raise ValueError(f"g_idx of {g_idx.numel()} rows names groups past the {num_groups} of scales")
+        q, g_idx = q[rows_start:rows_stop], g_idx[rows_start:rows_stop]
+        plain = torch.arange(rows_start, rows_stop, dtype=torch.int32, device=q.device) // group_size
+        if torch.equal(g_idx, plain) and rows_start % group_size == 0:  # keep only this rank's groups
+            first = rows_start // group_size
+            last = -(-rows_stop // group_size)
+            z, sc = z[first:last], sc[first:last]
+            g_idx = None
+        self.w4 = Int4GroupWeight(pack_int4_rows(q), sc.to(dtype).contiguous(), z.to(dtype).contiguous(), g_idx)
+        for name in INT4_TENSORS:
+            self._parameters.pop(name, None)
+
+    def quantize_int4(self, group_size: int) -> None:
+        """Dummy weights under `--quantization gptq|awq`: round to nearest, symmetric, in groups
+        of `group_size` input rows (one group where they do not divide the rows)."""
+        group = group_size if self.in_features % group_size == 0 else -1
+        self.w4 = Int4GroupWeight.quantize(self.weight.data, group, sym=True)
+        self.weight = None
+
     def load_quantized(self, name: str, src: GGUFQuantized, part: int | None) -> None:
         """A quantized checkpoint matrix: this layer's whole weight, or projection `part` of a
         stacked one; packed for the 4-bit kernel once every part is in."""
@@ -168,9 +255,16 @@ class MergedLinear(Linear):
         self.shards = shards
         self.output_sizes = [size for _, size in shards]  # this rank's rows of each projection
 
+    def _int4_columns(self) -> list[tuple[int | None, int, int]]:
+        return [(i, start, size) for i, (start, size) in enumerate(self.shards)]
+
     def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
         """Checkpoint rows -> this rank's rows: of projection `part`, or of each projection
         when the checkpoint holds them stacked in one tensor (part None; GPT-2's c_attn)."""
+        if name in INT4_TENSORS:
+            if part is None:
+                raise ValueError("4-bit weights stacked in one tensor are not supported")
+            return self.load_int4(name, src, part)
         if name in FP8_SCALES:
             parts = range(len(self.shards)) if part is None else [part]
             starts = [sum(self.full_sizes[:i]) if part is None else 0 for i in range(len(self.shards))]
@@ -220,6 +314,8 @@ class RowParallelLinear(Linear):
         super().__init__(shard(in_features, "a projection's input size"), out_features, bias=bias)
 
     def load_param(self, name: str, src: WeightSource, part: int | None) -> None:
+        if name in INT4_TENSORS:
+            return self.load_int4(name, src, part)
         if name in FP8_SCALES:  # every output row is this rank's
             return self._load_fp8_scale(name, src, self.out_features, [(0, 0, self.out_features, 0)])
         if name == "bias":
@@ -229,6 +325,12 @@ class RowParallelLinear(Linear):
         check_shape(src, (self.out_features, self.in_features * tp().size), name)
         start = tp().rank * self.in_features
         self.weight.data.copy_(src.cols(start, start + self.in_features))
+
+    def _int4_rows(self) -> tuple[int, int]:
+        return tp().rank * self.in_features, (tp().rank + 1) * self.in_features
+
+    def _int4_full_in(self) -> int:
+        return self.in_features * tp().size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self._matmul(x, self.bias if tp().rank == 0 else None))

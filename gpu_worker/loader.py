@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpu_worker import fp8
+from gpu_worker import fp8, int4
 from gpu_worker.checkpoint import Checkpoint, read_hf_folder
 from gpu_worker.dummy_weights import LOAD_FORMATS, fill_dummy_weights, read_config_only
 from gpu_worker.gguf_checkpoint import read_gguf
@@ -31,7 +31,7 @@ __all__ = ["LoadedModel", "ModelLoadError", "embedded_gguf_path", "load_model", 
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = (None, "gguf", "none", "fp8")
+QUANTIZATIONS = (None, "gguf", "none", "fp8", "gptq", "awq")
 
 DTYPES = {
     "float16": torch.float16,
@@ -72,7 +72,7 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         # On the CPU a GGUF's 4/8-bit matrices stay quantized (gpu_worker/gguf_quant.py); on a
         # GPU, and split over ranks, they are dequantized to the model's dtype as they load.
         if config.quantization not in QUANTIZATIONS:
-            raise ModelLoadError(f"quantization {config.quantization!r} is not one of gguf, none, fp8")
+            raise ModelLoadError(f"quantization {config.quantization!r} is not one of gguf, none, fp8, gptq, awq")
         keep_quantized = (config.quantization not in ("none", "fp8") and device.type == "cpu"
                           and config.tensor_parallel_size == 1)
         checkpoint = read_checkpoint(config.model, config.revision, keep_quantized)
@@ -87,10 +87,28 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         model_config = build_model_config(model_class, hf_config)
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{name}: config.json does not fit {architecture}: {e!r}") from None
-    try:  # FP8 linears (gpu_worker/fp8.py): made from this checkpoint, or read from an FP8 one
-        fp8_plan = fp8.plan_fp8(config.quantization, hf_config)
+    try:  # 4-bit linears (gpu_worker/int4.py): read from a GPTQ / AWQ checkpoint
+        int4_plan = int4.checkpoint_int4_plan(hf_config)
     except ValueError as e:
         raise ModelLoadError(f"{name}: {e}") from None
+    fp8_plan = None
+    if int4_plan is not None:
+        if config.quantization not in (None, int4_plan.method):
+            raise ModelLoadError(f"{name}: the checkpoint is {int4_plan.method.upper()} (4-bit); --quantization "
+                                 f"{config.quantization} is not supported for it (leave it unset or give "
+                                 f"{int4_plan.method})")
+    elif config.quantization in int4.INT4_METHODS:
+        if not dummy:
+            raise ModelLoadError(f"{name}: --quantization {config.quantization} needs a {config.quantization.upper()} "
+                                 "checkpoint (config.json's quantization_config)")
+        int4_plan = int4.Int4Plan("rtn", int4.DUMMY_GROUP_SIZE)  # random weights: quantized at load
+    else:
+        try:  # FP8 linears (gpu_worker/fp8.py): made from this checkpoint, or read from an FP8 one
+            fp8_plan = fp8.plan_fp8(config.quantization, hf_config)
+        except ValueError as e:
+            raise ModelLoadError(f"{name}: {e}") from None
+    if dummy and int4_plan is not None:
+        int4_plan = int4.Int4Plan("rtn", int4.DUMMY_GROUP_SIZE)
     if fp8_plan is not None and dummy:  # random weights: quantized like a 16-bit checkpoint's
         fp8_plan = fp8.Fp8Plan(quantize=True)
     dtype = resolve_dtype(config.dtype, device, checkpoint.dtype)
@@ -105,18 +123,25 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         try:
             if fp8_plan is not None and not fp8_plan.quantize:
                 tensors = fp8.prepare_checkpoint(module, checkpoint, tensors)
+            if int4_plan is not None:
+                int4.prepare_checkpoint(module, checkpoint)
             module.load_weights(tensors)
         except ValueError as e:
             raise ModelLoadError(f"{name}: {e}") from None
     if config.fp8_lm_head and fp8_plan is None:
         raise ModelLoadError(f"{name}: fp8_lm_head needs FP8 weights (--quantization fp8, or an FP8 checkpoint)")
     num_fp8 = fp8.finish(module, fp8_plan, lm_head=config.fp8_lm_head) if fp8_plan is not None else 0
+    try:
+        num_int4 = int4.finish(module, int4_plan, dtype) if int4_plan is not None else 0
+    except ValueError as e:
+        raise ModelLoadError(f"{name}: {e}") from None
     module.eval()
     kept = sum(getattr(m, "int4", None) is not None for m in module.modules())
-    logger.info("loaded %s (%s) in %s on %s in %.1f s%s%s%s", name, architecture, str(dtype).removeprefix("torch."),
+    logger.info("loaded %s (%s) in %s on %s in %.1f s%s%s%s%s", name, architecture, str(dtype).removeprefix("torch."),
                 device, time.perf_counter() - began, " (dummy weights)" if dummy else "",
                 f", {kept} matrices kept quantized (4-bit kernels)" if kept else "",
-                f", {num_fp8} linears in FP8 ({fp8_plan.method or 'quantized at load'})" if num_fp8 else "")
+                f", {num_fp8} linears in FP8 ({fp8_plan.method or 'quantized at load'})" if num_fp8 else "",
+                f", {num_int4} linears in 4 bits ({int4_plan.method})" if num_int4 else "")
     return LoadedModel(
         model=module,
         num_layers=model_config.num_hidden_layers,

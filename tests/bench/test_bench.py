@@ -147,6 +147,9 @@ def test_config_only_shapes_save_no_weights_and_are_sized_from_their_config(tmp_
     assert fp8.weight_bytes - cost.with_fp8_linears(lm_head=True).weight_bytes == embed
     q06 = ModelCost.of(make_random_model("qwen3-0.6b", str(tmp_path / "q06"), "cuda", weights=False), hw, 2)
     assert q06.tied and q06.with_fp8_linears(lm_head=True) == q06.with_fp8_linears()
+    # GPTQ / AWQ: the decoder's linears at half a byte plus a 16-bit scale and zero per 128 rows.
+    int4 = cost.with_int4_linears()
+    assert cost.weight_bytes - int4.weight_bytes == round((params - 2 * embed) * (2 - 0.5 - 4 / 128))
 
     assert "llama3-70b" in CONFIG_ONLY
     big = make_random_model("llama3-70b", str(tmp_path / "big"), "cuda")  # no weights: nothing made on a GPU

@@ -345,9 +345,9 @@ def load_error(model: Path, **kw: object) -> str:
 
 def test_unsupported_quantization_configs_name_what_is_wrong(llama, tmp_path) -> None:
     folder, hf_model = llama
-    gptq = write_fp8_checkpoint(folder, tmp_path / "gptq", {"quant_method": "gptq", "bits": 4}, {})
-    assert "quantization_config quant_method 'gptq' is not supported (supported: FP8 checkpoints of " \
-        "compressed-tensors, fbgemm_fp8, fp8)" in load_error(gptq)
+    bnb = write_fp8_checkpoint(folder, tmp_path / "bnb", {"quant_method": "bitsandbytes", "load_in_4bit": True}, {})
+    assert "quantization_config quant_method 'bitsandbytes' is not supported (supported: FP8 checkpoints of " \
+        "compressed-tensors, fbgemm_fp8, fp8; 4-bit ones of gptq, awq)" in load_error(bnb)
     block_wise = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     blocks = write_fp8_checkpoint(folder, tmp_path / "block", block_wise, {})
     assert "weight_block_size [128, 128] (block-wise FP8) is not supported" in load_error(blocks)
