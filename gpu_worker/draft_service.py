@@ -71,6 +71,8 @@ def draft_engine_config(config: EngineConfig, setup: DraftSetup) -> EngineConfig
         config, model=spec.model, tokenizer=None, revision=None, served_model_name=None, max_model_len=None,
         num_gpu_blocks_override=setup.num_blocks, tensor_parallel_size=1, data_parallel_size=1,
         speculative_config=None,
+        # A GPTQ / AWQ target names its checkpoint's format; the draft's own config.json says its.
+        quantization=None if config.quantization in ("gptq", "awq") else config.quantization,
         # The catch-up steps (the target's token and the kept drafts of up to
         # disable_by_batch_size requests) replay CUDA graphs like the decode steps.
         cuda_graph_mixed_tokens=max(config.cuda_graph_mixed_tokens, DRAFT_MIXED_GRAPH_TOKENS),

@@ -269,3 +269,18 @@ def test_int4_checkpoint_on_gpu_in_bf16_with_cuda_graphs(method, llama, prompts,
     cpu = runner_last_logits(make_runner(str(checkpoint)), prompts, last=LAST)
     assert relative_error(ours, cpu) < 0.05
     assert (ours.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.8
+
+
+def test_a_draft_model_under_a_gptq_target_reads_its_own_format() -> None:
+    """--quantization gptq names the target's checkpoint format: the draft worker's config leaves
+    it unset (its own config.json decides), while fp8 (made at load) applies to both."""
+    from gpu_worker.draft_service import draft_engine_config
+    from protocol.config import EngineConfig
+    from protocol.messages import DraftSetup
+
+    spec = json.dumps({"method": "draft_model", "model": "draft", "num_speculative_tokens": 3})
+    setup = DraftSetup(num_blocks=64, max_model_len=256, vocab_size=100)
+    for quantization, drafts in (("gptq", None), ("awq", None), ("fp8", "fp8"), (None, None)):
+        target = EngineConfig(model="target", quantization=quantization, speculative_config=spec)
+        draft = draft_engine_config(target, setup)
+        assert draft.model == "draft" and draft.quantization == drafts
