@@ -147,10 +147,7 @@ def prepare_checkpoint(
         scale = next((s for s in FP8_SCALES if name.endswith("." + s)), None)
         if scale is None or name.endswith(SKIPPED_SUFFIXES):
             continue
-        target, part = model._our_name(name)
-        module_name = target.rpartition(".")[0]
-        if module_name not in modules and model.base_prefix + module_name in modules:
-            module_name = model.base_prefix + module_name
+        module_name, part = model._our_module(name, modules)
         layer = modules.get(module_name)
         if not isinstance(layer, Linear):
             raise ValueError(f"weight {name}: FP8 for a layer Pagoda keeps unquantized (or does not have)")

@@ -88,11 +88,6 @@ def unpack_cols(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) 
     return out.reshape(packed.shape[0], -1)
 
 
-def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C] packed along rows (input row 8r + j in bits 4j of row r) -> int32 [8R, C]."""
-    return unpack_cols(packed.t().contiguous()).t()
-
-
 def prepare_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> int:
     """Make each linear whose checkpoint tensors are 4-bit take them (`Linear.expect_int4`). The
     number of such linears. ValueError: a quantized layer Pagoda keeps unquantized."""
@@ -106,10 +101,7 @@ def prepare_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> int:
         tensor = name.rpartition(".")[2]
         if tensor not in INT4_TENSORS:
             continue
-        target, part = model._our_name(name)
-        module_name = target.rpartition(".")[0]
-        if module_name not in modules and model.base_prefix + module_name in modules:
-            module_name = model.base_prefix + module_name
+        module_name, part = model._our_module(name, modules)
         layer = modules.get(module_name)
         if not isinstance(layer, (MergedLinear, RowParallelLinear)):
             raise ValueError(f"weight {name}: 4-bit for a layer Pagoda keeps unquantized (or does not have)")

@@ -19,7 +19,7 @@ from gpu_worker.parallel import all_reduce, shard, tp
 from gpu_worker.weight_source import WeightSource
 from kernels import fused_add_rms_norm, linear, rms_norm, topk_indices
 from kernels.fp8_linear import FP8_DTYPE, Fp8Weight
-from kernels.int4_linear import Int4GroupWeight, pack_int4_rows
+from kernels.int4_linear import Int4GroupWeight, pack_int4_rows, unpack_int4_rows
 from kernels.quant_linear import Int4Parts, Int4Weight, Int8RowWeight
 
 # ---- activations ---------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class Linear(nn.Linear):
         """The loaded parts -> `w4`: unpacked to 4-bit values [K, N], stacked along N, this rank's
         columns and input rows taken, packed in GPTQ's layout with float zeros (docstring of
         gpu_worker/int4.py)."""
-        from gpu_worker.int4 import AWQ_ORDER, unpack_cols, unpack_rows
+        from gpu_worker.int4 import AWQ_ORDER, unpack_cols
 
         parts = self.__dict__.pop("_int4_parts")
         qs, zeros, scales, g_idx = [], [], [], None
@@ -176,7 +176,7 @@ class Linear(nn.Linear):
             if plan.method == "awq":
                 q, z = unpack_cols(qw, AWQ_ORDER), unpack_cols(qz, AWQ_ORDER)
             else:
-                q, z = unpack_rows(qw), unpack_cols(qz)
+                q, z = unpack_int4_rows(qw), unpack_cols(qz)
             if q.shape[1] < start + size or z.shape[1] != q.shape[1] or sc.shape != z.shape:
                 raise ValueError(f"4-bit tensors of part {part} do not fit: qweight unpacks to {list(q.shape)}, "
                                  f"qzeros to {list(z.shape)}, scales {list(sc.shape)}")

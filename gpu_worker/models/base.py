@@ -139,6 +139,14 @@ class CausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
         self.output_layer().prepare_logits()
 
+    def _our_module(self, name: str, modules: dict[str, nn.Module]) -> tuple[str, int | None]:
+        """The name of our module that takes checkpoint tensor `name`, and its row block."""
+        target, part = self._our_name(name)
+        module_name = target.rpartition(".")[0]
+        if module_name not in modules and self.base_prefix + module_name in modules:
+            module_name = self.base_prefix + module_name
+        return module_name, part
+
     def _our_name(self, name: str) -> tuple[str, int | None]:
         """Our parameter for checkpoint tensor `name`, and its row block if it is stacked."""
         for ours, hf_key in self.moved_modules.items():
