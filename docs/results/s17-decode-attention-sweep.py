@@ -1,7 +1,8 @@
 """The CUDA-core decode attention kernel (docs/results/s17-decode-attention-kernel.diff, applied
 first) against the tensor-core varlen kernel: T's shape (256 sequences of 100..1100 keys, 16/8
 heads) and llama3-8b's (32/8) at batch 64 and 1; bf16 and fp8 caches. Each variant: max error
-against fp32 attention, time of 20 launches replayed in a CUDA graph (best of 10), registers.
+against fp32 attention, time of 20 launches in one CUDA graph (`bench.kernels.timed_in_graph`:
+the median a launch; session 17's figures took the best of 10 replays), registers.
 One JSON line a variant, then the six best of each case. CASES=T,L64,L1 narrows the cases."""
 
 from __future__ import annotations
@@ -14,34 +15,12 @@ import os
 import torch
 
 import kernels.triton_paged_attention as tpa
+from bench.kernels import timed_in_graph
 from kernels.paged_attention import paged_attention_ref
 from kernels.triton_paged_attention import AttentionConfig, paged_attention_triton
 
 D, BS = 128, 16
 SEEN: set[int] = set()
-
-
-def timed(f, n: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / n * 1e3)
-    return min(times)
 
 
 def registers() -> dict:
@@ -96,7 +75,7 @@ def case(name: str, heads: int, kv_heads: int, lens: list[int], variants: list[V
             row = {"case": name, "dtype": dtype_name, "variant": label}
             try:
                 err = (run().float() - ref).abs().max().item()
-                us = timed(run)
+                us = timed_in_graph([run] * 20) * 1e6
             except Exception as e:  # a tiling that does not compile: reported, the sweep goes on
                 row["error"] = str(e)[:300]
             else:

@@ -1,43 +1,25 @@
 """The W4A16 GEMV at one row, llama3-8b's projections, group 128, bf16: the default kernel's
 tilings and, with docs/results/s17-int4-lean-gemv.diff applied, the lean kernel's; bf16 cuBLAS
-beside. Weights cycled past L2 (copies of each) in one CUDA graph per variant, best
-of 10 replays. One JSON line a projection: the six best variants and their error against the
-reference (max over the output's largest value)."""
+beside. Weights cycled past L2 (copies of each) in one CUDA graph per variant
+(`bench.kernels.timed_in_graph`: the median a call; session 17's figures took the best of 10).
+One JSON line a projection: the six best variants and their error against the reference (max
+over the output's largest value)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 
 import torch
 
+from bench.kernels import timed_in_graph
 from kernels.int4_linear import Int4GroupWeight, w4a16_linear_ref
 from kernels.triton_int4_linear import Int4GemvConfig, gemv_config, w4a16_linear_triton
 
 PROJECTIONS = {"o": (4096, 4096), "qkv": (4096, 6144), "gate_up": (4096, 28672), "down": (14336, 4096)}
 LEAN = "lean" in {f.name for f in dataclasses.fields(Int4GemvConfig)}
-
-
-def timed(f, reps: int) -> float:
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        f()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return round(min(times), 2)
 
 
 def main() -> None:
@@ -51,22 +33,17 @@ def main() -> None:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         first = weights[0]
         ref = w4a16_linear_ref(x, first.qweight, first.scales, first.zeros).float()
-
-        def cublas(x=x, dense=dense):
-            return [torch.nn.functional.linear(x, w) for w in dense]
-
-        row = {"projection": name, "cublas_bf16_us": timed(cublas, num_dense)}
+        cublas = [functools.partial(torch.nn.functional.linear, x, w) for w in dense]
+        row = {"projection": name, "cublas_bf16_us": round(timed_in_graph(cublas) * 1e6, 2)}
         results = []
         kinds = (False, True) if LEAN else (False,)
         for lean, bn, bk, warps in itertools.product(kinds, (4, 8, 16, 32), (512, 1024, 2048), (2, 4, 8)):
             cfg = Int4GemvConfig(bn, min(bk, k), warps, **({"lean": lean} if LEAN else {}))
-
-            def run(cfg=cfg, x=x, weights=weights):
-                return [w4a16_linear_triton(x, w.qweight, w.scales, w.zeros, config=cfg) for w in weights]
-
+            calls = [functools.partial(w4a16_linear_triton, x, w.qweight, w.scales, w.zeros, config=cfg)
+                     for w in weights]
             out = w4a16_linear_triton(x, first.qweight, first.scales, first.zeros, config=cfg).float()
             err = round(((out - ref).abs().max() / ref.abs().max()).item(), 4)
-            results.append((timed(run, copies), str(cfg), err))
+            results.append((round(timed_in_graph(calls) * 1e6, 2), str(cfg), err))
         results.sort()
         default = str(gemv_config(1, n, k))
         row["default"] = [r for r in results if r[1] == default]
