@@ -6,6 +6,12 @@ each attention layer gets views of its slice. The scheduler hands out the block 
 `--kv-cache-dtype fp8` stores that tensor in float8 e4m3 (one byte an element: twice the blocks
 in the same memory); each attention layer keeps its K and V scales as Python floats (1.0 unless
 set before the cache is bound), which the write and attention kernels take (kernels/kv_cache.py).
+On CUDA an fp8 V cache keeps each block's memory as [kv_heads, head_dim, block_size] (a block's
+keys contiguous for each d; `kernels.kv_cache.keys_contiguous`), viewed back in the usual index
+order, because attention's P.V product contracts over keys and the tensor cores want neighbouring
+keys paired in a register. `PAGODA_V_CACHE_LAYOUT=head_dim` keeps the usual layout (`keys`
+forces the other on a GPU for any dtype). K, block copies and block sizes are the same either way.
+
 Checkpoints that ship per-layer k_scale / v_scale (vLLM's `*.k_scale`, `*.v_scale`) are not read
 yet: the loader would have to map them onto `Attention.k_scale` / `v_scale` before this binds.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
@@ -21,7 +28,7 @@ from gpu_worker.attention import AttentionMetadata
 from gpu_worker.loader import LoadedModel, ModelLoadError
 from gpu_worker.parallel import min_over_ranks
 from gpu_worker.transfer import to_device
-from kernels.kv_cache import FP8_KV_DTYPE, as_bytes
+from kernels.kv_cache import FP8_KV_DTYPE, as_bytes, keys_contiguous_view
 from protocol.config import KV_CACHE_DTYPES, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -30,6 +37,19 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 # Left free on the GPU beyond the largest step's activations (the CUDA graphs' pool, Triton's
 # kernels, allocator slack).
 HEADROOM_BYTES = 1 << 30
+
+V_CACHE_LAYOUTS = ("auto", "head_dim", "keys")
+_V_CACHE_LAYOUT = os.environ.get("PAGODA_V_CACHE_LAYOUT", "auto")
+if _V_CACHE_LAYOUT not in V_CACHE_LAYOUTS:
+    raise ValueError(f"PAGODA_V_CACHE_LAYOUT must be one of {', '.join(V_CACHE_LAYOUTS)}, not {_V_CACHE_LAYOUT!r}")
+
+
+def v_keys_contiguous(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the V cache is laid out with a block's keys contiguous (see the module's doc).
+    Only on CUDA: the CPU's kernels read the usual layout."""
+    if device.type != "cuda" or _V_CACHE_LAYOUT == "head_dim":
+        return False
+    return _V_CACHE_LAYOUT == "keys" or dtype == FP8_KV_DTYPE
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -98,8 +118,11 @@ class KVCache:
         loaded = self.loaded
         shape = (loaded.num_layers, 2, num_blocks, self.block_size, loaded.num_kv_heads, loaded.head_dim)
         kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        keys = v_keys_contiguous(self.device, self.dtype)
         for layer, attn in enumerate(loaded.model.attention_layers()):
             attn.k_cache, attn.v_cache = kv_cache[layer, 0], kv_cache[layer, 1]
+            if keys:
+                attn.v_cache = keys_contiguous_view(attn.v_cache)
             attn.q_dtype = loaded.dtype
             # Plain floats, read once here: the kernels take them as constants (CUDA graphs).
             attn.k_scale, attn.v_scale = _scale(attn.k_scale, layer, "k"), _scale(attn.v_scale, layer, "v")

@@ -32,6 +32,24 @@ def as_bytes(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.uint8) if is_fp8(cache) else cache
 
 
+def keys_contiguous(cache: torch.Tensor) -> bool:
+    """Whether `cache` (indexed [block, slot, kv head, d] like every cache) stores a block's
+    slots contiguously for each (kv head, d): memory [num_blocks, num_kv_heads, head_dim,
+    block_size], as `keys_contiguous_view` makes it. The V cache on CUDA is laid out so (see
+    `gpu_worker.kv_cache`): attention's P.V product contracts over keys, and its tensor-core
+    operand wants neighbouring keys in one register, which a d-contiguous fp8 cache can only
+    give byte by byte."""
+    return cache.dim() == 4 and cache.shape[1] > 1 and cache.stride(1) == 1 and cache.stride(3) == cache.shape[1]
+
+
+def keys_contiguous_view(blocks: torch.Tensor) -> torch.Tensor:
+    """A contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensor's memory taken as
+    [num_blocks, num_kv_heads, head_dim, block_size], viewed back in the usual index order.
+    A block keeps its bytes, so whole-block copies (copy-on-write) need not know the layout."""
+    num_blocks, block_size, num_kv_heads, head_dim = blocks.shape
+    return blocks.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+
+
 def write_kv_ref(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -45,9 +63,9 @@ def write_kv_ref(
     """Store token t's key and value at cache slot `slot_mapping[t]`, in place.
 
     k, v: [T, num_kv_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
-    head_dim]; slot_mapping: [T] int, slot = block_id * block_size + offset in the block; a
-    negative slot marks a padding token, whose K/V are dropped (as the Triton kernel does).
-    An fp8 cache stores k / k_scale and v / v_scale (`quantize_fp8`).
+    head_dim] (contiguous, or `keys_contiguous`); slot_mapping: [T] int, slot = block_id *
+    block_size + offset in the block; a negative slot marks a padding token, whose K/V are
+    dropped (as the Triton kernel does). An fp8 cache stores k / k_scale and v / v_scale (`quantize_fp8`).
     """
     if slot_mapping.numel() and int(slot_mapping.min()) < 0:
         keep = slot_mapping >= 0
@@ -55,7 +73,10 @@ def write_kv_ref(
     if is_fp8(k_cache):
         k, v = as_bytes(quantize_fp8(k, k_scale)), as_bytes(quantize_fp8(v, v_scale))
     k_cache, v_cache = as_bytes(k_cache), as_bytes(v_cache)
-    num_blocks, block_size = k_cache.shape[:2]
-    # A flat view makes a slot a plain row index: one scatter per tensor, no per-token loop.
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        num_blocks, block_size = cache.shape[:2]
+        if cache.is_contiguous():
+            # A flat view makes a slot a plain row index: one scatter, no per-token loop.
+            cache.view(num_blocks * block_size, *cache.shape[2:]).index_copy_(0, slot_mapping, x)
+        else:  # keys_contiguous: index (block, slot)
+            cache[slot_mapping // block_size, slot_mapping % block_size] = x

@@ -67,6 +67,15 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int)
     return tokens.transpose(1, 2)
 
 
+def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Cache rows [len(slots), num_kv_heads, d] at flat slots (block * block_size + offset)."""
+    cache = as_bytes(cache)
+    if cache.is_contiguous():
+        return cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+    block_size = cache.shape[1]
+    return cache[slots // block_size, slots % block_size]
+
+
 def _dequantize(gathered: torch.Tensor, cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows gathered from `cache` in `dtype`: an fp8 cache's (gathered as uint8, since PyTorch's
     CPU gathers and scatters do not all take float8) reinterpreted and widened, exactly (every
@@ -128,8 +137,7 @@ def decode_attention(
     b, num_heads, d = q.shape
     num_kv_heads = k_cache.shape[2]
     flat = slots.flatten()
-    k = as_bytes(k_cache).view(-1, num_kv_heads, d).index_select(0, flat).view(b, -1, num_kv_heads, d)
-    v = as_bytes(v_cache).view(-1, num_kv_heads, d).index_select(0, flat).view(b, -1, num_kv_heads, d)
+    k, v = (_gather_slots(cache, flat).view(b, -1, num_kv_heads, d) for cache in (k_cache, v_cache))
     k, v = _dequantize(k, k_cache, q.dtype), _dequantize(v, v_cache, q.dtype)
     fp8 = is_fp8(k_cache)
     # SDPA rather than matmul-softmax-matmul: a row's numbers then do not depend on how far the

@@ -20,14 +20,20 @@ multiple of 8: group 128 under the GEMV's 512 keys), or gathered per input row t
   to bf16 / fp16 (2^-9 / 2^-12 relative) is the one difference from the reference beyond the
   order of the sums.
 
-Default tilings (`gemv_config`, `dot_config`), NOT tuned on a GPU: chosen from one H200 run of
-a handful of candidates each at llama3-8b's four projections, bf16, group 128, times of CUDA
-graph replays (`triton.testing.do_bench_cudagraph`); no sweep, no profile.
-- GEMV: 8 columns (GPTQ's words are contiguous along N: 32 bytes, a whole DRAM sector, of each
-  packed row) x 512 keys, 4 warps. At one row 15.3 / 15.4 / 69.7 / 54.9 us (o / qkv / gate_up /
-  down), within 16% of the best of five other tilings at each, but SLOWER than bf16 cuBLAS
-  (10.4 / 15.3 / 56.3 / 31.6 us) while reading a quarter of the bytes: not bound by memory;
-  likely by its instructions (each thread sharing a word row reloads x per nibble; unprofiled).
+Default tilings (`gemv_config`, `dot_config`): chosen from H200 runs at llama3-8b's four
+projections, bf16, group 128, times of CUDA graph replays.
+- One row, groups of whole words (GPTQ's and AWQ's usual 128, no act-order): the lean GEMV
+  (`_w4a16_gemv_lean_kernel`), 8 warps; 8 columns x 2,048 keys, 1,024 keys where N > 4,096 >= K
+  (q/k/v), 32 x 512 where N >= 16,384 (gate/up); the best of 36 lean tilings at each projection
+  (session 18's sweep, weights cycled past L2): 6.8 / 9.8 / 33.6 / 19.7 us (o / qkv / gate_up
+  / down), against the plain GEMV's 16.2 / 16.8 / 72.2 / 54.9 and bf16 cuBLAS's 13.5 / 17.1 /
+  63.4 / 35.7: 1.2 to 1.7 TB/s of packed weights.
+- The plain GEMV (2-4 rows, act-order, groups of part words): 8 columns (GPTQ's words are
+  contiguous along N: 32 bytes, a whole DRAM sector, of each packed row) x 512 keys, 4 warps. At
+  one row 15.3 / 15.4 / 69.7 / 54.9 us (o / qkv / gate_up / down), within 16% of the best of
+  five other tilings at each, but SLOWER than bf16 cuBLAS (10.4 / 15.3 / 56.3 / 31.6 us) while
+  reading a quarter of the bytes: bound by its instructions (about 12 a weight compiled for
+  sm_90, a quarter-rate int-to-float among them; the lean kernel about 9).
   Per-row multiply-adds grow with the rows: 25 us at 4 rows, 63 at 8, 266 at 16 (o).
 - 5..16 rows: the tensor-core kernel with 16 x 32 x 256 tiles, 4 warps, 4 stages: 38.7 and
   38.6 us at 8 and 16 rows (o), 86 (gate_up), against the GEMV's 63 / 266 and 227 / 793.
@@ -165,6 +171,60 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit(do_not_specialize=["M"])
+def _w4a16_gemv_lean_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, M, N, K, group_size, stride_xm, stride_om,
+    GROUPS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
+):
+    """One row (BLOCK_M 1) with groups of whole words (GROUPS 0 or 1), fewer instructions a
+    weight than `_w4a16_gemv_kernel`: the scale and zero factored out of each word's 8-term sum,
+
+        sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j),
+
+    each x value loaded once per word row and shared by the thread's columns, and each nibble
+    widened without an int-to-float conversion: placed in mantissa bits 19..22 of 1.0 it is the
+    fp32 f = 1 + q / 16, and sum_j q_j x_j = 16 (sum_j f_j x_j - sum_j x_j), whose subtraction
+    loses about 2^-24 of sum |x_j| (f is within [1, 2), so no large terms cancel): a shift, a
+    logic op and a multiply-add a weight."""
+    pdl_trigger(PDL)
+    BKP: tl.constexpr = BLOCK_K // 8
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    i = tl.arange(0, BKP)
+    acc = tl.zeros([BKP, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K and EVEN_N:  # unmasked: a thread's columns load as one vector
+            words_ok = tl.full(i.shape, 1, tl.int1)
+            packed = tl.load(qw_ptr + (k0 // 8 + i)[:, None] * N + cols[None, :])
+        else:
+            packed, words_ok = _load_words(qw_ptr, k0, i, cols, col_ok, N, K, EVEN_K)
+        packed = packed.to(tl.uint32, bitcast=True)
+        if GROUPS == 0:  # the tile in one group: a row of scales
+            off = (k0 // group_size) * N + cols
+            s = tl.load(s_ptr + off, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + off, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        else:  # a group per word
+            s, z = _word_scales(k0 + 8 * i, words_ok, cols, col_ok, s_ptr, z_ptr, g_ptr, group_size, N, False)
+        if k0 == 0:
+            pdl_wait(PDL)  # x is written by the kernel before; the weights are constants
+        fx = tl.zeros([BKP, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BKP, 1], dtype=tl.float32)
+        for j in tl.static_range(8):
+            # [BKP, 1]: loaded in the packed tile's layout, each thread's x shared by its columns
+            x = tl.load(x_ptr + k0 + 8 * i[:, None] + j, mask=words_ok[:, None], other=0.0).to(tl.float32)
+            # The nibble as mantissa bits 19..22 of 1.0: f = 1 + q / 16, exactly.
+            f = ((((packed >> (4 * j)) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+            fx += f * x
+            xs += x
+        # sum_j (q_j - z) x_j = 16 (sum_j f_j x_j - sum_j x_j) - z sum_j x_j
+        acc += s * (16.0 * (fx - xs) - z * xs)
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _w4a16_dot_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, M, N, K, group_size, stride_xm, stride_om,
     GROUPS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -224,6 +284,7 @@ class Int4GemvConfig:
     block_n: int
     block_k: int
     num_warps: int
+    lean: bool = False  # one row, groups of whole words: `_w4a16_gemv_lean_kernel`
 
 
 @dataclass(frozen=True)
@@ -239,10 +300,14 @@ class Int4DotConfig:
     group_m: int = 8
 
 
-def gemv_config(m: int, n: int, k: int) -> Int4GemvConfig:
-    """8 columns x 512 keys, 4 warps (the top of this file), the key tile at most K rounded up to
-    a power of two; past 4 rows (explicit configs only) it shrinks as the rows grow, 256 at 8,
-    128 at 16: 16,384 products a step, 54 to 80 registers compiled for sm_90, no spills."""
+def gemv_config(m: int, n: int, k: int, lean: bool = True) -> Int4GemvConfig:
+    """One row (lean: the caller's groups fit `_w4a16_gemv_lean_kernel`): the lean kernel's tiling
+    by shape (the top of this file). Otherwise 8 columns x 512 keys, 4 warps, the key tile at most
+    K rounded up to a power of two; past 4 rows (explicit configs only) it shrinks as the rows
+    grow, 256 at 8, 128 at 16: 16,384 products a step, 54 to 80 registers compiled for sm_90."""
+    if m == 1 and lean:
+        block_n, block_k = (32, 512) if n >= 16384 else (8, 1024) if n > 4096 >= k else (8, 2048)
+        return Int4GemvConfig(block_n, max(8, min(block_k, triton.next_power_of_2(k))), num_warps=8, lean=True)
     block_m = triton.next_power_of_2(max(m, 1))
     block_k = min(512, 2048 // block_m, triton.next_power_of_2(k))
     return Int4GemvConfig(block_n=8, block_k=max(8, block_k), num_warps=4)
@@ -308,6 +373,9 @@ def w4a16_linear_triton(
         bias = bias.contiguous()
     cfg = config or (gemv_config(m, n, k) if m <= GEMV_ROWS else dot_config(m, n, k, g_idx is not None))
     groups, group_size = _groups(cfg.block_k, k, num_groups, g_idx is not None)
+    if config is None and isinstance(cfg, Int4GemvConfig) and cfg.lean and groups == GROUP_PER_ROW:
+        cfg = gemv_config(m, n, k, lean=False)  # act-order or groups of part words: the plain GEMV
+        groups, group_size = _groups(cfg.block_k, k, num_groups, g_idx is not None)
     args = (x2, qweight, scales, zeros, g_idx if g_idx is not None else qweight, bias if bias is not None else scales,
             out2, m, n, k, group_size, x2.stride(0), out2.stride(0))
     flags = dict(GROUPS=groups, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
@@ -315,6 +383,11 @@ def w4a16_linear_triton(
     if isinstance(cfg, Int4GemvConfig):
         if m > GEMV_MAX_ROWS:
             raise ValueError(f"the GEMV takes at most {GEMV_MAX_ROWS} rows, got {m}")
+        if cfg.lean and m == 1 and groups != GROUP_PER_ROW:
+            _w4a16_gemv_lean_kernel[(triton.cdiv(n, cfg.block_n),)](
+                *args, BLOCK_M=1, EVEN_N=n % cfg.block_n == 0, **flags
+            )
+            return out
         _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
             *args, BLOCK_M=triton.next_power_of_2(m), **flags,
         )

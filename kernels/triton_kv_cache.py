@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import FP8_MAX, is_fp8
+from kernels.kv_cache import FP8_MAX, is_fp8, keys_contiguous
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
@@ -48,7 +48,7 @@ def to_e4m3(x, inv_scale, EMULATE: tl.constexpr):
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     k_inv_scale, v_inv_scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, EMULATE: tl.constexpr,
@@ -69,7 +69,7 @@ def _write_kv_kernel(
         k = to_e4m3(k, k_inv_scale, EMULATE)
         v = to_e4m3(v, v_inv_scale, EMULATE)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims * stride_vcd
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
@@ -95,8 +95,10 @@ def write_kv_triton(
         raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
     if slot_mapping.shape != (num_tokens,):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} is not one slot per token ({num_tokens})")
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the head dimension of k, v and the caches must be contiguous")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("the head dimension of k, v and the K cache must be contiguous")
+    if v_cache.stride(-1) != 1 and not keys_contiguous(v_cache):
+        raise ValueError("the V cache must be contiguous in its head dimension or in its slots")
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"cache dtypes differ: k {k_cache.dtype}, v {v_cache.dtype}")
     if num_tokens == 0:
@@ -105,7 +107,7 @@ def write_kv_triton(
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         1.0 / k_scale, 1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),

@@ -21,11 +21,18 @@ cache) and widened in registers before each product, to fp16 for a bf16 model (q
 once: e4m3 -> fp16 is one instruction for two values, -> bf16 one more for each) and to q's
 dtype otherwise; k_scale is folded into the softmax scale on the host and v_scale multiplies
 the output. The output keeps q's dtype.
+
+The V cache may be `keys_contiguous` (kernels/kv_cache.py: each block's memory [kv_heads, d,
+block_size], what the GPU worker binds for an fp8 cache): P.V contracts over keys, and its
+tensor-core operand wants neighbouring keys in one register, which a d-contiguous e4m3 tile gives
+only byte by byte out of shared memory (on the H200, T's decode attention over fp8: 147 us
+against 162). V_RUN tells the loads how many keys of a tile lie at consecutive addresses.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import is_fp8
+from kernels.kv_cache import is_fp8, keys_contiguous
 from kernels.pdl import pdl_begin, pdl_kwargs
 
 LOG2_E = 1.4426950408889634
@@ -73,10 +80,10 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _attend_tile(
     q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     dims, dim_ok,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr, V_RUN: tl.constexpr,
 ):
     """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into the running softmax of each row."""
     keys = tile * TILE_N + tl.arange(0, TILE_N)
@@ -89,7 +96,12 @@ def _attend_tile(
         kv_ok = dim_ok[None, :]
     in_block = (keys % BLOCK_SIZE)[:, None]
     k_ptrs = k_cache_ptr + block[:, None] * stride_kb + in_block * stride_ks + kv_head * stride_kh + dims[None, :]
-    v_ptrs = v_cache_ptr + block[:, None] * stride_vb + in_block * stride_vs + kv_head * stride_vh + dims[None, :]
+    if V_RUN:  # V `keys_contiguous`: runs of V_RUN keys at consecutive addresses for each d
+        v_off = block[:, None] * stride_vb + in_block + kv_head * stride_vh + dims[None, :] * stride_vd
+        v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_RUN, 1]), [V_RUN, 1])
+        v_ptrs = v_cache_ptr + v_off
+    else:
+        v_ptrs = v_cache_ptr + block[:, None] * stride_vb + in_block * stride_vs + kv_head * stride_vh + dims[None, :]
     # Open tiles of a power-of-two head dim load unmasked: the common case stays branch-free.
     if MASKED or not EVEN_D:
         k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
@@ -121,12 +133,12 @@ def _paged_attention_kernel(
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale, v_scale, first_seq, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
-    PDL: tl.constexpr,
+    V_RUN: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
     # Grid axis 0 is (q block, kv head), the kv head fastest: the programs running at once read
@@ -188,14 +200,14 @@ def _paged_attention_kernel(
     for tile in range(tile_lo, tl.minimum(tile_hi, num_open_tiles)):
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
-            TILE_N, BLOCK_SIZE, False, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST, KV_FP8,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, dims, dim_ok,
+            TILE_N, BLOCK_SIZE, False, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST, KV_FP8, V_RUN,
         )
     for tile in range(tl.maximum(tile_lo, num_open_tiles), tile_hi):
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, q_pos, kv_end, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, dim_ok,
-            TILE_N, BLOCK_SIZE, True, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST, KV_FP8,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, dims, dim_ok,
+            TILE_N, BLOCK_SIZE, True, HEAD_DIM == HEAD_DIM_PAD, DOT_PRECISION, UPCAST, KV_FP8, V_RUN,
         )
 
     # l_i >= 1 once any key is folded in (the row's maximum adds exp2(0)); a slice with no tiles
@@ -290,6 +302,10 @@ def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
 
 # Query groups of 2 (qwen3-0.6b's 16/8 heads) stream 64-key tiles faster; groups of 4 keep 32.
 _DECODE_TILINGS_GROUP_2 = [(16, 64, 4, 5)] + _DECODE_TILINGS
+# Over an fp8 cache whose V keeps a block's keys contiguous, groups of 2 take 2 warps (measured at
+# T's decode shapes on the H200: 147 us against 162 for 4 warps over a d-contiguous V; 4 warps
+# over the same V, 195 us: the warps then each hold a larger share of the widened tile).
+_DECODE_TILINGS_GROUP_2_FP8_KEYS = [(16, 64, 2, 5)] + _DECODE_TILINGS_GROUP_2
 _ENV_DECODE_TILING = _tiling_from_env("PAGODA_ATTN_DECODE_TILING")
 _PREFILL_TILINGS = [(128, 64, 8, 5), (128, 32, 8, 5), (64, 32, 4, 5), (64, 16, 4, 3)]
 
@@ -309,12 +325,18 @@ def _shared_bytes(
 
 
 def _tiling(
-    decode: bool, group: int, head_dim: int, elem_size: int, limits: DeviceLimits, kv_elem_size: int | None = None
+    decode: bool, group: int, head_dim: int, elem_size: int, limits: DeviceLimits, kv_elem_size: int | None = None,
+    v_keys: bool = False,
 ) -> tuple[int, ...]:
     """(rows, key tile, warps, stages): the first tiling of the list that fits the device."""
     d = max(16, triton.next_power_of_2(head_dim))
     if decode:
-        listed = _ENV_DECODE_TILING + (_DECODE_TILINGS_GROUP_2 if group == 2 else _DECODE_TILINGS)
+        if group == 2:
+            fp8_keys = v_keys and kv_elem_size == 1
+            by_group = _DECODE_TILINGS_GROUP_2_FP8_KEYS if fp8_keys else _DECODE_TILINGS_GROUP_2
+        else:
+            by_group = _DECODE_TILINGS
+        listed = _ENV_DECODE_TILING + by_group
     else:
         listed = _PREFILL_TILINGS
     tilings = [(max(m, triton.next_power_of_2(group)), *rest) for m, *rest in listed]
@@ -335,17 +357,18 @@ def choose_config(
     limits: DeviceLimits,
     max_seq_len: int | None = None,
     kv_elem_size: int | None = None,
+    v_keys: bool = False,
 ) -> AttentionConfig:
     """Tiles from the shapes alone (no device sync, so a CUDA graph can capture the call).
 
     Decode-only batches (one token per sequence) take 16-row tiles and split the keys when
     there are too few programs to keep every SM streaming; batches with prefill chunks take
     128-row tiles, the size at which the tensor cores do the work. elem_size is q's element
-    size, kv_elem_size the cache's where it differs (fp8).
+    size, kv_elem_size the cache's where it differs (fp8); v_keys: the V cache is `keys_contiguous`.
     """
     group = num_heads // num_kv_heads
     block_m, tile_n, num_warps, num_stages = _tiling(
-        num_tokens == num_seqs, group, head_dim, elem_size, limits, kv_elem_size
+        num_tokens == num_seqs, group, head_dim, elem_size, limits, kv_elem_size, v_keys
     )
     block_q = block_m // group
     programs = (num_tokens // block_q + num_seqs) * num_kv_heads
@@ -367,12 +390,15 @@ def possible_configs(
     elem_size: int,
     limits: DeviceLimits,
     kv_elem_size: int | None = None,
+    v_keys: bool = False,
 ) -> list[AttentionConfig]:
     """Every config `choose_config` can return for one model's attention, whatever the batch."""
     group = num_heads // num_kv_heads
     configs = []
     for decode in (True, False):
-        block_m, tile_n, num_warps, num_stages = _tiling(decode, group, head_dim, elem_size, limits, kv_elem_size)
+        block_m, tile_n, num_warps, num_stages = _tiling(
+            decode, group, head_dim, elem_size, limits, kv_elem_size, v_keys
+        )
         splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
         configs += [AttentionConfig(block_m, tile_n, n, num_warps, num_stages) for n in splits]
     return configs
@@ -391,7 +417,8 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=q.device)
     qsl = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
     configs = possible_configs(
-        q.shape[1], k_cache.shape[2], q.shape[2], q.element_size(), device_limits(q.device), k_cache.element_size()
+        q.shape[1], k_cache.shape[2], q.shape[2], q.element_size(), device_limits(q.device), k_cache.element_size(),
+        keys_contiguous(v_cache),
     )
     for config in configs:
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
@@ -436,8 +463,10 @@ def paged_attention_triton(
         raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
     if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
         raise ValueError("seq_lens, query_start_loc and block_tables disagree on the number of sequences")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("the last dimension of q, the caches and block_tables must be contiguous")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("the last dimension of q, the K cache and block_tables must be contiguous")
+    if v_cache.stride(-1) != 1 and not keys_contiguous(v_cache):
+        raise ValueError("the V cache must be contiguous in its head dimension or in its slots")
     if not 0 <= num_decodes <= min(num_seqs, num_tokens):
         raise ValueError(f"num_decodes {num_decodes} with {num_seqs} sequences and {num_tokens} tokens")
     if out is None:
@@ -486,7 +515,7 @@ def _launch(
     group = num_heads // num_kv_heads
     cfg = config or choose_config(
         num_part_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.element_size(), device_limits(q.device),
-        max_seq_len, k_cache.element_size(),
+        max_seq_len, k_cache.element_size(), keys_contiguous(v_cache),
     )
     fp8 = is_fp8(k_cache)
     block_q = cfg.block_m // group
@@ -507,10 +536,11 @@ def _launch(
         (scale * k_scale if fp8 else scale) * LOG2_E, v_scale, first_seq, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
+        V_RUN=_key_run(v_cache, cfg.tile_n),
         NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
@@ -521,6 +551,15 @@ def _launch(
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
             num_warps=4, **pdl_kwargs(q.device),
         )
+
+
+def _key_run(v_cache: torch.Tensor, tile_n: int) -> int:
+    """0 for a d-contiguous V cache; for a `keys_contiguous` one, the length of the runs of a key
+    tile's keys that lie at consecutive addresses (a power of two: the vector loads' hint)."""
+    if not keys_contiguous(v_cache):
+        return 0
+    run = math.gcd(v_cache.shape[1], tile_n)
+    return run & -run
 
 
 def attention_flops(q_lens: list[int], seq_lens: list[int], num_heads: int, head_dim: int) -> int:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import is_fp8
+from kernels.kv_cache import is_fp8, keys_contiguous
 from kernels.pdl import pdl_begin, pdl_kwargs
 from kernels.triton_kv_cache import to_e4m3
 
@@ -36,7 +36,7 @@ def _rope_write_kv_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     q_norm_ptr, k_norm_ptr, eps,
     stride_t, stride_ct, stride_st, stride_qt, stride_qh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     k_inv_scale, v_inv_scale,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -87,10 +87,11 @@ def _rope_write_kv_kernel(
             v1, v2 = to_e4m3(v1, v_inv_scale, EMULATE), to_e4m3(v2, v_inv_scale, EMULATE)
         tl.store(k_dst, k1.to(k_dtype), mask=kv_ok)
         tl.store(k_dst + HALF, k2.to(k_dtype), mask=kv_ok)
-        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + kv_heads * stride_vch + dims
+        # stride_vcd: 1, or the block size where V is `keys_contiguous`
+        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + kv_heads * stride_vch + dims * stride_vcd
         v_dtype = v_cache_ptr.dtype.element_ty
         tl.store(v_dst, v1.to(v_dtype), mask=kv_ok)
-        tl.store(v_dst + HALF, v2.to(v_dtype), mask=kv_ok)
+        tl.store(v_dst + HALF * stride_vcd, v2.to(v_dtype), mask=kv_ok)
 
 
 def rope_write_kv_triton(
@@ -124,8 +125,8 @@ def rope_write_kv_triton(
         raise ValueError(f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)} are not [{num_tokens}, {head_dim}]")
     if slot_mapping.shape != (num_tokens,):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} is not one slot per token ({num_tokens})")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the head dimension of the caches must be contiguous")
+    if k_cache.stride(-1) != 1 or (v_cache.stride(-1) != 1 and not keys_contiguous(v_cache)):
+        raise ValueError("the head dimension of the K cache must be contiguous, and of the V cache or its slots")
     norm = q_norm_weight is not None
     if norm != (k_norm_weight is not None):
         raise ValueError("q and k are normed both or neither")
@@ -139,7 +140,7 @@ def rope_write_kv_triton(
         q_norm_weight if norm else qkv, k_norm_weight if norm else qkv, eps,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         1.0 / k_scale, 1.0 / v_scale,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(num_kv_heads),

@@ -31,10 +31,11 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def compile_tiling(block_m: int, tile_n: int, warps: int, stages: int, group: int = 4, head_dim: int = 128,
-                   splits: int = 1, dtype: str = "bf16", kv_fp8: bool = False):
+                   splits: int = 1, dtype: str = "bf16", kv_fp8: bool = False, v_t: bool = False):
     consts = dict(NUM_HEADS=8 * group, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
                   BLOCK_M=block_m, BLOCK_Q=block_m // group, TILE_N=tile_n, NUM_SPLITS=splits,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, KV_FP8=kv_fp8)
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, KV_FP8=kv_fp8,
+                  V_RUN=16 if v_t else 0)
     kv = "fp8e4nv" if kv_fp8 else dtype
     pointers = dict(q_ptr=dtype, k_cache_ptr=kv, v_cache_ptr=kv, out_ptr=dtype, part_out_ptr="fp32",
                     part_lse_ptr="fp32", block_tables_ptr="i32", seq_lens_ptr="i32", query_start_loc_ptr="i32")

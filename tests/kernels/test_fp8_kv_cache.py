@@ -30,7 +30,7 @@ from gpu_worker.kv_cache import resolve_kv_cache_dtype  # noqa: E402
 from gpu_worker.loader import ModelLoadError  # noqa: E402
 from gpu_worker.model_runner import ModelRunner  # noqa: E402
 from kernels import paged_attention_ref, rope_write_kv_ref, write_kv_ref  # noqa: E402
-from kernels.kv_cache import FP8_KV_DTYPE, FP8_MAX, quantize_fp8  # noqa: E402
+from kernels.kv_cache import FP8_KV_DTYPE, FP8_MAX, as_bytes, keys_contiguous, keys_contiguous_view, quantize_fp8  # noqa: E402
 from kernels.paged_attention import decode_attention, decode_context  # noqa: E402
 from protocol.config import EngineConfig  # noqa: E402
 from tests.kernels.test_reference import build_paged_batch  # noqa: E402
@@ -61,6 +61,18 @@ def dequantize(cache: torch.Tensor, scale: float) -> torch.Tensor:
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def keys_contiguous_copy(cache: torch.Tensor) -> torch.Tensor:
+    """`cache`'s values in a V cache laid out with each block's keys contiguous (what the GPU
+    worker binds for an fp8 cache on CUDA), indexed as the usual layout is."""
+    out = keys_contiguous_view(torch.empty_like(cache))
+    as_bytes(out).copy_(as_bytes(cache))
+    assert keys_contiguous(out) and torch.equal(as_bytes(out), as_bytes(cache))
+    return out
+
+
+V_LAYOUTS = ["head_dim", "keys"]  # the V cache's layouts (gpu_worker.kv_cache.v_keys_contiguous)
 
 
 # ---- the references ---------------------------------------------------------------------------
@@ -145,6 +157,35 @@ def test_attention_over_fp8_equals_attention_over_the_dequantized_cache(layout: 
     ref = paged_attention_ref(batch.q, dequantize(k8, k_scale), dequantize(v8, v_scale), *meta, scale)
     out = paged_attention_ref(batch.q, k8, v8, *meta, scale, k_scale=k_scale, v_scale=v_scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_references_over_a_keys_contiguous_v_cache(fp8: bool) -> None:
+    """The torch paths (write, varlen attention, the decode path) over a V cache whose blocks
+    keep their keys contiguous: the same values written, the same outputs read."""
+    heads, kv_heads, d, block_size = 8, 2, 32, 8
+    lens = [3, 16, 17, 40]
+    batch = build_paged_batch(lens, [1, 1, 5, 1], heads, kv_heads, d, block_size, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    make = (lambda shape: fp8_cache(shape, gen)) if fp8 else (lambda shape: torch.randn(shape, generator=gen))
+    k, v = make(batch.k_cache.shape), make(batch.v_cache.shape)
+    v_keys = keys_contiguous_copy(v)
+    assert not v_keys.is_contiguous() and torch.equal(v_keys.float(), v.float())
+    meta = batch[3:6]
+    ref = paged_attention_ref(batch.q, k, v, *meta, 0.2, v_scale=0.5)
+    assert torch.equal(paged_attention_ref(batch.q, k, v_keys, *meta, 0.2, v_scale=0.5), ref)
+    decodes = [0, 1, 3]
+    context = decode_context(batch.block_tables[decodes], batch.seq_lens[decodes], block_size)
+    q1 = torch.randn(len(decodes), heads, d, generator=gen)
+    torch.testing.assert_close(decode_attention(q1, k, v_keys, context, 0.2), decode_attention(q1, k, v, context, 0.2),
+                               atol=0, rtol=0)
+    new_k, new_v = (torch.randn(5, kv_heads, d, generator=gen) for _ in range(2))
+    slots = torch.tensor([3, 70, -1, 17, 100])
+    before = as_bytes(v).clone()
+    write_kv_ref(new_k, new_v, k.clone(), v, slots, v_scale=0.25)
+    assert not torch.equal(as_bytes(v), before)
+    write_kv_ref(new_k, new_v, k.clone(), v_keys, slots, v_scale=0.25)
+    assert torch.equal(as_bytes(v_keys), as_bytes(v)) and keys_contiguous(v_keys)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -287,9 +328,11 @@ def test_triton_fp8_in_a_fresh_interpreter_process() -> None:
 
 
 @triton_in_process
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_triton_write_kv_stores_the_reference_bytes(dtype: torch.dtype) -> None:
-    """Every byte as the reference: round to nearest even (ties included), subnormals, saturation."""
+def test_triton_write_kv_stores_the_reference_bytes(dtype: torch.dtype, v_layout: str) -> None:
+    """Every byte as the reference: round to nearest even (ties included), subnormals, saturation;
+    the same values into a V cache whose blocks keep their keys contiguous."""
     kv, _, _ = _triton_modules()
     gen = torch.Generator().manual_seed(7)
     num_blocks, block_size, kv_heads, d, tokens = 6, 16, 3, 64, 40
@@ -306,6 +349,8 @@ def test_triton_write_kv_stores_the_reference_bytes(dtype: torch.dtype) -> None:
     v = qkv[:, 2 * kv_heads * d : 3 * kv_heads * d].view(tokens, kv_heads, d)
     poison = fp8_cache((num_blocks, block_size, kv_heads, d), gen).to(DEVICE)
     k_ref, v_ref, k_out, v_out = (poison.clone() for _ in range(4))
+    if v_layout == "keys":
+        v_out = keys_contiguous_copy(poison)
     for k_scale, v_scale in ((1.0, 1.0), (0.5, 0.0137)):
         write_kv_ref(k, v, k_ref, v_ref, slots.to(DEVICE), k_scale=k_scale, v_scale=v_scale)
         kv.write_kv_triton(k, v, k_out, v_out, slots.to(DEVICE), k_scale=k_scale, v_scale=v_scale)
@@ -315,8 +360,13 @@ def test_triton_write_kv_stores_the_reference_bytes(dtype: torch.dtype) -> None:
 
 @triton_in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("layout", "normed"), [((9, 3, 64), True), ((4, 2, 16), False)], ids=str)
-def test_triton_rope_write_kv_over_fp8(layout: tuple[int, int, int], normed: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("layout", "normed", "v_layout"),
+    [((9, 3, 64), True, "head_dim"), ((4, 2, 16), False, "head_dim"), ((9, 3, 64), False, "keys")], ids=str,
+)
+def test_triton_rope_write_kv_over_fp8(
+    layout: tuple[int, int, int], normed: bool, v_layout: str, dtype: torch.dtype
+) -> None:
     _, _, qkv_kernels = _triton_modules()
     heads, kv_heads, d = layout
     tokens, num_blocks, block_size = 11, 6, 16
@@ -331,6 +381,8 @@ def test_triton_rope_write_kv_over_fp8(layout: tuple[int, int, int], normed: boo
     norms = (*weights, 1e-6) if normed else (None, None, 1e-6)
     poison = fp8_cache((num_blocks, block_size, kv_heads, d), gen).to(DEVICE)
     k_out, v_out, k_ref, v_ref = (poison.clone() for _ in range(4))
+    if v_layout == "keys":
+        v_out = keys_contiguous_copy(poison)
     scales = dict(k_scale=0.3, v_scale=1.7)
     q = qkv_kernels.rope_write_kv_triton(qkv, heads, kv_heads, cos, sin, k_out, v_out, slots, *norms, **scales)
     q_ref = rope_write_kv_ref(qkv, heads, kv_heads, cos, sin, k_ref, v_ref, slots, *norms, **scales)
@@ -347,9 +399,11 @@ def test_triton_rope_write_kv_over_fp8(layout: tuple[int, int, int], normed: boo
 
 
 def run_attention_over_fp8(
-    seqs: list[tuple[int, int]], layout: tuple[int, ...], dtype: torch.dtype, seed: int, **kw: object
+    seqs: list[tuple[int, int]], layout: tuple[int, ...], dtype: torch.dtype, seed: int, v_layout: str = "head_dim",
+    **kw: object,
 ) -> float:
-    """The Triton kernel against the reference (in fp32) over the same fp8 cache; relative error."""
+    """The Triton kernel against the reference (in fp32) over the same fp8 cache; relative error.
+    v_layout "keys": the kernel reads V from a copy whose blocks keep their keys contiguous."""
     _, attn, _ = _triton_modules()
     heads, kv_heads, d, block_size = layout
     batch = build_paged_batch([c for c, _ in seqs], [n for _, n in seqs], heads, kv_heads, d, block_size, seed)
@@ -362,7 +416,8 @@ def run_attention_over_fp8(
     scale = d**-0.5
     ref = paged_attention_ref(q.float(), k8, v8, *meta, scale, k_scale=k_scale, v_scale=v_scale)
     out = torch.full_like(q, float("nan"))
-    attn.paged_attention_triton(q, k8, v8, *meta, scale, out=out, k_scale=k_scale, v_scale=v_scale, **kw)
+    v_read = keys_contiguous_copy(v8) if v_layout == "keys" else v8
+    attn.paged_attention_triton(q, k8, v_read, *meta, scale, out=out, k_scale=k_scale, v_scale=v_scale, **kw)
     return rel_err(out, ref)
 
 
@@ -377,6 +432,20 @@ def test_triton_paged_attention_over_fp8(layout: tuple[int, ...], dtype: torch.d
     rng = random.Random(f"{layout}-{dtype}")
     seqs = [(rng.randint(1, 70), 1) for _ in range(4)] + [(45, 12), (19, 19)]
     assert run_attention_over_fp8(seqs, layout, dtype, seed=rng.randrange(1 << 30)) < TOLERANCE[dtype]
+
+
+@triton_in_process
+@pytest.mark.parametrize(("block_size", "config"), [(16, None), (16, (16, 8, 2)), (8, (64, 32, 1))], ids=str)
+def test_triton_paged_attention_over_keys_contiguous_v(block_size: int, config: tuple[int, int, int] | None) -> None:
+    """V read from blocks that keep their keys contiguous: the same output, with key tiles longer
+    or shorter than a block, decodes split and not, and prefill chunks."""
+    _, attn, _ = _triton_modules()
+    rng = random.Random(block_size)
+    seqs = [(rng.randint(1, 90), 1) for _ in range(4)] + [(45, 12), (19, 19)]
+    kw = {} if config is None else {"config": attn.AttentionConfig(config[0], config[1], config[2], 4, 2)}
+    for dtype in (torch.float32, torch.bfloat16):
+        err = run_attention_over_fp8(seqs, (8, 2, 32, block_size), dtype, seed=block_size, v_layout="keys", **kw)
+        assert err < TOLERANCE[dtype]
 
 
 @triton_in_process

@@ -317,7 +317,7 @@ from kernel_resources import compile_kernel, report
 from kernels import triton_int4_linear as t
 ptrs = dict(x_ptr="bf16", qw_ptr="i32", s_ptr="bf16", z_ptr="bf16", g_ptr="i32", b_ptr="bf16", out_ptr="bf16")
 for groups, m in ((0, 1), (1, 1), (2, 1), (0, 16), (2, 16)):
-    cfg = t.gemv_config(m, 4096, 4096)
+    cfg = t.gemv_config(m, 4096, 4096, lean=False)
     c = compile_kernel(t._w4a16_gemv_kernel, dict(
         GROUPS=groups, HAS_G_IDX=groups == 2, HAS_BIAS=True, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, EVEN_K=True, PDL=True), ptrs, num_warps=cfg.num_warps, aligned=True)
@@ -330,20 +330,56 @@ for groups, m in ((0, 300), (1, 300), (2, 300), (1, 16), (2, 16), (0, 2048)):
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=True, UPCAST=False), ptrs, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, aligned=True)
     print("dot", groups, m, report(c), ("wgmma" if m > 16 else "mma.sync") in c.asm["ptx"])
+for n, k in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
+    cfg = t.gemv_config(1, n, k)
+    c = compile_kernel(t._w4a16_gemv_lean_kernel, dict(
+        GROUPS=1, HAS_G_IDX=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=True, EVEN_N=True, PDL=True), ptrs, num_warps=cfg.num_warps, aligned=True)
+    ptx = c.asm["ptx"]
+    print("lean", n, k, report(c), cfg.lean and 0 <= ptx.find("ld.global") < ptx.find("griddepcontrol.wait"))
 """
 
 
+@triton_in_process
+def test_triton_lean_gemv_matches_the_reference() -> None:
+    """`Int4GemvConfig(lean=True)` at one row: groups of whole words (a scale row per word or per
+    key tile), sym and asym, N a multiple of the column tile (unmasked words) or not, K with a
+    masked last key tile, bf16 and fp32 x, with and without a bias; act-order (a group per row)
+    and more rows take the other GEMV."""
+    from kernels.triton_int4_linear import Int4GemvConfig
+
+    g = torch.Generator().manual_seed(11)
+    lean = (Int4GemvConfig(block_n=8, block_k=64, num_warps=2, lean=True),
+            Int4GemvConfig(block_n=4, block_k=128, num_warps=4, lean=True))
+    cases = ((256, 48, 32, True), (256, 44, 64, False), (200, 40, 8, False), (128, 24, -1, True))
+    for k, n, size, sym in cases:  # (K, N, group size, sym)
+        w = Int4GroupWeight.quantize(weight_matrix(n, k, seed=k + n), size, sym=sym)
+        w = Int4GroupWeight(*(t.to(DEVICE) for t in (w.qweight, w.scales, w.zeros)))
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+            bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+            for cfg in lean:
+                check_kernel(w, x, bias if size == 32 else None, cfg)
+    ordered = act_order(weight_matrix(24, 64), 8, sym=False, seed=3)
+    ordered = Int4GroupWeight(*(t.to(DEVICE) for t in (ordered.qweight, ordered.scales, ordered.zeros, ordered.g_idx)))
+    for m in (1, 3):
+        check_kernel(ordered, torch.randn(m, 64, generator=g).to(DEVICE, torch.bfloat16), None, lean[0])
+    plain = Int4GroupWeight.quantize(weight_matrix(24, 64).to(DEVICE), 32)
+    check_kernel(plain, torch.randn(3, 64, generator=g).to(DEVICE, torch.bfloat16), None, lean[0])
+
+
 def test_kernels_compile_for_sm90_without_spills() -> None:
-    """The default tilings (and the GEMV's at 16 rows) at llama3-8b's o projection: no stack
-    (spills), the GEMV's first weight load issued before PDL's wait, the tensor-core kernel on
-    wgmma (16-row tiles: mma.sync, wgmma's tiles have 64 rows)."""
+    """The default tilings (and the GEMV's at 16 rows) at llama3-8b's o projection, the lean
+    GEMV's at its four projections: no stack (spills), the GEMVs' first weight load issued before
+    PDL's wait, the tensor-core kernel on wgmma (16-row tiles: mma.sync, wgmma's tiles have 64
+    rows)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILED], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 11, proc.stdout
+    assert len(lines) == 15, proc.stdout
     for line in lines:
         assert "stack 0 B" in line and line.endswith("True"), line
 

@@ -187,6 +187,14 @@ def test_decode_key_tiles_follow_the_query_group() -> None:
 
     assert decode(16, 8).tile_n == 64 and decode(32, 8).tile_n == 32
     assert decode(16, 8).block_m == decode(32, 8).block_m == 16
+    # Over an fp8 cache with V's keys contiguous, groups of 2 take 2 warps; not over a bf16 cache
+    # or a d-contiguous V, nor groups of 4.
+    def fp8_keys(heads: int, elem: int = 1, v_keys: bool = True) -> attn.AttentionConfig:
+        return attn.choose_config(256, 256, heads, 8, 128, 2, attn.H100, kv_elem_size=elem, v_keys=v_keys)
+
+    assert fp8_keys(16).num_warps == 2 and fp8_keys(16).tile_n == 64
+    assert fp8_keys(16, elem=2) == fp8_keys(16, v_keys=False) == decode(16, 8)
+    assert fp8_keys(32) == decode(32, 8)
     prefill = [attn.choose_config(4096, 1, h, 8, 128, 2, attn.H100) for h in (16, 32)]
     assert prefill[0] == prefill[1]
     assert attn._tiling_from_env("PAGODA_TEST_UNSET_TILING") == []
@@ -258,13 +266,16 @@ def test_skinny_linear_keeps_leading_dims_and_refuses_many_rows() -> None:
 def test_warm_up_covers_every_config_choose_config_picks() -> None:
     """What `warm_up` compiles ahead is every config a batch of this model can get."""
     rng = random.Random(3)
-    for heads, kv_heads, head_dim, elem in [(32, 8, 128, 2), (16, 8, 128, 2), (9, 3, 64, 4), (14, 2, 64, 2)]:
-        possible = set(attn.possible_configs(heads, kv_heads, head_dim, elem, attn.H100))
+    models = [(32, 8, 128, 2, None, False), (16, 8, 128, 2, None, False), (9, 3, 64, 4, None, False),
+              (14, 2, 64, 2, None, False), (16, 8, 128, 2, 1, True), (32, 8, 128, 2, 1, True)]
+    for heads, kv_heads, head_dim, elem, kv_elem, v_keys in models:
+        possible = set(attn.possible_configs(heads, kv_heads, head_dim, elem, attn.H100, kv_elem, v_keys))
         for _ in range(300):
             seqs = rng.choice([1, 2, 7, 64, 256])
             tokens = seqs if rng.random() < 0.5 else seqs + rng.randint(1, 8192)
             max_seq_len = rng.choice([None, rng.randint(tokens // seqs, 40960)])
-            config = attn.choose_config(tokens, seqs, heads, kv_heads, head_dim, elem, attn.H100, max_seq_len)
+            config = attn.choose_config(tokens, seqs, heads, kv_heads, head_dim, elem, attn.H100, max_seq_len,
+                                        kv_elem, v_keys)
             assert config in possible, (heads, kv_heads, tokens, seqs, max_seq_len)
 
 
