@@ -500,19 +500,25 @@ def test_triton_model_over_fp8_equals_the_reference_path(family, tiny, tokenizer
     """A whole tiny model over an fp8 cache (the fused rope write with q/k norms; GPT-2's plain
     write), prefill and decodes, on the kernels the GPU runs (here interpreted) against the same
     model on the references, in fp32: the same cache bytes, so logits equal to fp32 rounding."""
+    import gpu_worker.kv_cache as kv_cache_module
     import kernels
     from tests.model_check import runner_last_logits
 
     folder, _ = tiny(family)
     prompts = random_prompts(len(tokenizer), lengths=(3, 17, 21))
     results = {}
-    for path in ("reference", "triton"):
-        if path == "triton":
+    for path in ("reference", "triton", "triton, V keys-contiguous"):
+        if path != "reference":
             monkeypatch.setattr(kernels, "_triton", lambda t: True)
+        if path == "triton, V keys-contiguous":  # the layout CUDA binds for an fp8 cache
+            monkeypatch.setattr(kv_cache_module, "v_keys_contiguous", lambda device, dtype: True)
         runner = make_runner(str(folder), DEVICE, "float32", "fp8")
+        attns = list(runner.model.attention_layers())
+        assert all(keys_contiguous(a.v_cache) == path.endswith("contiguous") for a in attns), path
         results[path] = (runner_last_logits(runner, prompts), runner_greedy(runner, prompts, max_tokens=4))
-    assert rel_err(results["triton"][0], results["reference"][0]) < 1e-5
-    assert results["triton"][1] == results["reference"][1]
+    for path in ("triton", "triton, V keys-contiguous"):
+        assert rel_err(results[path][0], results["reference"][0]) < 1e-5, path
+        assert results[path][1] == results["reference"][1], path
 
 
 # ---- full shapes and a model runner, compiled, on a GPU ------------------------------------------
