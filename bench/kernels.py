@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_cache import keys_contiguous, keys_contiguous_view, v_keys_contiguous
 from kernels.triton_paged_attention import (
     AttentionConfig,
     attention_flops,
@@ -151,7 +152,7 @@ T_DECODE_SWEEP = [
 # Over an fp8 cache a tile of keys is half the bytes: wider tiles stream as much per load.
 T_DECODE_FP8_SWEEP = [
     AttentionConfig(16, tile_n, 1, warps, stages)
-    for tile_n in (64, 128, 256) for warps in (4, 8) for stages in (3, 4, 5)
+    for tile_n in (32, 64, 128, 256) for warps in (2, 4, 8) for stages in (3, 4, 5)
 ]
 
 
@@ -165,7 +166,8 @@ def _contexts(spec: str, batch: int, gen: torch.Generator) -> torch.Tensor:
 def bench_t_decode(copy_bw: float, sweep: bool, kv_fp8: bool = False) -> list[dict[str, Any]]:
     """Decode attention at workload T's shapes, the default config (and with --sweep every tiling
     of T_DECODE_SWEEP) as a share of the copy bandwidth; no key splits (these batches fill the GPU).
-    kv_fp8: over an e4m3 cache (`--kv-cache-dtype fp8`), its bytes counted at one a value."""
+    kv_fp8: over an e4m3 cache (`--kv-cache-dtype fp8`), its bytes counted at one a value, V in
+    the layout the worker binds (`kernels.kv_cache.v_keys_contiguous`)."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows: list[dict[str, Any]] = []
     for batch, spec in T_DECODE_CASES:
@@ -181,17 +183,22 @@ def _t_decode_case(batch: int, spec: str, copy_bw: float, sweep: bool, gen: torc
     kv_elem = 1 if kv_fp8 else 2
     if kv_fp8:
         k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+        if v_keys_contiguous(v_cache.device, v_cache.dtype):
+            v_keys = keys_contiguous_view(torch.empty_like(v_cache))
+            v_keys.view(torch.uint8).copy_(v_cache.view(torch.uint8))
+            v_cache = v_keys
     q = torch.randn(batch, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
     nbytes = 2 * int(seq_lens.sum()) * kvh * d * kv_elem + 2 * q.numel() * 2
     default = choose_config(batch, batch, h, kvh, d, 2, device_limits(q.device),
-                            kv_elem_size=1 if kv_fp8 else None)
+                            kv_elem_size=1 if kv_fp8 else None, v_keys=keys_contiguous(v_cache))
     swept = T_DECODE_FP8_SWEEP if kv_fp8 else T_DECODE_SWEEP
     rows = []
     for cfg in [default] + ([c for c in swept if c != default] if sweep else []):
         row: dict[str, Any] = {"batch": batch, "contexts": spec, "config": cfg.__dict__, "default": cfg == default,
-                               "kv_cache_dtype": "fp8" if kv_fp8 else "bf16"}
+                               "kv_cache_dtype": "fp8" if kv_fp8 else "bf16",
+                               "v_keys_contiguous": keys_contiguous(v_cache)}
         try:
             t = timed(lambda cfg=cfg: paged_attention_triton(
                 q, k_cache, v_cache, tables, seq_lens, qsl, d**-0.5, out=out, config=cfg))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 
@@ -28,7 +27,7 @@ from gpu_worker.attention import AttentionMetadata
 from gpu_worker.loader import LoadedModel, ModelLoadError
 from gpu_worker.parallel import min_over_ranks
 from gpu_worker.transfer import to_device
-from kernels.kv_cache import FP8_KV_DTYPE, as_bytes, keys_contiguous_view
+from kernels.kv_cache import FP8_KV_DTYPE, as_bytes, keys_contiguous_view, v_keys_contiguous
 from protocol.config import KV_CACHE_DTYPES, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -37,19 +36,6 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 # Left free on the GPU beyond the largest step's activations (the CUDA graphs' pool, Triton's
 # kernels, allocator slack).
 HEADROOM_BYTES = 1 << 30
-
-V_CACHE_LAYOUTS = ("auto", "head_dim", "keys")
-_V_CACHE_LAYOUT = os.environ.get("PAGODA_V_CACHE_LAYOUT", "auto")
-if _V_CACHE_LAYOUT not in V_CACHE_LAYOUTS:
-    raise ValueError(f"PAGODA_V_CACHE_LAYOUT must be one of {', '.join(V_CACHE_LAYOUTS)}, not {_V_CACHE_LAYOUT!r}")
-
-
-def v_keys_contiguous(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the V cache is laid out with a block's keys contiguous (see the module's doc).
-    Only on CUDA: the CPU's kernels read the usual layout."""
-    if device.type != "cuda" or _V_CACHE_LAYOUT == "head_dim":
-        return False
-    return _V_CACHE_LAYOUT == "keys" or dtype == FP8_KV_DTYPE
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -8,6 +8,8 @@ gives them), constants a CUDA graph can capture. Caches of 16 or 32 bits ignore 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
@@ -48,6 +50,24 @@ def keys_contiguous_view(blocks: torch.Tensor) -> torch.Tensor:
     A block keeps its bytes, so whole-block copies (copy-on-write) need not know the layout."""
     num_blocks, block_size, num_kv_heads, head_dim = blocks.shape
     return blocks.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+
+
+# PAGODA_V_CACHE_LAYOUT: auto (`v_keys_contiguous`'s rule), head_dim or keys.
+V_CACHE_LAYOUTS = ("auto", "head_dim", "keys")
+_V_CACHE_LAYOUT = os.environ.get("PAGODA_V_CACHE_LAYOUT", "auto")
+if _V_CACHE_LAYOUT not in V_CACHE_LAYOUTS:
+    raise ValueError(f"PAGODA_V_CACHE_LAYOUT must be one of {', '.join(V_CACHE_LAYOUTS)}, not {_V_CACHE_LAYOUT!r}")
+
+
+def v_keys_contiguous(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a V cache of `dtype` on `device` is bound `keys_contiguous` (gpu_worker.kv_cache):
+    fp8 caches on CUDA, where the layout measured faster (bf16 caches measured slower: their
+    tiles transpose with 16-bit `ldmatrix.trans`). PAGODA_V_CACHE_LAYOUT=head_dim keeps the usual
+    layout, `keys` takes this one for any dtype on CUDA. Never on the CPU: its C kernels read the
+    usual layout."""
+    if device.type != "cuda" or _V_CACHE_LAYOUT == "head_dim":
+        return False
+    return _V_CACHE_LAYOUT == "keys" or dtype == FP8_KV_DTYPE
 
 
 def write_kv_ref(

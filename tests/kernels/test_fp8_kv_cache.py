@@ -72,7 +72,7 @@ def keys_contiguous_copy(cache: torch.Tensor) -> torch.Tensor:
     return out
 
 
-V_LAYOUTS = ["head_dim", "keys"]  # the V cache's layouts (gpu_worker.kv_cache.v_keys_contiguous)
+V_LAYOUTS = ["head_dim", "keys"]  # the V cache's layouts (kernels.kv_cache.v_keys_contiguous)
 
 
 # ---- the references ---------------------------------------------------------------------------
@@ -207,6 +207,17 @@ def test_cpu_decode_path_over_fp8_uneven_contexts(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     else:
         assert rel_err(out, ref) < 1e-2
+
+
+def test_v_cache_layout_rule() -> None:
+    """V keeps a block's keys contiguous for fp8 caches on CUDA only (the environment's default)."""
+    from kernels.kv_cache import v_keys_contiguous
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert v_keys_contiguous(cuda, FP8_KV_DTYPE)
+    assert not v_keys_contiguous(cuda, torch.bfloat16) and not v_keys_contiguous(cpu, FP8_KV_DTYPE)
+    assert keys_contiguous(keys_contiguous_view(torch.empty(3, 16, 2, 8)))
+    assert not keys_contiguous(torch.empty(3, 16, 2, 8))
 
 
 def test_kv_cache_dtype_is_checked_and_resolved() -> None:
