@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.kv_cache import keys_contiguous, keys_contiguous_view, v_keys_contiguous
+from kernels.kv_cache import keys_contiguous, keys_contiguous_copy, v_keys_contiguous
 from kernels.triton_paged_attention import (
     AttentionConfig,
     attention_flops,
@@ -75,6 +75,42 @@ def paged_cache(
     v_cache = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(num_blocks, generator=gen, device="cuda").view(batch, blocks_per_seq).to(torch.int32)
     return k_cache, v_cache, tables
+
+
+def shuffled_decode_batch(
+    lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int = 128, block_size: int = 16
+) -> tuple[torch.Tensor, ...]:
+    """One decode query per sequence of `lens` keys (for the kernel sweeps in docs/results): q
+    [B, heads, d] bf16, fp32 K/V caches with 8 spare blocks, block tables over a shuffle of the
+    blocks (its own seed, 2), seq_lens and query_start_loc; on CUDA. q, K and V come from torch's
+    global generator, in that order."""
+    batch = len(lens)
+    blocks = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks) + 8
+    ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(2))
+    table = torch.zeros(batch, max(blocks), dtype=torch.int32)
+    start = 0
+    for b, count in enumerate(blocks):
+        table[b, :count] = ids[start:start + count]
+        start += count
+    q = (torch.randn(batch, num_heads, head_dim) * 2).to(torch.bfloat16).cuda()
+    k32 = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda") * 0.5
+    v32 = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda")
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    return q, k32, v32, table.cuda(), seq_lens, qsl
+
+
+def new_variant_registers(kernel: Any, seen: set[int]) -> dict[str, int]:
+    """n_regs and n_spills of the variant of Triton `kernel` compiled since the last call (ids in
+    `seen`); {} when none was."""
+    out: dict[str, int] = {}
+    for cache in kernel.device_caches.values():
+        for compiled in cache[0].values():
+            if id(compiled) not in seen:
+                seen.add(id(compiled))
+                out = {"regs": compiled.n_regs, "spills": compiled.n_spills}
+    return out
 
 
 def _run_variants(
@@ -184,9 +220,7 @@ def _t_decode_case(batch: int, spec: str, copy_bw: float, sweep: bool, gen: torc
     if kv_fp8:
         k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
         if v_keys_contiguous(v_cache.device, v_cache.dtype):
-            v_keys = keys_contiguous_view(torch.empty_like(v_cache))
-            v_keys.view(torch.uint8).copy_(v_cache.view(torch.uint8))
-            v_cache = v_keys
+            v_cache = keys_contiguous_copy(v_cache)
     q = torch.randn(batch, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)

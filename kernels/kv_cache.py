@@ -52,6 +52,13 @@ def keys_contiguous_view(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
 
 
+def keys_contiguous_copy(cache: torch.Tensor) -> torch.Tensor:
+    """`cache`'s values (a contiguous cache) in a new cache laid out `keys_contiguous`."""
+    out = keys_contiguous_view(torch.empty_like(cache))
+    as_bytes(out).copy_(as_bytes(cache))
+    return out
+
+
 # PAGODA_V_CACHE_LAYOUT: auto (`v_keys_contiguous`'s rule), head_dim or keys.
 V_CACHE_LAYOUTS = ("auto", "head_dim", "keys")
 _V_CACHE_LAYOUT = os.environ.get("PAGODA_V_CACHE_LAYOUT", "auto")

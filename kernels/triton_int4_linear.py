@@ -371,11 +371,10 @@ def w4a16_linear_triton(
         g_idx = g_idx.to(torch.int32).contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    cfg = config or (gemv_config(m, n, k) if m <= GEMV_ROWS else dot_config(m, n, k, g_idx is not None))
+    # The lean GEMV takes groups of whole words (not act-order, not groups of part words).
+    lean = g_idx is None and (k // num_groups) % PACK == 0
+    cfg = config or (gemv_config(m, n, k, lean) if m <= GEMV_ROWS else dot_config(m, n, k, g_idx is not None))
     groups, group_size = _groups(cfg.block_k, k, num_groups, g_idx is not None)
-    if config is None and isinstance(cfg, Int4GemvConfig) and cfg.lean and groups == GROUP_PER_ROW:
-        cfg = gemv_config(m, n, k, lean=False)  # act-order or groups of part words: the plain GEMV
-        groups, group_size = _groups(cfg.block_k, k, num_groups, g_idx is not None)
     args = (x2, qweight, scales, zeros, g_idx if g_idx is not None else qweight, bias if bias is not None else scales,
             out2, m, n, k, group_size, x2.stride(0), out2.stride(0))
     flags = dict(GROUPS=groups, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,

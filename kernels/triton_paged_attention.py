@@ -513,9 +513,10 @@ def _launch(
     block_size, num_kv_heads = k_cache.shape[1:3]
     num_seqs = num_part_seqs
     group = num_heads // num_kv_heads
+    v_keys = keys_contiguous(v_cache)
     cfg = config or choose_config(
         num_part_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.element_size(), device_limits(q.device),
-        max_seq_len, k_cache.element_size(), keys_contiguous(v_cache),
+        max_seq_len, k_cache.element_size(), v_keys,
     )
     fp8 = is_fp8(k_cache)
     block_q = cfg.block_m // group
@@ -540,7 +541,7 @@ def _launch(
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
-        V_RUN=_key_run(v_cache, cfg.tile_n),
+        V_RUN=_key_run(block_size, cfg.tile_n) if v_keys else 0,
         NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
@@ -553,12 +554,10 @@ def _launch(
         )
 
 
-def _key_run(v_cache: torch.Tensor, tile_n: int) -> int:
-    """0 for a d-contiguous V cache; for a `keys_contiguous` one, the length of the runs of a key
-    tile's keys that lie at consecutive addresses (a power of two: the vector loads' hint)."""
-    if not keys_contiguous(v_cache):
-        return 0
-    run = math.gcd(v_cache.shape[1], tile_n)
+def _key_run(block_size: int, tile_n: int) -> int:
+    """Over a `keys_contiguous` V cache, the length of the runs of a key tile's keys that lie at
+    consecutive addresses (a power of two: the vector loads' hint)."""
+    run = math.gcd(block_size, tile_n)
     return run & -run
 
 

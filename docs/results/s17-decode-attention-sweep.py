@@ -15,7 +15,7 @@ import os
 import torch
 
 import kernels.triton_paged_attention as tpa
-from bench.kernels import timed_in_graph
+from bench.kernels import new_variant_registers, shuffled_decode_batch, timed_in_graph
 from kernels.paged_attention import paged_attention_ref
 from kernels.triton_paged_attention import AttentionConfig, paged_attention_triton
 
@@ -25,13 +25,7 @@ SEEN: set[int] = set()
 
 def registers() -> dict:
     """n_regs and n_spills of the decode kernel variant compiled last."""
-    out: dict = {}
-    for cache in tpa._decode_attention_kernel.device_caches.values():
-        for kernel in cache[0].values():
-            if id(kernel) not in SEEN:
-                SEEN.add(id(kernel))
-                out = {"regs": kernel.n_regs, "spills": kernel.n_spills}
-    return out
+    return new_variant_registers(tpa._decode_attention_kernel, SEEN)
 
 
 Variant = tuple[int, int, int, int]  # warps, keys a thread holds, values of d a thread loads, splits
@@ -39,20 +33,7 @@ Variant = tuple[int, int, int, int]  # warps, keys a thread holds, values of d a
 
 def case(name: str, heads: int, kv_heads: int, lens: list[int], variants: list[Variant]) -> list[dict]:
     batch = len(lens)
-    blocks = [(n + BS - 1) // BS for n in lens]
-    num_blocks = sum(blocks) + 8
-    ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(2))
-    table = torch.zeros(batch, max(blocks), dtype=torch.int32)
-    start = 0
-    for b, count in enumerate(blocks):
-        table[b, :count] = ids[start:start + count]
-        start += count
-    tables = table.cuda()
-    q = (torch.randn(batch, heads, D) * 2).to(torch.bfloat16).cuda()
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    k32 = torch.randn(num_blocks, BS, kv_heads, D, device="cuda") * 0.5
-    v32 = torch.randn(num_blocks, BS, kv_heads, D, device="cuda")
+    q, k32, v32, tables, seq_lens, qsl = shuffled_decode_batch(lens, heads, kv_heads, D, BS)
     rows = []
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         k_cache, v_cache = k32.to(dtype), v32.to(dtype)

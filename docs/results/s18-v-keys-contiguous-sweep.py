@@ -12,7 +12,8 @@ import json
 import torch
 
 import kernels.triton_paged_attention as tpa
-from bench.kernels import timed_in_graph
+from bench.kernels import new_variant_registers, shuffled_decode_batch, timed_in_graph
+from kernels.kv_cache import keys_contiguous_copy
 from kernels.paged_attention import paged_attention_ref
 from kernels.triton_paged_attention import AttentionConfig, paged_attention_triton
 
@@ -20,34 +21,15 @@ D, BS = 128, 16
 SEEN = set()
 
 def regs():
-    out = {}
-    for cache in tpa._paged_attention_kernel.device_caches.values():
-        for k in cache[0].values():
-            if id(k) not in SEEN:
-                SEEN.add(id(k))
-                out = {"regs": k.n_regs, "spills": k.n_spills}
-    return out
+    return new_variant_registers(tpa._paged_attention_kernel, SEEN)
 
 def case(name, heads, kv_heads, lens, tilings, splits=(1,)):
     batch = len(lens)
-    blocks = [(n + BS - 1) // BS for n in lens]
-    nb = sum(blocks) + 8
-    ids = torch.randperm(nb, generator=torch.Generator().manual_seed(2))
-    table = torch.zeros(batch, max(blocks), dtype=torch.int32)
-    s = 0
-    for b, c in enumerate(blocks):
-        table[b, :c] = ids[s:s + c]
-        s += c
-    tables = table.cuda()
-    q = (torch.randn(batch, heads, D) * 2).to(torch.bfloat16).cuda()
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    k32 = torch.randn(nb, BS, kv_heads, D, device="cuda") * 0.5
-    v32 = torch.randn(nb, BS, kv_heads, D, device="cuda")
+    q, k32, v32, tables, seq_lens, qsl = shuffled_decode_batch(lens, heads, kv_heads, D, BS)
     for dname, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         kc = k32.to(dtype)
         vc = v32.to(dtype)
-        vt = v32.permute(0, 2, 3, 1).contiguous().to(dtype).permute(0, 3, 1, 2)  # [nb, bs, kvh, d] view, slot stride 1
+        vt = keys_contiguous_copy(vc)
         assert vt.stride(1) == 1 and torch.equal(vt.float(), vc.float())
         ref = paged_attention_ref(q.float(), kc.float(), vc.float(), tables, seq_lens, qsl, D**-0.5)
         kv_bytes = sum(lens) * kv_heads * D * 2 * kc.element_size()

@@ -31,6 +31,7 @@ from gpu_worker.loader import ModelLoadError  # noqa: E402
 from gpu_worker.model_runner import ModelRunner  # noqa: E402
 from kernels import paged_attention_ref, rope_write_kv_ref, write_kv_ref  # noqa: E402
 from kernels.kv_cache import FP8_KV_DTYPE, FP8_MAX, as_bytes, keys_contiguous, keys_contiguous_view, quantize_fp8  # noqa: E402
+from kernels.kv_cache import keys_contiguous_copy as copy_keys_contiguous  # noqa: E402
 from kernels.paged_attention import decode_attention, decode_context  # noqa: E402
 from protocol.config import EngineConfig  # noqa: E402
 from tests.kernels.test_reference import build_paged_batch  # noqa: E402
@@ -66,8 +67,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def keys_contiguous_copy(cache: torch.Tensor) -> torch.Tensor:
     """`cache`'s values in a V cache laid out with each block's keys contiguous (what the GPU
     worker binds for an fp8 cache on CUDA), indexed as the usual layout is."""
-    out = keys_contiguous_view(torch.empty_like(cache))
-    as_bytes(out).copy_(as_bytes(cache))
+    out = copy_keys_contiguous(cache)
     assert keys_contiguous(out) and torch.equal(as_bytes(out), as_bytes(cache))
     return out
 
