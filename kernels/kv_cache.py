@@ -8,6 +8,7 @@ gives them), constants a CUDA graph can capture. Caches of 16 or 32 bits ignore 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -57,6 +58,13 @@ def keys_contiguous_copy(cache: torch.Tensor) -> torch.Tensor:
     out = keys_contiguous_view(torch.empty_like(cache))
     as_bytes(out).copy_(as_bytes(cache))
     return out
+
+
+def key_run(block_size: int, tile_n: int) -> int:
+    """Over a `keys_contiguous` V cache, the length of the runs of a key tile's keys that lie at
+    consecutive addresses (a power of two: the vector loads' hint)."""
+    run = math.gcd(block_size, tile_n)
+    return run & -run
 
 
 # PAGODA_V_CACHE_LAYOUT: auto (`v_keys_contiguous`'s rule), head_dim or keys.

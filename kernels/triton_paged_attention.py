@@ -32,7 +32,6 @@ against 162). V_RUN tells the loads how many keys of a tile lie at consecutive a
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -40,8 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import is_fp8, keys_contiguous
+from kernels import triton_decode_fp8
+from kernels.kv_cache import is_fp8, key_run, keys_contiguous
 from kernels.pdl import pdl_begin, pdl_kwargs
+from kernels.triton_decode_fp8 import DecodeFp8Config
 
 LOG2_E = 1.4426950408889634
 # Score of a masked key: finite, so that a row that sees no key in a slice gives exp2(0) = 1
@@ -372,6 +373,11 @@ def choose_config(
     )
     block_q = block_m // group
     programs = (num_tokens // block_q + num_seqs) * num_kv_heads
+    return AttentionConfig(block_m, tile_n, _num_splits(programs, tile_n, limits, max_seq_len), num_warps, num_stages)
+
+
+def _num_splits(programs: int, tile_n: int, limits: DeviceLimits, max_seq_len: int | None) -> int:
+    """Key slices a program: enough for two programs an SM, if the launch has fewer."""
     target = 2 * limits.num_sms
     num_splits = 1
     if programs < target:
@@ -380,7 +386,21 @@ def choose_config(
             # Each slice should stream at least 4 tiles, or the merge costs more than it saves.
             useful = max(1, max_seq_len // (4 * tile_n))
             num_splits = min(num_splits, 1 << (useful.bit_length() - 1))
-    return AttentionConfig(block_m, tile_n, num_splits, num_warps, num_stages)
+    return num_splits
+
+
+# `kernels.triton_decode_fp8`'s launch: (keys a tile, warps, stages); compiled for sm_90, 114
+# registers and 36 KB of shared memory a program.
+DECODE_FP8_TILING = (64, 4, 2)
+
+
+def choose_decode_fp8_config(
+    num_seqs: int, num_kv_heads: int, limits: DeviceLimits, max_seq_len: int | None = None
+) -> DecodeFp8Config:
+    """`choose_config`'s counterpart for the decode-only launches `triton_decode_fp8` runs."""
+    tile_n, num_warps, num_stages = DECODE_FP8_TILING
+    splits = _num_splits(num_seqs * num_kv_heads, tile_n, limits, max_seq_len)
+    return DecodeFp8Config(tile_n, splits, num_warps, num_stages)
 
 
 def possible_configs(
@@ -422,6 +442,14 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     )
     for config in configs:
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
+    if triton_decode_fp8.applies(q, k_cache, v_cache):
+        tile_n, num_warps, num_stages = DECODE_FP8_TILING
+        splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
+        decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages) for n in splits]
+        for config in decode_configs:  # one sequence of one token
+            paged_attention_triton(q[:1], k_cache, v_cache, tables, seq_lens.clamp(max=1), qsl.clamp(max=1), scale,
+                                   config=config)
+        configs += decode_configs
     return len(configs)
 
 
@@ -437,7 +465,7 @@ def paged_attention_triton(
     max_seq_len: int | None = None,
     num_decodes: int = 0,
     out: torch.Tensor | None = None,
-    config: AttentionConfig | None = None,
+    config: AttentionConfig | DecodeFp8Config | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
@@ -448,7 +476,8 @@ def paged_attention_triton(
         A batch mixing decodes and prefill chunks then runs as two launches, each with its
         own tiles, instead of giving every decode the 128-row tile of a prefill chunk.
     out: optional [T, num_heads, head_dim] to write into; config: tiles to use instead of
-        `choose_config`'s (benchmarks; applies to every launch).
+        `choose_config`'s (benchmarks; applies to every launch): an `AttentionConfig` runs the
+        general kernel, a `DecodeFp8Config` the fp8 decode kernel (decode-only batches).
     k_scale, v_scale: an fp8 cache's scales (Python floats: constants in a CUDA graph); caches of
         q's dtype ignore them.
     """
@@ -498,7 +527,7 @@ def _launch(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor,
-    config: AttentionConfig | None,
+    config: AttentionConfig | DecodeFp8Config | None,
     max_seq_len: int | None,
     k_scale: float,
     v_scale: float,
@@ -513,16 +542,27 @@ def _launch(
     block_size, num_kv_heads = k_cache.shape[1:3]
     num_seqs = num_part_seqs
     group = num_heads // num_kv_heads
+    fp8 = is_fp8(k_cache)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if isinstance(config, DecodeFp8Config) or (
+        config is None and num_part_tokens == num_seqs and triton_decode_fp8.applies(q, k_cache, v_cache)
+    ):
+        dcfg = config or choose_decode_fp8_config(num_seqs, num_kv_heads, device_limits(q.device), max_seq_len)
+        parts = triton_decode_fp8.launch(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * k_scale * LOG2_E, v_scale, out,
+            dcfg, first_seq, num_seqs,
+        )
+        if parts is not None:
+            _reduce_splits(parts, out, first_token, num_part_tokens, head_dim_pad, dcfg.num_splits)
+        return
     v_keys = keys_contiguous(v_cache)
     cfg = config or choose_config(
         num_part_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.element_size(), device_limits(q.device),
         max_seq_len, k_cache.element_size(), v_keys,
     )
-    fp8 = is_fp8(k_cache)
     block_q = cfg.block_m // group
     if block_q < 1:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {group} query heads of a group")
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     splits = cfg.num_splits
     # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
     grid = ((num_tokens // block_q + num_seqs) * num_kv_heads, splits)
@@ -541,24 +581,27 @@ def _launch(
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n,
-        V_RUN=_key_run(block_size, cfg.tile_n) if v_keys else 0,
+        V_RUN=key_run(block_size, cfg.tile_n) if v_keys else 0,
         NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
     )
     if splits > 1:
-        _reduce_splits_kernel[(num_part_tokens, num_heads)](
-            part_out, part_lse, out, first_token, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
-            num_warps=4, **pdl_kwargs(q.device),
-        )
+        _reduce_splits((part_out, part_lse), out, first_token, num_part_tokens, head_dim_pad, splits)
 
 
-def _key_run(block_size: int, tile_n: int) -> int:
-    """Over a `keys_contiguous` V cache, the length of the runs of a key tile's keys that lie at
-    consecutive addresses (a power of two: the vector loads' hint)."""
-    run = math.gcd(block_size, tile_n)
-    return run & -run
+def _reduce_splits(
+    parts: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, first_token: int, num_tokens: int, head_dim_pad: int,
+    splits: int,
+) -> None:
+    """Merge the key slices' partial outputs of tokens [first_token, + num_tokens) into `out`."""
+    part_out, part_lse = parts
+    num_heads, head_dim = out.shape[1:]
+    _reduce_splits_kernel[(num_tokens, num_heads)](
+        part_out, part_lse, out, first_token, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
+        num_warps=4, **pdl_kwargs(out.device),
+    )
 
 
 def attention_flops(q_lens: list[int], seq_lens: list[int], num_heads: int, head_dim: int) -> int:
