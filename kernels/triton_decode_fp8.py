@@ -106,7 +106,9 @@ def _decode_tile(
     m_new = tl.maximum(m_i, tl.max(st, 0))
     p = tl.math.exp2(st - m_new[None, :])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 0)
+    # Each thread sums its own keys' p; summed down the keys once, after the last tile: the max
+    # above is the one reduction across the warpgroup a tile (keys are spread over its 4 warps).
+    l_i = l_i * alpha[None, :] + p
     if MASKED:
         # Masked by whole blocks, so the loads keep V_RUN-key vectors; a block's unwritten slots
         # past seq_len then zeroed in registers (their p is 0, but 0 x NaN would not be).
@@ -162,7 +164,7 @@ def _decode_fp8_kernel(
 
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    l_i = tl.zeros([TILE_N, GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)
     acc_lo = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)  # P_TERMS == 2: the p_lo products
     for tile in range(tile_lo, tl.minimum(tile_hi, num_full)):
@@ -178,7 +180,7 @@ def _decode_fp8_kernel(
             TILE_N, BLOCK_SIZE, True, V_RUN, Q_TERMS, P_TERMS, UPCAST,
         )
 
-    l_i = tl.maximum(l_i, 1.0)  # as the general kernel: an empty slice weighs 0 in the merge
+    l_i = tl.maximum(tl.sum(l_i, 0), 1.0)  # as the general kernel: an empty slice weighs 0 in the merge
     if P_TERMS == 2:
         acc += acc_lo * TERM_LO
     out = acc / l_i[None, :] * v_scale  # [d, heads]

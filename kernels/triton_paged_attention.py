@@ -389,18 +389,26 @@ def _num_splits(programs: int, tile_n: int, limits: DeviceLimits, max_seq_len: i
     return num_splits
 
 
-# `kernels.triton_decode_fp8`'s launch: (keys a tile, warps, stages); compiled for sm_90, 114
-# registers and 36 KB of shared memory a program.
-DECODE_FP8_TILING = (64, 4, 2)
+# `kernels.triton_decode_fp8`'s launch: keys a tile, warps, stages, e4m3 terms of q and of p.
+# PAGODA_FP8_DECODE_TILING=tile,warps,stages,q_terms,p_terms replaces it (benchmarks).
+DECODE_FP8_TILING = (64, 4, 2, 2, 2)
+if os.environ.get("PAGODA_FP8_DECODE_TILING", "").strip():
+    _value = os.environ["PAGODA_FP8_DECODE_TILING"]
+    try:
+        DECODE_FP8_TILING = tuple(int(x) for x in _value.split(","))
+    except ValueError:
+        DECODE_FP8_TILING = ()
+    if len(DECODE_FP8_TILING) != 5:
+        raise ValueError(f"PAGODA_FP8_DECODE_TILING={_value!r}: expected tile,warps,stages,q_terms,p_terms")
 
 
 def choose_decode_fp8_config(
     num_seqs: int, num_kv_heads: int, limits: DeviceLimits, max_seq_len: int | None = None
 ) -> DecodeFp8Config:
     """`choose_config`'s counterpart for the decode-only launches `triton_decode_fp8` runs."""
-    tile_n, num_warps, num_stages = DECODE_FP8_TILING
+    tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
     splits = _num_splits(num_seqs * num_kv_heads, tile_n, limits, max_seq_len)
-    return DecodeFp8Config(tile_n, splits, num_warps, num_stages)
+    return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms)
 
 
 def possible_configs(
@@ -443,9 +451,9 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     for config in configs:
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
     if triton_decode_fp8.applies(q, k_cache, v_cache):
-        tile_n, num_warps, num_stages = DECODE_FP8_TILING
+        tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
         splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
-        decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages) for n in splits]
+        decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in splits]
         for config in decode_configs:  # one sequence of one token
             paged_attention_triton(q[:1], k_cache, v_cache, tables, seq_lens.clamp(max=1), qsl.clamp(max=1), scale,
                                    config=config)
