@@ -473,6 +473,104 @@ def test_triton_paged_attention_over_fp8_split_kv_and_two_launches(num_splits: i
     assert err < TOLERANCE[torch.float32]
 
 
+def fp8_decode_config(splits: int = 1, q_terms: int = 2, p_terms: int = 2, tile_n: int = 64):
+    from kernels.triton_decode_fp8 import DecodeFp8Config
+
+    return DecodeFp8Config(tile_n, splits, num_warps=4, num_stages=2, q_terms=q_terms, p_terms=p_terms)
+
+
+@triton_in_process
+@pytest.mark.parametrize(
+    ("layout", "splits"),
+    [((8, 2, 64, 16), 1), ((16, 1, 128, 32), 2), ((4, 4, 64, 16), 4)],
+    ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x) if isinstance(x, tuple) else f"splits{x}",
+)
+def test_fp8_decode_kernel_against_the_reference(layout: tuple[int, ...], splits: int) -> None:
+    """`kernels.triton_decode_fp8` (products in e4m3, keys as the rows) over a keys-contiguous V:
+    query groups of 4, 16 and 1, contexts of one key, of a tile less one, one and one more, keys
+    split or not. With two e4m3 terms for q and p (the default) the error is that of products in
+    bf16; with one term each it is ~20x larger, the terms are what hold it."""
+    seqs = [(1, 1), (63, 1), (64, 1), (65, 1), (130, 1), (200, 1)]
+    two = run_attention_over_fp8(seqs, layout, torch.float32, seed=3, v_layout="keys",
+                                 config=fp8_decode_config(splits))
+    one = run_attention_over_fp8(seqs, layout, torch.float32, seed=3, v_layout="keys",
+                                 config=fp8_decode_config(splits, q_terms=1, p_terms=1))
+    assert two < 2e-3
+    assert 10 * two < one < 6e-2
+    q_only = run_attention_over_fp8(seqs, layout, torch.float32, seed=3, v_layout="keys",
+                                    config=fp8_decode_config(splits, q_terms=2, p_terms=1))
+    assert two < q_only < one
+
+
+@triton_in_process
+def test_fp8_decode_kernel_ignores_unwritten_slots() -> None:
+    """Slots past a sequence's end in its last block (and blocks nobody owns) hold NaN bytes: the
+    output is the one over a clean cache (K masked by key, V by block then zeroed by key). Triton's
+    interpreter widens e4m3's NaN byte to a finite value, so the NaN half bites compiled only
+    (`test_gpu_fp8_decode_kernel_ignores_unwritten_slots`)."""
+    fp8_decode_over_unwritten_slots()
+
+
+def fp8_decode_over_unwritten_slots() -> None:
+    _, attn, _ = _triton_modules()
+    heads, kv_heads, d, block_size = 8, 2, 64, 16
+    lens = [5, 17, 64, 90]
+    batch = build_paged_batch(lens, [1] * len(lens), heads, kv_heads, d, block_size, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    k8 = fp8_cache(batch.k_cache.shape, gen).to(DEVICE)
+    v8 = fp8_cache(batch.v_cache.shape, gen).to(DEVICE)
+    written = torch.zeros(batch.k_cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for pos in range(n):
+            written[batch.block_tables[b, pos // block_size], pos % block_size] = True
+    k_poisoned, v_poisoned = k8.clone(), v8.clone()
+    for cache in (k_poisoned, v_poisoned):
+        cache.view(torch.uint8)[~written] = 0x7F  # e4m3's NaN
+    assert v_poisoned.float().isnan().any()
+    meta = [t.to(DEVICE) for t in batch[3:6]]
+    q = batch.q.to(DEVICE)
+    outs = [
+        attn.paged_attention_triton(q, k, keys_contiguous_copy(v), *meta, d**-0.5, config=fp8_decode_config(splits))
+        for k, v in ((k8, v8), (k_poisoned, v_poisoned)) for splits in (1, 2)
+    ]
+    assert not any(o.isnan().any() for o in outs)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+@triton_in_process
+def test_fp8_decode_kernel_takes_the_decodes_it_applies_to(monkeypatch) -> None:
+    """Decode-only launches over an fp8 cache with V keys-contiguous go to the fp8 decode kernel
+    (a mixed batch: its leading decodes); a d-contiguous V, a bf16 cache, groups over 16 heads,
+    odd head dims or PAGODA_FP8_DECODE=0 keep the general kernel."""
+    from kernels import triton_decode_fp8
+
+    _, attn, _ = _triton_modules()
+    launches = []
+    original = triton_decode_fp8.launch
+    monkeypatch.setattr(triton_decode_fp8, "launch", lambda *a, **kw: launches.append(a[-1]) or original(*a, **kw))
+    seqs = [(40, 1), (77, 1), (9, 1), (50, 6)]
+    err = run_attention_over_fp8(seqs[:3], (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys")
+    assert launches == [3] and err < 2e-3
+    err = run_attention_over_fp8(seqs, (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys", num_decodes=3)
+    assert launches == [3, 3] and err < 2e-3
+    run_attention_over_fp8(seqs, (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys")  # one mixed launch
+    run_attention_over_fp8(seqs[:3], (8, 2, 64, 16), torch.float32, seed=5, v_layout="head_dim")
+    assert launches == [3, 3]
+    monkeypatch.setattr(triton_decode_fp8, "_ENV", "0")
+    assert run_attention_over_fp8(seqs[:3], (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys") < 1e-5
+    assert launches == [3, 3]
+    monkeypatch.setattr(triton_decode_fp8, "_ENV", "1")
+    q = torch.zeros(1, 34, 128)  # 17 query heads a KV head
+    k8 = torch.zeros(2, 16, 2, 128, dtype=FP8_KV_DTYPE)
+    v8 = keys_contiguous_copy(k8)
+    assert triton_decode_fp8.applies(q[:, :16], k8, v8)
+    assert not triton_decode_fp8.applies(q, k8, v8)  # 16 is the most
+    assert not triton_decode_fp8.applies(q[:, :16], k8, k8)
+    bf16 = k8.bfloat16()
+    assert not triton_decode_fp8.applies(q[:, :16].bfloat16(), bf16, keys_contiguous_copy(bf16))
+    assert not triton_decode_fp8.applies(q[:, :16, :80], k8[..., :80], keys_contiguous_copy(k8[..., :80]))
+
+
 @triton_in_process
 def test_triton_attention_checks_dtypes_and_fp8_tiles_take_less_shared_memory() -> None:
     _, attn, _ = _triton_modules()
@@ -549,6 +647,11 @@ def test_gpu_fp8_paged_attention_full_shapes(layout: tuple[int, ...]) -> None:
     assert run_attention_over_fp8(seqs, layout, torch.bfloat16, seed=rng.randrange(1 << 30)) < 1e-2
     decodes = [(rng.randint(1000, 4100), 1) for _ in range(5)]
     assert run_attention_over_fp8(decodes, layout, torch.bfloat16, seed=1, max_seq_len=4100) < 1e-2
+
+
+@gpu
+def test_gpu_fp8_decode_kernel_ignores_unwritten_slots() -> None:
+    fp8_decode_over_unwritten_slots()
 
 
 @gpu
