@@ -59,8 +59,8 @@ def case(name, heads, kv_heads, lens, variants):
 
 def fp8_variants(splits=1):
     out = [("default", None)]
-    tilings = ((64, 4, 2, 1, 1), (64, 4, 2, 2, 1), (64, 4, 2, 2, 2), (64, 4, 3, 2, 1),
-               (128, 4, 2, 2, 1), (64, 4, 3, 1, 1))
+    tilings = [(64, 4, stages, *terms) for stages in (2, 5) for terms in ((1, 1), (2, 1), (2, 2))]
+    tilings += [(64, 4, 6, 2, 2), (64, 4, 7, 2, 2), (64, 4, 6, 2, 1)]
     for tile, warps, stages, q_terms, p_terms in tilings:
         out.append(("fp8dot", DecodeFp8Config(tile, splits, warps, stages, q_terms, p_terms)))
     return out
@@ -74,8 +74,8 @@ def main():
     l64 = [int(x) for x in torch.randint(500, 1500, (64,), generator=gen)]
     case("L64", 32, 8, l64, fp8_variants())
     for sp in (8,):
-        case(f"L1-768-s{sp}", 32, 8, [768], [("default", None), ("fp8dot", DecodeFp8Config(64, sp, 4, 2, 2, 1)),
-                                            ("fp8dot", DecodeFp8Config(64, sp, 4, 2, 2, 2))])
+        case(f"L1-768-s{sp}", 32, 8, [768], [("default", None)] + [
+            ("fp8dot", DecodeFp8Config(64, sp, 4, stages, 2, 2)) for stages in (2, 5, 6)])
 
 
 if __name__ == "__main__":
