@@ -206,7 +206,7 @@ class DecodeFp8Config:
     num_warps: int
     num_stages: int
     q_terms: int = 2  # e4m3 terms of q and of p (`_split_e4m3`): 1 or 2
-    p_terms: int = 2
+    p_terms: int = 1
 
 
 def launch(

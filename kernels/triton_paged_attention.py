@@ -391,7 +391,7 @@ def _num_splits(programs: int, tile_n: int, limits: DeviceLimits, max_seq_len: i
 
 # `kernels.triton_decode_fp8`'s launch: keys a tile, warps, stages, e4m3 terms of q and of p.
 # PAGODA_FP8_DECODE_TILING=tile,warps,stages,q_terms,p_terms replaces it (benchmarks).
-DECODE_FP8_TILING = (64, 4, 2, 2, 2)
+DECODE_FP8_TILING = (64, 4, 2, 2, 1)
 if os.environ.get("PAGODA_FP8_DECODE_TILING", "").strip():
     _value = os.environ["PAGODA_FP8_DECODE_TILING"]
     try:

@@ -650,6 +650,22 @@ def test_gpu_fp8_paged_attention_full_shapes(layout: tuple[int, ...]) -> None:
 
 
 @gpu
+@pytest.mark.parametrize("layout", [(32, 8, 128, 16), (16, 8, 128, 16), (14, 2, 128, 32)],
+                         ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
+def test_gpu_fp8_decode_kernel_full_shapes(layout: tuple[int, ...]) -> None:
+    """The fp8-product decode kernel compiled (Hopper's e4m3 warpgroup products), bf16 q, V
+    keys-contiguous: many decodes, then 5 long ones with split keys, at its default (one e4m3 term
+    for p) and with both terms, against the reference in fp32."""
+    rng = random.Random(f"fp8-decode-{layout}")
+    many = [(rng.randint(1, 4500), 1) for _ in range(40)]
+    long = [(rng.randint(1000, 4100), 1) for _ in range(5)]
+    for seqs, kw in ((many, {}), (long, {"max_seq_len": 4100})):
+        assert run_attention_over_fp8(seqs, layout, torch.bfloat16, seed=2, v_layout="keys", **kw) < 4e-2
+        cfg = fp8_decode_config(splits=8 if kw else 1)
+        assert run_attention_over_fp8(seqs, layout, torch.bfloat16, seed=2, v_layout="keys", config=cfg) < 1e-2
+
+
+@gpu
 def test_gpu_fp8_decode_kernel_ignores_unwritten_slots() -> None:
     fp8_decode_over_unwritten_slots()
 
