@@ -17,10 +17,14 @@ one scale per head (amax / 448), and P^T (in [0, 1]) rounded to e4m3 as FlashAtt
 path does. So the tiles go from shared memory into Hopper's fp8 warpgroup products (64 rows:
 TILE_N keys, then d) with no widening, and the accumulators are small: [TILE_N, 16] and
 [d, 16] fp32 over a warpgroup. The query heads of a group pad to 16 columns (up to 16 heads).
+q and p may each be kept as two e4m3 terms (`_split_e4m3`: ~7 significant bits instead of 4);
+the default launch (kernels/triton_paged_attention.py, DECODE_FP8_TILING) takes two for q and
+one for p (docs/ARCHITECTURE.md, FP8: the precision decision and the H200 figures).
 
-The softmax runs down each column (a head); the row sum l is taken from the fp32 p before its
-rounding. Split slices write the same partial outputs and log-sum-exps as the general kernel's
-and merge through its `_reduce_splits_kernel`.
+The softmax runs down each column (a head); each thread sums its own keys' p and the sums are
+added once at the end, so the tile's max is the only reduction across the warpgroup. Split
+slices write the same partial outputs and log-sum-exps as the general kernel's and merge
+through its `_reduce_splits_kernel`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ block_size], what the GPU worker binds for an fp8 cache): P.V contracts over key
 tensor-core operand wants neighbouring keys in one register, which a d-contiguous e4m3 tile gives
 only byte by byte out of shared memory (on the H200, T's decode attention over fp8: 147 us
 against 162). V_RUN tells the loads how many keys of a tile lie at consecutive addresses.
+
+Decode-only launches over such a cache (fp8, V keys-contiguous) on Hopper go to
+`kernels.triton_decode_fp8` instead, whose products are in fp8 with the keys as the rows
+(`triton_decode_fp8.applies`; a `DecodeFp8Config` as `config` forces it, an `AttentionConfig`
+this kernel).
 """
 
 from __future__ import annotations
