@@ -557,8 +557,11 @@ def _launch(
     group = num_heads // num_kv_heads
     fp8 = is_fp8(k_cache)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    decode = num_part_tokens == num_seqs
+    if isinstance(config, DecodeFp8Config) and not (decode and triton_decode_fp8.supports(q, k_cache, v_cache)):
+        raise ValueError("a DecodeFp8Config needs a decode-only launch over an fp8 cache with V keys-contiguous")
     if isinstance(config, DecodeFp8Config) or (
-        config is None and num_part_tokens == num_seqs and triton_decode_fp8.applies(q, k_cache, v_cache)
+        config is None and decode and triton_decode_fp8.applies(q, k_cache, v_cache)
     ):
         dcfg = config or choose_decode_fp8_config(num_seqs, num_kv_heads, device_limits(q.device), max_seq_len)
         parts = triton_decode_fp8.launch(

@@ -560,6 +560,10 @@ def test_fp8_decode_kernel_takes_the_decodes_it_applies_to(monkeypatch) -> None:
     assert run_attention_over_fp8(seqs[:3], (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys") < 1e-5
     assert launches == [3, 3]
     monkeypatch.setattr(triton_decode_fp8, "_ENV", "1")
+    with pytest.raises(ValueError, match="decode-only"):  # forced onto a prefill chunk
+        run_attention_over_fp8(seqs, (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys", config=fp8_decode_config())
+    with pytest.raises(ValueError, match="keys-contiguous"):
+        run_attention_over_fp8(seqs[:3], (8, 2, 64, 16), torch.float32, seed=5, config=fp8_decode_config())
     q = torch.zeros(1, 34, 128)  # 17 query heads a KV head
     k8 = torch.zeros(2, 16, 2, 128, dtype=FP8_KV_DTYPE)
     v8 = keys_contiguous_copy(k8)
