@@ -39,9 +39,8 @@ import triton.language as tl
 
 from kernels.kv_cache import is_fp8, key_run, keys_contiguous
 from kernels.pdl import pdl_begin, pdl_kwargs
-from kernels.triton_kv_cache import _round_e4m3
+from kernels.triton_kv_cache import _FP8_MAX, _round_e4m3
 
-FP8_MAX = tl.constexpr(448.0)
 MASKED_SCORE = tl.constexpr(-1.0e30)
 
 
@@ -156,7 +155,7 @@ def _decode_fp8_kernel(
     qt = tl.load(
         q_ptr + token * stride_qt + head[None, :] * stride_qh + dims[:, None], mask=col_ok[None, :], other=0.0
     ).to(tl.float32)  # [d, heads]
-    q_scale = tl.maximum(tl.max(tl.abs(qt), 0), 1e-30) / FP8_MAX
+    q_scale = tl.maximum(tl.max(tl.abs(qt), 0), 1e-30) / _FP8_MAX
     qt, qt_lo = _split_e4m3(qt / q_scale[None, :], k_cache_ptr.dtype.element_ty, Q_TERMS, UPCAST)
     col_scale = q_scale * qk_scale
 
@@ -223,22 +222,19 @@ def launch(
     qk_scale_log2: float,
     v_scale: float,
     out: torch.Tensor,
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
     cfg: DecodeFp8Config,
     first_seq: int,
     num_seqs: int,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> None:
     """Decode attention for sequences [first_seq, + num_seqs), one query each. qk_scale_log2:
-    softmax scale x k_scale x log2(e). Returns the split partials for `_reduce_splits_kernel`
-    (None when the launch wrote `out` itself)."""
-    num_tokens, num_heads, head_dim = q.shape
+    softmax scale x k_scale x log2(e). With key slices (cfg.num_splits > 1) the partials go to
+    part_out / part_lse for `_reduce_splits_kernel`, else the output to `out`."""
+    num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_cache.shape[1:3]
     group = num_heads // num_kv_heads
     splits = cfg.num_splits
-    if splits > 1:
-        part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # never touched
     _decode_fp8_kernel[(num_seqs * num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse,
         block_tables, seq_lens, query_start_loc, qk_scale_log2, v_scale, first_seq,
@@ -252,7 +248,6 @@ def launch(
         UPCAST=q.device.type == "cpu",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
     )
-    return (part_out, part_lse) if splits > 1 else None
 
 
 _ENV = os.environ.get("PAGODA_FP8_DECODE", "1")

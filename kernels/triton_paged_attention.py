@@ -290,10 +290,10 @@ def device_limits(device: torch.device) -> DeviceLimits:
 _DECODE_TILINGS = [(16, 32, 4, 5), (16, 16, 4, 5), (16, 16, 4, 3)]
 
 
-def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
+def _tiling_from_env(name: str, fields: str = "rows,key_tile,warps,stages") -> list[tuple[int, ...]]:
     """PAGODA_ATTN_DECODE_TILING=rows,key_tile,warps,stages puts one tiling ahead of the list:
     for benchmarks comparing tilings inside the whole engine (`bench kernels --sweep` times
-    them alone)."""
+    them alone). `fields`: the names of the positive integers the variable must hold."""
     value = os.environ.get(name, "").strip()
     if not value:
         return []
@@ -301,8 +301,9 @@ def _tiling_from_env(name: str) -> list[tuple[int, ...]]:
         tiling = tuple(int(x) for x in value.split(","))
     except ValueError:
         tiling = ()
-    if len(tiling) != 4 or any(x <= 0 for x in tiling):
-        raise ValueError(f"{name}={value!r}: expected four positive integers rows,key_tile,warps,stages")
+    count = len(fields.split(","))
+    if len(tiling) != count or any(x <= 0 for x in tiling):
+        raise ValueError(f"{name}={value!r}: expected {count} positive integers {fields}")
     return [tiling]
 
 
@@ -351,6 +352,7 @@ def _tiling(
 
 
 MAX_SPLITS = 32
+SPLIT_COUNTS = [1 << i for i in range(MAX_SPLITS.bit_length())]  # every num_splits a launch may take
 
 
 def choose_config(
@@ -396,15 +398,8 @@ def _num_splits(programs: int, tile_n: int, limits: DeviceLimits, max_seq_len: i
 
 # `kernels.triton_decode_fp8`'s launch: keys a tile, warps, stages, e4m3 terms of q and of p.
 # PAGODA_FP8_DECODE_TILING=tile,warps,stages,q_terms,p_terms replaces it (benchmarks).
-DECODE_FP8_TILING = (64, 4, 2, 2, 1)
-if os.environ.get("PAGODA_FP8_DECODE_TILING", "").strip():
-    _value = os.environ["PAGODA_FP8_DECODE_TILING"]
-    try:
-        DECODE_FP8_TILING = tuple(int(x) for x in _value.split(","))
-    except ValueError:
-        DECODE_FP8_TILING = ()
-    if len(DECODE_FP8_TILING) != 5:
-        raise ValueError(f"PAGODA_FP8_DECODE_TILING={_value!r}: expected tile,warps,stages,q_terms,p_terms")
+DECODE_FP8_TILING = (_tiling_from_env("PAGODA_FP8_DECODE_TILING", "tile,warps,stages,q_terms,p_terms")
+                     or [(64, 4, 2, 2, 1)])[0]
 
 
 def choose_decode_fp8_config(
@@ -432,8 +427,7 @@ def possible_configs(
         block_m, tile_n, num_warps, num_stages = _tiling(
             decode, group, head_dim, elem_size, limits, kv_elem_size, v_keys
         )
-        splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
-        configs += [AttentionConfig(block_m, tile_n, n, num_warps, num_stages) for n in splits]
+        configs += [AttentionConfig(block_m, tile_n, n, num_warps, num_stages) for n in SPLIT_COUNTS]
     return configs
 
 
@@ -457,8 +451,7 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
     if triton_decode_fp8.applies(q, k_cache, v_cache):
         tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
-        splits = [1 << i for i in range(MAX_SPLITS.bit_length())]
-        decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in splits]
+        decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in SPLIT_COUNTS]
         for config in decode_configs:  # one sequence of one token
             paged_attention_triton(q[:1], k_cache, v_cache, tables, seq_lens.clamp(max=1), qsl.clamp(max=1), scale,
                                    config=config)
@@ -564,11 +557,12 @@ def _launch(
         config is None and decode and triton_decode_fp8.applies(q, k_cache, v_cache)
     ):
         dcfg = config or choose_decode_fp8_config(num_seqs, num_kv_heads, device_limits(q.device), max_seq_len)
-        parts = triton_decode_fp8.launch(
+        parts = _split_partials(out, dcfg.num_splits)
+        triton_decode_fp8.launch(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * k_scale * LOG2_E, v_scale, out,
-            dcfg, first_seq, num_seqs,
+            *parts, dcfg, first_seq, num_seqs,
         )
-        if parts is not None:
+        if dcfg.num_splits > 1:
             _reduce_splits(parts, out, first_token, num_part_tokens, head_dim_pad, dcfg.num_splits)
         return
     v_keys = keys_contiguous(v_cache)
@@ -582,11 +576,7 @@ def _launch(
     splits = cfg.num_splits
     # q blocks are numbered by absolute token (see _find_seq), hence num_tokens, not the part's.
     grid = ((num_tokens // block_q + num_seqs) * num_kv_heads, splits)
-    if splits > 1:
-        part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # never touched: NUM_SPLITS == 1 writes `out` directly
+    part_out, part_lse = _split_partials(out, splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse,
         block_tables, seq_lens, query_start_loc,
@@ -604,6 +594,18 @@ def _launch(
     )
     if splits > 1:
         _reduce_splits((part_out, part_lse), out, first_token, num_part_tokens, head_dim_pad, splits)
+
+
+def _split_partials(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 partial outputs [T, heads, splits, d] and log-sum-exps [T, heads, splits] the key
+    slices write; with one slice `out` twice, never touched (NUM_SPLITS == 1 writes `out`)."""
+    if splits == 1:
+        return out, out
+    num_tokens, num_heads, head_dim = out.shape
+    return (
+        torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=out.device),
+        torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=out.device),
+    )
 
 
 def _reduce_splits(
