@@ -107,8 +107,10 @@ class InputBatch:
         device: torch.device,
         eos_token_ids: list[int],
         grammars: GrammarRows | None = None,
+        longest_decodes_first: bool = False,
     ) -> None:
         self.block_size = block_size
+        self.longest_decodes_first = longest_decodes_first  # see `_batch_order`
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.device = device
@@ -267,14 +269,14 @@ class InputBatch:
     def prepare(self, num_scheduled: dict[str, int], graphs: CudaGraphs) -> StepBatch:
         """Gather the scheduled tokens into the step buffers: ids, positions, slots, tables.
 
-        Decodes (one token) go first, in the plan's order, then the prefill chunks. A step that
-        a captured graph can run is padded to the graph's size (`graphs.dispatch`).
+        Decodes (one token) go first, then the prefill chunks (`_batch_order`). A step that a
+        captured graph can run is padded to the graph's size (`graphs.dispatch`).
         """
         request_ids = list(num_scheduled)
         rows = np.fromiter((self.requests[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
         counts = np.fromiter(num_scheduled.values(), dtype=np.int64, count=len(request_ids))
-        if ((counts[:-1] > 1) & (counts[1:] == 1)).any():  # a decode after a prefill chunk
-            order = np.argsort(counts > 1, kind="stable")
+        order = self._batch_order(rows, counts)
+        if order is not None:
             rows, counts = rows[order], counts[order]
             request_ids = [request_ids[i] for i in order]
         num_seqs, num_tokens = len(rows), int(counts.sum())
@@ -378,6 +380,22 @@ class InputBatch:
             graph=graph,
             num_logits=num_logits,
         )
+
+    def _batch_order(self, rows: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """The permutation of the plan's requests into batch order, None where it is the plan's.
+
+        Decodes (one token each) first: attention gives them decode tiles. With
+        `longest_decodes_first` (`kernels.decodes_longest_first`: where the decode kernel runs
+        better so) the decodes longest context first, ties and prefill chunks in plan order.
+        """
+        chunk = counts > 1
+        if self.longest_decodes_first:
+            key = np.where(chunk, 0, -(self.num_computed[rows] + counts))
+            order = np.lexsort((key, chunk))  # stable: by chunk, then by key
+            return None if (order[1:] > order[:-1]).all() else order
+        if (chunk[:-1] & ~chunk[1:]).any():  # a decode after a prefill chunk
+            return np.argsort(chunk, kind="stable")
+        return None
 
     def _patch_pending_tokens(
         self, input_ids: torch.Tensor, token_rows: np.ndarray, positions: np.ndarray, prev: PendingStep

@@ -25,6 +25,7 @@ from gpu_worker.sampler import Sampler, SamplerOutput
 from gpu_worker.spec_decode.verify import verify_drafts
 from gpu_worker.structured_outputs import GrammarMask, GrammarRows
 from gpu_worker.transfer import to_device
+from kernels import decodes_longest_first
 from protocol.config import EngineConfig
 from protocol.messages import StepPlan, StepResult
 
@@ -60,9 +61,11 @@ class ModelRunner:
         self.kv_cache = KVCache(config, loaded, self.device, self.max_model_len, self.max_num_batched_tokens)
         self.num_blocks = self.kv_cache.num_blocks
         self.grammars = GrammarRows(config, self.eos_token_ids)  # structured outputs' matchers
+        attn = loaded.model.attention_layers()[0]
         self.input_batch = InputBatch(
             config.max_num_seqs, self.max_model_len, self.block_size, self.max_num_batched_tokens,
             self.device, self.eos_token_ids, self.grammars,
+            longest_decodes_first=decodes_longest_first(attn.num_heads, attn.k_cache, attn.v_cache),
         )
         self.sampler = Sampler()
         self.prompt_logprobs = PromptLogprobsTracker()

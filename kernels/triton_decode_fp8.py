@@ -255,25 +255,25 @@ if _ENV not in ("0", "1"):
     raise ValueError(f"PAGODA_FP8_DECODE must be 0 or 1, not {_ENV!r}")
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the kernel can read these caches for this q: an fp8 cache whose V keeps a block's
-    keys contiguous, 1-16 query heads a KV head, a head dim of 64, 128 or 256, blocks of a multiple
-    of 16 slots."""
+def supports(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel can read these caches for num_heads query heads: an fp8 cache whose V
+    keeps a block's keys contiguous, 1-16 query heads a KV head, a head dim of 64, 128 or 256,
+    blocks of a multiple of 16 slots."""
     if not (is_fp8(k_cache) and keys_contiguous(v_cache)):
         return False
-    group = q.shape[1] // k_cache.shape[2]
-    return group <= 16 and q.shape[2] in (64, 128, 256) and k_cache.shape[1] % 16 == 0
+    group = num_heads // k_cache.shape[2]
+    return group <= 16 and k_cache.shape[3] in (64, 128, 256) and k_cache.shape[1] % 16 == 0
 
 
-def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+def applies(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether decode-only launches over these caches run here by default: `supports`, on Hopper's
     fp8 warpgroup products (compute capability 9.0+; on the CPU, Triton's interpreter: the tests).
     PAGODA_FP8_DECODE=0 sends them to the general kernel."""
-    if _ENV == "0" or not supports(q, k_cache, v_cache):
+    if _ENV == "0" or not supports(num_heads, k_cache, v_cache):
         return False
-    if q.device.type == "cuda":
-        return _hopper(q.device.index or 0)
-    return q.device.type == "cpu"
+    if k_cache.device.type == "cuda":
+        return _hopper(k_cache.device.index or 0)
+    return k_cache.device.type == "cpu"
 
 
 @functools.cache

@@ -449,7 +449,7 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     )
     for config in configs:
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, qsl, scale, config=config)
-    if triton_decode_fp8.applies(q, k_cache, v_cache):
+    if triton_decode_fp8.applies(q.shape[1], k_cache, v_cache):
         tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
         decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in SPLIT_COUNTS]
         for config in decode_configs:  # one sequence of one token
@@ -551,10 +551,10 @@ def _launch(
     fp8 = is_fp8(k_cache)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     decode = num_part_tokens == num_seqs
-    if isinstance(config, DecodeFp8Config) and not (decode and triton_decode_fp8.supports(q, k_cache, v_cache)):
+    if isinstance(config, DecodeFp8Config) and not (decode and triton_decode_fp8.supports(num_heads, k_cache, v_cache)):
         raise ValueError("a DecodeFp8Config needs a decode-only launch over an fp8 cache with V keys-contiguous")
     if isinstance(config, DecodeFp8Config) or (
-        config is None and decode and triton_decode_fp8.applies(q, k_cache, v_cache)
+        config is None and decode and triton_decode_fp8.applies(q.shape[1], k_cache, v_cache)
     ):
         dcfg = config or choose_decode_fp8_config(num_seqs, num_kv_heads, device_limits(q.device), max_seq_len)
         parts = _split_partials(out, dcfg.num_splits)

@@ -564,15 +564,30 @@ def test_fp8_decode_kernel_takes_the_decodes_it_applies_to(monkeypatch) -> None:
         run_attention_over_fp8(seqs, (8, 2, 64, 16), torch.float32, seed=5, v_layout="keys", config=fp8_decode_config())
     with pytest.raises(ValueError, match="keys-contiguous"):
         run_attention_over_fp8(seqs[:3], (8, 2, 64, 16), torch.float32, seed=5, config=fp8_decode_config())
-    q = torch.zeros(1, 34, 128)  # 17 query heads a KV head
     k8 = torch.zeros(2, 16, 2, 128, dtype=FP8_KV_DTYPE)
     v8 = keys_contiguous_copy(k8)
-    assert triton_decode_fp8.applies(q[:, :16], k8, v8)
-    assert not triton_decode_fp8.applies(q, k8, v8)  # 16 is the most
-    assert not triton_decode_fp8.applies(q[:, :16], k8, k8)
+    assert triton_decode_fp8.applies(16, k8, v8)
+    assert not triton_decode_fp8.applies(34, k8, v8)  # 17 query heads a KV head: 16 is the most
+    assert not triton_decode_fp8.applies(16, k8, k8)
     bf16 = k8.bfloat16()
-    assert not triton_decode_fp8.applies(q[:, :16].bfloat16(), bf16, keys_contiguous_copy(bf16))
-    assert not triton_decode_fp8.applies(q[:, :16, :80], k8[..., :80], keys_contiguous_copy(k8[..., :80]))
+    assert not triton_decode_fp8.applies(16, bf16, keys_contiguous_copy(bf16))
+    assert not triton_decode_fp8.applies(16, k8[..., :80], keys_contiguous_copy(k8[..., :80]))
+
+
+def test_decodes_are_ordered_longest_first_only_for_the_fp8_decode_kernel(monkeypatch) -> None:
+    import kernels
+
+    k8 = torch.zeros(2, 16, 2, 128, dtype=FP8_KV_DTYPE)
+    v8 = copy_keys_contiguous(k8)
+    assert not kernels.decodes_longest_first(4, k8, v8)  # CPU caches: the C functions and references
+    monkeypatch.setattr(kernels, "_DECODE_ORDER", "longest")
+    assert kernels.decodes_longest_first(4, k8.bfloat16(), k8.bfloat16())
+    if torch.cuda.is_available():
+        monkeypatch.setattr(kernels, "_DECODE_ORDER", "auto")
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert kernels.decodes_longest_first(4, k8.cuda(), v8.cuda()) == hopper
+        assert not kernels.decodes_longest_first(4, k8.cuda(), k8.cuda())  # V d-contiguous: the general kernel
+        assert not kernels.decodes_longest_first(4, k8.bfloat16().cuda(), copy_keys_contiguous(k8.bfloat16()).cuda())
 
 
 @triton_in_process
@@ -800,13 +815,20 @@ def test_gpu_runner_fp8_kv_cache_top1_agrees_with_bf16_cache(tmp_path, monkeypat
 def test_gpu_runner_fp8_cuda_graphs_equal_eager(tiny, tokenizer) -> None:
     """Over an fp8 cache (fp32 model, its q in fp32: the warm-up compiles for that q, not the
     cache's dtype), decode steps replayed from CUDA graphs (padded batches, constant scales)
-    give the eager steps' tokens, and the same tokens as the CPU's references."""
+    give the eager steps' tokens, and the same tokens as the CPU's references. On Hopper the GPU
+    runners put each step's decodes longest first (the fp8 decode kernel's order), the CPU's in
+    the plan's order."""
     folder, _ = tiny("qwen3")
     prompts = random_prompts(len(tokenizer))
+    assert len({len(p) for p in prompts}) > 1
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
     graphs = make_runner(str(folder), "cuda", "float32", "fp8", max_num_seqs=4)
     assert graphs.graphs.sizes("decode")
+    assert graphs.input_batch.longest_decodes_first == hopper
     tokens = runner_greedy(graphs, prompts)
     del graphs
     eager = make_runner(str(folder), "cuda", "float32", "fp8", max_num_seqs=4, enforce_eager=True)
     assert runner_greedy(eager, prompts) == tokens
-    assert runner_greedy(make_runner(str(folder), "cpu", "float32", "fp8"), prompts) == tokens
+    cpu = make_runner(str(folder), "cpu", "float32", "fp8")
+    assert not cpu.input_batch.longest_decodes_first
+    assert runner_greedy(cpu, prompts) == tokens

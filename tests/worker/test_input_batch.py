@@ -56,6 +56,42 @@ def test_a_mixed_step_puts_decodes_first_and_reads_past_the_cached_prefix() -> N
     assert batch.num_computed[step.rows].tolist() == [7, 5, 10]
 
 
+def test_longest_decodes_first_orders_only_the_decodes_by_context() -> None:
+    """The fp8 decode kernel's order (kernels.decodes_longest_first): decodes by context, longest
+    first, ties in plan order; prefill chunks after them in plan order. Off, the plan's order."""
+    def plan() -> StepPlan:
+        return StepPlan(0, [
+            NewRequestData("C", tokens(300, 12), GREEDY, [1, 4], num_computed_tokens=0),  # a chunk of 5
+            NewRequestData("A", tokens(100, 7), GREEDY, [5, 9], num_computed_tokens=6, num_output_tokens=1),
+            NewRequestData("B", tokens(200, 10), GREEDY, [3, 7, 2], num_computed_tokens=9, num_output_tokens=1),
+            NewRequestData("E", tokens(500, 7), GREEDY, [11, 12], num_computed_tokens=6, num_output_tokens=1),
+            NewRequestData("D", tokens(400, 9), GREEDY, [6, 8, 10], num_computed_tokens=8, num_output_tokens=1),
+        ], [], {}, [])
+    scheduled = {"C": 5, "A": 1, "B": 1, "E": 1, "D": 1}
+
+    batch, graphs = make_batch()
+    batch.update(plan())
+    step = batch.prepare(scheduled, graphs)
+    assert step.request_ids == ["A", "B", "E", "D", "C"]
+    assert step.attn.seq_lens.tolist() == [7, 10, 7, 9, 5]
+
+    batch, graphs = make_batch()
+    batch.longest_decodes_first = True
+    batch.update(plan())
+    step = batch.prepare(scheduled, graphs)
+    assert step.request_ids == ["B", "D", "A", "E", "C"]
+    assert step.attn.seq_lens.tolist() == [10, 9, 7, 7, 5]
+    assert step.attn.num_decodes == 4
+    assert step.input_ids.tolist() == [209, 408, 106, 506, 300, 301, 302, 303, 304]
+    assert step.positions.tolist() == [9, 8, 6, 6, 0, 1, 2, 3, 4]
+    assert step.attn.block_tables[:, :3].tolist() == [[3, 7, 2], [6, 8, 10], [5, 9, 0], [11, 12, 0], [1, 4, 0]]
+    assert [batch.requests[r] for r in step.request_ids] == step.rows.tolist()
+    # The four decodes sample, each from its own token, in batch order; the chunk does not.
+    assert step.sampling.tolist() == [0, 1, 2, 3] and step.logits_indices.tolist() == [0, 1, 2, 3]
+    # Already in order: the plan's order stands (no permutation).
+    assert batch._batch_order(step.rows, np.array([1, 1, 1, 1, 5])) is None
+
+
 def test_an_overlapped_step_takes_the_unfinished_steps_tokens_from_the_device() -> None:
     batch, graphs = make_batch()
     batch.update(StepPlan(0, [

@@ -364,10 +364,13 @@ def planned_steps(
     return plans
 
 
-def test_launching_the_next_step_before_finishing_this_one_gives_the_same_tokens(runner, chat_prompts) -> None:
+def test_launching_the_next_step_before_finishing_this_one_gives_the_same_tokens(
+    runner, chat_prompts, monkeypatch
+) -> None:
     """The worker launches step n + 1 while step n runs: its decodes read step n's tokens on
     the device. Requests end (their rows freed) and arrive (rows reused) meanwhile, and a
-    penalized request makes a step wait for the host copy of the tokens first."""
+    penalized request makes a step wait for the host copy of the tokens first. The same with the
+    decodes reordered longest first (the fp8 decode kernel's order)."""
     prompts = {"a": chat_prompts[0], "b": chat_prompts[1], "short": chat_prompts[2], "late": chat_prompts[2]}
     max_tokens = {"a": 14, "b": 10, "short": 3, "late": 6}
     arrive = {"a": 0, "b": 0, "short": 0, "late": 5}
@@ -410,6 +413,19 @@ def test_launching_the_next_step_before_finishing_this_one_gives_the_same_tokens
         assert runner.graphs.hidden["decode"] and runner.graphs.hidden["mixed"]
     finally:
         runner.graphs.clear()
+    # Again with each step's decodes longest first: the batch order moves, the tokens do not.
+    orders = []
+    prepare = batch.prepare
+
+    def spy(num_scheduled, graphs):
+        step = prepare(num_scheduled, graphs)
+        orders.append((list(num_scheduled), step.request_ids))
+        return step
+
+    monkeypatch.setattr(batch, "prepare", spy)
+    monkeypatch.setattr(batch, "longest_decodes_first", True)
+    assert collect(overlapped()) == one_by_one
+    assert any(planned != ordered for planned, ordered in orders)
 
 
 def test_runner_reports_its_limits(runner) -> None:
