@@ -210,6 +210,7 @@ class DecodeFp8Config:
     num_stages: int
     q_terms: int = 2  # e4m3 terms of q and of p (`_split_e4m3`): 1 or 2
     p_terms: int = 1
+    max_registers: int | None = None  # ptxas's cap a thread (maxnreg); on a GPU only
 
 
 def launch(
@@ -235,6 +236,7 @@ def launch(
     block_size, num_kv_heads = k_cache.shape[1:3]
     group = num_heads // num_kv_heads
     splits = cfg.num_splits
+    cap = {"maxnreg": cfg.max_registers} if cfg.max_registers and q.is_cuda else {}
     _decode_fp8_kernel[(num_seqs * num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse,
         block_tables, seq_lens, query_start_loc, qk_scale_log2, v_scale, first_seq,
@@ -246,7 +248,7 @@ def launch(
         TILE_N=cfg.tile_n, NUM_SPLITS=splits, V_RUN=key_run(block_size, cfg.tile_n),
         Q_TERMS=cfg.q_terms, P_TERMS=cfg.p_terms,
         UPCAST=q.device.type == "cpu",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device), **cap,
     )
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -402,13 +402,26 @@ DECODE_FP8_TILING = (_tiling_from_env("PAGODA_FP8_DECODE_TILING", "tile,warps,st
                      or [(64, 4, 2, 2, 1)])[0]
 
 
+# Its register cap where the programs queue (at least DECODE_FP8_CAP_PROGRAMS_PER_SM an SM): 96 a
+# thread (the uncapped build takes 119; neither spills) fits 5 programs an SM instead of 4, and
+# each waits out its own tile's loads, so more of them in flight stream faster. On the H200,
+# decodes longest first: T's 256 sequences 121.1 -> 115.8 us, 128 of them 63.5 -> 62.3; but 64
+# (512 programs: one wave) 48.6 -> 51.4, llama's 64 x 32/8 heads 64.7 -> 69.2, hence only there.
+# PAGODA_FP8_DECODE_MAXNREG sets the cap, 0 never caps (benchmarks).
+DECODE_FP8_MAX_REGISTERS = int(os.environ.get("PAGODA_FP8_DECODE_MAXNREG", "96"))
+DECODE_FP8_CAP_PROGRAMS_PER_SM = 6
+
+
 def choose_decode_fp8_config(
     num_seqs: int, num_kv_heads: int, limits: DeviceLimits, max_seq_len: int | None = None
 ) -> DecodeFp8Config:
     """`choose_config`'s counterpart for the decode-only launches `triton_decode_fp8` runs."""
     tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
-    splits = _num_splits(num_seqs * num_kv_heads, tile_n, limits, max_seq_len)
-    return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms)
+    programs = num_seqs * num_kv_heads
+    splits = _num_splits(programs, tile_n, limits, max_seq_len)
+    queued = programs * splits >= DECODE_FP8_CAP_PROGRAMS_PER_SM * limits.num_sms
+    cap = DECODE_FP8_MAX_REGISTERS if queued and DECODE_FP8_MAX_REGISTERS > 0 else None
+    return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms, cap)
 
 
 def possible_configs(
@@ -452,6 +465,8 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     if triton_decode_fp8.applies(q.shape[1], k_cache, v_cache):
         tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
         decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in SPLIT_COUNTS]
+        if DECODE_FP8_MAX_REGISTERS > 0:  # only unsplit launches have enough programs to be capped
+            decode_configs.append(replace(decode_configs[0], max_registers=DECODE_FP8_MAX_REGISTERS))
         for config in decode_configs:  # one sequence of one token
             paged_attention_triton(q[:1], k_cache, v_cache, tables, seq_lens.clamp(max=1), qsl.clamp(max=1), scale,
                                    config=config)

@@ -473,10 +473,31 @@ def test_triton_paged_attention_over_fp8_split_kv_and_two_launches(num_splits: i
     assert err < TOLERANCE[torch.float32]
 
 
-def fp8_decode_config(splits: int = 1, q_terms: int = 2, p_terms: int = 2, tile_n: int = 64):
+def fp8_decode_config(
+    splits: int = 1, q_terms: int = 2, p_terms: int = 2, tile_n: int = 64, max_registers: int | None = None
+):
     from kernels.triton_decode_fp8 import DecodeFp8Config
 
-    return DecodeFp8Config(tile_n, splits, num_warps=4, num_stages=2, q_terms=q_terms, p_terms=p_terms)
+    return DecodeFp8Config(tile_n, splits, 4, 2, q_terms, p_terms, max_registers)
+
+
+@triton_in_process
+def test_fp8_decode_launches_cap_registers_only_where_programs_queue() -> None:
+    """96 registers a thread (5 programs an SM) where a launch has at least 6 programs an SM; one
+    wave or less keeps the uncapped build (kernels/triton_paged_attention.py: the H200's figures)."""
+    _, attn, _ = _triton_modules()
+    t = attn.choose_decode_fp8_config(256, 8, attn.H100)  # T's batch: 2,048 programs, 15.5 an SM
+    assert t.num_splits == 1 and t.max_registers == attn.DECODE_FP8_MAX_REGISTERS == 96
+    assert attn.choose_decode_fp8_config(128, 8, attn.H100).max_registers == 96  # 7.8 an SM
+    assert attn.choose_decode_fp8_config(64, 8, attn.H100).max_registers is None  # 3.9: one wave
+    small = attn.choose_decode_fp8_config(4, 8, attn.H100)
+    assert small.num_splits > 1 and small.max_registers is None
+    # The interpreter has no registers to cap: the capped launch computes the same.
+    seqs = [(63, 1), (130, 1)]
+    capped = run_attention_over_fp8(seqs, (8, 2, 64, 16), torch.float32, seed=3, v_layout="keys",
+                                    config=fp8_decode_config(max_registers=96))
+    assert capped == run_attention_over_fp8(seqs, (8, 2, 64, 16), torch.float32, seed=3, v_layout="keys",
+                                            config=fp8_decode_config())
 
 
 @triton_in_process
@@ -674,7 +695,7 @@ def test_gpu_fp8_paged_attention_full_shapes(layout: tuple[int, ...]) -> None:
 def test_gpu_fp8_decode_kernel_full_shapes(layout: tuple[int, ...]) -> None:
     """The fp8-product decode kernel compiled (Hopper's e4m3 warpgroup products), bf16 q, V
     keys-contiguous: many decodes, then 5 long ones with split keys, at its default (one e4m3 term
-    for p) and with both terms, against the reference in fp32."""
+    for p) and with both terms, against the reference in fp32; and capped at 96 registers."""
     rng = random.Random(f"fp8-decode-{layout}")
     many = [(rng.randint(1, 4500), 1) for _ in range(40)]
     long = [(rng.randint(1000, 4100), 1) for _ in range(5)]
@@ -682,6 +703,8 @@ def test_gpu_fp8_decode_kernel_full_shapes(layout: tuple[int, ...]) -> None:
         assert run_attention_over_fp8(seqs, layout, torch.bfloat16, seed=2, v_layout="keys", **kw) < 4e-2
         cfg = fp8_decode_config(splits=8 if kw else 1)
         assert run_attention_over_fp8(seqs, layout, torch.bfloat16, seed=2, v_layout="keys", config=cfg) < 1e-2
+    capped = fp8_decode_config(p_terms=1, max_registers=96)  # what T's launches take (96 a thread)
+    assert run_attention_over_fp8(many, layout, torch.bfloat16, seed=2, v_layout="keys", config=capped) < 4e-2
 
 
 @gpu
