@@ -4,8 +4,10 @@ at several tilings and splits.
 
     PYTHONPATH=. python3 docs/results/s20-decode-order-sweep.py > docs/results/s20-h200-decode-order-sweep-call1.jsonl
 """
-import json, sys
+import json
+
 import torch
+
 import kernels.triton_decode_fp8 as d8
 import kernels.triton_paged_attention as tpa
 from bench.kernels import new_variant_registers, shuffled_decode_batch, timed_in_graph
@@ -18,7 +20,8 @@ D, BS = 128, 16
 SEEN = set()
 
 def regs():
-    return new_variant_registers(d8._decode_fp8_kernel, SEEN) or new_variant_registers(tpa._paged_attention_kernel, SEEN)
+    new = new_variant_registers(d8._decode_fp8_kernel, SEEN)
+    return new or new_variant_registers(tpa._paged_attention_kernel, SEEN)
 
 def case(name, heads, kvh, lens, variants, bf16=True):
     torch.manual_seed(0)

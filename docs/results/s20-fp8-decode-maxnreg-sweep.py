@@ -1,10 +1,13 @@
 """Session 20 call 2: the fp8 decode kernel, longest-first order, register caps (maxnreg) x stages,
 and split counts for smaller batches.
 
-    PYTHONPATH=. python3 docs/results/s20-fp8-decode-maxnreg-sweep.py > docs/results/s20-h200-fp8-decode-maxnreg-call2.jsonl
+    PYTHONPATH=. python3 docs/results/s20-fp8-decode-maxnreg-sweep.py \
+        > docs/results/s20-h200-fp8-decode-maxnreg-call2.jsonl
 """
 import json
+
 import torch
+
 import kernels.triton_decode_fp8 as d8
 from bench.kernels import new_variant_registers, shuffled_decode_batch, timed_in_graph
 from kernels.kv_cache import keys_contiguous_copy
