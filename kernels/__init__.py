@@ -126,7 +126,7 @@ def decodes_longest_first(num_heads: int, k_cache: torch.Tensor, v_cache: torch.
     The GPU runs a launch's programs roughly in grid order. Where each one streams one sequence's
     keys and few fit an SM at once, a long sequence started last leaves most SMs idle while it
     finishes; longest first is the classic cure (LPT scheduling). The fp8 decode kernel
-    (`kernels.triton_decode_fp8`; 4 programs an SM) is such a kernel: T's decode attention on the
+    (`kernels.triton_decode_fp8`; 4-5 programs an SM) is such a kernel: T's decode attention on the
     H200, 132.9 us in random order, 121.1 longest first, 122.2 at equal lengths; half that batch
     80.2 -> 63.9. The general kernel gained nothing (bf16 168.2 random, 172.6 longest first:
     it runs at the copy bandwidth either way), so other caches keep the scheduler's order.
