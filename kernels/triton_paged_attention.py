@@ -569,7 +569,7 @@ def _launch(
     if isinstance(config, DecodeFp8Config) and not (decode and triton_decode_fp8.supports(num_heads, k_cache, v_cache)):
         raise ValueError("a DecodeFp8Config needs a decode-only launch over an fp8 cache with V keys-contiguous")
     if isinstance(config, DecodeFp8Config) or (
-        config is None and decode and triton_decode_fp8.applies(q.shape[1], k_cache, v_cache)
+        config is None and decode and triton_decode_fp8.applies(num_heads, k_cache, v_cache)
     ):
         dcfg = config or choose_decode_fp8_config(num_seqs, num_kv_heads, device_limits(q.device), max_seq_len)
         parts = _split_partials(out, dcfg.num_splits)
