@@ -78,19 +78,30 @@ def _dot8(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_blocks(table_ptr, tile, seq_len, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The cache block of each key of tile `tile` (0 past seq_len), a tile that starts before
+    seq_len: one scalar where the tile lies in one block (BLOCK_SIZE a multiple of TILE_N: one
+    load a tile, and the tile's K rows and V runs in one block), else a vector of TILE_N."""
+    if BLOCK_SIZE % TILE_N == 0:
+        block = tl.load(table_ptr + tile * TILE_N // BLOCK_SIZE)
+    else:
+        keys = tile * TILE_N + tl.arange(0, TILE_N)
+        block = tl.load(table_ptr + keys // BLOCK_SIZE, mask=keys < seq_len, other=0)
+    return block.to(tl.int64)
+
+
+@triton.jit
 def _decode_tile(
-    qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, seq_len,
+    qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, block, k_cache_ptr, v_cache_ptr, kv_head, seq_len,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vh, stride_vd, dims,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, V_RUN: tl.constexpr,
     Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into each head's running softmax."""
+    """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into each head's running softmax. block:
+    the cache block of each key (`_tile_blocks`)."""
     keys = tile * TILE_N + tl.arange(0, TILE_N)
     if MASKED:
         key_ok = keys < seq_len
-        block = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    else:
-        block = tl.load(table_ptr + keys // BLOCK_SIZE).to(tl.int64)
     in_block = keys % BLOCK_SIZE
     k_ptrs = k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None] + dims[None, :]
     v_off = (block * stride_vb + in_block + kv_head * stride_vh)[None, :] + dims[:, None] * stride_vd
@@ -171,14 +182,16 @@ def _decode_fp8_kernel(
     acc = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)
     acc_lo = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)  # P_TERMS == 2: the p_lo products
     for tile in range(tile_lo, tl.minimum(tile_hi, num_full)):
+        block = _tile_blocks(table_ptr, tile, seq_len, TILE_N, BLOCK_SIZE)
         acc, acc_lo, l_i, m_i = _decode_tile(
-            qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, seq_len,
+            qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, block, k_cache_ptr, v_cache_ptr, kv_head, seq_len,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vh, stride_vd, dims,
             TILE_N, BLOCK_SIZE, False, V_RUN, Q_TERMS, P_TERMS, UPCAST,
         )
-    for tile in range(tl.maximum(tile_lo, num_full), tile_hi):
+    for tile in range(tl.maximum(tile_lo, num_full), tile_hi):  # the last tile, if partial
+        block = _tile_blocks(table_ptr, tile, seq_len, TILE_N, BLOCK_SIZE)
         acc, acc_lo, l_i, m_i = _decode_tile(
-            qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, seq_len,
+            qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, block, k_cache_ptr, v_cache_ptr, kv_head, seq_len,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vh, stride_vd, dims,
             TILE_N, BLOCK_SIZE, True, V_RUN, Q_TERMS, P_TERMS, UPCAST,
         )

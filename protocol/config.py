@@ -21,6 +21,20 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
+DEFAULT_BLOCK_SIZE = 16
+# An fp8 cache's blocks hold a whole key tile of `kernels.triton_decode_fp8` (64 keys): a tile's
+# block id is then one load, and its K rows and V runs lie in one block. Measured on the H200
+# (docs/BENCHMARKS.md, twenty-first session): decode attention at workload T's shape 116.0 -> 92.8
+# us, T over the fp8 cache 30,276 -> 34,731 output tok/s; the bf16 kernel gains nothing (173.3
+# against 173.1 us), so 16-bit caches keep vLLM's 16.
+FP8_DEFAULT_BLOCK_SIZE = 64
+
+
+def default_block_size(kv_cache_dtype: str) -> int:
+    """`--block-size`'s default for this `--kv-cache-dtype`."""
+    return FP8_DEFAULT_BLOCK_SIZE if kv_cache_dtype in ("fp8", "fp8_e4m3") else DEFAULT_BLOCK_SIZE
+
+
 class EngineConfig(msgspec.Struct, kw_only=True):
     # model
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
@@ -46,7 +60,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     chat_template: str | None = None
     seed: int = 0
     # KV cache
-    block_size: int = 16
+    # Slots a KV block. None: 16 (vLLM's default), or 64 with an fp8 KV cache, where the fp8 decode
+    # kernel's 64-key tiles then each lie in one block (`default_block_size`).
+    block_size: int | None = None
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float | None = None  # CPU: KV pool size; GPU: overrides the profile
     num_gpu_blocks_override: int | None = None
@@ -112,6 +128,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     speculative_config: str | None = None
     log_level: str = "info"
     step_log: str | None = None  # a JSON line per scheduled step, for tests and debugging
+
+    def __post_init__(self) -> None:
+        if self.block_size is None:
+            self.block_size = default_block_size(self.kv_cache_dtype)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
 
     def token_budget(self, on_gpu: bool) -> int:
         """max_num_batched_tokens, or its default for the device."""
@@ -237,7 +259,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     values = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(EngineConfig)}
     try:
         config = EngineConfig(**values)
-    except (TypeError, msgspec.ValidationError) as e:
+    except (TypeError, ValueError, msgspec.ValidationError) as e:
         raise SystemExit(f"pagoda: invalid configuration: {e}") from None
     if config.kv_cache_dtype not in KV_CACHE_DTYPES:
         known = ", ".join(KV_CACHE_DTYPES)

@@ -63,3 +63,23 @@ def test_first_32_greedy_tokens_follow_transformers_on_the_same_gguf(llm, smollm
     for ids, out in zip(prompt_ids, outs):
         assert len(out.outputs[0].token_ids) == 32
         assert_greedy_equal_up_to_near_ties(out.outputs[0].token_ids, model, ids)
+
+
+def test_fp8_kv_cache_defaults_to_64_slot_blocks_and_generates_as_with_16():
+    """--kv-cache-dtype fp8 without --block-size: 64-slot blocks in the scheduler and the worker
+    alike (prompts of several blocks, a decode crossing a block edge), and the greedy tokens of
+    16-slot blocks over the same fp8 cache."""
+    long_prompt = " ".join(PROMPTS * 8)  # ~150 tokens: three 64-slot blocks
+    prompts = [long_prompt, PROMPTS[2]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = {}
+    for block_size in (None, 16):
+        args = {} if block_size is None else {"block_size": block_size}
+        with LLM(kv_cache_dtype="fp8", **args) as engine:
+            assert engine.config.block_size == (block_size or 64)
+            outs = engine.generate(prompts, params, use_tqdm=False)
+            again = engine.generate(prompts[:1], params, use_tqdm=False)  # its full blocks now cached
+        tokens[block_size] = [o.outputs[0].token_ids for o in outs]
+        assert again[0].outputs[0].token_ids == tokens[block_size][0]
+        assert outs[0].num_prompt_tokens > 128 and all(len(t) == 24 for t in tokens[block_size])
+    assert tokens[None] == tokens[16]

@@ -236,6 +236,30 @@ def test_kv_cache_dtype_is_checked_and_resolved() -> None:
         config_from_args(build_parser().parse_args(["serve", "--kv-cache-dtype", "int8"]))
 
 
+def test_block_size_defaults_to_64_slots_over_an_fp8_cache(monkeypatch) -> None:
+    """--block-size unset: 16 slots (vLLM's default), 64 with --kv-cache-dtype fp8 (the fp8 decode
+    kernel's key tile in one block); a flag or PAGODA_BLOCK_SIZE wins; below 1 is refused."""
+    from pagoda.cli.main import build_parser
+    from protocol.config import config_from_args, decode_config, encode_config
+
+    def block_size(*argv: str) -> int:
+        return config_from_args(build_parser().parse_args(["serve", *argv])).block_size
+
+    assert block_size() == 16
+    assert block_size("--kv-cache-dtype", "auto") == 16
+    assert block_size("--kv-cache-dtype", "fp8") == 64
+    assert block_size("--kv-cache-dtype", "fp8_e4m3") == 64
+    assert block_size("--kv-cache-dtype", "fp8", "--block-size", "16") == 16
+    assert EngineConfig(kv_cache_dtype="fp8").block_size == 64
+    assert EngineConfig(kv_cache_dtype="fp8", block_size=32).block_size == 32
+    # Resolved once: every process gets the number, not the rule.
+    assert decode_config(encode_config(EngineConfig(kv_cache_dtype="fp8"))).block_size == 64
+    monkeypatch.setenv("PAGODA_BLOCK_SIZE", "32")
+    assert block_size("--kv-cache-dtype", "fp8") == 32
+    with pytest.raises(SystemExit, match="block_size must be at least 1, got 0"):
+        block_size("--block-size", "0")
+
+
 # ---- the model runner on the CPU (the references) -------------------------------------------------
 
 
@@ -503,7 +527,7 @@ def test_fp8_decode_launches_cap_registers_only_where_programs_queue() -> None:
 @triton_in_process
 @pytest.mark.parametrize(
     ("layout", "splits"),
-    [((8, 2, 64, 16), 1), ((16, 1, 128, 32), 2), ((4, 4, 64, 16), 4)],
+    [((8, 2, 64, 16), 1), ((16, 1, 128, 32), 2), ((4, 4, 64, 16), 4), ((8, 2, 64, 64), 2), ((2, 1, 64, 128), 1)],
     ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x) if isinstance(x, tuple) else f"splits{x}",
 )
 def test_fp8_decode_kernel_against_the_reference(layout: tuple[int, ...], splits: int) -> None:
@@ -524,17 +548,19 @@ def test_fp8_decode_kernel_against_the_reference(layout: tuple[int, ...], splits
 
 
 @triton_in_process
-def test_fp8_decode_kernel_ignores_unwritten_slots() -> None:
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_fp8_decode_kernel_ignores_unwritten_slots(block_size: int) -> None:
     """Slots past a sequence's end in its last block (and blocks nobody owns) hold NaN bytes: the
-    output is the one over a clean cache (K masked by key, V by block then zeroed by key). Triton's
+    output is the one over a clean cache (K masked by key, V by block then zeroed by key); blocks
+    of 16 slots (4 a key tile) and of 64 (a tile in one block, the fp8 cache's default). Triton's
     interpreter widens e4m3's NaN byte to a finite value, so the NaN half bites compiled only
     (`test_gpu_fp8_decode_kernel_ignores_unwritten_slots`)."""
-    fp8_decode_over_unwritten_slots()
+    fp8_decode_over_unwritten_slots(block_size)
 
 
-def fp8_decode_over_unwritten_slots() -> None:
+def fp8_decode_over_unwritten_slots(block_size: int) -> None:
     _, attn, _ = _triton_modules()
-    heads, kv_heads, d, block_size = 8, 2, 64, 16
+    heads, kv_heads, d = 8, 2, 64
     lens = [5, 17, 64, 90]
     batch = build_paged_batch(lens, [1] * len(lens), heads, kv_heads, d, block_size, seed=4)
     gen = torch.Generator().manual_seed(4)
@@ -676,7 +702,7 @@ gpu = pytest.mark.gpu
 
 
 @gpu
-@pytest.mark.parametrize("layout", [(32, 8, 128, 16), (16, 8, 128, 32), (14, 2, 128, 16)],
+@pytest.mark.parametrize("layout", [(32, 8, 128, 16), (16, 8, 128, 32), (14, 2, 128, 16), (16, 8, 128, 64)],
                          ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
 def test_gpu_fp8_paged_attention_full_shapes(layout: tuple[int, ...]) -> None:
     """bf16 q over an fp8 cache: long prefill chunks over cached prefixes next to many decodes,
@@ -690,8 +716,8 @@ def test_gpu_fp8_paged_attention_full_shapes(layout: tuple[int, ...]) -> None:
 
 
 @gpu
-@pytest.mark.parametrize("layout", [(32, 8, 128, 16), (16, 8, 128, 16), (14, 2, 128, 32)],
-                         ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
+@pytest.mark.parametrize("layout", [(32, 8, 128, 16), (16, 8, 128, 16), (14, 2, 128, 32), (16, 8, 128, 64),
+                                    (32, 8, 128, 128)], ids=lambda x: "h{}-kv{}-d{}-bs{}".format(*x))
 def test_gpu_fp8_decode_kernel_full_shapes(layout: tuple[int, ...]) -> None:
     """The fp8-product decode kernel compiled (Hopper's e4m3 warpgroup products), bf16 q, V
     keys-contiguous: many decodes, then 5 long ones with split keys, at its default (one e4m3 term
@@ -708,8 +734,9 @@ def test_gpu_fp8_decode_kernel_full_shapes(layout: tuple[int, ...]) -> None:
 
 
 @gpu
-def test_gpu_fp8_decode_kernel_ignores_unwritten_slots() -> None:
-    fp8_decode_over_unwritten_slots()
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_gpu_fp8_decode_kernel_ignores_unwritten_slots(block_size: int) -> None:
+    fp8_decode_over_unwritten_slots(block_size)
 
 
 @gpu
