@@ -410,6 +410,13 @@ DECODE_FP8_TILING = (_tiling_from_env("PAGODA_FP8_DECODE_TILING", "tile,warps,st
 # PAGODA_FP8_DECODE_MAXNREG sets the cap, 0 never caps (benchmarks).
 DECODE_FP8_MAX_REGISTERS = int(os.environ.get("PAGODA_FP8_DECODE_MAXNREG", "96"))
 DECODE_FP8_CAP_PROGRAMS_PER_SM = 6
+# Its keys split in two where one wave holds every program (at most 4 an SM, the uncapped
+# build's occupancy): the longest sequences' programs then set the launch's time while the other
+# SMs idle. On the H200 (64-slot blocks, T's lengths longest first): 64 sequences 34.3 -> 30.7
+# us, 48 of them 33.2 -> 25.8, llama's 64 x 32/8 heads 48.0 -> 44.9; 80 and 96 sequences even
+# (36.6 / 36.1, 42.6 / 43.4), 128 slower (49.9 -> 58.0). Below 2 programs an SM `_num_splits`
+# splits further. PAGODA_FP8_DECODE_SPLIT_PER_SM sets the bound (0: `_num_splits` alone).
+DECODE_FP8_SPLIT_PROGRAMS_PER_SM = int(os.environ.get("PAGODA_FP8_DECODE_SPLIT_PER_SM", "4"))
 
 
 def choose_decode_fp8_config(
@@ -419,6 +426,9 @@ def choose_decode_fp8_config(
     tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
     programs = num_seqs * num_kv_heads
     splits = _num_splits(programs, tile_n, limits, max_seq_len)
+    if splits == 1 and programs <= DECODE_FP8_SPLIT_PROGRAMS_PER_SM * limits.num_sms:
+        # (each half should still stream 4 tiles, as in `_num_splits`)
+        splits = 2 if max_seq_len is None or max_seq_len >= 2 * 4 * tile_n else 1
     queued = programs * splits >= DECODE_FP8_CAP_PROGRAMS_PER_SM * limits.num_sms
     cap = DECODE_FP8_MAX_REGISTERS if queued and DECODE_FP8_MAX_REGISTERS > 0 else None
     return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms, cap)
@@ -465,8 +475,8 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
     if triton_decode_fp8.applies(q.shape[1], k_cache, v_cache):
         tile_n, num_warps, num_stages, q_terms, p_terms = DECODE_FP8_TILING
         decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in SPLIT_COUNTS]
-        if DECODE_FP8_MAX_REGISTERS > 0:  # only unsplit launches have enough programs to be capped
-            decode_configs.append(replace(decode_configs[0], max_registers=DECODE_FP8_MAX_REGISTERS))
+        if DECODE_FP8_MAX_REGISTERS > 0:  # only launches in 1 or 2 slices have enough programs to be capped
+            decode_configs += [replace(c, max_registers=DECODE_FP8_MAX_REGISTERS) for c in decode_configs[:2]]
         for config in decode_configs:  # one sequence of one token
             paged_attention_triton(q[:1], k_cache, v_cache, tables, seq_lens.clamp(max=1), qsl.clamp(max=1), scale,
                                    config=config)

@@ -266,7 +266,8 @@ def test_block_size_defaults_to_64_slots_over_an_fp8_cache(monkeypatch) -> None:
 def make_runner(folder: str, device: str, dtype: str, kv_cache_dtype: str, **kw: object) -> ModelRunner:
     kw.setdefault("num_gpu_blocks_override", 64)
     kw.setdefault("max_num_seqs", 16)
-    config = EngineConfig(model=folder, device=device, dtype=dtype, block_size=8, kv_cache_dtype=kv_cache_dtype, **kw)
+    kw.setdefault("block_size", 8)  # None: the default for the cache's dtype
+    config = EngineConfig(model=folder, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, **kw)
     return ModelRunner(config)
 
 
@@ -513,7 +514,13 @@ def test_fp8_decode_launches_cap_registers_only_where_programs_queue() -> None:
     t = attn.choose_decode_fp8_config(256, 8, attn.H100)  # T's batch: 2,048 programs, 15.5 an SM
     assert t.num_splits == 1 and t.max_registers == attn.DECODE_FP8_MAX_REGISTERS == 96
     assert attn.choose_decode_fp8_config(128, 8, attn.H100).max_registers == 96  # 7.8 an SM
-    assert attn.choose_decode_fp8_config(64, 8, attn.H100).max_registers is None  # 3.9: one wave
+    mid = attn.choose_decode_fp8_config(96, 8, attn.H100)  # 5.8 an SM: unsplit, uncapped
+    assert mid.num_splits == 1 and mid.max_registers is None
+    # One wave (<= 4 an SM): keys in two slices, which then queue (7.8 an SM) and are capped.
+    wave = attn.choose_decode_fp8_config(64, 8, attn.H100)
+    assert wave.num_splits == 2 and wave.max_registers == 96
+    assert attn.choose_decode_fp8_config(64, 8, attn.H100, max_seq_len=511).num_splits == 1  # < 4 tiles a half
+    assert attn.choose_decode_fp8_config(48, 8, attn.H100).max_registers is None  # 2 x 384: 5.8 an SM
     small = attn.choose_decode_fp8_config(4, 8, attn.H100)
     assert small.num_splits > 1 and small.max_registers is None
     # The interpreter has no registers to cap: the capped launch computes the same.
@@ -827,13 +834,15 @@ def test_gpu_runner_fp8_kv_cache_top1_agrees_with_bf16_cache(tmp_path, monkeypat
     """A random llama-like model (4 layers, 8/2 heads of 128) in bf16, 4 sequences of 272 tokens:
     a 16-token prefill, then 256 teacher-forced decode steps (1,028 next-token predictions), over
     an fp8 cache (scales 0.5 and 0.25, which the writes and the reads must agree on) against a
-    bf16 one. The next-token argmax agrees at >= 99% of the positions whose bf16 top-2 logits
-    are more than 0.05 apart (of a 0.64 spread), >= 97% overall.
+    bf16 one, each at its default block size: the fp8 cache's 64-slot blocks send the decodes to
+    the fp8 decode kernel (e4m3 products). The next-token argmax agrees at >= 99% of the positions
+    whose bf16 top-2 logits are more than 0.05 apart (of a 0.64 spread), >= 97% overall.
 
     Measured on the CPU's references at this shape in bf16: 98.4% overall, every flip at a gap
     under 0.014, logits within 1.3% (the same model in bf16 against fp32, both over their own
     cache, agrees at 98.5%: on random weights the near-ties are bf16's as much as fp8's)."""
     import gpu_worker.model_runner
+    from kernels import triton_decode_fp8
 
     # Only the kernel variants these steps launch (the graphs test below warms up all of them).
     monkeypatch.setattr(gpu_worker.model_runner, "warm_up_kernels", lambda model: None)
@@ -843,9 +852,11 @@ def test_gpu_runner_fp8_kv_cache_top1_agrees_with_bf16_cache(tmp_path, monkeypat
     logits = {}
     for kv in ("auto", "fp8"):
         runner = make_runner(folder, "cuda", "bfloat16", kv, num_gpu_blocks_override=160, max_model_len=1024,
-                             enforce_eager=True)
+                             enforce_eager=True, block_size=None)
         layers = runner.model.attention_layers()
         assert layers[0].k_cache.dtype == (FP8_KV_DTYPE if kv == "fp8" else torch.bfloat16)
+        assert layers[0].k_cache.shape[1] == (64 if kv == "fp8" else 16)
+        assert triton_decode_fp8.applies(8, layers[0].k_cache, layers[0].v_cache) == (kv == "fp8")
         if kv == "fp8":
             for attn in layers:
                 attn.k_scale, attn.v_scale = 0.5, 0.25
