@@ -3,7 +3,9 @@
 over bf16 and fp8 caches at 16 and 64 slots."""
 import json
 from dataclasses import replace
+
 import torch
+
 import kernels.triton_decode_fp8 as d8
 import kernels.triton_paged_attention as tpa
 from bench.kernels import new_variant_registers, shuffled_decode_batch, timed_in_graph
@@ -15,7 +17,8 @@ D = 128
 SEEN = set()
 
 def regs():
-    return new_variant_registers(d8._decode_fp8_kernel, SEEN) or new_variant_registers(tpa._paged_attention_kernel, SEEN)
+    kernels = (d8._decode_fp8_kernel, tpa._paged_attention_kernel)
+    return new_variant_registers(kernels[0], SEEN) or new_variant_registers(kernels[1], SEEN)
 
 def case(name, heads, kvh, lens, bs, splits=True, bf16=False):
     torch.manual_seed(0)
@@ -74,7 +77,12 @@ def prefill_case(name, heads, kvh, lens, bs):
 gen = torch.Generator().manual_seed(1)
 t = [int(x) for x in torch.randint(100, 1101, (256,), generator=gen)]
 l64 = sorted([int(x) for x in torch.randint(500, 1500, (64,), generator=gen)], reverse=True)
-desc = lambda n: sorted(t[:n], reverse=True)
+
+
+def desc(n):
+    return sorted(t[:n], reverse=True)
+
+
 case("T-desc", 16, 8, desc(256), 64, bf16=True)
 case("T-desc", 16, 8, desc(256), 16, splits=False, bf16=True)
 for bs in (32, 128):
@@ -88,6 +96,7 @@ pl, acc = [], 0
 for n in t:
     if acc + n > 8192:
         break
-    pl.append(n); acc += n
+    pl.append(n)
+    acc += n
 for bs in (16, 64):
     prefill_case(f"T-prefill{len(pl)}", 16, 8, pl, bs)

@@ -1,8 +1,12 @@
 """Session 21 call 1: the fp8 decode kernel at T's shapes over 16-, 32- and 64-slot blocks; with a
-64-slot block a 64-key tile is one block, and its id can be loaded two tiles ahead (prefetch)."""
+64-slot block a 64-key tile is one block, and its id can be loaded two tiles ahead (prefetch).
+Ran at 1553b16 with `_tile_blocks` and a `prefetch` field of DecodeFp8Config (dropped since), so
+the prefetch rows need that variant (docs/BENCHMARKS.md, twenty-first session)."""
 import json
 from dataclasses import replace
+
 import torch
+
 import kernels.triton_decode_fp8 as d8
 import kernels.triton_paged_attention as tpa
 from bench.kernels import new_variant_registers, shuffled_decode_batch, timed_in_graph
@@ -14,7 +18,8 @@ D = 128
 SEEN = set()
 
 def regs():
-    return new_variant_registers(d8._decode_fp8_kernel, SEEN) or new_variant_registers(tpa._paged_attention_kernel, SEEN)
+    kernels = (d8._decode_fp8_kernel, tpa._paged_attention_kernel)
+    return new_variant_registers(kernels[0], SEEN) or new_variant_registers(kernels[1], SEEN)
 
 def case(name, heads, kvh, lens, bs):
     torch.manual_seed(0)
@@ -90,6 +95,7 @@ pl, acc = [], 0
 for n in t:
     if acc + n > 8192:
         break
-    pl.append(n); acc += n
+    pl.append(n)
+    acc += n
 for bs in (16, 64):
     prefill_case(f"T-prefill{len(pl)}", 16, 8, pl, bs)
