@@ -96,12 +96,14 @@ for step in $steps; do
                     --server-log "$out/$tag-server.log" --engine-args "--dtype ${FAULTS_DTYPE:-auto}" ${FAULTS_ARGS:-}
             done ;;
         fp8-latency) # L on llama3-8b: bf16 against FP8 weights (W8A8), then with the LM head in FP8 too,
-            # weights made at load, in the same call
+            # then with the fp8 KV cache as well (its 64-slot blocks), weights made at load, in the same call
             bench fp8-latency-bf16 latency --random-weights llama3-8b --peer none --engine-args "--load-format dummy"
             bench fp8-latency-fp8 latency --random-weights llama3-8b --peer none \
                 --engine-args "--load-format dummy --quantization fp8"
             bench fp8-latency-fp8-head latency --random-weights llama3-8b --peer none \
-                --engine-args "--load-format dummy --quantization fp8 --fp8-lm-head" ;;
+                --engine-args "--load-format dummy --quantization fp8 --fp8-lm-head"
+            bench fp8-latency-fp8-all latency --random-weights llama3-8b --peer none \
+                --engine-args "--load-format dummy --quantization fp8 --fp8-lm-head --kv-cache-dtype fp8" ;;
         fp8-throughput) # T: bf16, FP8 weights, FP8 KV cache (twice the blocks), both
             for v in "bf16:" "fp8:--quantization fp8" "fp8kv:--kv-cache-dtype fp8" "fp8both:--quantization fp8 --kv-cache-dtype fp8"; do
                 bench "fp8-throughput-${v%%:*}" throughput --random-weights qwen3-0.6b --peer none \
