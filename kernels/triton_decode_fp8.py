@@ -79,9 +79,9 @@ def _dot8(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _tile_blocks(table_ptr, tile, seq_len, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The cache block of each key of tile `tile` (0 past seq_len), a tile that starts before
-    seq_len: one scalar where the tile lies in one block (BLOCK_SIZE a multiple of TILE_N: one
-    load a tile, and the tile's K rows and V runs in one block), else a vector of TILE_N."""
+    """The cache block of each key of tile `tile` (a tile that starts before seq_len): one scalar
+    where the tile lies in one block (BLOCK_SIZE a multiple of TILE_N: one load a tile, and the
+    tile's K rows and V runs in one block), else a vector of TILE_N (0 for keys past seq_len)."""
     if BLOCK_SIZE % TILE_N == 0:
         block = tl.load(table_ptr + tile * TILE_N // BLOCK_SIZE)
     else:
