@@ -184,7 +184,9 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         except ModelLoadError as e:
             raise SystemExit(f"pagoda bench: no --model or --random-weights, and {e}") from None
         report["model"] = model
-    kv_bytes = 1 if engine_flag("--kv-cache-dtype") in ("fp8", "fp8_e4m3") else 2 if device.startswith("cuda") else 4
+    from protocol.config import FP8_KV_CACHE_DTYPES
+
+    kv_bytes = 1 if engine_flag("--kv-cache-dtype") in FP8_KV_CACHE_DTYPES else 2 if device.startswith("cuda") else 4
     cost = ModelCost.of(model, hw, kv_bytes) if os.path.isdir(model) else None
     if cost is not None and engine_flag("--quantization") == "fp8":
         cost = cost.with_fp8_linears("--fp8-lm-head" in flags)  # the limit of the bytes this engine reads

@@ -386,14 +386,18 @@ def choose_config(
 def _num_splits(programs: int, tile_n: int, limits: DeviceLimits, max_seq_len: int | None) -> int:
     """Key slices a program: enough for two programs an SM, if the launch has fewer."""
     target = 2 * limits.num_sms
-    num_splits = 1
-    if programs < target:
-        num_splits = min(MAX_SPLITS, triton.next_power_of_2(-(-target // programs)))
-        if max_seq_len is not None:
-            # Each slice should stream at least 4 tiles, or the merge costs more than it saves.
-            useful = max(1, max_seq_len // (4 * tile_n))
-            num_splits = min(num_splits, 1 << (useful.bit_length() - 1))
-    return num_splits
+    if programs >= target:
+        return 1
+    return _useful_splits(min(MAX_SPLITS, triton.next_power_of_2(-(-target // programs))), tile_n, max_seq_len)
+
+
+def _useful_splits(num_splits: int, tile_n: int, max_seq_len: int | None) -> int:
+    """num_splits (a power of two), halved until each slice streams at least 4 tiles of the
+    longest sequence, or the merge costs more than it saves (max_seq_len None: no bound)."""
+    if max_seq_len is None:
+        return num_splits
+    useful = max(1, max_seq_len // (4 * tile_n))
+    return min(num_splits, 1 << (useful.bit_length() - 1))
 
 
 # `kernels.triton_decode_fp8`'s launch: keys a tile, warps, stages, e4m3 terms of q and of p.
@@ -427,8 +431,7 @@ def choose_decode_fp8_config(
     programs = num_seqs * num_kv_heads
     splits = _num_splits(programs, tile_n, limits, max_seq_len)
     if splits == 1 and programs <= DECODE_FP8_SPLIT_PROGRAMS_PER_SM * limits.num_sms:
-        # (each half should still stream 4 tiles, as in `_num_splits`)
-        splits = 2 if max_seq_len is None or max_seq_len >= 2 * 4 * tile_n else 1
+        splits = _useful_splits(2, tile_n, max_seq_len)
     queued = programs * splits >= DECODE_FP8_CAP_PROGRAMS_PER_SM * limits.num_sms
     cap = DECODE_FP8_MAX_REGISTERS if queued and DECODE_FP8_MAX_REGISTERS > 0 else None
     return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms, cap)

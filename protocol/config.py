@@ -19,6 +19,7 @@ import msgspec
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 # `--kv-cache-dtype` values (vLLM's names): "auto" is the model's dtype, the fp8 ones e4m3.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
 DEFAULT_BLOCK_SIZE = 16
@@ -32,7 +33,7 @@ FP8_DEFAULT_BLOCK_SIZE = 64
 
 def default_block_size(kv_cache_dtype: str) -> int:
     """`--block-size`'s default for this `--kv-cache-dtype`."""
-    return FP8_DEFAULT_BLOCK_SIZE if kv_cache_dtype in ("fp8", "fp8_e4m3") else DEFAULT_BLOCK_SIZE
+    return FP8_DEFAULT_BLOCK_SIZE if kv_cache_dtype in FP8_KV_CACHE_DTYPES else DEFAULT_BLOCK_SIZE
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
