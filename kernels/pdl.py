@@ -10,8 +10,15 @@ its writes are visible. The predecessor lets its dependents launch early by exec
 program of the grid is resident or done, the next grid may be scheduled into the freed slots).
 
 Rules every kernel here keeps, so that PDL is safe in any order of kernels:
-- A kernel launched with PDL touches no memory another kernel writes before its `gdc_wait`
-  (only weights and other constants are read before it; nothing is written before it).
+- A kernel launched with PDL writes nothing before its `gdc_wait`, and reads before it only
+  memory that no kernel still running can be writing: weights and other constants, and what was
+  written before the last launch without PDL that precedes it in the stream. Such a launch
+  (PyTorch's, cuBLAS's, a copy) starts only once its predecessor has finished, and lets nothing
+  after it start before it has finished itself; every forward begins with one (the embedding
+  gather, after the rotary cos/sin gather and the step's input copies). So the step's inputs
+  (slots, sequence lengths, block tables), cos/sin, and the KV cache's entries of earlier steps
+  may be read early (kernels/triton_qkv.py, kernels/triton_decode_fp8.py); this step's K/V, q
+  and activations may not.
 - A kernel without the attribute (PyTorch's, cuBLAS's) waits for its predecessor as usual, and
   an early trigger in ours has no effect on it.
 - The wait waits for the whole predecessor grid, whose own wait waited for its predecessor:

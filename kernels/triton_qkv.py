@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import is_fp8, keys_contiguous
-from kernels.pdl import pdl_begin, pdl_kwargs
+from kernels.pdl import pdl_kwargs, pdl_trigger, pdl_wait
 from kernels.triton_kv_cache import to_e4m3
 
 
@@ -42,49 +42,54 @@ def _rope_write_kv_kernel(
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NORM: tl.constexpr, FP8: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_begin(PDL)
+    pdl_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     dim_ok = dims < HALF
+    # Before the wait: cos/sin (gathered by PyTorch at the forward's start) and the slot (a step
+    # input), which no kernel with PDL writes (kernels/pdl.py).
     cos1 = tl.load(cos_ptr + token * stride_ct + dims, mask=dim_ok, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_ptr + token * stride_ct + HALF + dims, mask=dim_ok, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + token * stride_st + dims, mask=dim_ok, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + token * stride_st + HALF + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    pdl_wait(PDL)
     row = qkv_ptr + token * stride_t
 
-    # q: every query head of this token, to q_out.
+    # Every load of the row issued at once, q's and k's and v's: one wait on memory, not three.
     heads = tl.arange(0, BLOCK_H)[:, None]
     ok = (heads < NUM_HEADS) & dim_ok
     src = row + heads * HEAD_DIM + dims
     q1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     q2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
+    kv_heads = tl.arange(0, BLOCK_KV)[:, None]
+    kv_ok = (kv_heads < NUM_KV_HEADS) & dim_ok
+    k_src = row + (NUM_HEADS + kv_heads) * HEAD_DIM + dims
+    k1 = tl.load(k_src, mask=kv_ok, other=0.0).to(tl.float32)
+    k2 = tl.load(k_src + HALF, mask=kv_ok, other=0.0).to(tl.float32)
+    v_src = row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims
+    v1 = tl.load(v_src, mask=kv_ok)
+    v2 = tl.load(v_src + HALF, mask=kv_ok)
+
+    # q: every query head of this token, to q_out.
     q1, q2 = _norm_rope(q1, q2, q_norm_ptr, cos1, cos2, sin1, sin2, eps, dims, dim_ok, HEAD_DIM, HALF, NORM, dtype)
     dst = q_out_ptr + token * stride_qt + heads * stride_qh + dims
     tl.store(dst, q1.to(dtype), mask=ok)
     tl.store(dst + HALF, q2.to(dtype), mask=ok)
 
-    # k and v: to the cache slot, unless the token is padding (slot -1).
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    # k (normed, rotated, rounded as the q output and the reference's k are) and v, quantized
+    # for an fp8 cache; stored at the cache slot, unless the token is padding (slot -1).
+    k1, k2 = _norm_rope(k1, k2, k_norm_ptr, cos1, cos2, sin1, sin2, eps, dims, dim_ok, HEAD_DIM, HALF, NORM, dtype)
+    k1, k2 = k1.to(dtype), k2.to(dtype)
+    if FP8:
+        k1, k2 = to_e4m3(k1, k_inv_scale, EMULATE), to_e4m3(k2, k_inv_scale, EMULATE)
+        v1, v2 = to_e4m3(v1, v_inv_scale, EMULATE), to_e4m3(v2, v_inv_scale, EMULATE)
     if slot >= 0:
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
-        kv_heads = tl.arange(0, BLOCK_KV)[:, None]
-        kv_ok = (kv_heads < NUM_KV_HEADS) & dim_ok
-        k_src = row + (NUM_HEADS + kv_heads) * HEAD_DIM + dims
-        k1 = tl.load(k_src, mask=kv_ok, other=0.0).to(tl.float32)
-        k2 = tl.load(k_src + HALF, mask=kv_ok, other=0.0).to(tl.float32)
-        k1, k2 = _norm_rope(k1, k2, k_norm_ptr, cos1, cos2, sin1, sin2, eps, dims, dim_ok, HEAD_DIM, HALF, NORM,
-                            dtype)
         k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + kv_heads * stride_kch + dims
         k_dtype = k_cache_ptr.dtype.element_ty
-        k1, k2 = k1.to(dtype), k2.to(dtype)  # rounded as the q output and the reference's k are
-        v_src = row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims
-        v1 = tl.load(v_src, mask=kv_ok)
-        v2 = tl.load(v_src + HALF, mask=kv_ok)
-        if FP8:
-            k1, k2 = to_e4m3(k1, k_inv_scale, EMULATE), to_e4m3(k2, k_inv_scale, EMULATE)
-            v1, v2 = to_e4m3(v1, v_inv_scale, EMULATE), to_e4m3(v2, v_inv_scale, EMULATE)
         tl.store(k_dst, k1.to(k_dtype), mask=kv_ok)
         tl.store(k_dst + HALF, k2.to(k_dtype), mask=kv_ok)
         # stride_vcd: 1, or the block size where V is `keys_contiguous`
