@@ -16,9 +16,9 @@ Rules every kernel here keeps, so that PDL is safe in any order of kernels:
   (PyTorch's, cuBLAS's, a copy) starts only once its predecessor has finished, and lets nothing
   after it start before it has finished itself; every forward begins with one (the embedding
   gather, after the rotary cos/sin gather and the step's input copies). So the step's inputs
-  (slots, sequence lengths, block tables), cos/sin, and the KV cache's entries of earlier steps
-  may be read early (kernels/triton_qkv.py, kernels/triton_decode_fp8.py); this step's K/V, q
-  and activations may not.
+  (slots, sequence lengths, block tables) and cos/sin may be read early (kernels/triton_qkv.py
+  does), and so may the KV cache's entries of earlier steps; this step's K/V, q and activations
+  may not.
 - A kernel without the attribute (PyTorch's, cuBLAS's) waits for its predecessor as usual, and
   an early trigger in ours has no effect on it.
 - The wait waits for the whole predecessor grid, whose own wait waited for its predecessor:

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import is_fp8, key_run, keys_contiguous
-from kernels.pdl import pdl_kwargs, pdl_trigger, pdl_wait
+from kernels.pdl import pdl_begin, pdl_kwargs
 from kernels.triton_kv_cache import _FP8_MAX, _round_e4m3
 
 MASKED_SCORE = tl.constexpr(-1.0e30)
@@ -91,37 +91,22 @@ def _tile_blocks(table_ptr, tile, seq_len, TILE_N: tl.constexpr, BLOCK_SIZE: tl.
 
 
 @triton.jit
-def _tile_ptrs(keys, block, k_cache_ptr, v_cache_ptr, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
-               stride_vd, dims, BLOCK_SIZE: tl.constexpr, V_RUN: tl.constexpr):
-    """The addresses of a tile's K rows [TILE_N, d] and V^T runs [d, TILE_N]: keys, their blocks."""
-    in_block = keys % BLOCK_SIZE
-    k_ptrs = k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None] + dims[None, :]
-    v_off = (block * stride_vb + in_block + kv_head * stride_vh)[None, :] + dims[:, None] * stride_vd
-    v_ptrs = v_cache_ptr + tl.max_contiguous(tl.multiple_of(v_off, [1, V_RUN]), [1, V_RUN])
-    return k_ptrs, v_ptrs
-
-
-@triton.jit
 def _decode_tile(
     qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile, block, k_cache_ptr, v_cache_ptr, kv_head, seq_len,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vh, stride_vd, dims,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, V_RUN: tl.constexpr,
     Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, UPCAST: tl.constexpr,
-    k_pre=None, vt_pre=None, PRELOADED: tl.constexpr = False,
 ):
     """Fold keys [tile * TILE_N, (tile + 1) * TILE_N) into each head's running softmax. block:
-    the cache block of each key (`_tile_blocks`). PRELOADED: the tile's K and V^T are k_pre and
-    vt_pre (`_preload_tile`, V^T already zero past seq_len), not loaded here."""
+    the cache block of each key (`_tile_blocks`)."""
     keys = tile * TILE_N + tl.arange(0, TILE_N)
     if MASKED:
         key_ok = keys < seq_len
-    in_block = keys % BLOCK_SIZE  # as `_tile_ptrs`, inline: the compiled order the H200 figures are for
+    in_block = keys % BLOCK_SIZE
     k_ptrs = k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None] + dims[None, :]
     v_off = (block * stride_vb + in_block + kv_head * stride_vh)[None, :] + dims[:, None] * stride_vd
     v_ptrs = v_cache_ptr + tl.max_contiguous(tl.multiple_of(v_off, [1, V_RUN]), [1, V_RUN])
-    if PRELOADED:
-        k = k_pre
-    elif MASKED:
+    if MASKED:
         k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
@@ -138,9 +123,7 @@ def _decode_tile(
     # Each thread sums its own keys' p; summed down the keys once, after the last tile: the max
     # above is the one reduction across the warpgroup a tile (keys are spread over its 4 warps).
     l_i = l_i * alpha[None, :] + p
-    if PRELOADED:
-        vt = vt_pre
-    elif MASKED:
+    if MASKED:
         # Masked by whole blocks, so the loads keep V_RUN-key vectors; a block's unwritten slots
         # past seq_len then zeroed in registers (their p is 0, but 0 x NaN would not be).
         block_ok = (keys // V_RUN) * V_RUN < seq_len
@@ -155,38 +138,6 @@ def _decode_tile(
     return acc, acc_lo, l_i, m_new
 
 
-@triton.jit
-def _key_slice(seq_len, split, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Slice `split`'s tiles [tile_lo, tile_hi)."""
-    num_tiles = tl.cdiv(seq_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    return tile_lo, tl.minimum(tile_lo + tiles_per_split, num_tiles)
-
-
-@triton.jit
-def _preload_tile(k_ptrs, v_ptrs, keys, old_end, V_RUN: tl.constexpr):
-    """Before the wait: a tile's K rows and V^T runs that hold keys of earlier steps only, keys
-    below `old_end` (seq_len - 1: key seq_len - 1 is this step's, which the kernel before is
-    writing; 0 where the slice has no tile)."""
-    k = tl.load(k_ptrs, mask=(keys < old_end)[:, None], other=0.0)
-    run_old = (keys // V_RUN + 1) * V_RUN <= old_end  # whole runs: the loads stay vectors
-    vt = tl.load(v_ptrs, mask=run_old[None, :], other=0.0)
-    return k, vt
-
-
-@triton.jit
-def _complete_tile(k, vt, k_ptrs, v_ptrs, keys, old_end, end, V_RUN: tl.constexpr):
-    """After the wait: `_preload_tile`'s tile completed with the keys in [old_end, end) (this
-    step's) and the runs that hold them, one more load each, issued beside q's; V^T zeroed from
-    `end` (seq_len) on."""
-    is_new = (keys >= old_end) & (keys < end)
-    k = tl.where(is_new[:, None], tl.load(k_ptrs, mask=is_new[:, None], other=0.0), k)
-    run_new = ((keys // V_RUN + 1) * V_RUN > old_end) & ((keys // V_RUN) * V_RUN < end)
-    vt = tl.where(run_new[None, :], tl.load(v_ptrs, mask=run_new[None, :], other=0.0), vt)
-    return k, tl.where((keys < end)[None, :], vt, 0.0)
-
-
 @triton.jit(do_not_specialize=["first_seq", "stride_bt"])
 def _decode_fp8_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -197,44 +148,21 @@ def _decode_fp8_kernel(
     stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, V_RUN: tl.constexpr,
-    Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, UPCAST: tl.constexpr, PRELOAD: tl.constexpr,
-    PDL: tl.constexpr,
+    Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_trigger(PDL)
-    if not PRELOAD:
-        pdl_wait(PDL)
+    pdl_begin(PDL)
     num_kv_heads = NUM_HEADS // GROUP
     seq = tl.program_id(0) // num_kv_heads  # the kv head fastest: programs at once share blocks
     kv_head = tl.program_id(0) % num_kv_heads
     split = tl.program_id(1)
     seq += first_seq  # offset here, not by slicing on the host (see the general kernel)
-    # The step's inputs, copied in before the forward: read before the wait (kernels/pdl.py).
     token = tl.load(query_start_loc_ptr + seq).to(tl.int64)  # a decode: one query per sequence
     seq_len = tl.load(seq_lens_ptr + seq)
-    if PRELOAD:
-        dims = tl.arange(0, HEAD_DIM)
-        tile_lo, tile_hi = _key_slice(seq_len, split, TILE_N, NUM_SPLITS)
-        num_full = seq_len // TILE_N
-        table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        # The slice's first tile requested before the wait, but for this step's key (the one
-        # the kernel before writes): a one-wave launch then streams while that kernel ends.
-        has = tile_lo < tile_hi
-        tile0 = tl.where(has, tile_lo, 0)
-        block0 = _tile_blocks(table_ptr, tile0, seq_len, TILE_N, BLOCK_SIZE)
-        keys0 = tile0 * TILE_N + tl.arange(0, TILE_N)
-        k_ptrs0, v_ptrs0 = _tile_ptrs(keys0, block0, k_cache_ptr, v_cache_ptr, kv_head, stride_kb, stride_ks, stride_kh,
-                                      stride_vb, stride_vh, stride_vd, dims, BLOCK_SIZE, V_RUN)
-        old_end = tl.where(has, seq_len - 1, 0)
-        end = tl.where(has, seq_len, 0)
-        k0, vt0 = _preload_tile(k_ptrs0, v_ptrs0, keys0, old_end, V_RUN)
-        pdl_wait(PDL)
-        k0, vt0 = _complete_tile(k0, vt0, k_ptrs0, v_ptrs0, keys0, old_end, end, V_RUN)
 
     cols = tl.arange(0, GROUP_PAD)
     col_ok = cols < GROUP
     head = kv_head * GROUP + cols
-    if not PRELOAD:
-        dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM)
     qt = tl.load(
         q_ptr + token * stride_qt + head[None, :] * stride_qh + dims[:, None], mask=col_ok[None, :], other=0.0
     ).to(tl.float32)  # [d, heads]
@@ -242,23 +170,17 @@ def _decode_fp8_kernel(
     qt, qt_lo = _split_e4m3(qt / q_scale[None, :], k_cache_ptr.dtype.element_ty, Q_TERMS, UPCAST)
     col_scale = q_scale * qk_scale
 
-    if not PRELOAD:
-        tile_lo, tile_hi = _key_slice(seq_len, split, TILE_N, NUM_SPLITS)
-        num_full = seq_len // TILE_N
+    num_tiles = tl.cdiv(seq_len, TILE_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    num_full = seq_len // TILE_N
 
-        table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE_N, GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)
     acc_lo = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)  # P_TERMS == 2: the p_lo products
-    if PRELOAD:
-        if has:
-            acc, acc_lo, l_i, m_i = _decode_tile(
-                qt, qt_lo, col_scale, acc, acc_lo, l_i, m_i, tile_lo, block0, k_cache_ptr, v_cache_ptr, kv_head,
-                seq_len, stride_kb, stride_ks, stride_kh, stride_vb, stride_vh, stride_vd, dims,
-                TILE_N, BLOCK_SIZE, True, V_RUN, Q_TERMS, P_TERMS, UPCAST, k0, vt0, True,
-            )
-        tile_lo += 1
     for tile in range(tile_lo, tl.minimum(tile_hi, num_full)):
         block = _tile_blocks(table_ptr, tile, seq_len, TILE_N, BLOCK_SIZE)
         acc, acc_lo, l_i, m_i = _decode_tile(
@@ -302,7 +224,6 @@ class DecodeFp8Config:
     q_terms: int = 2  # e4m3 terms of q and of p (`_split_e4m3`): 1 or 2
     p_terms: int = 1
     max_registers: int | None = None  # ptxas's cap a thread (maxnreg); on a GPU only
-    preload: bool = False  # each slice's first tile requested before the PDL wait (`_preload_tile`)
 
 
 def launch(
@@ -339,7 +260,7 @@ def launch(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=16, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=cfg.tile_n, NUM_SPLITS=splits, V_RUN=key_run(block_size, cfg.tile_n),
         Q_TERMS=cfg.q_terms, P_TERMS=cfg.p_terms,
-        UPCAST=q.device.type == "cpu", PRELOAD=cfg.preload,
+        UPCAST=q.device.type == "cpu",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device), **cap,
     )
 

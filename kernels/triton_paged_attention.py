@@ -423,14 +423,6 @@ DECODE_FP8_CAP_PROGRAMS_PER_SM = 6
 DECODE_FP8_SPLIT_PROGRAMS_PER_SM = int(os.environ.get("PAGODA_FP8_DECODE_SPLIT_PER_SM", "4"))
 
 
-# Its first tile a slice requested before the PDL wait (`triton_decode_fp8._preload_tile`) where
-# the launch has at most DECODE_FP8_PRELOAD_PROGRAMS_PER_SM programs an SM: every program then
-# starts while the kernel before (this step's K/V write) still runs, and its K/V loads overlap
-# that kernel instead of following it. At batch 1 a slice is a tile or two, so that is most of
-# the loads. PAGODA_FP8_DECODE_PRELOAD_PER_SM sets the bound (0: never).
-DECODE_FP8_PRELOAD_PROGRAMS_PER_SM = int(os.environ.get("PAGODA_FP8_DECODE_PRELOAD_PER_SM", "2"))
-
-
 def choose_decode_fp8_config(
     num_seqs: int, num_kv_heads: int, limits: DeviceLimits, max_seq_len: int | None = None
 ) -> DecodeFp8Config:
@@ -442,8 +434,7 @@ def choose_decode_fp8_config(
         splits = _useful_splits(2, tile_n, max_seq_len)
     queued = programs * splits >= DECODE_FP8_CAP_PROGRAMS_PER_SM * limits.num_sms
     cap = DECODE_FP8_MAX_REGISTERS if queued and DECODE_FP8_MAX_REGISTERS > 0 else None
-    preload = programs * splits <= DECODE_FP8_PRELOAD_PROGRAMS_PER_SM * limits.num_sms
-    return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms, cap, preload)
+    return DecodeFp8Config(tile_n, splits, num_warps, num_stages, q_terms, p_terms, cap)
 
 
 def possible_configs(
@@ -489,8 +480,6 @@ def warm_up(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale
         decode_configs = [DecodeFp8Config(tile_n, n, num_warps, num_stages, q_terms, p_terms) for n in SPLIT_COUNTS]
         if DECODE_FP8_MAX_REGISTERS > 0:  # only launches in 1 or 2 slices have enough programs to be capped
             decode_configs += [replace(c, max_registers=DECODE_FP8_MAX_REGISTERS) for c in decode_configs[:2]]
-        if DECODE_FP8_PRELOAD_PROGRAMS_PER_SM > 0:  # small launches, any number of slices
-            decode_configs += [replace(c, preload=True) for c in decode_configs[: len(SPLIT_COUNTS)]]
         for config in decode_configs:  # one sequence of one token
             paged_attention_triton(q[:1], k_cache, v_cache, tables, seq_lens.clamp(max=1), qsl.clamp(max=1), scale,
                                    config=config)

@@ -499,12 +499,11 @@ def test_triton_paged_attention_over_fp8_split_kv_and_two_launches(num_splits: i
 
 
 def fp8_decode_config(
-    splits: int = 1, q_terms: int = 2, p_terms: int = 2, tile_n: int = 64, max_registers: int | None = None,
-    preload: bool = False,
+    splits: int = 1, q_terms: int = 2, p_terms: int = 2, tile_n: int = 64, max_registers: int | None = None
 ):
     from kernels.triton_decode_fp8 import DecodeFp8Config
 
-    return DecodeFp8Config(tile_n, splits, 4, 2, q_terms, p_terms, max_registers, preload)
+    return DecodeFp8Config(tile_n, splits, 4, 2, q_terms, p_terms, max_registers)
 
 
 @triton_in_process
@@ -590,49 +589,6 @@ def fp8_decode_over_unwritten_slots(block_size: int) -> None:
     ]
     assert not any(o.isnan().any() for o in outs)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
-
-
-@triton_in_process
-@pytest.mark.parametrize("block_size", [16, 64])
-def test_fp8_decode_kernel_preloading_each_slices_first_tile_computes_the_same(block_size: int) -> None:
-    """Where a launch is small (`choose_decode_fp8_config`'s preload), each key slice's first tile
-    is loaded before the PDL wait but for this step's key (the last) and the V run holding it,
-    loaded after: the same output as loading it in the loop, bit for bit, for new keys at a
-    tile's first and last slot, mid-run, alone, with key slices of one tile, several or none;
-    unwritten slots (NaN bytes) still ignored. The rule: L's launch (one sequence, 32 slices)
-    preloads, T's and a 64-sequence batch's do not."""
-    preload_same_as_loop(block_size)
-    _, attn, _ = _triton_modules()
-    assert attn.choose_decode_fp8_config(1, 8, attn.H100, max_seq_len=8192).preload
-    assert not attn.choose_decode_fp8_config(256, 8, attn.H100).preload
-    assert not attn.choose_decode_fp8_config(64, 8, attn.H100).preload
-
-
-def preload_same_as_loop(block_size: int, exact: bool = True) -> None:
-    _, attn, _ = _triton_modules()
-    heads, kv_heads, d = 8, 2, 64
-    lens = [1, 2, 63, 64, 65, 100, 128, 129, 200]
-    batch = build_paged_batch(lens, [1] * len(lens), heads, kv_heads, d, block_size, seed=5)
-    gen = torch.Generator().manual_seed(5)
-    k8 = fp8_cache(batch.k_cache.shape, gen)
-    v8 = fp8_cache(batch.v_cache.shape, gen)
-    written = torch.zeros(batch.k_cache.shape[:2], dtype=torch.bool)
-    for b, n in enumerate(lens):
-        for pos in range(n):
-            written[batch.block_tables[b, pos // block_size], pos % block_size] = True
-    for cache in (k8, v8):
-        cache.view(torch.uint8)[~written] = 0x7F  # e4m3's NaN
-    k8, v8 = k8.to(DEVICE), keys_contiguous_copy(v8.to(DEVICE))
-    meta = [t.to(DEVICE) for t in batch[3:6]]
-    q = batch.q.to(DEVICE)
-    for splits in (1, 2, 4):
-        loop, pre = (attn.paged_attention_triton(q, k8, v8, *meta, d**-0.5, config=fp8_decode_config(splits, preload=p))
-                     for p in (False, True))
-        assert not pre.isnan().any(), splits
-        if exact:
-            assert torch.equal(loop, pre), splits
-        else:
-            assert torch.allclose(loop.float(), pre.float(), rtol=1e-3, atol=1e-4), splits
 
 
 @triton_in_process
@@ -788,19 +744,6 @@ def test_gpu_fp8_decode_kernel_full_shapes(layout: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_gpu_fp8_decode_kernel_ignores_unwritten_slots(block_size: int) -> None:
     fp8_decode_over_unwritten_slots(block_size)
-
-
-@gpu
-@pytest.mark.parametrize("block_size", [16, 64])
-def test_gpu_fp8_decode_kernel_preload_computes_the_same(block_size: int) -> None:
-    """The preloading launch compiled (its loads before the PDL wait): as the loop's, and NaN
-    bytes of unwritten slots ignored; then at full shapes against the reference."""
-    preload_same_as_loop(block_size, exact=False)
-    rng = random.Random("fp8-decode-preload")
-    seqs = [(rng.randint(1, 4100), 1) for _ in range(3)]
-    for layout in ((32, 8, 128, 64), (16, 8, 128, 16)):
-        cfg = fp8_decode_config(splits=32, p_terms=1, preload=True)
-        assert run_attention_over_fp8(seqs, layout, torch.bfloat16, seed=3, v_layout="keys", config=cfg) < 4e-2
 
 
 @gpu
