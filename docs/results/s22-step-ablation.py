@@ -184,7 +184,7 @@ if __name__ == "__main__":
     for w in which:
         if w == "preload":
             results.append(run(w, "fp8", "fp8", [("base", set(), True), ("nopreload", {"nopreload"}, True),
-                                                 ("base_again", set(), True), ("nopreload_again", {"nopreload"}, True)]))
+                                                 ("base_again", set(), True)]))
         elif w == "fused":
             results.append(run(w, "fp8", "fp8", FUSED))
         elif w == "fp8kv":
